@@ -1,0 +1,5 @@
+import sys
+
+from autoopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,32 @@
+"""Errors that reach the user as one paragraph and exit code 2 (see autoopt.cli)."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: a model file, a trace, a flag. The message is one paragraph that names the
+    file, the problem and the fix; the CLI prints it and exits 2. `cause` keeps the original
+    exception for --debug."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, cause: BaseException | None = None):
+        super().__init__(message)
+        self.message = " ".join(message.split())
+        self.cause = cause
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.message
+
+
+class ModelFileError(UserError):
+    """The model file breaks the contract in DESIGN.md."""
+
+
+class TraceError(UserError):
+    """A trace file cannot be read as a Kineto / torch.profiler trace."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; what was measured so far is still written (exit 130)."""
+
+    exit_code = 130

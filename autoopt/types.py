@@ -1,0 +1,283 @@
+"""The data types that flow through autoopt, one way:
+
+model file -> ModelSpec -> Workload -> Measurement / trace metrics -> Finding
+-> accepted transforms (ExecConfig) -> verified Variant -> Report.
+
+This module imports nothing heavy (no torch), so the trace analysis path can use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+SAFETY_LEVELS = ("safe", "unsafe", "manual")
+VARIANT_STATUSES = ("kept", "rejected", "failed", "skipped")
+
+
+@dataclass
+class ModelSpec:
+    """A loaded model file that satisfies the contract in DESIGN.md."""
+
+    path: Path
+    name: str
+    module: Any
+    build_model: Callable[[], Any]
+    make_batch: Callable[[int], Any]
+    forward: Optional[Callable[[Any, Any], Any]] = None
+    build_optimizer: Optional[Callable[[Any], Any]] = None
+    build_dataloader: Optional[Callable[[int], Any]] = None
+    default_batch_size: Optional[int] = None
+
+    @property
+    def mode(self) -> str:
+        return "train" if self.build_optimizer is not None else "infer"
+
+
+@dataclass
+class Capabilities:
+    """What the device can do. Passed into every decision, never read from globals there,
+    so CPU tests can exercise GPU logic with capabilities taken from real GPU traces."""
+
+    device_type: str  # "cpu" | "cuda"
+    name: str = ""
+    compute_capability: Optional[tuple[int, int]] = None
+    total_memory_mb: Optional[float] = None
+    sm_count: Optional[int] = None
+    bf16: bool = False  # fast bf16 math (Ampere+ GPU, or CPU with AVX-512 BF16 / AMX)
+    fp16: bool = False  # fast fp16 math (GPU tensor cores)
+    tf32: bool = False  # Ampere+
+    tensor_cores: bool = False  # Volta+
+    cpu_flags: tuple[str, ...] = ()
+    vendor: str = ""  # "nvidia" | "amd" | "" (cpu)
+    # peak dense throughput in TFLOP/s by math mode; None where unknown
+    peak_tflops: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def compute_capability_float(self) -> Optional[float]:
+        if self.compute_capability is None:
+            return None
+        return float(f"{self.compute_capability[0]}.{self.compute_capability[1]}")
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "device.type": self.device_type,
+            "device.name": self.name,
+            "device.vendor": self.vendor,
+            "device.compute_capability": self.compute_capability_float,
+            "device.memory_mb": self.total_memory_mb,
+            "device.bf16": self.bf16,
+            "device.fp16": self.fp16,
+            "device.tf32": self.tf32,
+            "device.tensor_cores": self.tensor_cores,
+            "device.cpu_avx512_bf16": "avx512_bf16" in self.cpu_flags,
+            "device.cpu_amx": "amx_bf16" in self.cpu_flags or "amx_tile" in self.cpu_flags,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["type"] = d.pop("device_type")
+        d["compute_capability"] = (
+            f"{self.compute_capability[0]}.{self.compute_capability[1]}" if self.compute_capability else None
+        )
+        return d
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    """How one variant runs. Transforms only ever return a modified copy of this; the
+    runner (autoopt.runner) is the single place that turns it into a step function."""
+
+    device: str = "cpu"
+    batch_size: int = 32
+    amp_dtype: Optional[str] = None  # "bfloat16" | "float16"
+    grad_scaler: bool = False  # fp16 training needs loss scaling
+    channels_last: bool = False
+    compile_mode: Optional[str] = None  # None = eager; "default" | "max-autotune-no-cudagraphs" | "reduce-overhead"
+    compile_backend: str = "inductor"
+    matmul_precision: Optional[str] = None  # "high" enables TF32 matmuls (and cuDNN TF32)
+    cudnn_benchmark: Optional[bool] = None
+    optimizer_impl: Optional[str] = None  # "foreach" | "fused"
+    dataloader: Optional[dict] = None  # num_workers, pin_memory, persistent_workers, prefetch_factor, intra_op_threads
+    cuda_graphs: bool = False
+    activation_checkpointing: bool = False
+    grad_accum_steps: int = 1
+    inference_mode: bool = False
+    weights_dtype: Optional[str] = None  # inference only: cast weights ("bfloat16" | "float16")
+
+    def with_(self, **changes: Any) -> "ExecConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Workload:
+    """A model file bound to a device, a batch size, a seed and a mode."""
+
+    spec: ModelSpec
+    caps: Capabilities
+    batch_size: int
+    seed: int = 0
+    facts: dict[str, Any] = field(default_factory=dict)  # model.* and workload.* facts (see autoopt.facts)
+
+    @property
+    def mode(self) -> str:
+        return self.spec.mode
+
+    @property
+    def device(self) -> str:
+        return self.caps.device_type
+
+    def base_config(self) -> ExecConfig:
+        return ExecConfig(device=self.device, batch_size=self.batch_size)
+
+
+@dataclass
+class Stats:
+    """Summary of repeated timings, in milliseconds."""
+
+    median: float
+    mean: float
+    min: float
+    max: float
+    p25: float
+    p75: float
+    stdev: float
+    n: int
+
+    @classmethod
+    def of(cls, samples_ms: list[float]) -> "Stats":
+        if not samples_ms:
+            raise ValueError("no samples")
+        s = sorted(samples_ms)
+        q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0]] * 3
+        return cls(
+            median=statistics.median(s),
+            mean=statistics.fmean(s),
+            min=s[0],
+            max=s[-1],
+            p25=q[0],
+            p75=q[2],
+            stdev=statistics.stdev(s) if len(s) > 1 else 0.0,
+            n=len(s),
+        )
+
+    @property
+    def rel_spread(self) -> float:
+        """Interquartile range over the median: the measured noise of this measurement."""
+        return (self.p75 - self.p25) / self.median if self.median > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class Measurement:
+    """Timed steps of one configuration, measured apart from tracing."""
+
+    step_time_ms: Stats
+    batch_size: int
+    throughput_per_s: float
+    peak_memory_mb: Optional[float]
+    flops_per_step: Optional[float] = None
+    mfu: Optional[float] = None
+    compile_time_s: Optional[float] = None
+    warmup_steps: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step_time_ms": self.step_time_ms.to_json(),
+            "batch_size": self.batch_size,
+            "throughput_per_s": round(self.throughput_per_s, 3),
+            "peak_memory_mb": None if self.peak_memory_mb is None else round(self.peak_memory_mb, 2),
+            "flops_per_step": self.flops_per_step,
+            "mfu": None if self.mfu is None else round(self.mfu, 5),
+            "compile_time_s": None if self.compile_time_s is None else round(self.compile_time_s, 3),
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+@dataclass
+class Finding:
+    """A rule that fired, with the values its conditions read."""
+
+    code: str
+    name: str
+    title: str
+    message: str
+    evidence: dict[str, Any]
+    safety: str
+    transform: Optional[str] = None
+    params: dict[str, Any] = field(default_factory=dict)
+    expected_speedup: Optional[float] = None
+    predicted_step_time_ms: Optional[float] = None
+    family: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "name": self.name,
+            "title": self.title,
+            "message": self.message,
+            "evidence": self.evidence,
+            "safety": self.safety,
+            "transform": self.transform,
+            "params": self.params,
+            "expected_speedup": None if self.expected_speedup is None else round(self.expected_speedup, 3),
+            "predicted_step_time_ms": (
+                None if self.predicted_step_time_ms is None else round(self.predicted_step_time_ms, 3)
+            ),
+        }
+
+
+@dataclass
+class Verification:
+    ok: bool
+    max_abs_error: Optional[float]
+    max_rel_error: Optional[float]
+    tolerance: Optional[float]
+    reason: str = ""
+    losses_baseline: list[float] = field(default_factory=list)
+    losses_variant: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Variant:
+    name: str
+    codes: list[str]
+    transforms: list[dict[str, Any]]  # [{"name": "amp", "params": {...}}]
+    accepted: bool
+    status: str  # kept | rejected | failed | skipped
+    reason: str = ""
+    config: Optional[ExecConfig] = None
+    measurement: Optional[Measurement] = None
+    verification: Optional[Verification] = None
+    speedup: Optional[float] = None
+    logdir: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.measurement
+        v = self.verification
+        return {
+            "name": self.name,
+            "codes": self.codes,
+            "transforms": self.transforms,
+            "accepted": self.accepted,
+            "status": self.status,
+            "reason": self.reason,
+            "step_time_ms": m.step_time_ms.to_json() if m else None,
+            "batch_size": m.batch_size if m else None,
+            "throughput_per_s": round(m.throughput_per_s, 3) if m else None,
+            "speedup": None if self.speedup is None else round(self.speedup, 4),
+            "max_abs_error": v.max_abs_error if v else None,
+            "max_rel_error": v.max_rel_error if v else None,
+            "tolerance": v.tolerance if v else None,
+            "peak_memory_mb": None if not m or m.peak_memory_mb is None else round(m.peak_memory_mb, 2),
+            "mfu": None if not m or m.mfu is None else round(m.mfu, 5),
+            "compile_time_s": None if not m or m.compile_time_s is None else round(m.compile_time_s, 3),
+            "logdir": self.logdir,
+        }
