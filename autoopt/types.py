@@ -187,6 +187,11 @@ class Measurement:
     mfu: Optional[float] = None
     compile_time_s: Optional[float] = None
     warmup_steps: int = 0
+    samples_per_step: int = 0  # batch size x micro-batches per step; 0 means batch_size
+
+    def __post_init__(self) -> None:
+        if not self.samples_per_step:
+            self.samples_per_step = self.batch_size
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -198,6 +203,7 @@ class Measurement:
             "mfu": None if self.mfu is None else round(self.mfu, 5),
             "compile_time_s": None if self.compile_time_s is None else round(self.compile_time_s, 3),
             "warmup_steps": self.warmup_steps,
+            "samples_per_step": self.samples_per_step,
         }
 
 

@@ -1,0 +1,461 @@
+"""The command line: the only module that prints, prompts or exits.
+
+Every command returns an exit status: 0 done, 2 bad input, 130 interrupted. Heavy modules
+(torch above all) are imported inside the commands that need them, so `autoopt analyze`
+and `autoopt rules` start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any, Optional
+
+from autoopt import __version__
+from autoopt.errors import Interrupted, UserError
+
+EPILOG = "Docs: autoopt rules | autoopt explain CODE. Exit codes: 0 done, 2 bad input, 130 interrupted."
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _codes(value: Optional[str]) -> set[str]:
+    if not value:
+        return set()
+    return {c.strip().upper() for c in value.replace(" ", ",").split(",") if c.strip()}
+
+
+# ---------------------------------------------------------------- progress
+class ProgressView:
+    """Progress on stderr, with elapsed time and an estimate for the long phases."""
+
+    ESTIMATES_S = {"compile": 30.0, "batch": 60.0}
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.console = _console()
+        self.status = None
+        import time
+
+        self._time = time.perf_counter
+        self.t0 = self._time()
+        self.phase_t0 = self.t0
+        self.phase = ""
+
+    def __call__(self, phase: str, detail: str = "", **info: Any) -> None:
+        if not self.enabled:
+            return
+        now = self._time()
+        if phase != self.phase:
+            self.phase, self.phase_t0 = phase, now
+        est = ""
+        if "compile" in detail or (info.get("variant") and "AO3" in str(info.get("variant")) and phase == "measure"):
+            est = " (torch.compile: usually 10-60 s on first use)"
+        elif phase == "batch":
+            est = " (a few seconds per size)"
+        text = f"[{now - self.t0:6.1f}s] {detail}{est}"
+        if not self.console.is_terminal:
+            self.console.print(text, markup=False, highlight=False)
+            return
+        if self.status is None:
+            self.status = self.console.status(text)
+            self.status.start()
+        else:
+            self.status.update(text)
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+# ---------------------------------------------------------------- commands
+def cmd_env(args) -> int:
+    from autoopt.env import env_info, render_env
+
+    info = env_info()
+    if args.json:
+        _print_json(info)
+    else:
+        _console(stderr=False).print(render_env(info), markup=False)
+    return 0
+
+
+def cmd_rules(args) -> int:
+    from autoopt.rules import load_rules, render_rules_table
+
+    rules = load_rules()
+    if args.json:
+        _print_json({"rules": [r.to_json() for r in rules]})
+    else:
+        _console(stderr=False).print(render_rules_table(rules), markup=False)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from autoopt.rules import get_rule, render_explain
+
+    _console(stderr=False).print(render_explain(get_rule(args.code)), markup=False)
+    return 0
+
+
+def _findings_for(analysis: dict, extra_facts: dict | None = None) -> list:
+    from autoopt.rules import evaluate, load_rules
+
+    facts: dict[str, Any] = {}
+    facts.update(analysis.get("device_facts") or {})
+    facts.update(analysis.get("metrics") or {})
+    if extra_facts:
+        facts.update(extra_facts)
+    return evaluate(load_rules(), facts)
+
+
+def cmd_analyze(args) -> int:
+    from autoopt.analyze import analyze_paths, render_text
+
+    result = analyze_paths(args.traces)
+    findings = _findings_for(result)
+    result["findings"] = [f.to_json() for f in findings]
+    if args.json:
+        _print_json(result)
+        return 0
+    out = _console(stderr=False)
+    out.print(render_text(result), markup=False)
+    _print_findings(out, findings)
+    return 0
+
+
+def _print_findings(out, findings) -> None:
+    if not findings:
+        out.print("\nNo findings: no rule fired on these numbers.", markup=False)
+        return
+    out.print("\nFindings:", markup=False)
+    for f in findings:
+        gain = f" (up to {f.expected_speedup:.2f}x)" if f.expected_speedup else ""
+        out.print(f"  {f.code} [{f.safety}] {f.title}{gain}", markup=False)
+        out.print(f"      {f.message}", markup=False)
+    out.print("Run `autoopt explain CODE` for a rule's documentation.", markup=False)
+
+
+def cmd_profile(args) -> int:
+    if args.script:
+        from autoopt.script import profile_script
+
+        result = profile_script(args.script, args.script_args, steps=args.steps, logdir=args.logdir)
+        if args.json:
+            _print_json(result)
+        else:
+            from autoopt.analyze import render_text
+
+            out = _console(stderr=False)
+            out.print(render_text(result), markup=False)
+            from autoopt.types import Finding
+
+            _print_findings(out, [Finding(**{k: v for k, v in f.items() if k in Finding.__dataclass_fields__})
+                                  for f in result.get("findings", [])])
+        return 0
+    if not args.model:
+        raise UserError("autoopt profile needs a model file (autoopt profile path/to/model.py) or --script FILE.")
+    if args.nproc and args.nproc > 1:
+        from autoopt.distributed import profile_distributed
+
+        result = profile_distributed(args.model, nproc=args.nproc, device=args.device, batch_size=args.batch_size,
+                                     steps=args.steps, logdir=args.logdir, seed=args.seed, extra=args.launcher_args)
+        if args.json:
+            _print_json(result)
+        else:
+            from autoopt.analyze import render_text
+
+            _console(stderr=False).print(render_text(result), markup=False)
+        return 0
+    from autoopt.profiling import profile_model
+
+    progress = ProgressView(enabled=not args.quiet)
+    try:
+        result = profile_model(args.model, device=args.device, batch_size=args.batch_size, steps=args.steps,
+                               logdir=args.logdir, seed=args.seed, with_stack=args.with_stack, progress=progress)
+    finally:
+        progress.stop()
+    if args.json:
+        _print_json(result)
+        return 0
+    from autoopt.analyze import render_text
+    from autoopt.types import Finding
+
+    out = _console(stderr=False)
+    m = result["measurement"]
+    st = m["step_time_ms"]
+    out.print(f"{result['model']} on {result['device']['name'] or result['device']['type']}, batch {m['batch_size']}, "
+              f"{result['mode']}: step {st['median']:.2f} ms median (IQR {st['p25']:.2f}-{st['p75']:.2f}, n={st['n']}), "
+              f"{m['throughput_per_s']:.1f} samples/s, peak memory {m['peak_memory_mb'] or 0:.0f} MB"
+              + (f", MFU {m['mfu']:.1%}" if m.get("mfu") else ""), markup=False)
+    out.print(render_text(result), markup=False)
+    _print_findings(out, [Finding(**{k: v for k, v in f.items() if k in Finding.__dataclass_fields__})
+                          for f in result["findings"]])
+    out.print(f"\nTrace: {result['logdir']}  (autoopt view {result['logdir']})", markup=False)
+    return 0
+
+
+def _make_decider(args, console):
+    from autoopt.types import Finding
+
+    accept = _codes(args.accept)
+    reject = _codes(args.reject)
+    interactive = sys.stdin.isatty() and not args.yes and not accept and not args.json_no_prompt
+
+    def decide(f: Finding, transform) -> bool:
+        if transform is None:
+            return False  # advice only: nothing to apply
+        if f.code in reject or (transform.name.upper() in reject):
+            return False
+        if args.yes or f.code in accept or transform.name.upper() in accept:
+            return True
+        if accept:
+            return False
+        if interactive:
+            gain = f"up to {f.expected_speedup:.2f}x" if f.expected_speedup else "unknown until measured"
+            console.print(f"\n[bold]{f.code}[/bold] {f.title}", highlight=False)
+            console.print(f"  {f.message}", markup=False, highlight=False)
+            console.print(f"  does: {transform.summary}", markup=False, highlight=False)
+            console.print(f"  expected gain: {gain}; safety: {f.safety}", markup=False, highlight=False)
+            while True:
+                console.print("  apply and verify? [y/n] ", end="")
+                ans = sys.stdin.readline()
+                if not ans:
+                    return False
+                ans = ans.strip().lower()
+                if ans in ("y", "yes"):
+                    return True
+                if ans in ("n", "no", ""):
+                    return False
+        # no terminal and not asked: only what keeps numerics and training semantics
+        return f.safety == "safe"
+
+    return decide
+
+
+def cmd_optimize(args) -> int:
+    from autoopt.measure import MeasureSettings
+    from autoopt.optimize import OptimizeOptions, run_optimize
+    from autoopt.profile import ProfileSettings
+
+    console = _console()
+    opts = OptimizeOptions(
+        model_path=args.model, device=args.device, batch_size=args.batch_size, seed=args.seed,
+        out_dir=args.out, search=args.search,
+        measure=MeasureSettings.quick() if args.quick else MeasureSettings(),
+        profile=ProfileSettings(with_stack=args.with_stack),
+    )
+    progress = ProgressView(enabled=not args.quiet)
+    try:
+        report = run_optimize(opts, _make_decider(args, console), progress)
+    finally:
+        progress.stop()
+    if args.json:
+        _print_json(report)
+        return 0
+    _print_optimize_summary(report)
+    return 0
+
+
+def _print_optimize_summary(report: dict) -> None:
+    from rich.table import Table
+
+    from autoopt.report import final_table_rows
+
+    out = _console(stderr=False)
+    rows = final_table_rows(report)
+    if rows:
+        t = Table(*rows[0], title=f"autoopt: {report['model']} ({report['mode']}, {report['device'].get('name') or report['device'].get('type')})")
+        for r in rows[1:]:
+            t.add_row(*[str(x) for x in r])
+        out.print(t)
+    f = report.get("final") or {}
+    if f.get("codes"):
+        out.print(f"Final: {f['speedup']:.2f}x (range {f['speedup_low']:.2f}-{f['speedup_high']:.2f}) with "
+                  f"{' + '.join(t['name'] for t in f['transforms'])}", markup=False)
+    else:
+        out.print(f"Final: no change kept. {f.get('note', '')}", markup=False)
+    a = report["artifacts"]
+    out.print(f"Report: {a['report_md']}\nHTML:   {a['report_html']}\nPatch:  {a['patch']}\nPlan:   {a['plan']}\n"
+              f"TensorBoard: autoopt view {os.path.dirname(a['report_md'])}", markup=False)
+
+
+def cmd_view(args) -> int:
+    import time
+
+    from autoopt.view import resolve_logdir, start_tensorboard, stop
+
+    logdir = resolve_logdir(args.dir or "reports")
+    proc, url = start_tensorboard(logdir, port=args.port)
+    out = _console(stderr=False)
+    out.print(f"TensorBoard on {url} (log dir {logdir}); Ctrl-C to stop.", markup=False)
+    try:
+        while proc.poll() is None:
+            time.sleep(0.5)
+        return 0 if proc.returncode in (0, None) else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(proc)
+
+
+def cmd_export(args) -> int:
+    from autoopt.export import export_onnx
+
+    result = export_onnx(args.model, args.onnx, plan_path=args.plan, seed=args.seed, batch_size=args.batch_size)
+    if args.json:
+        _print_json(result)
+    else:
+        _console(stderr=False).print(
+            f"Exported {result['model']} to {result['onnx_path']} (opset {result['opset']}, dynamic batch axis); "
+            f"onnx.checker: ok; onnxruntime on a batch of {result['check_batch_size']}: max abs error "
+            f"{result['max_abs_error']:.3g}", markup=False)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autoopt",
+        description="Profile a PyTorch model, find out why it is slow, apply verified transforms, "
+                    "report the measured gain with a patch.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--version", action="version", version=f"autoopt {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks behind errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp, json_help="print JSON only on stdout"):
+        sp.add_argument("--json", action="store_true", help=json_help)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks behind errors")
+
+    sp = sub.add_parser("env", help="GPU, driver, CUDA, cuDNN, torch; bf16 / TF32 / tensor-core support")
+    common(sp)
+    sp.set_defaults(func=cmd_env)
+
+    sp = sub.add_parser("profile", help="profile a model file (or an unmodified training script)")
+    sp.add_argument("model", nargs="?", help="model file (see DESIGN: build_model, make_batch, ...)")
+    sp.add_argument("--script", help="an unmodified training script to run under the profiler")
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--steps", type=int, default=3, help="profiled (active) steps")
+    sp.add_argument("--logdir", default=None, help="log directory; each run gets a new run directory in it")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--nproc", type=int, default=0, help="N processes through torch.distributed's launcher (DDP)")
+    sp.add_argument("--with-stack", action="store_true", help="record Python stacks (source lines in findings)")
+    sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    common(sp)
+    sp.set_defaults(func=cmd_profile)
+
+    sp = sub.add_parser("analyze", help="analyze Kineto traces (.json / .json.gz, or directories of rank traces)")
+    sp.add_argument("traces", nargs="+")
+    common(sp)
+    sp.set_defaults(func=cmd_analyze)
+
+    sp = sub.add_parser("optimize", help="profile, diagnose, apply verified transforms, report and patch")
+    sp.add_argument("model", nargs="?", help="model file (default: the bundled example)")
+    sp.add_argument("--yes", "-y", action="store_true", help="accept every finding")
+    sp.add_argument("--accept", help="comma-separated rule codes or transform names to accept")
+    sp.add_argument("--reject", help="comma-separated rule codes or transform names to reject")
+    sp.add_argument("--out", help="report directory (default reports/<model>-<timestamp>)")
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--search", default="greedy", choices=["greedy", "exhaustive"])
+    sp.add_argument("--quick", action="store_true", help="fewer timed steps (noisier numbers; for smoke tests)")
+    sp.add_argument("--with-stack", action="store_true", help="record Python stacks in the traces")
+    sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    common(sp)
+    sp.set_defaults(func=cmd_optimize)
+
+    sp = sub.add_parser("rules", help="list every rule")
+    common(sp)
+    sp.set_defaults(func=cmd_rules)
+
+    sp = sub.add_parser("explain", help="print a rule's documentation")
+    sp.add_argument("code")
+    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_explain)
+
+    sp = sub.add_parser("view", help="TensorBoard on 127.0.0.1 over a report or log directory")
+    sp.add_argument("dir", nargs="?")
+    sp.add_argument("--port", type=int, default=None)
+    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_view)
+
+    sp = sub.add_parser("export", help="export the model to ONNX with a dynamic batch axis")
+    sp.add_argument("model")
+    sp.add_argument("--onnx", required=True, help="output .onnx path")
+    sp.add_argument("--plan", help="plan.json whose inference-relevant transforms to apply")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--batch-size", type=int)
+    common(sp)
+    sp.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args: list[str] = []
+    if "--" in argv:  # autoopt profile --script train.py -- ARGS
+        i = argv.index("--")
+        argv, script_args = argv[:i], argv[i + 1:]
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors exit 2, --help / --version exit 0
+        return int(e.code or 0)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    args.script_args = script_args
+    args.launcher_args = []
+    args.json_no_prompt = getattr(args, "json", False) and not sys.stdin.isatty()
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        _report_error(e.message, e.cause or e, debug)
+        return e.exit_code
+    except Interrupted as e:
+        _console().print(f"Interrupted. What was measured so far is in {e}.", markup=False)
+        return 130
+    except KeyboardInterrupt:
+        _console().print("Interrupted.", markup=False)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug in autoopt, not bad input
+        _report_error(
+            f"autoopt hit an internal error: {type(e).__name__}: {e}. This is a bug in autoopt, not in your input; "
+            "run again with --debug for the traceback and report it.", e, debug)
+        return 1
+
+
+def _report_error(message: str, exc: BaseException, debug: bool) -> None:
+    err = _console()
+    if debug:
+        err.print("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), markup=False)
+    err.print(f"[bold red]error:[/bold red] {_escape(message)}")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Timed measurement of a Session, apart from tracing.
+
+Warm-up first (compilation, allocator growth, cuDNN autotuning stay out of the numbers),
+then timed steps with the device synchronised around each one (CUDA events on a GPU,
+perf_counter after synchronize on a CPU), until both a minimum number of steps and a
+minimum time are reached. The median and the interquartile spread are reported.
+Peak memory: the CUDA allocator's peak on a GPU; on a CPU the process's peak resident set
+(VmHWM), reset before the measurement through /proc/self/clear_refs where Linux allows it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from autoopt.runner import Session
+from autoopt.types import Capabilities, Measurement, Stats
+
+
+@dataclass
+class MeasureSettings:
+    warmup_steps: int = 3
+    warmup_min_s: float = 0.3
+    min_steps: int = 10
+    max_steps: int = 200
+    min_time_s: float = 1.5
+    max_time_s: float = 20.0
+
+    @classmethod
+    def quick(cls) -> "MeasureSettings":
+        """For tests: few steps; the numbers are real but noisy."""
+        return cls(warmup_steps=2, warmup_min_s=0.0, min_steps=5, max_steps=20, min_time_s=0.2, max_time_s=5.0)
+
+
+# ---------------------------------------------------------------- memory
+def _read_status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: str) -> Optional[float]:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    kb = _read_status_kb("VmHWM")
+    if kb is None:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+def cpu_memory_total_mb() -> Optional[float]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------- flops
+def count_flops(session: Session) -> Optional[float]:
+    """FLOPs of one step (forward, and backward when training) by torch.utils.flop_counter,
+    counted on the eager model (the math a compiled model does is the same)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = session._next_batch()
+    model = session.eager_model
+    try:
+        with FlopCounterMode(display=False) as counter:
+            with session.autocast():
+                from autoopt import contract
+
+                if session.train:
+                    out = contract.call_forward(session.spec, model, batch)
+                    loss = contract.extract_loss(out)
+                    loss.backward()
+                else:
+                    with torch.no_grad():
+                        contract.call_forward(session.spec, model, batch)
+        if session.train:
+            session.optimizer.zero_grad(set_to_none=True)
+        total = counter.get_total_flops()
+    except Exception:  # a model the counter can't follow: MFU stays unknown, the run goes on
+        return None
+    return float(total) * (session.accum if session.train else 1) or None
+
+
+def peak_flops_per_s(caps: Capabilities, cfg) -> Optional[float]:
+    """The device's dense peak for the math mode this configuration uses."""
+    if not caps.peak_tflops:
+        return None
+    if cfg.amp_dtype == "bfloat16" or cfg.weights_dtype == "bfloat16":
+        key = "bf16"
+    elif cfg.amp_dtype == "float16" or cfg.weights_dtype == "float16":
+        key = "fp16"
+    elif cfg.matmul_precision in ("high", "medium") and caps.tf32:
+        key = "tf32"
+    else:
+        key = "fp32"
+    tf = caps.peak_tflops.get(key)
+    return tf * 1e12 if tf else None
+
+
+# ---------------------------------------------------------------- timing
+def measure(
+    session: Session,
+    caps: Capabilities,
+    settings: MeasureSettings | None = None,
+    *,
+    flops_per_step: Optional[float] = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Measurement:
+    s = settings or MeasureSettings()
+    device = session.device
+    reset_peak_memory(device)
+
+    # warm-up: the first step includes compilation for a compiled model; it is timed
+    # separately and reported as compile time.
+    t0 = time.perf_counter()
+    session.step()
+    session.sync()
+    first_s = time.perf_counter() - t0
+    compile_time = first_s if session.compiled else None
+    w = 1
+    t_w = time.perf_counter()
+    while w < s.warmup_steps or (time.perf_counter() - t_w) < s.warmup_min_s:
+        session.step()
+        w += 1
+        if w > 50:
+            break
+    session.sync()
+
+    samples: list[float] = []
+    start = time.perf_counter()
+    if device == "cuda":
+        while True:
+            ev0 = torch.cuda.Event(enable_timing=True)
+            ev1 = torch.cuda.Event(enable_timing=True)
+            ev0.record()
+            session.step()
+            ev1.record()
+            ev1.synchronize()  # one step at a time: timings per step, nothing queued across
+            samples.append(ev0.elapsed_time(ev1))
+            if on_step:
+                on_step(len(samples))
+            if _done(samples, start, s):
+                break
+    else:
+        while True:
+            t = time.perf_counter()
+            session.step()
+            session.sync()
+            samples.append((time.perf_counter() - t) * 1000.0)
+            if on_step:
+                on_step(len(samples))
+            if _done(samples, start, s):
+                break
+    stats = Stats.of(samples)
+    peak = peak_memory_mb(device)
+    tput = session.samples_per_step / (stats.median / 1000.0)
+    mfu = None
+    peak_fps = peak_flops_per_s(caps, session.cfg)
+    if flops_per_step and peak_fps:
+        mfu = flops_per_step / (stats.median / 1000.0) / peak_fps
+    return Measurement(
+        step_time_ms=stats,
+        batch_size=session.cfg.batch_size,
+        throughput_per_s=tput,
+        peak_memory_mb=peak,
+        flops_per_step=flops_per_step,
+        mfu=mfu,
+        compile_time_s=compile_time,
+        warmup_steps=w,
+        samples_per_step=session.samples_per_step,
+    )
+
+
+def _done(samples: list[float], start: float, s: MeasureSettings) -> bool:
+    n = len(samples)
+    elapsed = time.perf_counter() - start
+    if n >= s.max_steps or (elapsed >= s.max_time_s and n >= 3):
+        return True
+    return n >= s.min_steps and elapsed >= s.min_time_s
+
+
+def speedup(base: Measurement, new: Measurement) -> tuple[float, float, float]:
+    """Speedup of `new` over `base` as a throughput ratio (samples per second, so a larger batch
+    is compared fairly), with a low/high range from the quartiles of both measurements
+    (pessimistic: slow new against fast base, and the reverse)."""
+    b_per = base.step_time_ms
+    n_per = new.step_time_ms
+    kb = 1.0 / base.samples_per_step
+    kn = 1.0 / new.samples_per_step
+    mid = (b_per.median * kb) / (n_per.median * kn)
+    low = (b_per.p25 * kb) / (n_per.p75 * kn) if n_per.p75 > 0 else mid
+    high = (b_per.p75 * kb) / (n_per.p25 * kn) if n_per.p25 > 0 else mid
+    return mid, low, high

@@ -1,0 +1,89 @@
+"""Tracing with torch.profiler, apart from timing.
+
+Each profiling session writes a gzip Kineto trace into its own run directory
+(`<logdir>/<run>/<worker>.<ts>.pt.trace.json.gz`), the layout torch-tb-profiler and
+Holistic Trace Analysis read; the plugin loads a run directory once, so a run directory
+is never reused.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+from autoopt.runner import Session
+
+
+@dataclass
+class ProfileSettings:
+    wait: int = 1
+    warmup: int = 2
+    active: int = 3
+    record_shapes: bool = True
+    profile_memory: bool = True
+    with_stack: bool = False  # stacks point findings at source lines; they make traces larger
+
+
+@dataclass
+class TraceRun:
+    run_dir: Path
+    trace_files: list[Path]
+    steps: int
+    wall_s: float
+
+
+def new_run_dir(logdir: Path, name: str) -> Path:
+    """A fresh run directory under logdir: `name`, or `name-2`, `name-3`... if taken."""
+    safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", name) or "run"
+    logdir.mkdir(parents=True, exist_ok=True)
+    d = logdir / safe
+    i = 2
+    while d.exists():
+        d = logdir / f"{safe}-{i}"
+        i += 1
+    d.mkdir(parents=True)
+    return d
+
+
+def activities_for(device: str) -> list[ProfilerActivity]:
+    acts = [ProfilerActivity.CPU]
+    if device == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    return acts
+
+
+def trace_session(
+    session: Session,
+    run_dir: Path,
+    settings: Optional[ProfileSettings] = None,
+    *,
+    worker_name: Optional[str] = None,
+) -> TraceRun:
+    s = settings or ProfileSettings()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    total = s.wait + s.warmup + s.active
+    t0 = time.perf_counter()
+    with profile(
+        activities=activities_for(session.device),
+        schedule=schedule(wait=s.wait, warmup=s.warmup, active=s.active, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(str(run_dir), worker_name=worker_name, use_gzip=True),
+        record_shapes=s.record_shapes,
+        profile_memory=s.profile_memory,
+        with_stack=s.with_stack,
+    ) as prof:
+        for _ in range(total):
+            session.step()
+            session.sync()
+            prof.step()
+    wall = time.perf_counter() - t0
+    files = sorted(run_dir.glob("*.pt.trace.json.gz"))
+    return TraceRun(run_dir=run_dir, trace_files=files, steps=s.active, wall_s=wall)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
