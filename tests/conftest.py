@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests run from the repository root; the real GPU traces live in
+../shared/traces beside the checkout (CI lays out the same folder)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = ROOT.parent / "shared" / "traces"
+EXAMPLES = ROOT / "examples"
+MODELS = ROOT / "tests" / "models"
+
+# Keep the suite's torch work on the 2 cores without oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def traces_dir() -> Path:
+    if not TRACES.is_dir():
+        pytest.fail(f"the shared traces are missing: expected {TRACES} beside the checkout")
+    return TRACES
+
+
+def run_cli(*argv: str):
+    """Run autoopt's CLI in-process; returns (exit code, stdout, stderr) via capsys in callers."""
+    from autoopt.cli import main
+
+    return main(list(argv))

@@ -1,0 +1,154 @@
+"""The runner, measurement and verification on a tiny in-test model (no model file)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autoopt.measure import MeasureSettings, count_flops, measure, speedup
+from autoopt.runner import Session, seeded_batch
+from autoopt.types import Capabilities, ExecConfig, ModelSpec, Stats, Workload
+from autoopt.verify import compare, record_run
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
+
+
+def _spec(train=True, overflow=False):
+    def build_model():
+        m = TinyCNN()
+        if overflow:
+            with torch.no_grad():
+                m.fc.weight.mul_(1e5)
+        return m
+
+    def make_batch(bs):
+        return torch.randn(bs, 3, 16, 16), torch.randint(0, 10, (bs,))
+
+    def forward(model, batch):
+        x, y = batch
+        out = model(x)
+        return F.cross_entropy(out, y) if train else out
+
+    return ModelSpec(
+        path=Path("tiny.py"), name="tiny", module=None, build_model=build_model, make_batch=make_batch,
+        forward=forward, build_optimizer=(lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)) if train else None,
+    )
+
+
+def _wl(train=True, overflow=False, bs=8):
+    return Workload(spec=_spec(train, overflow), caps=Capabilities("cpu"), batch_size=bs, seed=0)
+
+
+def test_seeded_batches_are_identical_across_calls():
+    wl = _wl()
+    a = seeded_batch(wl, 4, 0)
+    b = seeded_batch(wl, 4, 0)
+    c = seeded_batch(wl, 4, 1)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+
+
+def test_same_config_verifies_exactly():
+    wl = _wl()
+    with Session(wl, wl.base_config()) as s:
+        ref = record_run(s)
+    with Session(wl, wl.base_config()) as s:
+        again = record_run(s)
+    v = compare(ref, again, 1e-4)
+    assert v.ok and v.max_abs_error == 0.0
+    assert len(ref.losses) == 4 and ref.losses[0] != ref.losses[-1]  # the model really trains
+
+
+def test_channels_last_is_within_fp32_tolerance_and_bf16_is_not():
+    wl = _wl()
+    with Session(wl, wl.base_config()) as s:
+        ref = record_run(s)
+    with Session(wl, wl.base_config().with_(channels_last=True)) as s:
+        assert s.prepare(seeded_batch(wl, 8, 0))[0].is_contiguous(memory_format=torch.channels_last)
+        cl = record_run(s)
+    assert compare(ref, cl, 1e-4).ok
+    with Session(wl, wl.base_config().with_(amp_dtype="bfloat16")) as s:
+        bf = record_run(s)
+    strict = compare(ref, bf, 1e-6)
+    assert not strict.ok and "diverged" in strict.reason  # bf16 really rounds: the loss drifts past fp32 tolerance
+    assert compare(ref, bf, 5e-2).ok
+
+
+def test_fp16_overflow_is_rejected():
+    wl = _wl(train=False, overflow=True)
+    with Session(wl, wl.base_config()) as s:
+        ref = record_run(s)
+    with Session(wl, wl.base_config().with_(amp_dtype="float16")) as s:
+        rec = record_run(s)
+    # fp32 logits of ~1e5 * activations exceed fp16's range of 65504
+    assert max(t.abs().max().item() for t in ref.outputs) > 65504
+    v = compare(ref, rec, 1e-2)
+    assert not v.ok and "inf/NaN" in v.reason
+
+
+def test_different_initial_weights_are_caught():
+    wl = _wl()
+    with Session(wl, wl.base_config()) as s:
+        ref = record_run(s)
+    wl2 = _wl()
+    wl2.seed = 1
+    with Session(wl2, wl2.base_config()) as s:
+        other = record_run(s)
+    assert not compare(ref, other, 1.0).ok
+
+
+def test_measure_returns_median_spread_and_throughput():
+    wl = _wl()
+    with Session(wl, wl.base_config()) as s:
+        flops = count_flops(s)
+        m = measure(s, wl.caps, MeasureSettings.quick(), flops_per_step=flops)
+    st = m.step_time_ms
+    assert st.n >= 5 and st.min <= st.median <= st.max and st.p25 <= st.p75
+    assert m.throughput_per_s == pytest.approx(8 / (st.median / 1000))
+    # counted by hand: forward conv (8 out x 27 MACs x 16x16 positions) and linear (512->10);
+    # backward: the conv's weight gradient only (the input needs no gradient), the linear's
+    # weight and input gradients.
+    conv = 2 * 8 * (8 * 3 * 9) * 16 * 16
+    lin = 2 * 8 * 512 * 10
+    assert flops == conv + lin + conv + 2 * lin
+    assert m.peak_memory_mb and m.peak_memory_mb > 10
+    assert m.mfu is None  # no honest CPU peak is known
+
+
+def test_grad_accumulation_counts_samples_and_restores_globals():
+    wl = _wl()
+    before = torch.get_float32_matmul_precision()
+    with Session(wl, wl.base_config().with_(grad_accum_steps=3, matmul_precision="medium")) as s:
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert s.samples_per_step == 24
+        loss = s.step()
+        assert math.isfinite(float(loss))
+    assert torch.get_float32_matmul_precision() == before
+
+
+def test_speedup_is_a_throughput_ratio_with_a_range():
+    from autoopt.types import Measurement
+
+    base = Measurement(Stats.of([10, 11, 12, 10, 11]), batch_size=8, throughput_per_s=8 / 0.011, peak_memory_mb=1)
+    big = Measurement(Stats.of([15, 16, 17, 15, 16]), batch_size=16, throughput_per_s=16 / 0.016, peak_memory_mb=1)
+    mid, low, high = speedup(base, big)
+    assert mid == pytest.approx((11 / 8) / (16 / 16))
+    assert low < mid < high
+
+
+def test_inference_mode_config_produces_no_grad_graph():
+    wl = _wl(train=False)
+    with Session(wl, wl.base_config().with_(inference_mode=True)) as s:
+        out = s.step()
+        assert out.is_inference() and not out.requires_grad
