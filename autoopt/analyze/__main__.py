@@ -1,0 +1,36 @@
+"""python -m autoopt.analyze TRACE... [--json] [--top N]: the analysis alone, without torch."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from autoopt.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m autoopt.analyze", description="Analyze Kineto traces.")
+    ap.add_argument("traces", nargs="+", help=".json / .json.gz traces or directories of them (one per rank)")
+    ap.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    ap.add_argument("--top", type=int, default=10, help="rows in the top kernel / operator tables")
+    args = ap.parse_args(argv)
+    from autoopt.analyze import analyze_paths, render_text
+
+    try:
+        result = analyze_paths(args.traces, top_n=args.top)
+    except UserError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS))
+        sys.stdout.buffer.write(b"\n")
+    else:
+        print(render_text(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Run every analysis on loaded traces and assemble the `autoopt analyze --json` object
+(minus "findings", which the rule engine adds)."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from autoopt.analyze import breakdown as B
+from autoopt.analyze import distributed as D
+from autoopt.analyze import trace as T
+from autoopt.analyze.device import device_facts, device_info
+from autoopt.analyze.gpu_metrics import gpu_metrics
+from autoopt.analyze.idle import idle_stats
+from autoopt.analyze.kernels import kernel_stats, launch_stats
+from autoopt.analyze.loader import expand_paths, load_trace
+from autoopt.analyze.memory import h2d_stats, peak_memory
+from autoopt.analyze.operators import build_tree, op_stats, top_operators
+from autoopt.analyze.steps import find_steps
+from autoopt.analyze.sync import sync_stats
+
+# the metrics.* facts (autoopt/facts.py) a trace can tell; the others stay None here
+METRIC_KEYS = (
+    "step_time_ms", "throughput_per_s", "peak_memory_mb", "memory_fraction", "mfu", "step_time_rel_spread",
+    "steps", "gpu_utilization", "sm_efficiency", "achieved_occupancy", "tensor_core_kernel_ratio",
+    "kernel_fraction", "memcpy_fraction", "memset_fraction", "communication_fraction", "runtime_fraction",
+    "dataloader_fraction", "cpu_exec_fraction", "other_fraction", "matmul_fraction", "fp32_matmul_fraction",
+    "conv_fraction", "layout_conversion_fraction", "kernels_per_step", "ops_per_step", "median_kernel_us",
+    "small_kernel_fraction", "idle_fraction", "host_wait_fraction", "kernel_wait_fraction", "launch_bound",
+    "sync_count_per_step", "sync_time_fraction", "data_dependent_ops_per_step", "h2d_copies_per_step",
+    "pageable_h2d_fraction", "optimizer_fraction", "optimizer_kernels_per_step", "optimizer_ops_per_step",
+    "comm_overlap_fraction", "rank_count", "rank_step_skew", "comm_backend", "dataparallel_ops",
+    "dataloader_init_per_step", "graph_breaks", "recompilations", "nan_or_inf",
+)
+
+
+def _r(x: Optional[float], nd: int = 4) -> Optional[float]:
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, nd) if np.isfinite(x) else None
+
+
+def analyze_trace(tr: T.Trace, *, top_n: int = 10, rank: int = 0) -> dict[str, Any]:
+    """Every analysis of one trace (one rank)."""
+    st = find_steps(tr)
+    dev = device_info(tr)
+    gpu = dev["type"] == "cuda"
+    notes = list(tr.notes) + list(st.notes)
+    durs = st.durations
+    n = st.count
+    bd = B.breakdown(tr, st)
+    per_step = bd["per_step_us"]
+    mean_bd = per_step.mean(axis=0) if n else np.zeros(len(B.ROLES))
+    lo, hi = st.span
+    gm = gpu_metrics(tr, st)
+    notes += gm["notes"]
+    devs = gm["devices"]
+    dev_ids = sorted(devs)
+
+    def dev_mean(key: str) -> Optional[float]:
+        vals = [devs[d][key] for d in dev_ids if devs[d][key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    ks = kernel_stats(tr, lo, hi, top_n)
+    tree = build_tree(tr)
+    ops = op_stats(tr, tree, st)
+    launch = launch_stats(tr, lo, hi)
+    idle = idle_stats(tr, st)
+    syncs = sync_stats(tr, tree, st, top_n)
+    h2d = h2d_stats(tr, st)
+    mem = peak_memory(tr)
+    comm = D.comm_stats(tr, st)
+    if not gpu:
+        notes.append("no GPU events: a CPU-only trace (GPU metrics are null; matmul/conv shares come from CPU "
+                     "operator self time)")
+    if dev.get("vendor") == "amd":
+        notes.append("AMD ROCm trace: HIP runtime calls count as runtime, matrix-core kernels as tensor-core kernels")
+    step_ms = durs / 1e3
+    q = np.percentile(step_ms, [25, 75]) if n >= 2 else None
+    kin = tr.idx(T.KERNEL)
+    kernels_per_step = float(np.sum(st.index_of(tr.ts[kin]) >= 0)) / n if gpu and n else None
+
+    fr = {role: (mean_bd[i] / durs.mean() if n and durs.mean() > 0 else None) for i, role in enumerate(B.ROLES)}
+    metrics: dict[str, Any] = {k: None for k in METRIC_KEYS}
+    metrics.update({
+        "step_time_ms": float(np.median(step_ms)) if n else None,
+        "peak_memory_mb": mem["peak_memory_mb"],
+        "memory_fraction": (mem["peak_memory_mb"] / dev["memory_mb"]) if gpu and mem["peak_memory_mb"] is not None
+        and dev.get("memory_mb") else None,
+        "step_time_rel_spread": float((q[1] - q[0]) / np.median(step_ms)) if q is not None and np.median(step_ms) > 0
+        else None,
+        "steps": n if st.from_spans else 0,
+        "gpu_utilization": dev_mean("gpu_utilization") if gpu else None,
+        "sm_efficiency": dev_mean("sm_efficiency") if gpu else None,
+        "achieved_occupancy": dev_mean("achieved_occupancy") if gpu else None,
+        "tensor_core_kernel_ratio": ks["tensor_core_kernel_ratio"],
+        **{f"{role}_fraction": fr[role] for role in B.ROLES},
+        "matmul_fraction": ks["matmul_fraction"] if gpu else ops["cpu_matmul_fraction"],
+        "conv_fraction": ks["conv_fraction"] if gpu else ops["cpu_conv_fraction"],
+        "fp32_matmul_fraction": ks["fp32_matmul_fraction"] if gpu else ops["cpu_fp32_matmul_fraction"],
+        "layout_conversion_fraction": ks["layout_conversion_fraction"],
+        "kernels_per_step": kernels_per_step,
+        "ops_per_step": ops["ops_per_step"],
+        "median_kernel_us": ks["median_kernel_us"],
+        "small_kernel_fraction": ks["small_kernel_fraction"],
+        "idle_fraction": idle["idle_fraction"],
+        "host_wait_fraction": idle["host_wait_fraction"],
+        "kernel_wait_fraction": idle["kernel_wait_fraction"],
+        "launch_bound": launch["launch_bound"] if launch else None,
+        "sync_count_per_step": syncs["sync_count_per_step"],
+        "sync_time_fraction": syncs["sync_time_fraction"],
+        "data_dependent_ops_per_step": ops["data_dependent_ops_per_step"],
+        "h2d_copies_per_step": h2d["h2d_copies_per_step"],
+        "pageable_h2d_fraction": h2d["pageable_h2d_fraction"],
+        "optimizer_fraction": ops["optimizer_fraction"],
+        "optimizer_kernels_per_step": ops["optimizer_kernels_per_step"] if gpu else None,
+        "optimizer_ops_per_step": ops["optimizer_ops_per_step"],
+        "comm_overlap_fraction": comm["comm_overlap_fraction"],
+        "rank_count": 1,
+        "rank_step_skew": None,
+        "comm_backend": comm["backend"],
+        "dataparallel_ops": ops["dataparallel_ops"],
+        "dataloader_init_per_step": ops["dataloader_init_per_step"],
+        "graph_breaks": ops["graph_breaks"],
+        "recompilations": ops["recompilations"],
+    })
+    metrics = {k: (_r(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    return {
+        "path": tr.path,
+        "rank": rank,
+        "device": dev,
+        "steps": n if st.from_spans else 0,
+        "step_names": st.names,
+        "steps_from_spans": st.from_spans,
+        "step_time_ms": {"mean": _r(step_ms.mean(), 3), "median": _r(np.median(step_ms), 3),
+                         "min": _r(step_ms.min(), 3), "max": _r(step_ms.max(), 3)} if n else None,
+        "step_times_ms": [_r(x, 3) for x in step_ms],
+        "gpu_utilization": _r(metrics["gpu_utilization"], 6),
+        "breakdown_ms": {role: _r(mean_bd[i] / 1e3, 4) for i, role in enumerate(B.ROLES)},
+        "breakdown_per_step_ms": [{"step": st.names[j], "total": _r(durs[j] / 1e3, 4),
+                                   **{role: _r(per_step[j, i] / 1e3, 4) for i, role in enumerate(B.ROLES)}}
+                                  for j in range(n)],
+        "tensor_core_kernel_ratio": _r(ks["tensor_core_kernel_ratio"], 6),
+        "sm_efficiency": _r(metrics["sm_efficiency"], 6),
+        "achieved_occupancy": _r(metrics["achieved_occupancy"], 6),
+        "gpu_metrics_by_device": {str(d): {k: _r(v, 6) for k, v in devs[d].items()} for d in dev_ids},
+        "top_kernels": ks["top_kernels"],
+        "top_operators": top_operators(tr, tree, top_n, by_device=gpu),
+        "kernel_launch": launch,
+        "idle": {k: (_r(v, 6) if not isinstance(v, list) else v) for k, v in idle.items()},
+        "syncs": syncs,
+        "h2d": {k: _r(v, 6) for k, v in h2d.items()},
+        "memory": mem,
+        "communication": {k: (_r(v, 6) if isinstance(v, float) else v) for k, v in comm.items()},
+        "metrics": metrics,
+        "events": tr.n,
+        "size_mb": round(tr.size_bytes / 1e6, 3),
+        "notes": notes,
+    }
+
+
+def _aggregate(rows: list[dict]) -> dict[str, Any]:
+    if len(rows) == 1:
+        return dict(rows[0]["metrics"])
+    out: dict[str, Any] = {}
+    for k in METRIC_KEYS:
+        vals = [r["metrics"][k] for r in rows if r["metrics"][k] is not None]
+        if not vals:
+            out[k] = None
+        elif isinstance(vals[0], bool):
+            out[k] = any(vals)
+        elif isinstance(vals[0], str):
+            out[k] = next((v for v in vals if v), "")
+        elif k in ("step_time_ms", "peak_memory_mb", "memory_fraction"):
+            out[k] = max(vals)  # the slowest / fullest rank bounds the job
+        else:
+            out[k] = round(float(statistics.fmean(vals)), 6)
+    return out
+
+
+def analyze_paths(paths: list[Union[str, Path]], *, top_n: int = 10) -> dict[str, Any]:
+    files = expand_paths(list(paths))
+    rows = []
+    for j, f in enumerate(files):
+        tr = load_trace(f)
+        rank, _how = D.rank_of(tr, j)
+        rows.append(analyze_trace(tr, top_n=top_n, rank=rank))
+        del tr
+    notes: list[str] = []
+    ranks: dict[str, Any] = {}
+    metrics = _aggregate(rows)
+    if len(rows) > 1:
+        ranks = D.ranks_summary(rows)
+        metrics["rank_count"] = ranks["rank_count"]
+        metrics["rank_step_skew"] = _r(ranks["rank_step_skew"], 6)
+        metrics["comm_overlap_fraction"] = _r(ranks["comm_overlap_fraction"], 6)
+        dup = len({r["rank"] for r in rows}) < len(rows)
+        if dup:
+            notes.append("several traces share a rank number: they may be different runs or profiling cycles, "
+                         "not the ranks of one job")
+    dev = next((r["device"] for r in rows if r["device"]["type"] == "cuda"), rows[0]["device"])
+    return {"traces": rows, "ranks": ranks, "metrics": metrics, "device_facts": device_facts(dev), "notes": notes}

@@ -1,0 +1,727 @@
+"""Read Kineto / torch.profiler traces into columnar `Trace` objects.
+
+Streaming, typed, columnar decode: the file is read in blocks (gzip decompressed on the
+fly), the `traceEvents` array is cut into chunks at event boundaries, each chunk is
+decoded with orjson and folded into typed column lists at once, then dropped. Peak
+memory is the columns plus one chunk, not the whole decoded JSON, so gigabyte traces fit.
+
+Event boundaries are found with a fast candidate search (`}` , `{`) that a successful
+decode confirms: a wrong cut can never decode, since it leaves brackets unbalanced. When
+a cut fails, an exact numpy scanner (string- and escape-aware bracket depth) from the
+last known boundary takes over.
+
+Every schema era is accepted: the legacy autograd-profiler bare list, 2021 capitalised
+categories, 2022+ snake_case, fractional-microsecond timestamps, ROCm and CPU-only traces.
+Unreadable input raises autoopt.errors.TraceError with one paragraph naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+import orjson
+
+from autoopt.errors import TraceError
+from autoopt.analyze import trace as T
+
+BLOCK = 8 << 20  # bytes of decoded JSON per chunk
+_CUT = re.compile(rb"\}\s*,\s*\{")
+_KEY = re.compile(rb'"traceEvents"\s*:\s*\[')
+_WS = b" \t\r\n"
+
+# name flags (computed once per distinct CPU op / annotation name)
+F_STEP = 1
+F_INPUT_TYPES = 2
+F_STACK = 4
+
+MATMUL_CONV_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul",
+    "aten::linear", "aten::mv", "aten::addmv", "aten::dot", "aten::einsum", "aten::_addmm_activation",
+    "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution", "aten::_convolution",
+    "aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d",
+    "aten::cudnn_convolution", "aten::cudnn_convolution_transpose", "aten::mkldnn_convolution",
+    "aten::miopen_convolution", "aten::_slow_conv2d_forward", "aten::slow_conv3d_forward",
+    "aten::thnn_conv2d", "aten::_nnpack_spatial_convolution", "aten::convolution_backward",
+    "aten::cudnn_convolution_backward", "aten::cudnn_convolution_backward_input",
+    "aten::cudnn_convolution_backward_weight", "aten::mkldnn_linear", "aten::_mkldnn_linear",
+    "aten::mkldnn_matmul", "aten::_scaled_mm", "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
+    "aten::_flash_attention_forward", "aten::_efficient_attention_forward",
+})
+SYNC_CANDIDATE_OPS = frozenset({
+    "aten::item", "aten::_local_scalar_dense", "aten::to", "aten::_to_copy", "aten::copy_",
+    "aten::nonzero", "aten::nonzero_static", "aten::masked_select", "aten::unique", "aten::_unique2",
+    "aten::unique_dim", "aten::unique_consecutive", "aten::is_nonzero", "aten::equal", "aten::allclose",
+    "aten::cpu", "aten::tolist", "aten::repeat_interleave", "aten::index", "aten::index_put_",
+    "aten::bincount", "aten::histc", "aten::multinomial", "aten::where", "aten::argwhere",
+    "aten::_assert_async", "aten::min", "aten::max",
+})
+
+PathLike = Union[str, Path]
+
+
+def _err(path: PathLike, problem: str, fix: str) -> TraceError:
+    return TraceError(f"{path}: {problem} {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes
+# ---------------------------------------------------------------------------------------------
+def _blocks(path: Path, size: int = BLOCK) -> Iterator[bytes]:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise _err(path, f"cannot be opened ({e.strerror}).",
+                   "Check the path and the file's permissions.") from e
+    with f:
+        head = f.read(2)
+        f.seek(0)
+        if head != b"\x1f\x8b":
+            while True:
+                b = f.read(size)
+                if not b:
+                    return
+                yield b
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        raw = b""
+        try:
+            while True:
+                if not raw:
+                    raw = f.read(max(size // 8, 1 << 16))
+                    if not raw:
+                        break
+                out = d.decompress(raw, size)
+                raw = d.unconsumed_tail
+                if out:
+                    yield out
+                if d.eof:
+                    rest = d.unused_data + raw
+                    raw = rest.lstrip(b"\0")
+                    if raw[:2] == b"\x1f\x8b":  # another gzip member
+                        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                        continue
+                    if raw:
+                        raise _err(path, "has data after the end of its gzip stream.",
+                                   "Re-export the trace, or decompress it and pass the .json.")
+                    return
+            tail = d.flush()
+            if tail:
+                yield tail
+            if not d.eof:
+                raise _err(path, "is a truncated gzip file (the compressed stream ends early).",
+                           "The profiler was probably stopped while writing; re-export the trace.")
+        except zlib.error as e:
+            raise _err(path, f"is not a valid gzip file ({e}).",
+                       "Pass the original .json or .json.gz written by torch.profiler.") from e
+
+
+def _exact_scan(buf: bytes, start: int, depth0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Structural brackets of buf[start:], outside strings. Returns (positions, chars, depth after
+    each bracket) for a scan that starts outside any string at bracket depth `depth0`."""
+    a = np.frombuffer(buf, dtype=np.uint8)[start:]
+    quotes = np.flatnonzero(a == 34)
+    if quotes.size:
+        prev = quotes[quotes > 0]
+        esc_cand = prev[a[prev - 1] == 92]
+        if esc_cand.size:
+            escaped = []
+            for q in esc_cand.tolist():
+                k = q - 1
+                while k >= 0 and a[k] == 92:
+                    k -= 1
+                if (q - 1 - k) % 2 == 1:
+                    escaped.append(q)
+            if escaped:
+                quotes = np.setdiff1d(quotes, np.asarray(escaped, dtype=quotes.dtype), assume_unique=True)
+    br = np.flatnonzero((a == 123) | (a == 125) | (a == 91) | (a == 93))
+    if quotes.size:
+        br = br[(np.searchsorted(quotes, br) & 1) == 0]
+    ch = a[br]
+    delta = np.where((ch == 123) | (ch == 91), 1, -1)
+    depth = depth0 + np.cumsum(delta)
+    return br + start, ch, depth
+
+
+# ---------------------------------------------------------------------------------------------
+# columns
+# ---------------------------------------------------------------------------------------------
+class _Columns:
+    """Column lists filled chunk by chunk, turned into numpy arrays at the end."""
+
+    def __init__(self) -> None:
+        self.names: dict[Any, int] = {}
+        self.name_flags: list[int] = []
+        self.pids: dict[Any, int] = {}
+        self.tids: dict[Any, int] = {}
+        self.kind: list[int] = []
+        self.name: list[int] = []
+        self.pid: list[int] = []
+        self.tid: list[int] = []
+        self.ts: list[Any] = []
+        self.dur: list[Any] = []
+        self.ext: list[Any] = []
+        self.corr: list[Any] = []
+        # sparse GPU columns
+        self.g_idx: list[int] = []
+        self.g_dev: list[Any] = []
+        self.g_stream: list[Any] = []
+        self.g_bps: list[Any] = []
+        self.g_occ: list[Any] = []
+        self.g_grid: list[Any] = []
+        self.g_bytes: list[Any] = []
+        self.input_types: dict[int, Any] = {}
+        self.call_stacks: dict[int, str] = {}
+        self.mem: list[tuple] = []
+        self.process_labels: dict[Any, str] = {}
+        self.process_names: dict[Any, str] = {}
+        self.skipped = 0
+        self.events_total = 0
+        self.legacy = False
+
+    def _new_name(self, name: Any) -> int:
+        try:
+            nid = self.names[name] = len(self.names)
+        except TypeError:  # unhashable name (a list, a dict): keep it as text
+            return self._new_name(str(name))
+        flags = 0
+        if isinstance(name, str):
+            if name.startswith("ProfilerStep#"):
+                flags |= F_STEP
+            if name in MATMUL_CONV_OPS:
+                flags |= F_INPUT_TYPES
+            if name in SYNC_CANDIDATE_OPS:
+                flags |= F_STACK | F_INPUT_TYPES * (name in MATMUL_CONV_OPS)
+        self.name_flags.append(flags)
+        return nid
+
+    def ingest(self, evs: list) -> None:
+        """Fold one decoded chunk into the columns (the hot loop: keep it lean)."""
+        kind_a = self.kind.append
+        name_a = self.name.append
+        pid_a = self.pid.append
+        tid_a = self.tid.append
+        ts_a = self.ts.append
+        dur_a = self.dur.append
+        ext_a = self.ext.append
+        corr_a = self.corr.append
+        names = self.names
+        nget = names.get
+        flags_of = self.name_flags
+        pids = self.pids
+        tids = self.tids
+        cat_kind = T.CATEGORY_KIND
+        g_idx = self.g_idx
+        OP, ANNO, STEP, KERNEL, MEMCPY, MEMSET, GPU_ANNO, SYNC = (
+            T.OP, T.ANNO, T.STEP, T.KERNEL, T.MEMCPY, T.MEMSET, T.GPU_ANNO, T.SYNC)
+        empty: dict = {}
+        i = len(self.kind)
+        self.events_total += len(evs)
+        for e in evs:
+            try:
+                ph = e.get("ph")
+            except AttributeError:
+                self.skipped += 1
+                continue
+            if ph == "X":
+                ts = e.get("ts")
+                if ts is None:
+                    self.skipped += 1
+                    continue
+                cat = e.get("cat")
+                k = cat_kind.get(cat)
+                if k is None:
+                    k = self._kind_slow(cat, e)
+                name = e.get("name")
+                try:
+                    nid = nget(name)
+                except TypeError:
+                    nid = None
+                if nid is None:
+                    nid = self._new_name(name)
+                args = e.get("args")
+                if args.__class__ is not dict:
+                    args = empty
+                ext = args.get("External id")
+                if ext is None:
+                    ext = args.get("external id")
+                if k <= ANNO:
+                    fl = flags_of[nid]
+                    if fl:
+                        if fl & F_STEP:
+                            k = STEP
+                        if fl & F_INPUT_TYPES and "Input type" in args:
+                            self.input_types[i] = args["Input type"]
+                        if fl & F_STACK and "Call stack" in args:
+                            self.call_stacks[i] = args["Call stack"]
+                elif KERNEL <= k <= SYNC:
+                    g_idx.append(i)
+                    self.g_dev.append(args.get("device"))
+                    self.g_stream.append(args.get("stream"))
+                    if k == KERNEL:
+                        self.g_bps.append(args.get("blocks per SM"))
+                        self.g_occ.append(args.get("est. achieved occupancy %"))
+                        self.g_grid.append(args.get("grid"))
+                        self.g_bytes.append(None)
+                    else:
+                        self.g_bps.append(None)
+                        self.g_occ.append(None)
+                        self.g_grid.append(None)
+                        self.g_bytes.append(args.get("bytes"))
+                p = e.get("pid")
+                try:
+                    pi = pids[p]
+                except KeyError:
+                    pi = pids[p] = len(pids)
+                except TypeError:
+                    pi = pids.setdefault(str(p), len(pids))
+                t = e.get("tid")
+                try:
+                    ti = tids[t]
+                except KeyError:
+                    ti = tids[t] = len(tids)
+                except TypeError:
+                    ti = tids.setdefault(str(t), len(tids))
+                kind_a(k)
+                name_a(nid)
+                pid_a(pi)
+                tid_a(ti)
+                ts_a(ts)
+                dur_a(e.get("dur", 0))
+                ext_a(ext)
+                corr_a(args.get("correlation"))
+                i += 1
+            elif ph == "i" or ph == "I":
+                if e.get("name") == "[memory]":
+                    a = e.get("args") or empty
+                    self.mem.append((e.get("ts"), a.get("Bytes"), a.get("Total Allocated"),
+                                     a.get("Device Type"), a.get("Device Id")))
+            elif ph == "M":
+                n = e.get("name")
+                if n == "process_labels" or n == "process_name":
+                    a = e.get("args") or empty
+                    v = a.get("labels") if n == "process_labels" else a.get("name")
+                    if isinstance(v, str):
+                        try:
+                            (self.process_labels if n == "process_labels" else self.process_names)[e.get("pid")] = v
+                        except TypeError:
+                            pass
+
+    def _kind_slow(self, cat: Any, e: dict) -> int:
+        if isinstance(cat, str):
+            k = T.CATEGORY_KIND.get(cat.lower())
+            if k is not None:
+                return k
+            return T.OTHER
+        if cat is None:
+            # legacy autograd profiler export (a bare list without categories)
+            self.legacy = True
+            pid = e.get("pid")
+            if isinstance(pid, str) and "CUDA" in pid.upper():
+                return T.KERNEL
+            return T.OP
+        return T.OTHER
+
+
+def _num(col: list, dtype, default) -> np.ndarray:
+    """A typed column from a list that may hold None or odd values."""
+    try:
+        arr = np.array(col, dtype=dtype)
+        return arr
+    except (TypeError, ValueError, OverflowError):
+        out = np.empty(len(col), dtype=dtype)
+        for j, v in enumerate(col):
+            try:
+                out[j] = default if v is None else v
+            except (TypeError, ValueError, OverflowError):
+                try:
+                    out[j] = float(v)
+                except (TypeError, ValueError, OverflowError):
+                    out[j] = default
+        return out
+
+
+def _opt_int(col: list) -> np.ndarray:
+    """int64 column with -1 for None / non-integers (ids, correlations)."""
+    try:
+        return np.array([-1 if v is None else v for v in col], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        out = np.full(len(col), -1, dtype=np.int64)
+        for j, v in enumerate(col):
+            try:
+                out[j] = int(v) if v is not None else -1
+            except (TypeError, ValueError, OverflowError):
+                out[j] = -1
+        return out
+
+
+def _opt_float(col: list) -> np.ndarray:
+    return _num([np.nan if v is None else v for v in col], np.float64, np.nan)
+
+
+def _grid_blocks(col: list) -> np.ndarray:
+    out = np.full(len(col), np.nan)
+    for j, g in enumerate(col):
+        if isinstance(g, (list, tuple)) and g:
+            try:
+                p = 1.0
+                for x in g:
+                    p *= float(x)
+                out[j] = p
+            except (TypeError, ValueError):
+                pass
+    return out
+
+
+def _stream_id(v: Any) -> int:
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        m = re.search(r"-?\d+", v)
+        if m:
+            try:
+                return int(m.group(0), 16) if v.startswith("0x") else int(m.group(0))
+            except ValueError:
+                return -1
+    return -1
+
+
+def _finish(cols: _Columns, path: Path, meta: dict, size: int) -> T.Trace:
+    n = len(cols.kind)
+    ts = _num(cols.ts, np.float64, np.nan)
+    dur = _num(cols.dur, np.float64, 0.0)
+    bad = ~np.isfinite(ts)
+    dur = np.where(np.isfinite(dur) & (dur > 0), dur, 0.0)
+    t0 = float(np.min(ts[~bad])) if n and not bad.all() else 0.0
+    ts = ts - t0
+    names: list[Any] = [None] * len(cols.names)
+    for k, v in cols.names.items():
+        names[v] = k if isinstance(k, str) else ("" if k is None else str(k))
+    pids: list[Any] = [None] * len(cols.pids)
+    for k, v in cols.pids.items():
+        pids[v] = k
+    tids: list[Any] = [None] * len(cols.tids)
+    for k, v in cols.tids.items():
+        tids[v] = k
+
+    device = np.full(n, -1, dtype=np.int32)
+    stream = np.full(n, -1, dtype=np.int64)
+    bps = np.full(n, np.nan)
+    occ = np.full(n, np.nan)
+    grid = np.full(n, np.nan)
+    nbytes = np.full(n, np.nan)
+    if cols.g_idx:
+        gi = np.asarray(cols.g_idx, dtype=np.int64)
+        dev = _opt_int(cols.g_dev)
+        # legacy / odd traces: no args.device; fall back to the pid when it is a small integer
+        pid_arr = np.asarray(cols.pid, dtype=np.int64)[gi]
+        pid_dev = np.array([p if isinstance(p, int) and 0 <= p < 64 else -1 for p in pids], dtype=np.int64)
+        dev = np.where(dev >= 0, dev, pid_dev[pid_arr] if pid_dev.size else -1)
+        device[gi] = np.where(dev >= 0, dev, 0)
+        stream[gi] = [_stream_id(s) for s in cols.g_stream]
+        bps[gi] = _opt_float(cols.g_bps)
+        occ[gi] = _opt_float(cols.g_occ)
+        grid[gi] = _grid_blocks(cols.g_grid)
+        nbytes[gi] = _opt_float(cols.g_bytes)
+    kind = np.asarray(cols.kind, dtype=np.int8)
+    if cols.legacy:  # legacy export: kernels carry their device in tid
+        kmask = kind == T.KERNEL
+        if kmask.any():
+            tid_arr = np.asarray(cols.tid, dtype=np.int64)
+            tid_dev = np.array([t if isinstance(t, int) and 0 <= t < 64 else 0 for t in tids], dtype=np.int32)
+            device[kmask] = tid_dev[tid_arr[kmask]]
+    tr = T.Trace(
+        path=str(path), names=names, kind=kind,
+        name=np.asarray(cols.name, dtype=np.int32), pid=np.asarray(cols.pid, dtype=np.int32),
+        tid=np.asarray(cols.tid, dtype=np.int32), ts=ts, dur=dur,
+        ext=_opt_int(cols.ext), corr=_opt_int(cols.corr),
+        device=device, stream=stream, blocks_per_sm=bps, occupancy_pct=occ, grid_blocks=grid,
+        nbytes=nbytes, t0_us=t0, pids=pids, tids=tids, meta=meta,
+        input_types=cols.input_types, call_stacks=cols.call_stacks,
+        process_labels=cols.process_labels, events_total=cols.events_total, size_bytes=size,
+    )
+    if bad.any():
+        keep = ~bad
+        tr.notes.append(f"{int(bad.sum())} events without a numeric timestamp were ignored")
+        _subset(tr, keep)
+    if cols.skipped:
+        tr.notes.append(f"{cols.skipped} malformed events were ignored")
+    if cols.legacy:
+        tr.notes.append("legacy autograd-profiler export (no categories): CPU and CUDA functions only")
+    if cols.mem:
+        m = cols.mem
+        tr.mem_ts = _num([r[0] for r in m], np.float64, np.nan) - t0
+        tr.mem_bytes = _num([r[1] for r in m], np.float64, 0.0)
+        tr.mem_total = _opt_float([r[2] for r in m])
+        tr.mem_device_type = _opt_int([r[3] for r in m]).astype(np.int32)
+        tr.mem_device_id = _opt_int([r[4] for r in m]).astype(np.int32)
+    return tr
+
+
+def _subset(tr: T.Trace, keep: np.ndarray) -> None:
+    new_index = np.cumsum(keep) - 1
+    for f in ("kind", "name", "pid", "tid", "ts", "dur", "ext", "corr", "device", "stream",
+              "blocks_per_sm", "occupancy_pct", "grid_blocks", "nbytes"):
+        setattr(tr, f, getattr(tr, f)[keep])
+    tr.input_types = {int(new_index[k]): v for k, v in tr.input_types.items() if keep[k]}
+    tr.call_stacks = {int(new_index[k]): v for k, v in tr.call_stacks.items() if keep[k]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoder
+# ---------------------------------------------------------------------------------------------
+def _loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    # Kineto has written raw control characters, NaN and bare N/A: accept what json accepts
+    text = data.decode("utf-8", errors="replace")
+    try:
+        return json.loads(text, strict=False)
+    except ValueError:
+        return json.loads(re.sub(r'(?<!")N/A(?!")', '"N/A"', text), strict=False)
+
+
+def _describe_non_trace(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = set(obj)
+        if "nodes" in keys and ("schema" in keys or "pid" in keys):
+            return "a PyTorch execution trace (ExecutionTraceObserver), not a Kineto trace"
+        if "segments" in keys or "device_traces" in keys:
+            return "a CUDA memory snapshot (torch.cuda.memory._snapshot), not a Kineto trace"
+        if {"allocated", "reserved"} & keys or "timestamps" in keys:
+            return "a memory-timeline dump, not a Kineto trace"
+        shown = ", ".join(sorted(map(str, keys))[:8]) or "none"
+        return f"a JSON object without a traceEvents list (top-level keys: {shown})"
+    if isinstance(obj, list):
+        return "a JSON list whose items are not trace events"
+    return f"a JSON {type(obj).__name__}, not a trace"
+
+
+_FIX = "Pass a trace written by torch.profiler (on_trace_ready=tensorboard_trace_handler or export_chrome_trace)."
+
+
+def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
+    """Decode one trace file (.json or .json.gz) into columns."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise _err(path, f"cannot be read ({e.strerror}).", "Check the path.") from e
+    if size == 0:
+        raise _err(path, "is empty (0 bytes).", "The profiler wrote nothing; re-run it and pass the trace it exports.")
+    cols = _Columns()
+    blocks = _blocks(path, block)
+    buf = b""
+    eof = False
+
+    def more() -> bool:
+        nonlocal buf, eof
+        if eof:
+            return False
+        try:
+            b = next(blocks)
+        except StopIteration:
+            eof = True
+            return False
+        buf += b
+        return True
+
+    # --- find where the events start --------------------------------------------------------
+    while not buf.strip(_WS) and more():
+        pass
+    stripped = buf.lstrip(_WS + b"\xef\xbb\xbf")
+    if not stripped:
+        raise _err(path, "holds no JSON (only whitespace).", _FIX)
+    first = stripped[:1]
+    if first not in (b"{", b"["):
+        raise _err(path, f"is not JSON (it starts with {stripped[:16]!r}).", _FIX)
+    buf = stripped
+    if first == b"[":
+        prefix, pos, depth = None, 1, 1
+    else:
+        m = None
+        while True:
+            for m in _KEY.finditer(buf):
+                pb, _, dd = _exact_scan(buf[:m.start()], 0, 0)
+                d_at = int(dd[-1]) if dd.size else 0
+                if d_at == 1 and (m.start() == 0 or buf[m.start() - 1:m.start()] != b"\\"):
+                    break
+                m = None
+            else:
+                m = None
+            if m is not None or not more():
+                break
+            if len(buf) > (256 << 20):
+                # the key is not near the top: decode what we have as a whole document
+                while more():
+                    pass
+                break
+        if m is None:
+            try:
+                obj = _loads(buf)
+            except ValueError as e:
+                raise _err(path, f"is not valid JSON ({e}); the file may be truncated.",
+                           "Re-export the trace from torch.profiler.") from e
+            if isinstance(obj, dict) and isinstance(obj.get("traceEvents"), list):
+                evs = obj.pop("traceEvents")
+                for j in range(0, len(evs), 50000):
+                    cols.ingest(evs[j:j + 50000])
+                return _check(_finish(cols, path, obj, size), path)
+            raise _err(path, f"is {_describe_non_trace(obj)}.", _FIX)
+        prefix = buf[:m.end() - 1]
+        pos, depth = m.end(), 2
+
+    # --- stream the events --------------------------------------------------------------------
+    suffix = b""
+    while True:
+        while True:
+            j = pos
+            ln = len(buf)
+            while j < ln and buf[j] in b" \t\r\n,":
+                j += 1
+            pos = j
+            if j < ln:
+                break
+            if not more():
+                raise _err(path, f"is truncated: the traceEvents array never closes ({cols.events_total} "
+                                 "complete events read).",
+                           "The profiler was probably stopped while writing; re-export the trace.")
+        c = buf[pos:pos + 1]
+        if c == b"]":
+            while more():
+                pass
+            suffix = buf[pos + 1:]
+            break
+        if c != b"{":
+            raise _err(path, f"has an unexpected {c!r} inside traceEvents (byte {pos} of a chunk).",
+                       "The file is damaged; re-export the trace.")
+        while len(buf) - pos < block and more():
+            pass
+        cut = _last_cut(buf, pos)
+        if cut is not None:
+            evs = _try_loads_list(buf[pos:cut + 1])
+            if evs is not None:
+                cols.ingest(evs)
+                del evs
+                buf = buf[cut + 1:]
+                pos = 0
+                continue
+        # exact path: complete events (and perhaps the array's end) from a known boundary
+        pb, ch, dd = _exact_scan(buf, pos, depth)
+        closes = pb[(ch == 125) & (dd == depth)]
+        ends = pb[(ch == 93) & (dd == depth - 1)]
+        if ends.size:
+            closes = closes[closes < ends[0]]
+        if closes.size == 0:
+            if ends.size:
+                pos = int(ends[0])
+                continue
+            if not more():
+                raise _err(path, f"is truncated: the traceEvents array never closes ({cols.events_total} "
+                                 f"complete events read, an unfinished event of {len(buf) - pos} bytes at the end).",
+                           "The profiler was probably stopped while writing; re-export the trace.")
+            continue
+        last = int(closes[-1])
+        try:
+            evs = _loads(b"[" + buf[pos:last + 1] + b"]")
+        except ValueError as e:
+            raise _err(path, f"is not valid JSON inside traceEvents ({e}).",
+                       "The file is damaged; re-export the trace.") from e
+        cols.ingest(evs if isinstance(evs, list) else [])
+        del evs
+        buf = buf[last + 1:]
+        pos = 0
+
+    meta: dict = {}
+    if prefix is not None:
+        try:
+            obj = _loads(prefix + b"[]" + suffix)
+        except ValueError as e:
+            raise _err(path, f"has invalid JSON around its traceEvents array ({e}); it may be truncated.",
+                       "Re-export the trace from torch.profiler.") from e
+        if isinstance(obj, dict):
+            obj.pop("traceEvents", None)
+            meta = obj
+    elif suffix.strip(_WS):
+        raise _err(path, "has data after the end of its event list.", "The file is damaged; re-export it.")
+    return _check(_finish(cols, path, meta, size), path)
+
+
+def _last_cut(buf: bytes, pos: int) -> Optional[int]:
+    """Position of the `}` of the last candidate event boundary in buf[pos:], or None."""
+    n = len(buf)
+    window = 1 << 20
+    lo = max(pos, n - window)
+    while True:
+        last = None
+        for m in _CUT.finditer(buf, lo):
+            last = m.start()
+        if last is not None:
+            return last
+        if lo == pos:
+            return None
+        lo = max(pos, lo - window * 8)
+
+
+def _try_loads_list(chunk: bytes) -> Optional[list]:
+    try:
+        evs = orjson.loads(b"[" + chunk + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    return evs
+
+
+def _check(tr: T.Trace, path: Path) -> T.Trace:
+    if tr.n == 0:
+        if tr.events_total == 0:
+            raise _err(path, "holds no trace events (traceEvents is empty).",
+                       "The profiler recorded nothing: check that torch.profiler's schedule reaches an active step "
+                       "(call prof.step() each iteration) and re-export.")
+        raise _err(path, f"holds {tr.events_total} events but none is a timed span (ph 'X'): it is not a Kineto "
+                         "operator/kernel trace.", _FIX)
+    return tr
+
+
+# ---------------------------------------------------------------------------------------------
+# paths
+# ---------------------------------------------------------------------------------------------
+TRACE_SUFFIXES = (".json", ".json.gz")
+
+
+def _is_trace_name(p: Path) -> bool:
+    n = p.name.lower()
+    return n.endswith(TRACE_SUFFIXES) and not n.startswith(".")
+
+
+def expand_paths(paths: list[PathLike]) -> list[Path]:
+    """Files as given; directories give their trace files (recursively, e.g. a TensorBoard run dir)."""
+    out: list[Path] = []
+    if not paths:
+        raise TraceError("No trace given. Pass one or more .json / .json.gz Kineto traces, or a directory of them.")
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and _is_trace_name(q))
+            if not found:
+                raise TraceError(f"{p}: the directory holds no .json or .json.gz trace files. Pass the directory "
+                                 "torch.profiler wrote (tensorboard_trace_handler's dir_name) or the trace files.")
+            out.extend(found)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise TraceError(f"{p}: no such file or directory. Check the path of the trace.")
+    seen = set()
+    uniq = []
+    for p in out:
+        rp = os.path.realpath(p)
+        if rp not in seen:
+            seen.add(rp)
+            uniq.append(p)
+    return uniq

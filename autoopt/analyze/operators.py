@@ -1,0 +1,230 @@
+"""CPU operators: the operator tree, top operators (calls; host and device, total and self
+time, as torch-tb-profiler's operator table), and the per-step operator counts the rules
+read: top-level ops, optimizer ops and kernels, data-dependent ops, matmul/convolution
+share and precision on CPU traces.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from autoopt.analyze import trace as T
+from autoopt.analyze.kernels import first_float_type
+from autoopt.analyze.loader import MATMUL_CONV_OPS
+from autoopt.analyze.steps import Steps
+
+DATA_DEPENDENT_OPS = frozenset({"aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique",
+                                "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+                                "aten::argwhere", "aten::masked_scatter"})
+_OPTIMIZER_RE = re.compile(r"^Optimizer\.step#")
+_DP_RE = re.compile(r"^DataParallel\.forward$|broadcast_coalesced|ReduceAddCoalesced|^(Broadcast|Scatter|Gather)"
+                    r"(Backward\d*)?$")
+_COMPILED_RE = re.compile(r"^Torch-Compiled Region: (\d+)/(\d+)")
+
+
+@dataclass
+class OpTree:
+    """Full-length arrays over the trace's events (meaningful for OP / ANNO / STEP rows)."""
+
+    parent: np.ndarray  # event index of the enclosing OP/ANNO/STEP span, -1 at the root
+    top_op: np.ndarray  # event index of the outermost OP enclosing (or being) this row; -1 if none
+    in_optimizer: np.ndarray  # bool: inside an Optimizer.step#... span
+    self_host: np.ndarray  # us: duration minus children and own runtime calls
+    self_device: np.ndarray  # us: GPU time launched directly by this op
+    total_device: np.ndarray  # us: GPU time launched by this op and its children
+
+
+def build_tree(tr: T.Trace) -> OpTree:
+    n = tr.n
+    parent = np.full(n, -1, dtype=np.int64)
+    top_op = np.full(n, -1, dtype=np.int64)
+    in_opt = np.zeros(n, dtype=bool)
+    idx = tr.idx(T.OP, T.ANNO, T.STEP)
+    opt_lut = np.zeros(len(tr.names), dtype=bool)
+    opt_ids = tr.name_ids(lambda s: bool(_OPTIMIZER_RE.match(s)))
+    opt_lut[opt_ids] = True
+    if idx.size:
+        thread = (tr.pid[idx].astype(np.int64) << 32) | tr.tid[idx].astype(np.int64)
+        order = np.lexsort((-tr.dur[idx], tr.ts[idx], thread))
+        idx = idx[order]
+        ts = tr.ts[idx].tolist()
+        en = tr.end[idx].tolist()
+        th = thread[order].tolist()
+        is_op = (tr.kind[idx] == T.OP).tolist()
+        is_opt = opt_lut[tr.name[idx]].tolist()
+        m = idx.size
+        par = [-1] * m
+        top = [-1] * m
+        inopt = [False] * m
+        stack: list[int] = []
+        cur = None
+        for j in range(m):
+            if th[j] != cur:
+                stack = []
+                cur = th[j]
+            t = ts[j]
+            e = en[j]
+            while stack:
+                p = stack[-1]
+                pe = en[p]
+                if pe <= t or pe < e:
+                    stack.pop()
+                else:
+                    break
+            if stack:
+                p = stack[-1]
+                par[j] = p
+                tp = top[p]
+                top[j] = tp if tp >= 0 else (j if is_op[j] else -1)
+                inopt[j] = inopt[p] or is_opt[j]
+            else:
+                top[j] = j if is_op[j] else -1
+                inopt[j] = is_opt[j]
+            stack.append(j)
+        par_a = np.asarray(par, dtype=np.int64)
+        top_a = np.asarray(top, dtype=np.int64)
+        parent[idx] = np.where(par_a >= 0, idx[np.maximum(par_a, 0)], -1)
+        top_op[idx] = np.where(top_a >= 0, idx[np.maximum(top_a, 0)], -1)
+        in_opt[idx] = np.asarray(inopt, dtype=bool)
+    # host self time: minus direct children and the op's own runtime calls
+    self_host = np.where(tr.mask(T.OP, T.ANNO, T.STEP), tr.dur, 0.0)
+    has_p = parent >= 0
+    np.subtract.at(self_host, parent[has_p], tr.dur[has_p])
+    rt = tr.idx(T.RUNTIME)
+    rt_op = tr.op_by_ext(tr.ext[rt])
+    ok = rt_op >= 0
+    np.subtract.at(self_host, rt_op[ok], tr.dur[rt][ok])
+    self_host = np.maximum(self_host, 0.0)
+    # device time
+    self_dev = np.zeros(n)
+    g = tr.idx(*T.GPU_KINDS)
+    if g.size:
+        lop = tr.launching_op(g)
+        ok = lop >= 0
+        np.add.at(self_dev, lop[ok], tr.dur[g][ok])
+    total_dev = self_dev.copy()
+    if g.size and idx.size:
+        # push totals up the tree, deepest first
+        depth = np.zeros(n, dtype=np.int64)
+        nodes = idx[np.argsort(tr.ts[idx], kind="stable")]
+        for _ in range(512):
+            p = parent[nodes]
+            has = p >= 0
+            nd = np.where(has, depth[np.maximum(p, 0)] + 1, 0)
+            if np.array_equal(nd, depth[nodes]):
+                break
+            depth[nodes] = nd
+        dn = depth[idx]
+        for d in range(int(dn.max()) if dn.size else 0, 0, -1):
+            sel = idx[dn == d]
+            np.add.at(total_dev, parent[sel], total_dev[sel])
+    return OpTree(parent, top_op, in_opt, self_host, self_dev, total_dev)
+
+
+def top_operators(tr: T.Trace, tree: OpTree, top_n: int, by_device: bool) -> list[dict]:
+    ops = tr.idx(T.OP)
+    if ops.size == 0:
+        return []
+    nm = tr.name[ops]
+    L = len(tr.names)
+    calls = np.bincount(nm, minlength=L)
+    ht = np.bincount(nm, weights=tr.dur[ops], minlength=L)
+    hs = np.bincount(nm, weights=tree.self_host[ops], minlength=L)
+    dt = np.bincount(nm, weights=tree.total_device[ops], minlength=L)
+    ds = np.bincount(nm, weights=tree.self_device[ops], minlength=L)
+    key = (ds, hs) if by_device else (hs, ht)
+    order = np.lexsort((-key[1], -key[0]))
+    out = []
+    for nid in order[:top_n]:
+        if calls[nid] == 0:
+            break
+        out.append({"name": tr.names[nid], "calls": int(calls[nid]),
+                    "host_total_ms": round(ht[nid] / 1e3, 4), "host_self_ms": round(hs[nid] / 1e3, 4),
+                    "device_total_ms": round(dt[nid] / 1e3, 4), "device_self_ms": round(ds[nid] / 1e3, 4)})
+    return out
+
+
+def op_stats(tr: T.Trace, tree: OpTree, st: Steps) -> dict:
+    """Per-step operator counts and the CPU matmul/conv shares (meaningful on CPU-only traces)."""
+    nsteps = st.count
+    lo, hi = st.span
+    ops = tr.idx(T.OP)
+    in_steps = st.index_of(tr.ts[ops]) >= 0 if ops.size else np.zeros(0, dtype=bool)
+    ops_in = ops[in_steps]
+    top_level = tree.top_op[ops_in] == ops_in
+    out: dict = {
+        "ops_per_step": float(top_level.sum()) / nsteps if nsteps else None,
+        "optimizer_ops_per_step": None, "optimizer_kernels_per_step": None, "optimizer_fraction": None,
+    }
+    # optimizer
+    spans = tr.idx(T.OP, T.ANNO)
+    spans = spans[tr.has_name(tr.name_ids(lambda s: bool(_OPTIMIZER_RE.match(s))))[spans]]
+    if spans.size:
+        from autoopt.analyze import intervals as I
+        opt = I.merge(tr.ts[spans], tr.end[spans])
+        steps_iv = (st.starts, st.ends)
+        out["optimizer_fraction"] = I.total(I.intersect(opt, steps_iv)) / st.total if st.total > 0 else None
+        # ops directly under optimizer.step (no enclosing op inside the span)
+        par = tree.parent[ops_in]
+        pp = np.maximum(par, 0)
+        under_opt_op = (par >= 0) & (tr.kind[pp] == T.OP) & tree.in_optimizer[pp]
+        direct = tree.in_optimizer[ops_in] & ~under_opt_op
+        out["optimizer_ops_per_step"] = float(direct.sum()) / nsteps
+        k = tr.idx(T.KERNEL)
+        if k.size:
+            lop = tr.launching_op(k)
+            kin = (st.index_of(tr.ts[k]) >= 0) & (lop >= 0)
+            out["optimizer_kernels_per_step"] = float(np.sum(tree.in_optimizer[np.maximum(lop, 0)] & kin)) / nsteps
+    elif ops_in.size:
+        out["optimizer_fraction"] = 0.0
+    # data-dependent and DataParallel ops
+    dd = tr.has_name(tr.name_ids(lambda s: s in DATA_DEPENDENT_OPS))
+    out["data_dependent_ops_per_step"] = float(np.sum(dd[ops_in])) / nsteps if nsteps else None
+    cpu_any = tr.idx(T.OP, T.ANNO)
+    cpu_any = cpu_any[st.index_of(tr.ts[cpu_any]) >= 0]
+    dp = tr.has_name(tr.name_ids(lambda s: bool(_DP_RE.search(s))))
+    out["dataparallel_ops"] = float(np.sum(dp[cpu_any])) / nsteps if nsteps else None
+    # CPU matmul / conv time (self time of the compute ops) and its precision
+    mm_lut = np.zeros(len(tr.names), dtype=bool)
+    conv_lut = np.zeros(len(tr.names), dtype=bool)
+    for i, s in enumerate(tr.names):
+        if s in MATMUL_CONV_OPS:
+            mm_lut[i] = True
+            conv_lut[i] = "conv" in s
+    selfs = tree.self_host[ops_in]
+    cpu_total = float(selfs.sum())
+    mm = mm_lut[tr.name[ops_in]]
+    out["cpu_matmul_fraction"] = float(selfs[mm].sum() / cpu_total) if cpu_total > 0 else None
+    out["cpu_conv_fraction"] = float(selfs[conv_lut[tr.name[ops_in]]].sum() / cpu_total) if cpu_total > 0 else None
+    out["cpu_fp32_matmul_fraction"] = None
+    if mm.any():
+        known = 0.0
+        fp32 = 0.0
+        for i, s in zip(ops_in[mm].tolist(), selfs[mm].tolist()):
+            dt = first_float_type(tr.input_types.get(i))
+            if dt is None:
+                continue
+            known += s
+            if dt in ("float", "double"):
+                fp32 += s
+        out["cpu_fp32_matmul_fraction"] = fp32 / known if known > 0 else None
+    # torch.compile regions
+    frames: dict[int, set] = {}
+    for s in tr.names:
+        m = _COMPILED_RE.match(s) if s else None
+        if m:
+            frames.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    out["graph_breaks"] = (len(frames) - 1) if frames else None
+    out["recompilations"] = sum(len(v) - 1 for v in frames.values()) if frames else None
+    # DataLoader iterator creations (needs Python stacks)
+    py = tr.idx(T.PYFN)
+    out["dataloader_init_per_step"] = None
+    if py.size:
+        dl_ids = tr.name_ids(lambda s: ("dataloader.py(" in s and (s.endswith(": __iter__")
+                                                                    or s.endswith(": _get_iterator"))))
+        py_in = py[st.index_of(tr.ts[py]) >= 0]
+        out["dataloader_init_per_step"] = float(np.sum(tr.has_name(dl_ids)[py_in])) / nsteps
+    return out
