@@ -243,8 +243,8 @@ def parse_condition(text: str) -> Condition:
         )
     fld = tokens[0][1]
     if fld not in FACTS:
-        close = difflib.get_close_matches(fld, list(FACTS), n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}?" if close else "see autoopt/facts.py for the documented names"
+        close = difflib.get_close_matches(fld, list(FACTS), n=3, cutoff=0.8)
+        hint = (f"did you mean {' or '.join(close)}? " if close else "") + "See autoopt/facts.py for the documented names"
         raise ConditionError(f"{fld!r} is not a documented fact", hint)
     if len(tokens) < 2 or tokens[1][0] != "op":
         raise ConditionError(
@@ -374,8 +374,8 @@ def _check_message(path: Path, template: str) -> None:
         if fname is None:
             continue
         if fname not in FACTS:
-            close = difflib.get_close_matches(fname, list(FACTS), n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(close)}" if close else "use a name from autoopt/facts.py"
+            close = difflib.get_close_matches(fname, list(FACTS), n=3, cutoff=0.8)
+            hint = (f"did you mean {' or '.join(close)}? " if close else "") + "Use a name from autoopt/facts.py"
             raise _rule_error(path, f"the message placeholder {{{fname}}} is not a documented fact", hint)
         if conv:
             raise _rule_error(path, f"the message placeholder {{{fname}!{conv}}} uses a conversion", "drop the !conversion; use a format spec such as :.0%")
@@ -583,11 +583,13 @@ def _check_library(rules: list[Rule]) -> None:
 
 # --------------------------------------------------------------------------- loading
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
 
 def rules_dir() -> Path:
     """Where the rule files are: inside the installed package (`autoopt/rules/`, put there by
     the wheel's force-include), else the source checkout's `rules/`."""
-    here = Path(__file__).resolve().parent
+    here = _PACKAGE_DIR
     for candidate in (here / "rules", here.parent / "rules"):
         if candidate.is_dir() and any(candidate.glob("AO*.md")):
             return candidate
