@@ -128,13 +128,23 @@ def top_operators(tr: T.Trace, tree: OpTree, top_n: int, by_device: bool) -> lis
     ops = tr.idx(T.OP)
     if ops.size == 0:
         return []
-    nm = tr.name[ops]
+    # an op nested directly in an op of the same name (a redispatch, e.g. aten::div in aten::div) is
+    # folded into its parent, as torch-tb-profiler's operator table does
+    par = tree.parent[ops]
+    pp = np.maximum(par, 0)
+    dup = (par >= 0) & (tr.kind[pp] == T.OP) & (tr.name[pp] == tr.name[ops])
+    host_self = tree.self_host.copy()
+    dev_self = tree.self_device.copy()
+    np.add.at(host_self, par[dup], host_self[ops[dup]])
+    np.add.at(dev_self, par[dup], dev_self[ops[dup]])
+    keep = ops[~dup]
+    nm = tr.name[keep]
     L = len(tr.names)
     calls = np.bincount(nm, minlength=L)
-    ht = np.bincount(nm, weights=tr.dur[ops], minlength=L)
-    hs = np.bincount(nm, weights=tree.self_host[ops], minlength=L)
-    dt = np.bincount(nm, weights=tree.total_device[ops], minlength=L)
-    ds = np.bincount(nm, weights=tree.self_device[ops], minlength=L)
+    ht = np.bincount(nm, weights=tr.dur[keep], minlength=L)
+    hs = np.bincount(nm, weights=host_self[keep], minlength=L)
+    dt = np.bincount(nm, weights=tree.total_device[keep], minlength=L)
+    ds = np.bincount(nm, weights=dev_self[keep], minlength=L)
     key = (ds, hs) if by_device else (hs, ht)
     order = np.lexsort((-key[1], -key[0]))
     out = []
