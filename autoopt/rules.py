@@ -633,6 +633,42 @@ def get_rule(code: str, rules: Optional[list[Rule]] = None) -> Rule:
 
 # --------------------------------------------------------------------------- evaluation
 
+_DATA_DEPENDENT_OPS = ("nonzero", "masked_select", "unique", "repeat_interleave", "index_put", "argwhere", "masked_scatter")
+
+
+def facts_from_analysis(analysis: dict[str, Any]) -> dict[str, Any]:
+    """Rule facts from an `autoopt.analyze.analyze_paths` result: its `device_facts` as they
+    are, its `metrics` under their registry names (`gpu_utilization` -> `metrics.gpu_utilization`),
+    and, where the trace had stacks, the source lines of synchronisations
+    (`metrics.sync_sites`) and of data-dependent operations (`metrics.data_dependent_sites`)
+    as "path:line op" strings. Keys that are not registry facts are left out."""
+    facts: dict[str, Any] = {}
+    for k, v in (analysis.get("device_facts") or {}).items():
+        if k in FACTS:
+            facts[k] = v
+    for k, v in (analysis.get("metrics") or {}).items():
+        name = k if k in FACTS else f"metrics.{k}"
+        if name in FACTS:
+            facts[name] = v
+    sync_sites: list[str] = []
+    dd_sites: list[str] = []
+    for row in analysis.get("traces") or []:
+        for site in ((row.get("syncs") or {}).get("sites") or []):
+            src, op = site.get("source"), site.get("name") or ""
+            if not src:
+                continue
+            text = f"{src} {op}".strip()
+            if text not in sync_sites:
+                sync_sites.append(text)
+            if any(d in op for d in _DATA_DEPENDENT_OPS) and text not in dd_sites:
+                dd_sites.append(text)
+    if sync_sites:
+        facts["metrics.sync_sites"] = sync_sites
+    if dd_sites:
+        facts["metrics.data_dependent_sites"] = dd_sites
+    return facts
+
+
 
 def _format_message(rule: Rule, facts: dict[str, Any]) -> str:
     out = []
