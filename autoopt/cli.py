@@ -111,11 +111,9 @@ def cmd_explain(args) -> int:
 
 
 def _findings_for(analysis: dict, extra_facts: dict | None = None) -> list:
-    from autoopt.rules import evaluate, load_rules
+    from autoopt.rules import evaluate, facts_from_analysis, load_rules
 
-    facts: dict[str, Any] = {}
-    facts.update(analysis.get("device_facts") or {})
-    facts.update(analysis.get("metrics") or {})
+    facts = facts_from_analysis(analysis)
     if extra_facts:
         facts.update(extra_facts)
     return evaluate(load_rules(), facts)

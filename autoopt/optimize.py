@@ -82,9 +82,10 @@ def beyond_noise(best: Measurement, new: Measurement) -> tuple[bool, float, floa
 def collect_facts(workload: Workload, analysis: Optional[dict], m: Optional[Measurement]) -> dict[str, Any]:
     from autoopt.env import env_facts
 
-    facts: dict[str, Any] = {}
-    if analysis:
-        facts.update(analysis.get("metrics") or {})
+    from autoopt.rules import facts_from_analysis
+
+    facts: dict[str, Any] = facts_from_analysis(analysis) if analysis else {}
+    # the live device is known better than the trace tells it
     facts.update(workload.caps.facts())
     facts.update(env_facts())
     facts.update(workload.facts)
