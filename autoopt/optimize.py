@@ -160,10 +160,10 @@ class Optimizer:
         logdir = None
         try:
             with Session(self.workload, cfg) as s:
-                self.progress("verify", f"{name}: verifying numerics", variant=name)
-                rec = record_run(s)
-                ver = None
+                rec = ver = None
                 if reference is not None:
+                    self.progress("verify", f"{name}: verifying numerics", variant=name)
+                    rec = record_run(s)
                     ver = compare(reference, rec, tolerance)
                     if not ver.ok:
                         return None, ver, rec, None, ""

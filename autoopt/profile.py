@@ -7,7 +7,10 @@ is never reused.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,28 @@ def activities_for(device: str) -> list[ProfilerActivity]:
     return acts
 
 
+@contextlib.contextmanager
+def _without_kineto_chatter():
+    """Kineto writes `USDT: ... profiler_start/stop` lines to the process's stderr from C++ on
+    every profiling session. Capture fd 2 while tracing and pass through everything else."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            rest = [ln for ln in tmp.read().decode(errors="replace").splitlines(True) if not ln.startswith("USDT:")]
+            if rest:
+                os.write(2, "".join(rest).encode())
+
+
 def trace_session(
     session: Session,
     run_dir: Path,
@@ -68,7 +93,7 @@ def trace_session(
     run_dir.mkdir(parents=True, exist_ok=True)
     total = s.wait + s.warmup + s.active
     t0 = time.perf_counter()
-    with profile(
+    with _without_kineto_chatter(), profile(
         activities=activities_for(session.device),
         schedule=schedule(wait=s.wait, warmup=s.warmup, active=s.active, repeat=1),
         on_trace_ready=tensorboard_trace_handler(str(run_dir), worker_name=worker_name, use_gzip=True),
