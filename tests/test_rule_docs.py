@@ -250,7 +250,7 @@ def test_rule_documented(rule):
     use = text[text.index("## Use instead"):text.index("## Fix safety")]
     assert "```" in ex and "```" in use
     # the thresholds the conditions use are stated in the documentation
-    doc = rule.doc
+    doc = " ".join(rule.doc.split())
     for c in rule.conditions + rule.unless:
         if isinstance(c.value, bool) or not isinstance(c.value, (int, float)) or abs(c.value) <= 2:
             if not (isinstance(c.value, float) and 0 < c.value < 1):
