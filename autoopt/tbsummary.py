@@ -1,0 +1,332 @@
+"""autoopt's own TensorBoard summaries, readable by TensorBoard's core dashboards offline.
+
+Every variant of an optimize run is a run directory `tb/<variant>/`; torch.profiler's
+traces for torch-tb-profiler (`*.pt.trace.json.gz`) already live there and are left
+untouched. Into the same directories this module writes event files with:
+
+- Scalars (step 0, one value per variant): `autoopt/step_time_ms` (median),
+  `autoopt/step_time_ms_p25`, `autoopt/step_time_ms_p75`, `autoopt/throughput_per_s`,
+  `autoopt/peak_memory_mb`, `autoopt/speedup`, and where measured `autoopt/mfu`,
+  `autoopt/max_rel_error`, `autoopt/compile_time_s`. The batch search goes into the
+  summary run as `autoopt/batch_search/throughput_per_s` (and `.../peak_memory_mb`) with
+  the batch size as the step, so the chart is throughput against batch size.
+- Text: `autoopt/variant` in every run; `autoopt/summary`, `autoopt/report` (the variants
+  table) and `autoopt/findings` in the summary run (the baseline run).
+- Images: `autoopt/step_time_breakdown` (baseline against final) in the summary run, and
+  each analysed run's own breakdown.
+- HParams: one session per variant (its transforms as hyperparameters, the scalars above
+  as metrics), so the HParams dashboard compares every variant in one table.
+
+The event files carry the suffix `.autoopt`; writing again replaces them, so summaries
+never double up.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from autoopt import report as R
+
+EVENT_SUFFIX = ".autoopt"
+SUMMARY_RUN_FALLBACK = "autoopt"
+
+# scalar tag -> how to read it from a variant dict
+METRIC_TAGS = {
+    "autoopt/step_time_ms": lambda v: R.stat(v.get("step_time_ms"), "median"),
+    "autoopt/step_time_ms_p25": lambda v: R.stat(v.get("step_time_ms"), "p25"),
+    "autoopt/step_time_ms_p75": lambda v: R.stat(v.get("step_time_ms"), "p75"),
+    "autoopt/throughput_per_s": lambda v: R.num(v.get("throughput_per_s")),
+    "autoopt/peak_memory_mb": lambda v: R.num(v.get("peak_memory_mb")),
+    "autoopt/speedup": lambda v: R.num(v.get("speedup")),
+    "autoopt/mfu": lambda v: R.num(v.get("mfu")),
+    "autoopt/max_rel_error": lambda v: R.num(v.get("max_rel_error")),
+    "autoopt/compile_time_s": lambda v: R.num(v.get("compile_time_s")),
+}
+# the metrics shown as columns of the HParams table
+HPARAM_METRICS = (
+    "autoopt/step_time_ms",
+    "autoopt/throughput_per_s",
+    "autoopt/speedup",
+    "autoopt/peak_memory_mb",
+    "autoopt/max_rel_error",
+)
+
+
+def run_name(name: Any) -> str:
+    """A variant name as a directory name: the same name where it is safe ("AO201+AO301"),
+    never empty, never a path."""
+    s = re.sub(r"[^A-Za-z0-9._+=,-]", "_", str(name or "")).strip()
+    return s if s.strip(".") else "variant"
+
+
+def run_dirs(report: dict, tb_dir: Path) -> dict[str, Path]:
+    """variant name -> its run directory under tb_dir: the variant's own logdir where it
+    lies inside tb_dir, else tb_dir/<name>."""
+    tb_dir = Path(tb_dir)
+    root = tb_dir.resolve()
+    out: dict[str, Path] = {}
+    for v in R.variants(report):
+        name = str(v.get("name", ""))
+        d: Optional[Path] = None
+        if v.get("logdir"):
+            p = Path(str(v["logdir"]))
+            try:
+                if p.resolve() != root and root in p.resolve().parents:
+                    d = p
+            except (OSError, RuntimeError):
+                d = None
+        if d is None:
+            d = tb_dir / run_name(name)
+        if name in out:  # duplicate names keep distinct runs
+            d = tb_dir / f"{run_name(name)}-{len(out)}"
+        out[name] = d
+    return out
+
+
+def _transform_hparams(report: dict) -> list[str]:
+    names: list[str] = []
+    for v in R.variants(report):
+        for t in R._l(v.get("transforms")):
+            n = str(t.get("name")) if isinstance(t, dict) else str(t)
+            if n and n not in names:
+                names.append(n)
+    return names
+
+
+def variant_hparams(report: dict, v: dict, transform_names: list[str]) -> dict[str, Any]:
+    """The hyperparameters of one variant: its name, status and codes, one entry per
+    transform seen in the run ("off" where this variant does not use it, else its params
+    or "on"), and its batch size."""
+    hp: dict[str, Any] = {
+        "variant": str(v.get("name", "?")),
+        "status": str(v.get("status", "?")),
+        "codes": "+".join(v.get("codes") or []) or "none",
+    }
+    used = {}
+    for t in R._l(v.get("transforms")):
+        if isinstance(t, dict):
+            params = R._d(t.get("params"))
+            used[str(t.get("name"))] = ", ".join(f"{k}={val}" for k, val in params.items()) or "on"
+    for n in transform_names:
+        hp[f"transform.{n}"] = used.get(n, "off")
+    bs = R.num(v.get("batch_size"))
+    if bs is None and v.get("name") == "baseline":
+        bs = R.num(report.get("batch_size"))
+    hp["batch_size"] = bs
+    return hp
+
+
+def _variant_text(report: dict, v: dict) -> str:
+    st = v.get("step_time_ms")
+    iv = R.speedup_interval(report, v)
+    rows = [
+        ("status", R.md_text(v.get("status", "?"))),
+        ("reason", R.md_text(v.get("reason") or "—")),
+        ("codes", R.md_text(", ".join(v.get("codes") or []) or "—")),
+        ("transforms", R.md_code(R.transforms_text(v.get("transforms")))),
+        ("step time, median (p25–p75)", f"{R.fmt_ms(R.stat(st, 'median'))} ms ({R.spread_text(st)})"),
+        ("throughput", f"{R.fmt_tput(v.get('throughput_per_s'))} samples/s"),
+        ("batch size", R.md_text(v.get("batch_size") if v.get("batch_size") is not None else "—")),
+        ("peak memory", f"{R.fmt_mb(v.get('peak_memory_mb'))} MB"),
+        ("speedup", R.fmt_x(v.get("speedup")) + (f" ({R.fmt_x(iv[0])}–{R.fmt_x(iv[1])})" if iv else "")),
+        ("max rel. error", R.md_text(R.error_text(v))),
+    ]
+    return "\n".join([f"### {R.md_text(v.get('name', '?'))}", "", "| | |", "|---|---|"]
+                     + [f"| {k} | {val} |" for k, val in rows])
+
+
+def _variants_table(report: dict) -> str:
+    rows = R.final_table_rows(report)
+    header, body = rows[0], rows[1:]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(R.md_text(c) for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _summary_text(report: dict) -> str:
+    base, fin = R._d(report.get("baseline")), R._d(report.get("final"))
+    bst, fst = R._d(base.get("step_time_ms")), R._d(fin.get("step_time_ms"))
+    lines = [
+        f"## autoopt: {R.md_text(R.model_label(report))}",
+        "",
+        f"- **device:** {R.md_text(R.device_text(report))}",
+        f"- **mode:** {R.md_text(report.get('mode') or '—')}, batch size {R.md_text(report.get('batch_size', '—'))}",
+        f"- **final speedup:** {R.md_text(R.speedup_text(report))}",
+        f"- **step time (median):** {R.fmt_ms(R.stat(bst, 'median'))} → {R.fmt_ms(R.stat(fst, 'median'))} ms",
+        f"- **throughput:** {R.fmt_tput(base.get('throughput_per_s'))} → "
+        f"{R.fmt_tput(fin.get('throughput_per_s'))} samples/s",
+        f"- **kept:** {R.md_text(', '.join(fin.get('codes') or []) or 'nothing')} "
+        f"({R.md_code(R.transforms_text(fin.get('transforms')))})",
+    ]
+    return "\n".join(lines)
+
+
+def _findings_text(report: dict) -> str:
+    fs = R.findings(report)
+    if not fs:
+        return "No rule fired."
+    out = []
+    for f in fs:
+        acc = f.get("accepted")
+        out += [
+            f"### {R.md_text(f.get('code', '?'))} {R.md_text(f.get('name', ''))}",
+            "",
+            f"**{R.md_text(f.get('title', ''))}**",
+            "",
+            R.md_text(f.get("message", "")),
+            "",
+            f"safety: **{R.md_text(f.get('safety', '?'))}** · transform: "
+            f"{R.md_code(R.transforms_text([{'name': f.get('transform') or 'none', 'params': f.get('params')}]))}"
+            f" · expected speedup: {R.fmt_x(f.get('expected_speedup'))} · accepted: "
+            f"{'yes' if acc else 'no' if acc is not None else '—'}",
+            "",
+        ]
+        ev = R._d(f.get("evidence"))
+        if ev:
+            out += ["evidence: " + ", ".join(f"{R.md_code(k)} = {R.md_code(val)}" for k, val in ev.items()), ""]
+    return "\n".join(out).rstrip()
+
+
+def breakdown_image(bars: list[tuple[str, dict[str, float]]], title: str):
+    """An RGB uint8 array (H, W, 3) of stacked horizontal bars, ms per step by category."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cats = [k for k in R.BREAKDOWN_KEYS if any(b.get(k, 0) > 0 for _, b in bars)]
+    fig = Figure(figsize=(8, 1.2 + 0.6 * len(bars)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    labels = [lbl for lbl, _ in bars]
+    left = [0.0] * len(bars)
+    for k in cats:
+        vals = [b.get(k, 0.0) for _, b in bars]
+        ax.barh(labels, vals, left=left, color=R.BREAKDOWN_COLORS[k], label=R.BREAKDOWN_LABELS[k])
+        left = [a + b for a, b in zip(left, vals)]
+    for i, total in enumerate(left):
+        ax.text(total, i, f" {R.fmt_ms(total)} ms", va="center", fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step")
+    ax.set_title(title, fontsize=11)
+    ax.set_xlim(0, max(left + [1e-9]) * 1.18)
+    if cats:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=min(4, len(cats)), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+def _add_text(w, tag: str, text: str, step: int = 0) -> None:
+    """Markdown text under exactly `tag` (SummaryWriter.add_text appends "/text_summary")."""
+    from torch.utils.tensorboard.summary import text as text_summary
+
+    summ = text_summary(tag, text)
+    summ.value[0].tag = tag
+    # a scalar string renders as Markdown; torch writes shape [1], which the text
+    # dashboard shows wrapped in a one-cell table
+    summ.value[0].tensor.tensor_shape.ClearField("dim")
+    w.file_writer.add_summary(summ, step)
+
+
+def _clear_old(run_dir: Path) -> None:
+    for f in run_dir.glob(f"events.out.tfevents.*{EVENT_SUFFIX}"):
+        f.unlink()
+
+
+def write_summaries(report: dict, tb_dir) -> dict[str, Path]:
+    """Write autoopt's summaries for every variant of `report` under `tb_dir` (one run per
+    variant, beside its profiler traces). Returns variant name -> run directory."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    tb_dir = Path(tb_dir)
+    tb_dir.mkdir(parents=True, exist_ok=True)
+    dirs = run_dirs(report, tb_dir)
+    vs = R.variants(report)
+    names = [str(v.get("name", "")) for v in vs]
+    summary_name = "baseline" if "baseline" in names else (names[0] if names else None)
+    summary_dir = dirs[summary_name] if summary_name is not None else tb_dir / SUMMARY_RUN_FALLBACK
+
+    transform_names = _transform_hparams(report)
+    all_hp = [variant_hparams(report, v, transform_names) for v in vs]
+    domains: dict[str, list[str]] = {}
+    for hp in all_hp:
+        for k, val in hp.items():
+            if isinstance(val, str):
+                domains.setdefault(k, [])
+                if val not in domains[k]:
+                    domains[k].append(val)
+    exp_template: dict[str, Any] = {}
+    for hp in all_hp:
+        for k, val in hp.items():
+            if val is not None and k not in exp_template:
+                exp_template[k] = val
+    metric_dict = {t: 0.0 for t in HPARAM_METRICS}
+
+    analysis = R._d(report.get("analysis"))
+    written: dict[str, Path] = {}
+    for v, hp in zip(vs, all_hp):
+        name = str(v.get("name", ""))
+        d = dirs[name]
+        d.mkdir(parents=True, exist_ok=True)
+        _clear_old(d)
+        w = SummaryWriter(log_dir=str(d), filename_suffix=EVENT_SUFFIX)
+        try:
+            for tag, get in METRIC_TAGS.items():
+                val = get(v)
+                if val is not None:
+                    w.add_scalar(tag, val, 0)
+            _add_text(w, "autoopt/variant", _variant_text(report, v))
+            a = analysis.get(name)
+            if R._d(a):
+                w.add_image("autoopt/step_time_breakdown_run",
+                            breakdown_image([(name, R.breakdown(a))], f"Step-time breakdown: {name}"), 0,
+                            dataformats="HWC")
+            present = {k: val for k, val in hp.items() if val is not None}
+            exp, ssi, sei = hparams(present, metric_dict,
+                                    {k: dom for k, dom in domains.items() if k in present})
+            if d == summary_dir:
+                exp_full, _, _ = hparams(exp_template, metric_dict,
+                                         {k: dom for k, dom in domains.items() if k in exp_template})
+                w.file_writer.add_summary(exp_full)
+            w.file_writer.add_summary(ssi)
+            w.file_writer.add_summary(sei)
+            if d == summary_dir:
+                _write_summary_run(w, report)
+        finally:
+            w.close()
+        written[name] = d
+    if summary_name is None:  # no variant at all (a failed run): the summary still goes somewhere
+        summary_dir.mkdir(parents=True, exist_ok=True)
+        _clear_old(summary_dir)
+        w = SummaryWriter(log_dir=str(summary_dir), filename_suffix=EVENT_SUFFIX)
+        try:
+            _write_summary_run(w, report)
+        finally:
+            w.close()
+        written[SUMMARY_RUN_FALLBACK] = summary_dir
+    return written
+
+
+def _write_summary_run(w, report: dict) -> None:
+    _add_text(w, "autoopt/summary", _summary_text(report))
+    _add_text(w, "autoopt/report", _variants_table(report) if R.variants(report) else "No variant was measured.")
+    _add_text(w, "autoopt/findings", _findings_text(report))
+    analysis = R._d(report.get("analysis"))
+    bars = [(lbl, R.breakdown(a)) for lbl, a in (("baseline", analysis.get("baseline")),
+                                                 ("final", analysis.get("final"))) if R._d(a)]
+    if bars:
+        w.add_image("autoopt/step_time_breakdown", breakdown_image(bars, "Step-time breakdown, before and after"), 0,
+                    dataformats="HWC")
+    for b in R._l(report.get("batch_search")):
+        if not isinstance(b, dict):
+            continue
+        bs = R.num(b.get("batch_size"))
+        if bs is None:
+            continue
+        for key in ("throughput_per_s", "peak_memory_mb"):
+            val = R.num(b.get(key))
+            if val is not None:
+                w.add_scalar(f"autoopt/batch_search/{key}", val, int(bs))
