@@ -188,7 +188,8 @@ class _Columns:
         try:
             nid = self.names[name] = len(self.names)
         except TypeError:  # unhashable name (a list, a dict): keep it as text
-            return self._new_name(str(name))
+            text = str(name)
+            return self.names[text] if text in self.names else self._new_name(text)
         flags = 0
         if isinstance(name, str):
             if name.startswith("ProfilerStep#"):
@@ -329,39 +330,34 @@ class _Columns:
 
 
 def _num(col: list, dtype, default) -> np.ndarray:
-    """A typed column from a list that may hold None or odd values."""
+    """A typed 1-D column from a list that may hold None or odd values (strings, lists, huge ints)."""
     try:
         arr = np.array(col, dtype=dtype)
-        return arr
+        if arr.ndim == 1 and arr.shape[0] == len(col):
+            return arr
     except (TypeError, ValueError, OverflowError):
-        out = np.empty(len(col), dtype=dtype)
-        for j, v in enumerate(col):
+        pass
+    out = np.empty(len(col), dtype=dtype)
+    for j, v in enumerate(col):
+        try:
+            if v is None or isinstance(v, (list, dict, bool)):
+                raise TypeError
+            out[j] = v
+        except (TypeError, ValueError, OverflowError):
             try:
-                out[j] = default if v is None else v
+                out[j] = float(v) if isinstance(v, str) else default
             except (TypeError, ValueError, OverflowError):
-                try:
-                    out[j] = float(v)
-                except (TypeError, ValueError, OverflowError):
-                    out[j] = default
-        return out
+                out[j] = default
+    return out
 
 
 def _opt_int(col: list) -> np.ndarray:
     """int64 column with -1 for None / non-integers (ids, correlations)."""
-    try:
-        return np.array([-1 if v is None else v for v in col], dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        out = np.full(len(col), -1, dtype=np.int64)
-        for j, v in enumerate(col):
-            try:
-                out[j] = int(v) if v is not None else -1
-            except (TypeError, ValueError, OverflowError):
-                out[j] = -1
-        return out
+    return _num(col, np.int64, -1)
 
 
 def _opt_float(col: list) -> np.ndarray:
-    return _num([np.nan if v is None else v for v in col], np.float64, np.nan)
+    return _num(col, np.float64, np.nan)
 
 
 def _grid_blocks(col: list) -> np.ndarray:
