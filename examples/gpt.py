@@ -58,8 +58,11 @@ class GPT(nn.Module):
         self.head = nn.Linear(d_model, vocab, bias=False)
         self.head.weight = self.tok.weight  # weight tying
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
+            if p.dim() >= 2:  # GPT-2 initialisation: small weights keep the first logits near uniform
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
