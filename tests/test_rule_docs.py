@@ -3,7 +3,7 @@ silent on a near miss; alternatives never fire together; no false alarms on cont
 from __future__ import annotations
 
 import json
-import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -460,7 +460,7 @@ def test_facts_from_analysis_prefixes_and_sites():
 
 # --------------------------------------------------------------------------- real GPU traces
 
-TRACES = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
 
 def _trace_findings(rel: str):
