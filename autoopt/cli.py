@@ -22,11 +22,20 @@ EPILOG = "Docs: autoopt rules | autoopt explain CODE. Exit codes: 0 done, 2 bad 
 def _console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    c = Console(stderr=stderr, highlight=False)
+    if not c.is_terminal:  # piped or redirected: don't re-wrap lines at 80 columns
+        c = Console(stderr=stderr, highlight=False, soft_wrap=True, width=160)
+    return c
 
 
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _write(text: str) -> None:
+    """Plain text to stdout as it is: no re-wrapping when piped."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
 
 
@@ -88,7 +97,7 @@ def cmd_env(args) -> int:
     if args.json:
         _print_json(info)
     else:
-        _console(stderr=False).print(render_env(info), markup=False)
+        _write(render_env(info))
     return 0
 
 
@@ -99,14 +108,14 @@ def cmd_rules(args) -> int:
     if args.json:
         _print_json({"rules": [r.to_json() for r in rules]})
     else:
-        _console(stderr=False).print(render_rules_table(rules), markup=False)
+        _write(render_rules_table(rules))
     return 0
 
 
 def cmd_explain(args) -> int:
     from autoopt.rules import get_rule, render_explain
 
-    _console(stderr=False).print(render_explain(get_rule(args.code)), markup=False)
+    _write(render_explain(get_rule(args.code)))
     return 0
 
 
@@ -128,9 +137,8 @@ def cmd_analyze(args) -> int:
     if args.json:
         _print_json(result)
         return 0
-    out = _console(stderr=False)
-    out.print(render_text(result), markup=False)
-    _print_findings(out, findings)
+    _write(render_text(result))
+    _print_findings(_console(stderr=False), findings)
     return 0
 
 
