@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from autoopt.types import SAFETY_LEVELS, VARIANT_STATUSES
+
 BREAKDOWN_KEYS = ("kernel", "memcpy", "memset", "communication", "runtime", "dataloader", "cpu_exec", "other")
 BREAKDOWN_LABELS = {
     "kernel": "GPU kernels",
@@ -698,6 +700,7 @@ th,td{border:1px solid var(--line);padding:4px 8px;text-align:left;vertical-alig
 th{background:var(--panel);font-weight:600}.scroll{overflow-x:auto}td.reason{min-width:220px}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;color:#fff}
 .s-kept{background:#2e7d32}.s-rejected{background:#c62828}.s-failed{background:#6d6d6d}.s-skipped{background:#9e9e9e}
+.s-other,.f-other{background:#5b6475}
 .f-safe{background:#2e7d32}.f-unsafe{background:#ef6c00}.f-manual{background:#6a1b9a}
 .finding{border:1px solid var(--line);border-radius:8px;padding:8px 14px;margin:12px 0}
 .finding .doc{border-top:1px dashed var(--line);margin-top:8px}
@@ -764,8 +767,10 @@ def _td2(main: str, sub: str) -> str:
     return f'<td class="n">{esc(main)}{extra}</td>'
 
 
-def _badge(text: str, cls: str) -> str:
-    return f'<span class="badge {esc(cls)}">{esc(text)}</span>'
+def _badge(text: str, kind: str, known: tuple[str, ...]) -> str:
+    """A coloured label; the class comes from a fixed list, never from the data."""
+    cls = f"{kind}-{text}" if text in known else f"{kind}-other"
+    return f'<span class="badge {cls}">{esc(text)}</span>'
 
 
 def _html_table(header: list[str], rows: list[str], cls: str, scroll: bool = False) -> str:
@@ -829,7 +834,7 @@ def render_html(report: dict) -> str:
             rows.append(
                 "<tr>" + f"<td><code>{esc(v.get('name', '?'))}</code></td>"
                 + f"<td><code>{esc(transforms_text(v.get('transforms')))}</code></td>"
-                + f"<td>{_badge(status, 's-' + status)}</td>"
+                + f"<td>{_badge(status, 's', VARIANT_STATUSES)}</td>"
                 + _td2(fmt_ms(stat(st, "median")), spread_text(st) if st else "")
                 + _td(fmt_tput(v.get("throughput_per_s")), True)
                 + _td(str(v.get("batch_size")) if v.get("batch_size") is not None else "—", True)
@@ -923,9 +928,10 @@ def render_html(report: dict) -> str:
     for f in fs:
         safety = str(f.get("safety", "?"))
         acc = f.get("accepted")
-        p.append(f'<div class="finding" id="finding-{esc(f.get("code", ""))}">'
+        anchor = re.sub(r"[^A-Za-z0-9_-]", "", str(f.get("code", "")))
+        p.append(f'<div class="finding" id="finding-{anchor}">'
                  f'<h3><code>{esc(f.get("code", "?"))}</code> {esc(f.get("title", ""))} '
-                 f'{_badge(safety, "f-" + safety)}</h3>')
+                 f'{_badge(safety, "f", SAFETY_LEVELS)}</h3>')
         p.append(f'<p>{esc(f.get("message", ""))}</p>')
         facts = [("rule", f.get("name", "")),
                  ("transform", transforms_text([{"name": f.get("transform") or "none", "params": f.get("params")}])),

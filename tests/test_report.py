@@ -1,0 +1,339 @@
+"""report.md, report.html and the terminal rows, from tests/data/report_sample.json (a
+hand-written report of a CPU training run in the exact report.json layout) and from
+variants of it: a failed run, a GPU run with kernels, hostile names, an empty report."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from autoopt import report as R
+
+SAMPLE = Path(__file__).resolve().parent / "data" / "report_sample.json"
+EVIL = '<img src=x onerror=alert(1)><script>alert(2)</script>"\'&amp;|`*[x](javascript:alert(3))'
+
+
+@pytest.fixture
+def rep() -> dict:
+    return json.loads(SAMPLE.read_text())
+
+
+class _Doc(HTMLParser):
+    """Every start tag with its attributes, and the text, of an HTML document."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(html_text: str) -> _Doc:
+    d = _Doc()
+    d.feed(html_text)
+    d.close()
+    return d
+
+
+def _poison(x, payload=EVIL):
+    """Every string in a report, and every evidence key, with the payload appended."""
+    if isinstance(x, str):
+        return x + payload
+    if isinstance(x, dict):
+        return {(k + payload if k.startswith(("device.", "model.", "workload.", "metrics.")) else k):
+                _poison(v, payload) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_poison(v, payload) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------------------
+# speedup spread
+
+
+def test_speedup_interval_pairs_opposite_quartiles(rep):
+    base = rep["baseline"]["step_time_ms"]
+    for v in rep["variants"]:
+        if v["speedup"] is None:
+            assert R.speedup_interval(rep, v) is None
+            continue
+        lo, hi = R.speedup_interval(rep, v)
+        st = v["step_time_ms"]
+        if v["name"] == "final":
+            assert (lo, hi) == (rep["final"]["speedup_low"], rep["final"]["speedup_high"])
+        else:
+            assert lo == pytest.approx(v["speedup"] * (base["p25"] / base["median"]) / (st["p75"] / st["median"]))
+            assert hi == pytest.approx(v["speedup"] * (base["p75"] / base["median"]) / (st["p25"] / st["median"]))
+        assert lo <= v["speedup"] <= hi
+
+
+def test_final_speedup_spread_is_derived_when_the_report_lacks_it(rep):
+    del rep["final"]["speedup_low"], rep["final"]["speedup_high"]
+    s, lo, hi = R.final_speedup(rep)
+    fin = rep["final"]["step_time_ms"]
+    base = rep["baseline"]["step_time_ms"]
+    assert s == rep["final"]["speedup"]
+    assert lo == pytest.approx(s * (base["p25"] / base["median"]) / (fin["p75"] / fin["median"]))
+    assert lo < s < hi
+
+
+# --------------------------------------------------------------------------------------
+# terminal rows
+
+
+def test_final_table_rows_one_per_variant_with_measured_values(rep):
+    rows = R.final_table_rows(rep)
+    assert rows[0] == R.FINAL_TABLE_HEADER
+    assert [r[0] for r in rows[1:]] == [v["name"] for v in rep["variants"]]
+    assert all(len(r) == len(rows[0]) and all(isinstance(c, str) for c in r) for r in rows)
+    by = {r[0]: r for r in rows[1:]}
+    for v in rep["variants"]:
+        r = by[v["name"]]
+        assert r[1] == v["status"]
+        if v["step_time_ms"]:
+            assert float(r[2]) == pytest.approx(v["step_time_ms"]["median"], abs=0.01)
+            assert float(r[5].split("×")[0]) == pytest.approx(v["speedup"], abs=0.006)
+        else:
+            assert r[2] == r[5] == "—"
+    lo, hi = rep["final"]["speedup_low"], rep["final"]["speedup_high"]
+    assert f"({lo:.2f}–{hi:.2f})" in by["final"][5]
+    assert by["AO102"][7].startswith("3.1e-01")
+
+
+def test_final_table_rows_adds_the_baseline_when_no_variant_is_named_so(rep):
+    rep["variants"] = [v for v in rep["variants"] if v["name"] != "baseline"]
+    rows = R.final_table_rows(rep)
+    assert rows[1][0] == "baseline" and rows[1][5] == "1.00×"
+    assert float(rows[1][2]) == pytest.approx(rep["baseline"]["step_time_ms"]["median"], abs=0.01)
+
+
+# --------------------------------------------------------------------------------------
+# Markdown
+
+
+def _md_tables(md: str) -> list[list[list[str]]]:
+    """Markdown tables as rows of cells (split on unescaped pipes)."""
+    tables, cur = [], []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            cur.append(cells)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    if cur:
+        tables.append(cur)
+    return tables
+
+
+def test_markdown_has_every_section_and_measurement(rep, tmp_path):
+    path = R.write_markdown(rep, tmp_path / "report.md")
+    md = path.read_text()
+    for h in ("# autoopt report: simplenet", "## Result", "## Baseline", "## Variants", "## Final configuration",
+              "## Batch-size search", "## Step-time breakdown", "## Findings", "## Patch"):
+        assert h in md
+    assert R.speedup_text(rep) in md
+    variants_table = next(t for t in _md_tables(md) if t[0][0] == "Variant")
+    assert len(variants_table) == 2 + len(rep["variants"])
+    for row, v in zip(variants_table[2:], rep["variants"]):
+        assert len(row) == len(variants_table[0])
+        assert row[0] == f"`{v['name']}`"
+        assert row[3] == f"**{v['status']}**"
+        if v["step_time_ms"]:
+            assert row[4] == R.fmt_ms(v["step_time_ms"]["median"])
+            assert row[5] == R.spread_text(v["step_time_ms"])
+    for f in rep["findings"]:
+        assert f"### {f['code']} {f['name']}" in md
+    # the patch, verbatim, in a diff fence
+    fence = re.search(r"```diff\n(.*?)\n```", md, re.S)
+    assert fence and fence.group(1) == rep["patch"].rstrip("\n")
+
+
+def test_markdown_keeps_hostile_text_inert(rep, tmp_path):
+    from markdown_it import MarkdownIt
+
+    rep = _poison(rep, "|<b>x</b>`|*y*")
+    rep["patch"] = "```\n+ evil <b>\n````\n"
+    md = R.render_markdown(rep)
+    # rendered as GitHub does (raw HTML allowed, tables on): no tag from the data survives,
+    # the payload shows as text, and every table row keeps its columns despite the pipes
+    html_out = MarkdownIt("commonmark", {"html": True}).enable("table").render(md)
+    doc = _parse(html_out)
+    assert not [t for t, _ in doc.tags if t in ("b", "em")]
+    assert "|<b>x</b>`|*y*" in "".join(doc.text)
+    variants_html = html_out.split("<h2>Variants</h2>")[1].split("</table>")[0]
+    rows = variants_html.split("<tr>")[1:]
+    assert len(rows) == 1 + len(rep["variants"])
+    assert len({r.count("<td") + r.count("<th") for r in rows}) == 1
+    # a fence longer than any backtick run in the patch keeps the patch verbatim
+    assert "`````diff\n```\n+ evil <b>\n````\n`````" in md
+
+
+def test_md_code_and_md_text():
+    assert R.md_code("a`b") == "``a`b``"
+    assert R.md_code("x|y") == "`x\\|y`"
+    assert R.md_text("a <= b -> c") == "a <= b -> c"
+    assert R.md_text("<script>") == "\\<script>"
+    assert R.md_text("> quote") == "\\> quote"
+    assert R.md_text("line1\nline2") == "line1 line2"
+
+
+# --------------------------------------------------------------------------------------
+# HTML
+
+
+def test_html_is_self_contained(rep, tmp_path):
+    page = R.write_html(rep, tmp_path / "report.html").read_text()
+    doc = _parse(page)
+    tags = [t for t, _ in doc.tags]
+    assert "script" not in tags and "link" not in tags and "iframe" not in tags and "img" not in tags
+    for _, attrs in doc.tags:
+        for k, v in attrs.items():
+            assert not (k in ("src", "href", "action", "data", "srcset") and v and re.match(r"\s*(https?:|//)", v))
+    assert "@import" not in page and "url(" not in page
+    csp = next(a["content"] for t, a in doc.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy")
+    assert "default-src 'none'" in csp
+
+
+def test_html_has_summary_tables_plots_findings_and_patch(rep):
+    page = R.render_html(rep)
+    doc = _parse(page)
+    text = " ".join(doc.text)
+    assert rep["device"]["name"] in text and rep["model"] in text
+    s, lo, hi = rep["final"]["speedup"], rep["final"]["speedup_low"], rep["final"]["speedup_high"]
+    assert R.fmt_x(s) in text and f"spread {R.fmt_x(lo)}–{R.fmt_x(hi)}" in text
+    plots = [a["data-plot"] for t, a in doc.tags if t == "svg"]
+    assert plots == ["breakdown", "speedup", "batch_search", "top_baseline", "top_final"]
+    rows = re.findall(r"<tr><td><code>([^<]*)</code></td>", page.split('<table class="variants">')[1].split("</table>")[0])
+    assert rows == [v["name"] for v in rep["variants"]]
+    for f in rep["findings"]:
+        assert f'id="finding-{f["code"]}"' in page and f["title"] in text
+    # each rule's Markdown rendered: headings (demoted below the finding's h3) and code blocks
+    assert page.count("<h4>What it does</h4>") == len(rep["findings"])
+    assert '<code class="language-python">' in page
+    # the patch, line by line, coloured by kind
+    spans = re.findall(r'<span class="(add|del|hunk|file|ctx)">', page.split('<pre class="diff">')[1])
+    kinds = []
+    for line in rep["patch"].splitlines():
+        kinds.append("file" if line.startswith(("+++", "---")) else "hunk" if line.startswith("@@")
+                     else "add" if line.startswith("+") else "del" if line.startswith("-") else "ctx")
+    assert spans == kinds
+
+
+def test_html_speedup_plot_has_one_bar_and_error_bar_per_measured_variant(rep):
+    page = R.render_html(rep)
+    svg = re.search(r'<svg[^>]*data-plot="speedup".*?</svg>', page, re.S).group(0)
+    measured = [v for v in rep["variants"] if v["speedup"] is not None]
+    assert svg.count('class="bar"') == len(measured) and svg.count('class="errbar"') == len(measured)
+    for v in measured:
+        assert f"{R.esc(v['name'])} ({v['status']}): {v['speedup']:.2f}×" in svg
+    assert 'class="ref"' in svg  # the 1.0x line
+
+
+def test_html_batch_search_plot_marks_points_and_misses(rep):
+    svg = re.search(r'<svg[^>]*data-plot="batch_search".*?</svg>', R.render_html(rep), re.S).group(0)
+    ok = [b for b in rep["batch_search"] if b["throughput_per_s"] is not None]
+    assert svg.count("<circle") == len(ok)
+    assert svg.count('class="miss"') == len(rep["batch_search"]) - len(ok)
+    assert svg.count('class="pt hl"') == 1  # the batch size AO401 proposes
+    ys = [float(y) for y in re.findall(r'<circle class="pt[^"]*" cx="[^"]+" cy="([^"]+)"', svg)]
+    tputs = [b["throughput_per_s"] for b in ok]
+    # higher throughput is drawn higher (smaller y)
+    assert sorted(range(len(ys)), key=lambda i: ys[i]) == sorted(range(len(tputs)), key=lambda i: -tputs[i])
+
+
+def test_html_escapes_every_untrusted_string(rep):
+    bad = _poison(rep)
+    bad["findings"][0]["doc"] += "\n\n<div onclick=x>raw</div>\n\n[link](javascript:alert(1))\n"
+    page = R.render_html(bad)
+    doc = _parse(page)
+    tags = [t for t, _ in doc.tags]
+    assert "img" not in tags and "script" not in tags and "div" in tags
+    for t, attrs in doc.tags:
+        assert not any(k.startswith("on") for k in attrs), (t, attrs)
+        assert not any(isinstance(v, str) and "javascript:" in v for v in attrs.values()), (t, attrs)
+    text = "".join(doc.text)
+    assert rep["model"] + EVIL in text  # shown literally
+    assert "<script>alert(2)</script>" in text
+
+
+def test_html_of_a_gpu_run_plots_kernels(rep):
+    rep["device"] = {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+                     "total_memory_mb": 81559.0}
+    kernels = [{"name": "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1",
+                "calls": 48, "total_ms": 12.5},
+               {"name": "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl<>(at::TensorIteratorBase&)>",
+                "calls": 96, "total_ms": 3.25}]
+    rep["analysis"]["baseline"]["top_kernels"] = kernels
+    page = R.render_html(rep)
+    svg = re.search(r'<svg[^>]*data-plot="top_baseline".*?</svg>', page, re.S).group(0)
+    assert "Top kernels, baseline" in svg and "Top operators" not in svg
+    assert svg.count('class="bar"') == 2
+    assert R.esc(kernels[1]["name"]) in svg  # full name in the tooltip, escaped
+    assert "H100" in page and "sm 9.0" in page
+    # the final run had no kernels: its plot shows operators
+    assert "Top operators, final" in page
+
+
+def test_html_and_markdown_of_a_failed_run(rep, tmp_path):
+    rep["final"] = None
+    rep["analysis"] = None
+    rep["batch_search"] = None
+    rep["patch"] = None
+    rep["search"] = None
+    for v in rep["variants"][1:]:
+        v.update(status="failed", step_time_ms=None, speedup=None, throughput_per_s=None,
+                 reason="RuntimeError: CUDA error: an illegal memory access was encountered")
+    page = R.render_html(rep)
+    text = " ".join(_parse(page).text)
+    assert "not measured" in text and "No patch" in text
+    assert [a["data-plot"] for t, a in _parse(page).tags if t == "svg"] == ["speedup"]
+    md = R.render_markdown(rep)
+    assert "No final configuration was measured" in md and "No patch" in md
+    assert "illegal memory access" in md
+
+
+@pytest.mark.parametrize("report", [{}, {"model": "m", "variants": None, "findings": None, "device": None},
+                                    {"variants": [{}], "findings": [{}], "baseline": {"step_time_ms": {}}}])
+def test_minimal_reports_render(report, tmp_path):
+    R.write_markdown(report, tmp_path / "r.md")
+    R.write_html(report, tmp_path / "r.html")
+    assert "Nothing to plot" in (tmp_path / "r.html").read_text()
+    assert R.final_table_rows(report)[0] == R.FINAL_TABLE_HEADER
+
+
+def test_non_finite_numbers_render_as_dashes(rep):
+    rep["variants"][1]["max_rel_error"] = float("nan")
+    rep["variants"][1]["speedup"] = float("inf")
+    rows = {r[0]: r for r in R.final_table_rows(rep)}
+    assert rows["AO101"][5] == "—" and rows["AO101"][7] == "—"
+    row = R.render_html(rep).split("<tr><td><code>AO101</code></td>")[1].split("</tr>")[0]
+    assert "nan" not in row and "inf" not in row
+
+
+def test_doc_markdown_renders_safely():
+    out = R.render_doc_markdown("## Why\n\nUse `x`.\n\n<b>raw</b>\n\n[ok](https://pytorch.org) [bad](javascript:x)\n")
+    assert "<h4>Why</h4>" in out and "<code>x</code>" in out
+    assert "&lt;b&gt;raw&lt;/b&gt;" in out
+    assert 'href="https://pytorch.org"' in out and "javascript:" not in out.split("[bad]")[0].split("href")[-1]
+    assert 'href="javascript' not in out
+
+
+def test_report_dicts_are_not_modified(rep):
+    before = copy.deepcopy(rep)
+    R.render_html(rep)
+    R.render_markdown(rep)
+    R.final_table_rows(rep)
+    assert rep == before
