@@ -64,6 +64,11 @@ SYNC_CANDIDATE_OPS = frozenset({
 })
 
 PathLike = Union[str, Path]
+_EMPTY: dict = {}
+
+
+class _Odd(Exception):
+    """A chunk the columnar fast path does not handle; the event-by-event path takes it."""
 
 
 def _err(path: PathLike, problem: str, fix: str) -> TraceError:
@@ -183,6 +188,7 @@ class _Columns:
         self.skipped = 0
         self.events_total = 0
         self.legacy = False
+        self.cat_kind = dict(T.CATEGORY_KIND)
 
     def _new_name(self, name: Any) -> int:
         try:
@@ -202,7 +208,94 @@ class _Columns:
         return nid
 
     def ingest(self, evs: list) -> None:
-        """Fold one decoded chunk into the columns (the hot loop: keep it lean)."""
+        """Fold one decoded chunk into the columns: column by column with comprehensions when the
+        chunk is well-formed, event by event (tolerating anything) when it is not."""
+        try:
+            staged = self._stage(evs)
+        except (TypeError, AttributeError, KeyError, _Odd):
+            staged = None
+        if staged is None:
+            self._ingest_events(evs)
+            return
+        self._commit(*staged)
+        rest = [e for e in evs if e.get("ph") != "X"]
+        if rest:
+            self._ingest_events(rest, count=False)
+        self.events_total += len(evs)
+
+    def _stage(self, evs: list):
+        X = [e for e in evs if e.get("ph") == "X"]
+        ts = [e.get("ts") for e in X]
+        if None in ts:
+            raise _Odd
+        cat = [e.get("cat") for e in X]
+        ck = self.cat_kind
+        for c in dict.fromkeys(cat):
+            if c not in ck:
+                if not isinstance(c, str):
+                    raise _Odd  # legacy exports: the kind depends on each event's pid
+                self._kind_slow(c, {})
+        kind = [ck[c] for c in cat]
+        name = [e.get("name") for e in X]
+        names = self.names
+        for n in dict.fromkeys(name):
+            if n not in names:
+                self._new_name(n)
+        nid = [names[n] for n in name]
+        args = [e.get("args") for e in X]
+        if not all(a.__class__ is dict for a in args):
+            args = [a if a.__class__ is dict else _EMPTY for a in args]
+        ext = [a.get("External id") or a.get("external id", -1) for a in args]
+        corr = [a.get("correlation", -1) for a in args]
+        dur = [e.get("dur", 0) for e in X]
+        pids, tids = self.pids, self.tids
+        pid = [e.get("pid") for e in X]
+        for v in dict.fromkeys(pid):
+            if v not in pids:
+                pids[v] = len(pids)
+        tid = [e.get("tid") for e in X]
+        for v in dict.fromkeys(tid):
+            if v not in tids:
+                tids[v] = len(tids)
+        pid = [pids[v] for v in pid]
+        tid = [tids[v] for v in tid]
+        return X, kind, nid, args, ts, dur, ext, corr, pid, tid
+
+    def _commit(self, X, kind, nid, args, ts, dur, ext, corr, pid, tid) -> None:
+        base = len(self.kind)
+        flags = self.name_flags
+        OP_, ANNO_, STEP_, KERNEL_, SYNC_ = T.OP, T.ANNO, T.STEP, T.KERNEL, T.SYNC
+        for j in [j for j, (k, n) in enumerate(zip(kind, nid)) if k <= ANNO_ and flags[n]]:
+            fl = flags[nid[j]]
+            a = args[j]
+            if fl & F_STEP:
+                kind[j] = STEP_
+            if fl & F_INPUT_TYPES and "Input type" in a:
+                self.input_types[base + j] = a["Input type"]
+            if fl & F_STACK and "Call stack" in a:
+                self.call_stacks[base + j] = a["Call stack"]
+        gj = [j for j, k in enumerate(kind) if KERNEL_ <= k <= SYNC_]
+        if gj:
+            ga = [args[j] for j in gj]
+            self.g_idx.extend([base + j for j in gj])
+            self.g_dev.extend([a.get("device") for a in ga])
+            self.g_stream.extend([a.get("stream") for a in ga])
+            isk = [kind[j] == KERNEL_ for j in gj]
+            self.g_bps.extend([a.get("blocks per SM") if k else None for a, k in zip(ga, isk)])
+            self.g_occ.extend([a.get("est. achieved occupancy %") if k else None for a, k in zip(ga, isk)])
+            self.g_grid.extend([a.get("grid") if k else None for a, k in zip(ga, isk)])
+            self.g_bytes.extend([None if k else a.get("bytes") for a, k in zip(ga, isk)])
+        self.kind.extend(kind)
+        self.name.extend(nid)
+        self.pid.extend(pid)
+        self.tid.extend(tid)
+        self.ts.extend(ts)
+        self.dur.extend(dur)
+        self.ext.extend(ext)
+        self.corr.extend(corr)
+
+    def _ingest_events(self, evs: list, count: bool = True) -> None:
+        """Event by event, tolerating anything (the hot path is `ingest`)."""
         kind_a = self.kind.append
         name_a = self.name.append
         pid_a = self.pid.append
@@ -216,13 +309,14 @@ class _Columns:
         flags_of = self.name_flags
         pids = self.pids
         tids = self.tids
-        cat_kind = T.CATEGORY_KIND
+        cat_kind = self.cat_kind
         g_idx = self.g_idx
         OP, ANNO, STEP, KERNEL, MEMCPY, MEMSET, GPU_ANNO, SYNC = (
             T.OP, T.ANNO, T.STEP, T.KERNEL, T.MEMCPY, T.MEMSET, T.GPU_ANNO, T.SYNC)
         empty: dict = {}
         i = len(self.kind)
-        self.events_total += len(evs)
+        if count:
+            self.events_total += len(evs)
         for e in evs:
             try:
                 ph = e.get("ph")
@@ -248,9 +342,7 @@ class _Columns:
                 args = e.get("args")
                 if args.__class__ is not dict:
                     args = empty
-                ext = args.get("External id")
-                if ext is None:
-                    ext = args.get("external id")
+                ext = args.get("External id") or args.get("external id", -1)
                 if k <= ANNO:
                     fl = flags_of[nid]
                     if fl:
@@ -315,10 +407,9 @@ class _Columns:
 
     def _kind_slow(self, cat: Any, e: dict) -> int:
         if isinstance(cat, str):
-            k = T.CATEGORY_KIND.get(cat.lower())
-            if k is not None:
-                return k
-            return T.OTHER
+            k = T.CATEGORY_KIND.get(cat.lower(), T.OTHER)
+            self.cat_kind[cat] = k
+            return k
         if cat is None:
             # legacy autograd profiler export (a bare list without categories)
             self.legacy = True
@@ -331,12 +422,15 @@ class _Columns:
 
 def _num(col: list, dtype, default) -> np.ndarray:
     """A typed 1-D column from a list that may hold None or odd values (strings, lists, huge ints)."""
-    try:
-        arr = np.array(col, dtype=dtype)
-        if arr.ndim == 1 and arr.shape[0] == len(col):
-            return arr
-    except (TypeError, ValueError, OverflowError):
-        pass
+    for attempt in (col, None):
+        if attempt is None:
+            attempt = [default if v is None else v for v in col]
+        try:
+            arr = np.array(attempt, dtype=dtype)
+            if arr.ndim == 1 and arr.shape[0] == len(col):
+                return arr
+        except (TypeError, ValueError, OverflowError):
+            pass
     out = np.empty(len(col), dtype=dtype)
     for j, v in enumerate(col):
         try:
@@ -514,7 +608,7 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
         raise _err(path, "is empty (0 bytes).", "The profiler wrote nothing; re-run it and pass the trace it exports.")
     cols = _Columns()
     blocks = _blocks(path, block)
-    buf = b""
+    buf = bytearray()
     eof = False
 
     def more() -> bool:
@@ -532,13 +626,14 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
     # --- find where the events start --------------------------------------------------------
     while not buf.strip(_WS) and more():
         pass
-    stripped = buf.lstrip(_WS + b"\xef\xbb\xbf")
+    stripped = bytes(buf).lstrip(_WS + b"\xef\xbb\xbf")
     if not stripped:
         raise _err(path, "holds no JSON (only whitespace).", _FIX)
     first = stripped[:1]
     if first not in (b"{", b"["):
         raise _err(path, f"is not JSON (it starts with {stripped[:16]!r}).", _FIX)
-    buf = stripped
+    buf = bytearray(stripped)
+    del stripped
     if first == b"[":
         prefix, pos, depth = None, 1, 1
     else:
@@ -561,17 +656,18 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
                 break
         if m is None:
             try:
-                obj = _loads(buf)
+                obj = _loads(bytes(buf))
             except ValueError as e:
                 raise _err(path, f"is not valid JSON ({e}); the file may be truncated.",
                            "Re-export the trace from torch.profiler.") from e
             if isinstance(obj, dict) and isinstance(obj.get("traceEvents"), list):
+                buf = bytearray()
                 evs = obj.pop("traceEvents")
                 for j in range(0, len(evs), 50000):
                     cols.ingest(evs[j:j + 50000])
                 return _check(_finish(cols, path, obj, size), path)
             raise _err(path, f"is {_describe_non_trace(obj)}.", _FIX)
-        prefix = buf[:m.end() - 1]
+        prefix = bytes(buf[:m.end() - 1])
         pos, depth = m.end(), 2
 
     # --- stream the events --------------------------------------------------------------------
@@ -593,7 +689,7 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
         if c == b"]":
             while more():
                 pass
-            suffix = buf[pos + 1:]
+            suffix = bytes(buf[pos + 1:])
             break
         if c != b"{":
             raise _err(path, f"has an unexpected {c!r} inside traceEvents (byte {pos} of a chunk).",
@@ -602,11 +698,11 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
             pass
         cut = _last_cut(buf, pos)
         if cut is not None:
-            evs = _try_loads_list(buf[pos:cut + 1])
+            evs = _loads_between(buf, pos, cut)
             if evs is not None:
                 cols.ingest(evs)
                 del evs
-                buf = buf[cut + 1:]
+                del buf[:cut + 1]
                 pos = 0
                 continue
         # exact path: complete events (and perhaps the array's end) from a known boundary
@@ -626,13 +722,13 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
             continue
         last = int(closes[-1])
         try:
-            evs = _loads(b"[" + buf[pos:last + 1] + b"]")
+            evs = _loads(b"[" + bytes(buf[pos:last + 1]) + b"]")
         except ValueError as e:
             raise _err(path, f"is not valid JSON inside traceEvents ({e}).",
                        "The file is damaged; re-export the trace.") from e
         cols.ingest(evs if isinstance(evs, list) else [])
         del evs
-        buf = buf[last + 1:]
+        del buf[:last + 1]
         pos = 0
 
     meta: dict = {}
@@ -666,12 +762,24 @@ def _last_cut(buf: bytes, pos: int) -> Optional[int]:
         lo = max(pos, lo - window * 8)
 
 
-def _try_loads_list(chunk: bytes) -> Optional[list]:
+def _loads_between(buf: bytearray, pos: int, cut: int) -> Optional[list]:
+    """Decode the events in buf[pos:cut+1] without copying them: the separator bytes just
+    before and after become '[' and ']' for the duration of the call."""
+    if pos == 0 or cut + 1 >= len(buf):
+        try:
+            return orjson.loads(b"[" + bytes(buf[pos:cut + 1]) + b"]")
+        except orjson.JSONDecodeError:
+            return None
+    a, b = buf[pos - 1], buf[cut + 1]
+    buf[pos - 1] = 91
+    buf[cut + 1] = 93
     try:
-        evs = orjson.loads(b"[" + chunk + b"]")
+        with memoryview(buf) as mv:
+            return orjson.loads(mv[pos - 1:cut + 2])
     except orjson.JSONDecodeError:
         return None
-    return evs
+    finally:
+        buf[pos - 1], buf[cut + 1] = a, b
 
 
 def _check(tr: T.Trace, path: Path) -> T.Trace:
