@@ -1,0 +1,672 @@
+"""`autoopt profile --script train.py -- ARGS`: an unmodified training script under
+torch.profiler, then the same analysis and rules as a model file.
+
+The script runs in this process (runpy, `sys.argv = [script] + ARGS`, its directory first
+on sys.path, as `python train.py ARGS` would). Steps are marked where training steps
+really end: at each `optimizer.step()`, through torch's global optimizer hooks
+(`torch.optim.optimizer.register_optimizer_step_post_hook`), whatever the script's
+loop looks like.
+
+1. From the start until the first optimizer step, a plain profiler records (the fallback
+   for a script that never steps an optimizer: it is then profiled as a whole, one
+   window, and the result says so). Global module-forward hooks watch the outermost
+   module call meanwhile: the model, its batch, and the source line that calls it.
+2. At the first optimizer step that recording is dropped and a scheduled profiler starts
+   (warm-up steps, then `steps` profiled steps, the layout autoopt.profile writes); each
+   further step of the same optimizer calls `prof.step()`. After the last profiled step
+   the trace is written and the hook raises a private exception (a BaseException, so a
+   script's `except Exception` does not swallow it) that stops the script cleanly.
+3. The trace is analyzed (autoopt.analyze) and the rules run on its metrics plus the
+   facts the hooks saw (optimizer class and implementation, model structure, batch,
+   DataLoader settings, torch's global settings). Nothing is changed automatically: the
+   findings say what to change, with the script's source lines — from live frames (where
+   the script calls the model and steps the optimizer) and from the trace's stacks
+   (synchronisations, data-dependent operators, DataLoader iteration; recorded with
+   with_stack=True).
+
+The script's own prints go to stderr, so `--json` keeps stdout to one JSON document.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as _dt
+import gc
+import os
+import runpy
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from autoopt.errors import UserError
+
+DEFAULT_STEPS = 3
+WARMUP_STEPS = 1
+MAX_OUTER_CALLS = 50  # outermost module calls watched before the forward hooks remove themselves
+
+_LIB_MARKERS = ("/torch/", "site-packages", "dist-packages", "/lib/python", "<frozen", "<string>", "/autoopt/")
+
+
+class _StopScript(BaseException):
+    """Raised from the optimizer hook after the last profiled step."""
+
+
+def _user_frame_site(start_depth: int = 2) -> Optional[str]:
+    """'path:line (function)' of the innermost frame of the user's code on the live stack."""
+    try:
+        f = sys._getframe(start_depth)
+    except ValueError:
+        return None
+    while f is not None:
+        fn = f.f_code.co_filename.replace("\\", "/")
+        if not any(m in fn for m in _LIB_MARKERS) and not fn.startswith("<"):
+            return f"{fn}:{f.f_lineno} ({f.f_code.co_name})"
+        f = f.f_back
+    return None
+
+
+class _Probe:
+    """What the hooks see while the script runs."""
+
+    def __init__(self, run_dir: Path, worker: str, steps: int, warmup: int, activities, with_stack: bool):
+        self.run_dir = run_dir
+        self.worker = worker
+        self.steps = steps
+        self.warmup = warmup
+        self.activities = activities
+        self.with_stack = with_stack
+        self.phase = "start"  # start -> steps -> done
+        self.optimizer_steps = 0
+        self.pacer: Optional[int] = None  # id of the optimizer whose steps mark the profiler's steps
+        self.optimizers: dict[int, dict] = {}
+        self.step_sites: collections.Counter = collections.Counter()
+        self.forward_sites: collections.Counter = collections.Counter()
+        self.outer_calls = 0
+        self.depth = 0
+        self.models: dict[int, dict] = {}
+        self.model_ref = None
+        self.env_facts: dict[str, Any] = {}
+        self.loader_facts: dict[str, Any] = {}
+        self.prof_a = None
+        self.prof_b = None
+        self.module_hooks: list = []
+        self.notes: list[str] = []
+        self.site_mode = None
+        self.live_sites: dict[str, collections.Counter] = {
+            "sync": collections.Counter(), "data_dependent": collections.Counter(),
+            "dataloader": collections.Counter()}
+
+    # -------------------------------------------------------------- module hooks
+    def forward_pre(self, module, args) -> None:
+        if self.depth == 0:
+            self.outer_calls += 1
+            site = _user_frame_site(3)
+            if site:
+                self.forward_sites[site] += 1
+            key = id(module)
+            if key not in self.models:
+                info = {"module": module, "calls": 0, "batch": None, "autocast": False,
+                        "params": sum(p.numel() for p in module.parameters())}
+                self.models[key] = info
+            info = self.models[key]
+            info["calls"] += 1
+            if info["batch"] is None:
+                info["batch"] = _batch_facts(args)
+            info["autocast"] = info["autocast"] or _autocast_on()
+            if self.outer_calls >= MAX_OUTER_CALLS:
+                self.remove_module_hooks()
+        self.depth += 1
+
+    def forward_post(self, module, args, output) -> None:
+        self.depth = max(0, self.depth - 1)
+
+    def remove_module_hooks(self) -> None:
+        for h in self.module_hooks:
+            h.remove()
+        self.module_hooks = []
+        self.depth = 0
+
+    # -------------------------------------------------------------- optimizer hook
+    def optimizer_post(self, optimizer, args, kwargs) -> None:
+        key = id(optimizer)
+        if key not in self.optimizers:
+            self.optimizers[key] = {"type": type(optimizer).__name__, "impl": _optimizer_impl(optimizer), "steps": 0}
+        self.optimizers[key]["steps"] += 1
+        if self.pacer is None:
+            self.pacer = key
+        if key != self.pacer:
+            return
+        self.optimizer_steps += 1
+        if self.optimizer_steps <= 3:
+            site = _user_frame_site(2)
+            if site:
+                self.step_sites[site] += 1
+        if self.phase == "start":
+            self._begin_steps()
+        elif self.phase == "steps":
+            self.stop_site_mode()
+            self.prof_b.step()
+            if self.prof_b.step_num >= self.warmup + self.steps:
+                self.phase = "done"
+                raise _StopScript()
+        elif self.phase == "done":
+            raise _StopScript()
+
+    def _begin_steps(self) -> None:
+        from torch.profiler import profile, schedule, tensorboard_trace_handler
+
+        self.remove_module_hooks()
+        self.env_facts = _env_facts()
+        self.loader_facts = _loader_facts(self._model_batch_size())
+        if self.prof_a is not None:
+            self.prof_a.stop()  # kept (stopped, unexported) in case the steps window never completes
+        self.prof_b = profile(
+            activities=self.activities,
+            schedule=schedule(wait=0, warmup=self.warmup, active=self.steps, repeat=1),
+            on_trace_ready=tensorboard_trace_handler(str(self.run_dir), worker_name=self.worker, use_gzip=True),
+            record_shapes=True, profile_memory=True, with_stack=self.with_stack,
+        )
+        self.prof_b.start()
+        self.phase = "steps"
+        if self.warmup >= 1:  # the warm-up step (not profiled) is watched for source lines
+            self.site_mode = _site_mode(self.live_sites)
+            self.site_mode.__enter__()
+
+    def stop_site_mode(self) -> None:
+        if self.site_mode is not None:
+            mode, self.site_mode = self.site_mode, None
+            with contextlib.suppress(Exception):
+                mode.__exit__(None, None, None)
+
+    # -------------------------------------------------------------- model
+    def model_info(self) -> Optional[dict]:
+        live = list(self.models.items())
+        if not live:
+            return None
+        # the outermost module with the most parameters: the model (not a loss or a transform)
+        k, v = max(live, key=lambda kv: (kv[1]["params"], kv[1]["calls"]))
+        return v
+
+    def _model_batch_size(self) -> Optional[int]:
+        info = self.model_info()
+        return (info["batch"] or {}).get("batch_size") if info else None
+
+
+_SYNC_FUNCS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"})
+_DATA_DEP_FUNCS = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere"})
+
+
+def _site_mode(sites: dict[str, collections.Counter]):
+    """A TorchFunctionMode that notes the script's source line of every host sync
+    (.item(), .tolist(), bool(tensor), ...), data-dependent operator and DataLoader batch
+    collation during one (unprofiled) warm-up step — live frames, so exact lines."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class _SiteMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            key = None
+            if name in _SYNC_FUNCS:
+                key = "sync"
+            elif name == "cpu" and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
+                key, name = "sync", "cpu"
+            elif name in _DATA_DEP_FUNCS:
+                key = "data_dependent"
+            elif name == "__getitem__" and len(args) > 1 and _bool_index(args[1]):
+                key, name = "data_dependent", "boolean indexing"
+            elif name == "stack" and _called_from_collate():
+                key, name = "dataloader", "DataLoader batch"
+            if key is not None:
+                site = _user_frame_site(2)
+                if site:
+                    sites[key][(site, name)] += 1
+            return func(*args, **(kwargs or {}))
+
+    return _SiteMode()
+
+
+def _bool_index(idx) -> bool:
+    import torch
+
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def _called_from_collate() -> bool:
+    f = sys._getframe(2)
+    for _ in range(8):
+        if f is None:
+            return False
+        if f.f_code.co_filename.replace("\\", "/").endswith("utils/data/_utils/collate.py"):
+            return True
+        f = f.f_back
+    return False
+
+
+def _autocast_on() -> bool:
+    import torch
+
+    for dev in ("cuda", "cpu"):
+        try:
+            if torch.is_autocast_enabled(dev):
+                return True
+        except TypeError:  # older torch: no device argument
+            return bool(torch.is_autocast_enabled())
+    return False
+
+
+def _batch_facts(args) -> dict:
+    from autoopt.contract import iter_tensors
+
+    ts = list(iter_tensors(args))
+    out: dict[str, Any] = {"batch_size": None, "input_is_4d": False, "channels_last_input": False}
+    for t in ts:
+        if t.dim() > 0 and out["batch_size"] is None:
+            out["batch_size"] = int(t.shape[0])
+        if t.dim() == 4 and t.is_floating_point():
+            out["input_is_4d"] = True
+            import torch
+
+            if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+                out["channels_last_input"] = True
+    out["device"] = ts[0].device.type if ts else None
+    return out
+
+
+def _optimizer_impl(opt) -> Optional[str]:
+    try:
+        from autoopt.load import optimizer_impl
+
+        return optimizer_impl(opt)
+    except Exception:  # noqa: BLE001 - an optimizer autoopt cannot read: the fact stays unknown
+        return None
+
+
+def _env_facts() -> dict:
+    try:
+        from autoopt.env import env_facts
+
+        return env_facts()
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _loader_facts(batch_size: Optional[int]) -> dict:
+    """Settings of the script's DataLoader, found among live objects at the first step."""
+    try:
+        from torch.utils.data import DataLoader
+    except ImportError:  # pragma: no cover
+        return {}
+    with warnings.catch_warnings():  # isinstance on every live object trips deprecation shims
+        warnings.simplefilter("ignore")
+        loaders = [o for o in gc.get_objects() if isinstance(o, DataLoader)]
+    if not loaders:
+        return {"workload.has_dataloader": False}
+    match = [ld for ld in loaders if batch_size is not None and ld.batch_size == batch_size]
+    ld = (match or loaders)[0]
+    return {
+        "workload.has_dataloader": True,
+        "workload.dataloader_workers": ld.num_workers,
+        "workload.pin_memory": bool(ld.pin_memory),
+        "workload.persistent_workers": bool(ld.persistent_workers),
+    }
+
+
+# ------------------------------------------------------------------------------- trace stacks
+_DATA_DEPENDENT = frozenset({"aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2",
+                             "aten::unique_consecutive", "aten::nonzero_static"})
+_SYNC_OPS = frozenset({"aten::item", "aten::_local_scalar_dense"})
+
+
+def trace_sites(trace_path: str) -> dict[str, list[str]]:
+    """Source lines of the script for sync calls, data-dependent operators and DataLoader
+    iteration, from the trace's python_function stacks (with_stack=True). Each entry is
+    'path:line (function) — what xN'."""
+    import numpy as np
+
+    from autoopt.analyze import load_trace
+    from autoopt.analyze import trace as T
+    from autoopt.analyze.sync import user_frame
+
+    tr = load_trace(trace_path)
+    py = tr.idx(T.PYFN)
+    out: dict[str, list[str]] = {"sync": [], "data_dependent": [], "dataloader": []}
+    if py.size == 0:
+        return out
+    user = np.array([bool(s) and "(" in s and user_frame(s) is not None for s in tr.names], dtype=bool)
+    py = py[user[tr.name[py]]]
+    if py.size == 0:
+        return out
+    thread = (tr.pid.astype(np.int64) << 32) | tr.tid.astype(np.int64)
+    by_thread = {}
+    for k in np.unique(thread[py]):
+        sel = py[thread[py] == k]
+        by_thread[int(k)] = sel[np.argsort(tr.ts[sel], kind="stable")]
+
+    def enclosing(i: int) -> Optional[str]:
+        cand = by_thread.get(int(thread[i]))
+        if cand is None:
+            return None
+        c = cand[: np.searchsorted(tr.ts[cand], tr.ts[i], side="right")]
+        c = c[tr.end[c] >= tr.end[i]]
+        if not c.size:
+            return None
+        # a python_function event names the function; its line is the function's first line (or
+        # where the frame stood when tracing started), not the statement: keep the function
+        site = user_frame(tr.names[int(tr.name[c[-1]])])
+        if site is None:
+            return None
+        path_line, func = site.rsplit(" (", 1)
+        return f"{path_line.rsplit(':', 1)[0]} (in {func}"
+
+    groups = {
+        "sync": lambda s: s in _SYNC_OPS,
+        "data_dependent": lambda s: s in _DATA_DEPENDENT,
+        "dataloader": lambda s: s.startswith("enumerate(DataLoader)#"),
+    }
+    ops = tr.idx(T.OP, T.ANNO)
+    for key, pred in groups.items():
+        ids = tr.name_ids(pred)
+        sel = ops[tr.has_name(ids)[ops]] if ops.size else ops
+        counts: collections.Counter = collections.Counter()
+        for i in sel.tolist():
+            site = enclosing(i)
+            if site:
+                name = tr.names[int(tr.name[i])]
+                counts[(site, name if key != "dataloader" else "DataLoader __next__")] += 1
+        out[key] = [f"{site} — {what} x{n}" for (site, what), n in counts.most_common(5)]
+    return out
+
+
+# ------------------------------------------------------------------------------- entry point
+def _check_script(script_path: str) -> Path:
+    p = Path(script_path).expanduser()
+    if not p.exists():
+        raise UserError(f"The script {script_path} does not exist. Fix: pass the path of your training script, e.g. "
+                        "autoopt profile --script train.py -- --epochs 1.")
+    if p.is_dir():
+        raise UserError(f"{script_path} is a directory, not a script. Fix: pass the training script inside it, e.g. "
+                        f"autoopt profile --script {Path(script_path) / 'train.py'}.")
+    try:
+        src = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"The script {script_path} cannot be read ({e.strerror}). Fix: check its permissions.",
+                        cause=e) from e
+    try:
+        compile(src, str(p), "exec")
+    except SyntaxError as e:
+        raise UserError(f"The script {script_path} is not valid Python: line {e.lineno}: {e.msg}. Fix: correct it "
+                        f"(python {script_path} fails the same way).", cause=e) from e
+    except ValueError as e:  # null bytes: not a Python source file
+        raise UserError(f"The script {script_path} is not a Python source file ({e}). Fix: pass the .py training "
+                        "script.", cause=e) from e
+    return p.resolve()
+
+
+def _script_error(exc: BaseException, path: Path, shown: str) -> UserError:
+    import traceback
+
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    for fr in reversed(tb):
+        fn = fr.filename.replace("\\", "/")
+        if os.path.abspath(fr.filename) == str(path) or not any(m in fn for m in _LIB_MARKERS):
+            where = f" at {fr.filename}:{fr.lineno} (in {fr.name})"
+            break
+    msg = " ".join(str(exc).split())[:500]
+    hint = ""
+    if "profiler" in msg.lower() and ("enabled" in msg.lower() or "already" in msg.lower()):
+        hint = " The script starts its own profiler; autoopt profiles it already: run it with the profiler off."
+    return UserError(f"The script {shown} raised {type(exc).__name__}: {msg}{where} while autoopt profiled it.{hint} "
+                     f"Fix: make `python {shown} ...` with the same arguments run on its own first; --debug shows "
+                     "the traceback.", cause=exc)
+
+
+def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = None, logdir: Optional[str] = None,
+                   warmup: int = WARMUP_STEPS, with_stack: bool = True) -> dict[str, Any]:
+    """Run an unmodified training script under torch.profiler for a bounded number of
+    optimizer steps, analyze and diagnose it. Returns `autoopt profile --json`'s object
+    plus "script", "script_path", "args", "optimizer_steps", "profiled_steps",
+    "sources" and "notes"."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+    from autoopt.analyze import analyze_paths
+    from autoopt.profile import new_run_dir
+
+    steps = DEFAULT_STEPS if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {steps!r}).")
+    shown = str(script_path)
+    path = _check_script(script_path)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(logdir) if logdir else Path("reports") / "profiles"
+    run_dir = new_run_dir(root, f"{path.stem}-script-{stamp}").resolve()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    worker = path.stem
+    probe = _Probe(run_dir, worker, steps, max(0, int(warmup)), activities, with_stack)
+
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    opt_hook = register_optimizer_step_post_hook(probe.optimizer_post)
+    probe.module_hooks = [torch.nn.modules.module.register_module_forward_pre_hook(probe.forward_pre)]
+    try:
+        probe.module_hooks.append(torch.nn.modules.module.register_module_forward_hook(probe.forward_post,
+                                                                                      always_call=True))
+    except TypeError:  # pragma: no cover - older torch
+        probe.module_hooks.append(torch.nn.modules.module.register_module_forward_hook(probe.forward_post))
+    probe.prof_a = profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=with_stack)
+    exit_status = 0
+    failure: Optional[UserError] = None
+    try:
+        sys.argv = [str(path)] + [str(a) for a in args]
+        sys.path.insert(0, str(path.parent))
+        probe.prof_a.start()
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except _StopScript:
+                pass
+            except SystemExit as e:
+                code = e.code
+                if code not in (None, 0):
+                    exit_status = code if isinstance(code, int) else 1
+                    if probe.phase != "done":
+                        failure = UserError(
+                            f"The script {shown} exited with status {code!r} before autoopt could profile it"
+                            + (" (an argparse usage error exits 2: check the arguments after --)" if code == 2 else "")
+                            + f". Fix: make `python {shown} {' '.join(args)}` run on its own first.", cause=e)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - the script's own error becomes a UserError
+                failure = _script_error(e, path, shown)
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        opt_hook.remove()
+        probe.stop_site_mode()
+        probe.remove_module_hooks()
+        if probe.prof_b is not None:
+            with contextlib.suppress(Exception):
+                probe.prof_b.stop()  # a window cut short by the script's end is still written
+        elif probe.prof_a is not None and probe.phase == "start":
+            with contextlib.suppress(Exception):
+                probe.prof_a.stop()
+        gc.collect()  # DataLoader workers of the stopped script shut down with their iterators
+    if failure is not None:
+        raise failure
+    if not probe.env_facts:
+        probe.env_facts = _env_facts()
+        probe.loader_facts = _loader_facts(probe._model_batch_size())
+
+    traces = sorted(run_dir.glob("*.pt.trace.json.gz"))
+    notes: list[str] = []
+    if probe.optimizer_steps == 0:
+        notes.append("the script never stepped an optimizer (no optimizer.step() call): it was profiled as a whole, "
+                     "one window from start to end, without per-step numbers")
+        tensorboard_trace_handler(str(run_dir), worker_name=worker, use_gzip=True)(probe.prof_a)
+    elif not traces:
+        notes.append(f"the script stepped its optimizer only {probe.optimizer_steps} time(s), too few for the warm-up "
+                     f"and a profiled step: its start and first step were profiled as one window")
+        tensorboard_trace_handler(str(run_dir), worker_name=worker, use_gzip=True)(probe.prof_a)
+    elif probe.phase != "done":
+        profiled = max(0, probe.prof_b.step_num - probe.warmup)
+        notes.append(f"the script ended after {probe.optimizer_steps} optimizer step(s): {profiled} of the {steps} "
+                     "requested step(s) were profiled")
+    else:
+        notes.append(f"stopped the script after {probe.optimizer_steps} optimizer steps: {probe.warmup} warm-up and "
+                     f"{steps} profiled step(s), each ending at optimizer.step()")
+    if len(probe.optimizers) > 1:
+        names = ", ".join(o["type"] for o in probe.optimizers.values())
+        notes.append(f"the script steps {len(probe.optimizers)} optimizers ({names}); steps are marked at the first "
+                     "one's step()")
+    probe.prof_a = probe.prof_b = None
+    traces = sorted(run_dir.glob("*.pt.trace.json.gz"))
+    if not traces:
+        raise UserError(f"The profiler wrote no trace for {shown} in {run_dir}. Fix: run the script for at least "
+                        f"{probe.warmup + 2} optimizer steps, or check that nothing else in it uses torch.profiler.")
+
+    result = analyze_paths([str(run_dir)])
+    facts, model_found = _facts(result, probe)
+    sources = {
+        "optimizer_step": [s for s, _ in probe.step_sites.most_common(3)],
+        "model_forward": [s for s, _ in probe.forward_sites.most_common(3)],
+        "sync": [], "data_dependent": [], "dataloader": [],
+    }
+    for key, counter in probe.live_sites.items():
+        sources[key] = [f"{site} — {what} x{n}" for (site, what), n in counter.most_common(5)]
+    if with_stack and not all(sources[k] for k in ("sync", "data_dependent", "dataloader")):
+        try:  # the trace's stacks name the function where the warm-up step saw nothing
+            for key, found in trace_sites(str(traces[0])).items():
+                if not sources[key]:
+                    sources[key] = found
+        except Exception as e:  # noqa: BLE001 - the findings stand without stack-derived lines
+            notes.append(f"source functions from the trace's stacks unavailable: {type(e).__name__}: {e}")
+    if sources["sync"]:
+        facts["metrics.sync_sites"] = sources["sync"]
+    if sources["data_dependent"]:
+        facts["metrics.data_dependent_sites"] = sources["data_dependent"]
+    if not model_found:
+        notes.append("no torch.nn.Module call was seen: the model.* facts are unknown and rules on them stay silent")
+    from autoopt.rules import evaluate, load_rules
+
+    findings = evaluate(load_rules(), facts)
+    fjson = [_with_sources(f, sources) for f in findings]
+    result.setdefault("notes", [])
+    result["notes"] = list(result["notes"]) + notes
+    device = _device_json(probe)
+    result.update({
+        "script": path.name,
+        "script_path": str(path),
+        "args": list(args),
+        "model": path.stem,
+        "mode": "train" if probe.optimizer_steps else "whole-script",
+        "device": device,
+        "optimizer_steps": probe.optimizer_steps,
+        "profiled_steps": (result.get("metrics") or {}).get("steps") or 0,
+        "optimizers": [{k: v for k, v in o.items()} for o in probe.optimizers.values()],
+        "sources": sources,
+        "exit_status": exit_status,
+        "logdir": str(run_dir),
+        "findings": fjson,
+        "advice_only": "autoopt does not change scripts: each finding says what to change and where",
+    })
+    return result
+
+
+def _device_json(probe: _Probe) -> dict:
+    from autoopt.env import detect_capabilities
+
+    info = probe.model_info()
+    dev = (info or {}).get("batch") or {}
+    m = info["module"] if info else None
+    kind = None
+    if m is not None:
+        p = next(m.parameters(), None)
+        kind = p.device.type if p is not None else None
+    kind = kind or dev.get("device") or "cpu"
+    try:
+        return detect_capabilities("cuda" if kind == "cuda" else "cpu").to_json()
+    except UserError:
+        return detect_capabilities("cpu").to_json()
+
+
+def _facts(result: dict, probe: _Probe) -> tuple[dict, bool]:
+    from autoopt.env import detect_capabilities
+
+    facts: dict[str, Any] = {}
+    for k, v in (result.get("metrics") or {}).items():
+        facts[k if "." in k else f"metrics.{k}"] = v
+    info = probe.model_info()
+    model = info["module"] if info else None
+    kind = "cpu"
+    if model is not None:
+        p = next(model.parameters(), None)
+        kind = p.device.type if p is not None else ((info.get("batch") or {}).get("device") or "cpu")
+    try:
+        caps = detect_capabilities("cuda" if kind == "cuda" else "cpu")
+    except UserError:
+        caps = detect_capabilities("cpu")
+    facts.update(caps.facts())
+    facts.update(probe.env_facts)
+    facts.update(probe.loader_facts)
+    from autoopt.transforms import available_cpus
+
+    facts["workload.cpu_count"] = available_cpus()
+    if probe.pacer is not None:
+        o = probe.optimizers[probe.pacer]
+        facts["workload.mode"] = "train"
+        facts["workload.optimizer"] = o["type"]
+        if o["impl"]:
+            facts["workload.optimizer_impl"] = o["impl"]
+    else:
+        facts["workload.mode"] = "infer"
+    if model is not None:
+        from autoopt.load import model_facts
+
+        try:
+            facts.update(model_facts(model))
+        except Exception:  # noqa: BLE001
+            pass
+        b = info.get("batch") or {}
+        if b.get("batch_size") is not None:
+            facts["workload.batch_size"] = b["batch_size"]
+        facts["workload.input_is_4d"] = bool(b.get("input_is_4d"))
+        facts["workload.autocast"] = bool(info.get("autocast"))
+        import torch
+
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        facts["workload.channels_last"] = bool(b.get("channels_last_input")) or any(
+            m.weight.dim() == 4 and m.weight.is_contiguous(memory_format=torch.channels_last)
+            and not m.weight.is_contiguous() for m in convs)
+        facts["workload.compiled"] = type(model).__name__ == "OptimizedModule"
+    # the trace's own step time is all there is for a script (no separate timed run)
+    return facts, model is not None
+
+
+# rule family -> the source lines a finding of that family points at
+_FAMILY_SOURCES = {
+    "precision": ("model_forward",),
+    "memory layout": ("model_forward",),
+    "compilation and launch overhead": ("model_forward",),
+    "batch size and memory": ("dataloader", "model_forward"),
+    "input pipeline": ("dataloader", "model_forward"),
+    "host-device synchronisation": ("sync", "data_dependent"),
+    "optimizer": ("optimizer_step",),
+    "distributed": ("model_forward",),
+}
+
+
+def _with_sources(f, sources: dict[str, list[str]]) -> dict:
+    d = f.to_json()
+    lines: list[str] = []
+    for key in _FAMILY_SOURCES.get(f.family, ()):
+        if sources.get(key):
+            lines = sources[key]
+            break
+    d["sources"] = lines
+    if lines and "(at " not in d["message"]:
+        shown = lines[0].split(" — ")[0]
+        d["message"] = f"{d['message']} (at {shown})"
+    return d
