@@ -695,7 +695,7 @@ code,pre{font:12.5px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 .card{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:10px 14px;min-width:170px}
 .card .k{color:var(--muted);font-size:12px}.card .v{font-size:20px;font-weight:600}
 .card.big .v{font-size:30px;color:var(--ok)}.card.big.slow .v{color:var(--bad)}.card.big.none .v{color:var(--muted)}
-table{border-collapse:collapse;margin:8px 0 16px;width:100%}
+table{border-collapse:collapse;margin:8px 0 16px;width:100%}table.evidence,table.top{width:auto}
 th,td{border:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}
 th{background:var(--panel);font-weight:600}.scroll{overflow-x:auto}td.reason{min-width:220px}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;color:#fff}
@@ -963,9 +963,14 @@ def render_html(report: dict) -> str:
     arts = _d(r.get("artifacts"))
     if arts:
         p.append('<section id="artifacts"><h2>Artifacts</h2><ul>')
+        here = Path(str(arts.get("report_html") or "")).parent
         for k, v in arts.items():
-            if v:
-                p.append(f"<li>{esc(k)}: <code>{esc(v)}</code></li>")
+            if not v:
+                continue
+            # files beside report.html get a relative link that works wherever the folder goes
+            link = Path(str(v)).name if str(here) not in ("", ".") and Path(str(v)).parent == here else None
+            target = f'<a href="{esc(link)}"><code>{esc(v)}</code></a>' if link else f"<code>{esc(v)}</code>"
+            p.append(f"<li>{esc(k)}: {target}</li>")
         p.append("</ul>")
         if arts.get("logdir"):
             p.append(f'<p>TensorBoard: <code>{esc("autoopt view " + str(arts["logdir"]))}</code></p>')

@@ -96,7 +96,9 @@ def start_tensorboard(logdir, host: str = "127.0.0.1", port: Optional[int] = Non
     """Start TensorBoard on LOGDIR (a report directory means its tb/, see resolve_logdir) at
     http://HOST:PORT/ (a free port when none is given) and wait until it answers. Returns (process, url). Raises UserError when TensorBoard is not
     installed, the port is taken, or it does not come up within timeout_s."""
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host == "localhost":
+        host = "127.0.0.1"
+    if host != "127.0.0.1":
         raise UserError(f"autoopt view binds TensorBoard to this machine only; {host!r} is not a loopback "
                         "address. Use 127.0.0.1 and forward the port (ssh -L) to look from elsewhere.")
     if not tensorboard_available():
@@ -118,7 +120,7 @@ def start_tensorboard(logdir, host: str = "127.0.0.1", port: Optional[int] = Non
                             start_new_session=True, env=env)
     log.close()
     proc.log_path = log.name  # type: ignore[attr-defined]
-    url = f"http://{'[::1]' if host == '::1' else host}:{port}/"
+    url = f"http://{host}:{port}/"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -398,6 +398,20 @@ def test_images_dashboard_shows_step_time_breakdown(browser, tensorboard):
 # report.html from file:// with the network off
 
 
+@NEEDS_BROWSER
+def test_the_browser_has_no_network(browser):
+    """The harness itself: a page on the internet does not load (so 'renders offline' below
+    means what it says)."""
+    try:
+        browser.get("http://example.com/")
+    except AssertionError as e:  # WebDriver reports the failed navigation
+        assert "ERR_" in str(e)
+    else:
+        assert "Example Domain" not in browser.visible_text()
+        assert browser.js("return location.href").startswith("chrome-error://")
+
+
+
 def _color_pixels(png: bytes, rgb: tuple[int, int, int], tol: int = 12) -> int:
     import matplotlib.image
     import numpy as np
