@@ -342,3 +342,12 @@ def test_json_keys_follow_design():
     for k in r["device_facts"]:
         assert k in FACTS
     json.dumps(r)  # plain JSON types only
+
+
+def test_flushing_rows_into_arrays_changes_nothing(monkeypatch):
+    from autoopt.analyze import loader
+    path = DATA / "pt2_dataloader_sync.json"
+    a = analyze_trace(load_trace(path))
+    monkeypatch.setattr(loader, "FLUSH_ROWS", 3)
+    b = analyze_trace(load_trace(path, block=256))
+    assert json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)

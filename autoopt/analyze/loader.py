@@ -29,7 +29,7 @@ import orjson
 from autoopt.errors import TraceError
 from autoopt.analyze import trace as T
 
-BLOCK = 8 << 20  # bytes of decoded JSON per chunk
+BLOCK = 32 << 10  # bytes of decoded JSON per chunk (small chunks keep the decoded objects in cache)
 _CUT = re.compile(rb"\}\s*,\s*\{")
 _KEY = re.compile(rb'"traceEvents"\s*:\s*\[')
 _WS = b" \t\r\n"
@@ -65,6 +65,11 @@ SYNC_CANDIDATE_OPS = frozenset({
 
 PathLike = Union[str, Path]
 _EMPTY: dict = {}
+
+
+FLUSH_ROWS = 1 << 18
+_COLSPEC = {"kind": (np.int8, T.OTHER), "name": (np.int32, 0), "pid": (np.int32, 0), "tid": (np.int32, 0),
+            "ts": (np.float64, np.nan), "dur": (np.float64, 0.0), "ext": (np.int64, -1), "corr": (np.int64, -1)}
 
 
 class _Odd(Exception):
@@ -189,6 +194,8 @@ class _Columns:
         self.events_total = 0
         self.legacy = False
         self.cat_kind = dict(T.CATEGORY_KIND)
+        self.base = 0  # rows already moved from the lists into typed arrays
+        self.done: dict[str, list] = {k: [] for k in _COLSPEC}
 
     def _new_name(self, name: Any) -> int:
         try:
@@ -222,6 +229,22 @@ class _Columns:
         if rest:
             self._ingest_events(rest, count=False)
         self.events_total += len(evs)
+        if len(self.kind) >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Move the rows gathered so far into typed arrays (8 bytes a value, not a Python object)."""
+        if not self.kind:
+            return
+        for k, (dtype, default) in _COLSPEC.items():
+            col = getattr(self, k)
+            self.done[k].append(_num(col, dtype, default))
+            col.clear()
+        self.base += len(self.done["kind"][-1])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        self.flush()
+        return {k: (np.concatenate(v) if v else np.zeros(0, dtype=_COLSPEC[k][0])) for k, v in self.done.items()}
 
     def _stage(self, evs: list):
         X = [e for e in evs if e.get("ph") == "X"]
@@ -262,7 +285,7 @@ class _Columns:
         return X, kind, nid, args, ts, dur, ext, corr, pid, tid
 
     def _commit(self, X, kind, nid, args, ts, dur, ext, corr, pid, tid) -> None:
-        base = len(self.kind)
+        base = self.base + len(self.kind)
         flags = self.name_flags
         OP_, ANNO_, STEP_, KERNEL_, SYNC_ = T.OP, T.ANNO, T.STEP, T.KERNEL, T.SYNC
         for j in [j for j, (k, n) in enumerate(zip(kind, nid)) if k <= ANNO_ and flags[n]]:
@@ -314,7 +337,7 @@ class _Columns:
         OP, ANNO, STEP, KERNEL, MEMCPY, MEMSET, GPU_ANNO, SYNC = (
             T.OP, T.ANNO, T.STEP, T.KERNEL, T.MEMCPY, T.MEMSET, T.GPU_ANNO, T.SYNC)
         empty: dict = {}
-        i = len(self.kind)
+        i = self.base + len(self.kind)
         if count:
             self.events_total += len(evs)
         for e in evs:
@@ -482,9 +505,10 @@ def _stream_id(v: Any) -> int:
 
 
 def _finish(cols: _Columns, path: Path, meta: dict, size: int) -> T.Trace:
-    n = len(cols.kind)
-    ts = _num(cols.ts, np.float64, np.nan)
-    dur = _num(cols.dur, np.float64, 0.0)
+    col = cols.arrays()
+    n = int(col["kind"].shape[0])
+    ts = col["ts"]
+    dur = col["dur"]
     bad = ~np.isfinite(ts)
     dur = np.where(np.isfinite(dur) & (dur > 0), dur, 0.0)
     t0 = float(np.min(ts[~bad])) if n and not bad.all() else 0.0
@@ -509,7 +533,7 @@ def _finish(cols: _Columns, path: Path, meta: dict, size: int) -> T.Trace:
         gi = np.asarray(cols.g_idx, dtype=np.int64)
         dev = _opt_int(cols.g_dev)
         # legacy / odd traces: no args.device; fall back to the pid when it is a small integer
-        pid_arr = np.asarray(cols.pid, dtype=np.int64)[gi]
+        pid_arr = col["pid"][gi]
         pid_dev = np.array([p if isinstance(p, int) and 0 <= p < 64 else -1 for p in pids], dtype=np.int64)
         dev = np.where(dev >= 0, dev, pid_dev[pid_arr] if pid_dev.size else -1)
         device[gi] = np.where(dev >= 0, dev, 0)
@@ -518,18 +542,17 @@ def _finish(cols: _Columns, path: Path, meta: dict, size: int) -> T.Trace:
         occ[gi] = _opt_float(cols.g_occ)
         grid[gi] = _grid_blocks(cols.g_grid)
         nbytes[gi] = _opt_float(cols.g_bytes)
-    kind = np.asarray(cols.kind, dtype=np.int8)
+    kind = col["kind"]
     if cols.legacy:  # legacy export: kernels carry their device in tid
         kmask = kind == T.KERNEL
         if kmask.any():
-            tid_arr = np.asarray(cols.tid, dtype=np.int64)
+            tid_arr = col["tid"]
             tid_dev = np.array([t if isinstance(t, int) and 0 <= t < 64 else 0 for t in tids], dtype=np.int32)
             device[kmask] = tid_dev[tid_arr[kmask]]
     tr = T.Trace(
         path=str(path), names=names, kind=kind,
-        name=np.asarray(cols.name, dtype=np.int32), pid=np.asarray(cols.pid, dtype=np.int32),
-        tid=np.asarray(cols.tid, dtype=np.int32), ts=ts, dur=dur,
-        ext=_opt_int(cols.ext), corr=_opt_int(cols.corr),
+        name=col["name"], pid=col["pid"],
+        tid=col["tid"], ts=ts, dur=dur, ext=col["ext"], corr=col["corr"],
         device=device, stream=stream, blocks_per_sm=bps, occupancy_pct=occ, grid_blocks=grid,
         nbytes=nbytes, t0_us=t0, pids=pids, tids=tids, meta=meta,
         input_types=cols.input_types, call_stacks=cols.call_stacks,
@@ -705,6 +728,9 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
                 del buf[:cut + 1]
                 pos = 0
                 continue
+        elif not eof and len(buf) - pos < 256 * block:
+            more()  # an event larger than a block: read on until a boundary shows up
+            continue
         # exact path: complete events (and perhaps the array's end) from a known boundary
         pb, ch, dd = _exact_scan(buf, pos, depth)
         closes = pb[(ch == 125) & (dd == depth)]
