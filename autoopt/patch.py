@@ -166,6 +166,9 @@ class _CallKwargs(cst.CSTTransformer):
             return updated
         self.count += 1
         args = [a for a in updated.args if not (a.keyword and a.keyword.value in self.remove)]
+        if args and updated.args and args[-1] is not updated.args[-1]:
+            # the last argument was removed: the new last one ends the call like it did
+            args[-1] = args[-1].with_changes(comma=updated.args[-1].comma)
         pending = dict(self.kwargs)
         out = []
         for a in args:

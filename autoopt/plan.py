@@ -5,8 +5,9 @@ plan.json:
 
     {"plan_version": 1, "autoopt_version": "0.1.0", "model": "simplenet", "device": "cuda",
      "mode": "train", "baseline_batch_size": 64, "batch_size": 64, "grad_accum_steps": 1,
-     "transforms": [{"name": "amp", "params": {"dtype": "bfloat16", "grad_scaler": false}},
-                    {"name": "channels_last", "params": {}}],
+     "model_path": "/abs/path/simplenet.py",
+     "transforms": [{"name": "amp", "params": {"dtype": "bfloat16", "grad_scaler": false}, "code": "AO101"},
+                    {"name": "channels_last", "params": {}, "code": "AO201"}],
      "codes": ["AO101", "AO201"], "speedup": 2.4, "config": {...ExecConfig...}}
 
 Usage in a training script (every call is a no-op for what the plan does not contain):
@@ -63,6 +64,7 @@ class Plan:
     codes: list[str] = field(default_factory=list)
     speedup: Optional[float] = None
     autoopt_version: str = __version__
+    model_path: str = ""
     source: str = ""  # where it was loaded from (for messages)
 
     def __post_init__(self):
@@ -108,18 +110,26 @@ class Plan:
                 f"{source} has no valid 'transforms' list; each entry needs a 'name' and 'params'. "
                 "Regenerate it with autoopt optimize."
             )
-        baseline = data.get("baseline_batch_size", data.get("batch_size", 32))
         plan = cls(
-            [{"name": i["name"], "params": dict(i.get("params") or {})} for i in items],
+            [{**i, "params": dict(i.get("params") or {})} for i in items],
             model=str(data.get("model", "")),
             device=str(data.get("device", "cpu")),
             mode=str(data.get("mode", "train")),
-            baseline_batch_size=int(baseline),
-            codes=list(data.get("codes") or []),
+            baseline_batch_size=int(data.get("baseline_batch_size") or data.get("batch_size") or 32),
+            codes=list(data.get("codes") or [i["code"] for i in items if i.get("code")]),
             speedup=data.get("speedup"),
             autoopt_version=str(data.get("autoopt_version", "")),
+            model_path=str(data.get("model_path", "")),
             source=source,
         )
+        if "baseline_batch_size" not in data and data.get("batch_size"):
+            # only the final batch size is given: find the baseline that leads to it
+            # (gradient accumulation without an explicit effective batch splits the baseline)
+            plan._validate()
+            final = int(data["batch_size"])
+            if plan.config.batch_size != final:
+                plan.baseline_batch_size = final * plan.config.grad_accum_steps
+                plan._config = None
         plan._validate()
         return plan
 
@@ -146,8 +156,9 @@ class Plan:
             "baseline_batch_size": self.baseline_batch_size,
             "batch_size": cfg.batch_size,
             "grad_accum_steps": cfg.grad_accum_steps,
-            "transforms": [{"name": i["name"], "params": i["params"]} for i in self.transforms],
+            "transforms": [dict(i) for i in self.transforms],
             "codes": self.codes,
+            "model_path": self.model_path,
             "speedup": self.speedup,
             "config": cfg.to_json(),
         }

@@ -88,5 +88,8 @@ def _autoopt_cast_floats(batch, dtype):
 def _autoopt_is_channels_last(model):
     """True when the model has 4-D parameters and all of them are in channels_last
     memory format."""
-    weights = [p for p in model.parameters() if p.dim() == 4]
+    weights = [
+        p for p in model.parameters()
+        if not torch.nn.parameter.is_lazy(p) and p.dim() == 4
+    ]
     return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
