@@ -111,7 +111,7 @@ class Optimizer:
         self.variants: list[Variant] = []
         self.findings: list[Finding] = []
         self.accepted: dict[str, bool] = {}
-        self.batch_table: Optional[list[dict]] = None
+        self.batch_tables: dict[str, list[dict]] = {}  # per searched configuration (its codes)
         self.analysis: dict[str, Any] = {}
         self.started = time.perf_counter()
         self.search_started: Optional[float] = None
@@ -258,18 +258,30 @@ class Optimizer:
         return candidates
 
     # ------------------------------------------------------------------ variants
-    def _evaluate(self, combo: list[Candidate], base_cfg: ExecConfig, best: Measurement, *, trace: bool = True) -> Evaluated:
-        cfg = base_cfg
+    def _expected(self, combo: list[Candidate]) -> Optional[float]:
+        """The rules' predicted speedup of a combination: the product of its findings' gains
+        (None when any finding has no estimate)."""
+        prod = 1.0
         for c in combo:
-            cfg = c.transform.apply(cfg, c.params, self.workload)
-        name = "+".join(c.code for c in combo)
-        tol = max(c.transform.tolerance for c in combo)
+            if c.finding.expected_speedup is None:
+                return None
+            prod *= c.finding.expected_speedup
+        return prod
+
+    def _evaluate(self, combo: list[Candidate], base_cfg: ExecConfig, best: Measurement, *,
+                  trace: bool = True, name: Optional[str] = None) -> Evaluated:
+        from autoopt.transforms import apply_transforms
+
+        cfg = apply_transforms(base_cfg, [(c.transform, c.params) for c in combo], self.workload)
+        name = name or "+".join(c.code for c in combo)
+        tol = max(c.transform.tolerance_for(c.params) for c in combo)
         self.variants_tried += 1
         m, ver, _rec, logdir, failure = self._run_config(name, cfg, reference=self.reference, tolerance=tol, trace=trace)
         v = Variant(
             name=name, codes=[c.code for c in combo],
             transforms=[{"name": c.transform.name, "params": c.params} for c in combo],
             accepted=True, status="failed", config=cfg, measurement=m, verification=ver, logdir=logdir,
+            expected_speedup=self._expected(combo),
         )
         if failure:
             v.reason = failure
@@ -287,54 +299,94 @@ class Optimizer:
         self.variants.append(v)
         return Evaluated(v, cfg, m)
 
+    def _solo(self, c: Candidate) -> Evaluated:
+        """A transform alone against the baseline; where it has several parameter sets worth
+        measuring (torch.compile's modes), each is measured and the fastest verified one wins."""
+        options = c.transform.candidates(self.workload, self.caps, c.params)
+        if len(options) <= 1:
+            return self._evaluate([c], self.base_cfg, self.base_m)
+        results = []
+        for params in options:
+            trial = Candidate(c.code, c.finding, c.transform, params)
+            label = f"{c.code}[{','.join(f'{v}' for v in params.values())}]"
+            results.append((trial, self._evaluate([trial], self.base_cfg, self.base_m, name=label)))
+        good = [(t, ev) for t, ev in results if ev.measurement is not None and ev.variant.status != "failed"
+                and (ev.variant.verification is None or ev.variant.verification.ok)]
+        if not good:
+            return results[0][1]
+        trial, ev = max(good, key=lambda te: te[1].measurement.throughput_per_s)
+        c.params = trial.params
+        return ev
+
+    # Pairs known to interact: one can pay off only beside the other (channels_last helps
+    # more under autocast and inside a compiled graph), so a pair is tried even when one of
+    # them alone was no faster.
+    SYNERGY = {frozenset(p) for p in (("amp", "channels_last"), ("compile", "channels_last"), ("amp", "compile"))}
+
     def _search(self, candidates: list[Candidate]) -> tuple[ExecConfig, Measurement, list[Candidate]]:
         self.search_started = time.perf_counter()
-        regular = [c for c in candidates if c.transform.name not in ("batch_size",)]
+        regular = [c for c in candidates if c.transform.name != "batch_size"]
         batch = [c for c in candidates if c.transform.name == "batch_size"]
+        # most promising first: the rules' predicted gain (unknown counts as a small gain)
+        regular.sort(key=lambda c: -(c.finding.expected_speedup or 1.01))
         best_cfg, best_m, chosen = self.base_cfg, self.base_m, []
         # 1. every transform alone, against the baseline
-        solo: list[tuple[Candidate, Evaluated]] = []
-        for c in regular:
-            ev = self._evaluate([c], self.base_cfg, self.base_m)
-            solo.append((c, ev))
-        usable = [(c, ev) for c, ev in solo if ev.measurement is not None]
+        solo = [(c, self._solo(c)) for c in regular]
+        verified = [(c, ev) for c, ev in solo if ev.measurement is not None and ev.variant.status != "failed"
+                    and (ev.variant.verification is None or ev.variant.verification.ok)]
         if self.opts.search == "exhaustive":
-            results = [(ev.measurement, [c], ev.cfg) for c, ev in usable if ev.variant.status == "kept"]
-            for r in range(2, len(usable) + 1):
-                for combo in itertools.combinations([c for c, _ in usable], r):
+            results = [(ev.measurement, [c], ev.cfg) for c, ev in verified if ev.variant.status == "kept"]
+            pool = [c for c, _ in verified]
+            for r in range(2, len(pool) + 1):
+                for combo in itertools.combinations(pool, r):
                     ev = self._evaluate(list(combo), self.base_cfg, self.base_m)
                     if ev.variant.status == "kept":
                         results.append((ev.measurement, list(combo), ev.cfg))
-            if results:
-                best_m, chosen, best_cfg = max(results, key=lambda t: t[0].throughput_per_s)
-        else:
-            # 2. greedy: start from the best single transform, add the others in order of their
-            # solo speedup, keeping each only when verified and faster beyond the noise.
-            usable.sort(key=lambda t: -(t[1].variant.speedup or 0))
-            for c, ev in usable:
-                if not chosen:
-                    if ev.variant.status == "kept":
-                        best_cfg, best_m, chosen = ev.cfg, ev.measurement, [c]
-                    continue
-                trial = self._evaluate(chosen + [c], self.base_cfg, best_m)
-                if trial.variant.status == "kept":
-                    best_cfg, best_m, chosen = trial.cfg, trial.measurement, chosen + [c]
+            configs = [(self.base_m, [], self.base_cfg)] + results
+            if batch:  # every combination also with its own batch-size search
+                scored = []
+                for m, combo, cfg in configs:
+                    bm, bcfg, bchosen = self._batch_search(batch[0], cfg, m, combo)
+                    scored.append((bm, bchosen, bcfg))
+                configs = scored
+            best_m, chosen, best_cfg = max(configs, key=lambda t: t[0].throughput_per_s)
+            return best_cfg, best_m, chosen
+        # 2. greedy: start from the fastest verified single transform, add the others in order
+        # of their solo speedup; skip what the measurements so far say is hopeless (slower
+        # alone beyond the noise, with no known partner in the combination).
+        verified.sort(key=lambda t: -(t[1].variant.speedup or 0))
+        for c, ev in verified:
             if not chosen:
-                # none helped alone; a pair can still help (channels_last pays off under AMP)
-                pool = [c for c, ev in usable if ev.variant.status != "failed"]
-                if len(pool) >= 2:
-                    trial = self._evaluate(pool[:2], self.base_cfg, self.base_m)
+                if ev.variant.status == "kept":
+                    best_cfg, best_m, chosen = ev.cfg, ev.measurement, [c]
+                continue
+            hopeless = (ev.variant.speedup or 0) < 1 - max(MIN_GAIN, ev.measurement.step_time_ms.rel_spread)
+            partner = any(frozenset((c.transform.name, x.transform.name)) in self.SYNERGY for x in chosen)
+            if hopeless and not partner:
+                self.notes.append(f"search: skipped combining {c.code} ({c.transform.name}): "
+                                  f"{ev.variant.speedup:.2f}x alone, no known interaction with the current best")
+                continue
+            trial = self._evaluate(chosen + [c], self.base_cfg, best_m)
+            if trial.variant.status == "kept":
+                best_cfg, best_m, chosen = trial.cfg, trial.measurement, chosen + [c]
+        if not chosen:
+            # none helped alone; a known pair can still help (channels_last pays off under AMP)
+            for (a, _), (b, _) in itertools.combinations(verified, 2):
+                if frozenset((a.transform.name, b.transform.name)) in self.SYNERGY:
+                    trial = self._evaluate([a, b], self.base_cfg, self.base_m)
                     if trial.variant.status == "kept":
-                        best_cfg, best_m, chosen = trial.cfg, trial.measurement, pool[:2]
+                        best_cfg, best_m, chosen = trial.cfg, trial.measurement, [a, b]
+                        break
         for v in self.variants:
             if v.status == "kept" and v.name != "baseline" and v.codes != [c.code for c in chosen]:
                 v.reason += "; superseded in the search"
         # 3. batch size last, on the best configuration found
         if batch:
-            best_cfg, best_m, chosen = self._batch_search(batch[0], best_cfg, best_m, chosen)
+            best_m, best_cfg, chosen = self._batch_search(batch[0], best_cfg, best_m, chosen)
         return best_cfg, best_m, chosen
 
     def _batch_search(self, c: Candidate, cfg: ExecConfig, best_m: Measurement, chosen: list[Candidate]):
+        """Search the batch size by throughput on `cfg`; returns (measurement, config, chosen)."""
         from autoopt.transforms.batch_size import search_batch_size
 
         budget = self.caps.total_memory_mb * self.opts.memory_budget_fraction if self.caps.total_memory_mb else None
@@ -353,43 +405,42 @@ class Optimizer:
                 flops = self.flops_per_sample * s.samples_per_step if self.flops_per_sample else None
                 return measure(s, self.caps, self.opts.measure, flops_per_step=flops)
 
-        result = search_batch_size(cfg, measure_cfg, memory_budget_mb=budget, noise=best_m.step_time_ms.rel_spread)
-        self.batch_table = result.table
+        result = search_batch_size(cfg, measure_cfg, memory_budget_mb=budget, noise=None)
+        prefix = "+".join(x.code for x in chosen)
+        self.batch_tables[prefix] = result.table
         chosen_bs = result.batch_size
-        name = "+".join([x.code for x in chosen] + [c.code])
-        params = dict(c.params, batch_size=chosen_bs)
+        name = (prefix + "+" if prefix else "") + c.code
+        params = dict(c.params, batch_size=chosen_bs, previous=cfg.batch_size)
         v = Variant(
             name=name, codes=[x.code for x in chosen] + [c.code],
             transforms=[{"name": x.transform.name, "params": x.params} for x in chosen]
             + [{"name": "batch_size", "params": params}],
-            accepted=True, status="rejected",
+            accepted=True, status="rejected", expected_speedup=c.finding.expected_speedup,
         )
-        if chosen_bs == cfg.batch_size:
-            v.reason = f"no batch size beat {cfg.batch_size} on throughput beyond noise"
+        if not chosen_bs or chosen_bs == cfg.batch_size:
+            v.reason = f"no batch size beat {cfg.batch_size} on throughput beyond noise" + (
+                f" ({result.reason})" if result.reason else "")
             self.variants.append(v)
-            return cfg, best_m, chosen
+            return best_m, cfg, chosen
         new_cfg = c.transform.apply(cfg, params, self.workload)
-        m, ver, _rec, logdir, failure = self._run_config(name, new_cfg, reference=None, tolerance=0.0, trace=True)
+        m, _ver, _rec, logdir, failure = self._run_config(name, new_cfg, reference=None, tolerance=0.0, trace=True)
         v.config, v.measurement, v.logdir = new_cfg, m, logdir
         if failure or m is None:
             v.status, v.reason = "failed", failure or "no measurement"
             self.variants.append(v)
-            return cfg, best_m, chosen
+            return best_m, cfg, chosen
         v.speedup = speedup(self.base_m, m)[0]
         better, ratio, noise = beyond_noise(best_m, m)
-        caveat = (
-            f"batch {cfg.batch_size} -> {chosen_bs}: changes training semantics — scale the learning rate "
-            f"(linear rule: x{chosen_bs / cfg.batch_size:g}) and warm it up; numerics verified at batch {cfg.batch_size}"
-            if self.workload.mode == "train" else f"batch {cfg.batch_size} -> {chosen_bs}: changes latency per request"
-        )
+        caveat = c.transform.caveat(params, self.workload.mode) if hasattr(c.transform, "caveat") else ""
         v.status = "kept" if better else "rejected"
-        v.reason = (f"{ratio:.2f}x throughput of the current best (noise {noise:.0%}); " if better
-                    else f"not faster beyond noise ({ratio:.2f}x); ") + caveat
+        v.reason = (f"{ratio:.2f}x the throughput of batch {cfg.batch_size} (noise {noise:.0%}); " if better
+                    else f"not faster beyond noise ({ratio:.2f}x); ") + (
+            f"numerics verified at batch {self.base_cfg.batch_size}; " if self.workload.mode == "train" else "") + caveat
         self.variants.append(v)
-        c.params = params
         if better:
-            return new_cfg, m, chosen + [c]
-        return cfg, best_m, chosen
+            bc = Candidate(c.code, c.finding, c.transform, params)
+            return m, new_cfg, chosen + [bc]
+        return best_m, cfg, chosen
 
     # ------------------------------------------------------------------ final
     def _final(self, best_cfg: ExecConfig, chosen: list[Candidate]) -> None:
@@ -485,7 +536,7 @@ class Optimizer:
                 "strategy": self.opts.search, "variants_tried": self.variants_tried,
                 "time_s": round(time.perf_counter() - self.search_started, 2) if self.search_started else 0.0,
             },
-            "batch_search": self.batch_table,
+            "batch_search": self._batch_table(),
             "analysis": self.analysis,
             "patch": self.patch_text,
             "plan": self.plan,
@@ -494,6 +545,16 @@ class Optimizer:
             "wall_time_s": round(time.perf_counter() - self.started, 2),
             "artifacts": art,
         }
+
+    def _batch_table(self) -> Optional[list[dict]]:
+        """The batch search behind the final configuration (or the last one run)."""
+        if not self.batch_tables:
+            return None
+        final_codes = [c for c in (self.final or {}).get("codes", []) if c not in self._batch_codes()]
+        return self.batch_tables.get("+".join(final_codes), list(self.batch_tables.values())[-1])
+
+    def _batch_codes(self) -> set[str]:
+        return {f.code for f in self.findings if f.transform == "batch_size"}
 
     def write(self) -> dict:
         from autoopt import report as rep

@@ -264,6 +264,7 @@ class Variant:
     verification: Optional[Verification] = None
     speedup: Optional[float] = None
     logdir: Optional[str] = None
+    expected_speedup: Optional[float] = None  # what the rules predicted for this combination
 
     def to_json(self) -> dict[str, Any]:
         m = self.measurement
@@ -279,6 +280,7 @@ class Variant:
             "batch_size": m.batch_size if m else None,
             "throughput_per_s": round(m.throughput_per_s, 3) if m else None,
             "speedup": None if self.speedup is None else round(self.speedup, 4),
+            "expected_speedup": None if self.expected_speedup is None else round(self.expected_speedup, 4),
             "max_abs_error": v.max_abs_error if v else None,
             "max_rel_error": v.max_rel_error if v else None,
             "tolerance": v.tolerance if v else None,
