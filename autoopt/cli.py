@@ -251,6 +251,27 @@ def _make_decider(args, console):
     return decide
 
 
+def _parse_try(text: str) -> tuple[str, dict]:
+    """`amp:dtype=float16,foo=2` -> ("amp", {"dtype": "float16", "foo": 2})."""
+    name, _, rest = text.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"--try {text}: expected KEY=VALUE after the transform name, got {item!r}.")
+        v: Any = value
+        for conv in (int, float):
+            try:
+                v = conv(value)
+                break
+            except ValueError:
+                pass
+        if value in ("true", "false"):
+            v = value == "true"
+        params[key.strip()] = v
+    return name.strip(), params
+
+
 def cmd_optimize(args) -> int:
     from autoopt.measure import MeasureSettings
     from autoopt.optimize import OptimizeOptions, run_optimize
@@ -259,7 +280,7 @@ def cmd_optimize(args) -> int:
     console = _console()
     opts = OptimizeOptions(
         model_path=args.model, device=args.device, batch_size=args.batch_size, seed=args.seed,
-        out_dir=args.out, search=args.search,
+        out_dir=args.out, search=args.search, extra_transforms=[_parse_try(t) for t in args.try_],
         measure=MeasureSettings.quick() if args.quick else MeasureSettings(),
         profile=ProfileSettings(with_stack=args.with_stack),
     )
@@ -380,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--search", default="greedy", choices=["greedy", "exhaustive"])
+    sp.add_argument("--try", dest="try_", action="append", default=[], metavar="TRANSFORM[:K=V,...]",
+                    help="also try this transform whether or not a rule proposes it, e.g. --try amp:dtype=float16")
     sp.add_argument("--quick", action="store_true", help="fewer timed steps (noisier numbers; for smoke tests)")
     sp.add_argument("--with-stack", action="store_true", help="record Python stacks in the traces")
     sp.add_argument("--quiet", action="store_true", help="no progress on stderr")

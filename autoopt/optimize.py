@@ -47,6 +47,8 @@ class OptimizeOptions:
     profile: ProfileSettings = field(default_factory=ProfileSettings)
     trace: bool = True
     memory_budget_fraction: float = 0.9
+    # transforms to try whether or not a rule proposes them: [("amp", {"dtype": "float16"})]
+    extra_transforms: list = field(default_factory=list)
 
 
 @dataclass
@@ -255,6 +257,26 @@ class Optimizer:
                 continue
             seen.add(t.name)
             candidates.append(Candidate(f.code, f, t, params))
+        for name, params in self.opts.extra_transforms:
+            try:
+                t = get_transform(name)
+            except KeyError as e:
+                raise UserError(f"--try {name}: {e.args[0]}") from None
+            code = f"try-{name}"
+            f = Finding(code=code, name=f"user-{name}", title=f"{name} requested with --try", message=(
+                f"tried because it was asked for ({t.describe(params)}), not because a rule fired"),
+                evidence={}, safety=t.safety_for(params), transform=name, params=dict(params))
+            self.findings.append(f)
+            self.accepted[code] = True
+            if t.name in seen:
+                candidates = [c for c in candidates if c.transform.name != t.name]
+            reason = t.check(self.workload, self.caps, params)
+            if reason is not None:
+                self.variants.append(Variant(name=code, codes=[code], transforms=[{"name": name, "params": params}],
+                                             accepted=True, status="skipped", reason=reason))
+                continue
+            seen.add(t.name)
+            candidates.append(Candidate(code, f, t, t.resolve_params(self.workload, self.caps, params)))
         return candidates
 
     # ------------------------------------------------------------------ variants

@@ -1,0 +1,194 @@
+"""The optimize loop end to end on CPU: real profiling, real verification, a real patch."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "tests" / "models"
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _autoopt(*args, timeout=900, **kw):
+    return subprocess.run([sys.executable, "-m", "autoopt", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=ENV, **kw)
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundled") / "report"
+    r = _autoopt("optimize", "--yes", "--json", "--quick", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, out
+
+
+@pytest.mark.slow
+def test_optimize_yes_json_prints_one_document_and_writes_every_artifact(bundled):
+    r, out = bundled
+    report = json.loads(r.stdout)  # the whole of stdout is one JSON document
+    for key in ("model", "device", "mode", "batch_size", "baseline", "findings", "variants", "final", "artifacts"):
+        assert key in report
+    assert report["model"] == "simplenet" and report["mode"] == "train"
+    for name in ("report_md", "report_html", "plan", "patch", "logdir"):
+        path = Path(report["artifacts"][name])
+        assert path.is_absolute() and path.exists(), name
+    assert (out / "report.json").exists()
+    assert json.loads((out / "report.json").read_text())["final"] == report["final"]
+    runs = {p.name for p in (out / "tb").iterdir() if list(p.glob("*.pt.trace.json.gz"))}
+    assert "baseline" in runs
+    assert report["baseline"]["step_time_ms"]["n"] >= 5
+    assert report["search"]["variants_tried"] >= 1
+
+
+@pytest.mark.slow
+def test_only_verified_variants_are_kept(bundled):
+    report = json.loads(bundled[0].stdout)
+    for v in report["variants"]:
+        if v["status"] != "kept" or v["name"] in ("baseline", "final"):
+            continue
+        names = {t["name"] for t in v["transforms"]}
+        if names <= {"batch_size", "grad_accumulation"}:
+            continue
+        if "batch_size" in names:
+            # numerics of the same transforms were verified at the baseline's batch
+            assert any(w["status"] == "kept" and w["max_rel_error"] is not None for w in report["variants"])
+            continue
+        assert v["max_rel_error"] is not None and v["max_rel_error"] <= v["tolerance"], v
+    final = report["final"]
+    kept_codes = {c for v in report["variants"] if v["status"] == "kept" for c in v["codes"]}
+    assert set(final["codes"]) <= kept_codes
+    if final["codes"]:
+        assert final["speedup_low"] <= final["speedup"] <= final["speedup_high"]
+
+
+@pytest.mark.slow
+def test_patch_round_trip_runs_the_optimized_configuration(bundled, tmp_path):
+    report = json.loads(bundled[0].stdout)
+    patch = Path(report["artifacts"]["patch"]).read_text()
+    final_names = {t["name"] for t in report["final"]["transforms"]}
+    if not final_names:
+        pytest.skip("nothing was kept on this machine, so the patch is empty")
+    assert patch.startswith("--- a/simplenet.py")
+    shutil.copy(ROOT / "examples" / "simplenet.py", tmp_path / "simplenet.py")
+    r = subprocess.run(["patch", "-p1", "-i", "-"], input=patch, text=True, capture_output=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+
+    import torch
+
+    from autoopt.env import detect_capabilities
+    from autoopt.load import build_workload, load_model_file
+    from autoopt.runner import Session
+
+    spec = load_model_file(tmp_path / "simplenet.py")
+    wl = build_workload(spec, detect_capabilities("cpu"), seed=0)
+    assert wl.batch_size == report["final"]["batch_size"]
+    with Session(wl, wl.base_config()) as s:
+        if "channels_last" in final_names:
+            conv = next(m for m in s.model.modules() if isinstance(m, torch.nn.Conv2d))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        if "fused_optimizer" in final_names:
+            g = s.optimizer.param_groups[0]
+            assert g.get("foreach") or g.get("fused")
+        s.step()
+    # and autoopt profiles the patched file as it is
+    prof = _autoopt("profile", str(tmp_path / "simplenet.py"), "--json", "--steps", "1", "--quiet",
+                    "--logdir", str(tmp_path / "logs"))
+    assert prof.returncode == 0, prof.stderr[-2000:]
+    assert json.loads(prof.stdout)["measurement"]["batch_size"] == report["final"]["batch_size"]
+
+
+@pytest.mark.slow
+def test_fp16_variant_of_an_overflowing_model_is_rejected(tmp_path):
+    r = _autoopt("optimize", str(MODELS / "style_fp16_overflow.py"), "--json", "--quick", "--reject", "batch_size",
+                 "--try", "amp:dtype=float16", "--try", "amp:dtype=bfloat16", "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    amp = [v for v in report["variants"] if any(t["name"] == "amp" for t in v["transforms"])]
+    assert amp, report["variants"]
+    fp16 = [v for v in amp if v["transforms"][0]["params"].get("dtype") == "float16"]
+    if fp16:
+        assert fp16[0]["status"] == "rejected" and "inf/NaN" in fp16[0]["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["style_nanogpt.py", "style_lstm_infer.py", "style_hf_bert.py"])
+def test_models_in_other_styles_profile_and_optimize(model, tmp_path):
+    r = _autoopt("optimize", str(MODELS / model), "--yes", "--json", "--quick", "--reject", "compile,batch_size",
+                 "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["baseline"]["throughput_per_s"] > 0
+    assert report["final"] is not None
+    assert all(v["status"] in ("kept", "rejected", "failed", "skipped") for v in report["variants"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_keeps_what_was_measured(tmp_path):
+    out = tmp_path / "rep"
+    p = subprocess.Popen([sys.executable, "-m", "autoopt", "optimize", "--yes", "--quick", "--out", str(out)],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    seen = ""
+    try:
+        while time.time() < deadline:  # wait until the baseline is measured and a variant starts
+            line = p.stderr.readline()
+            seen += line
+            if "AO" in line and ("building" in line or "verifying" in line):
+                break
+            if not line and p.poll() is not None:
+                break
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, seen + err
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"] is True
+    assert report["baseline"]["step_time_ms"]["median"] > 0
+
+
+def test_without_a_terminal_only_safe_transforms_are_accepted(monkeypatch):
+    from autoopt.cli import _make_decider
+    from autoopt.transforms import get_transform
+    from autoopt.types import Finding
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
+    args = SimpleNamespace(accept=None, reject=None, yes=False, json_no_prompt=True)
+    decide = _make_decider(args, console=None)
+
+    def f(code, safety):
+        return Finding(code=code, name="x", title="t", message="m", evidence={}, safety=safety)
+
+    assert decide(f("AO202", "safe"), get_transform("channels_last")) is True
+    assert decide(f("AO104", "unsafe"), get_transform("amp")) is False
+    assert decide(f("AO402", "manual"), get_transform("batch_size")) is False
+    assert decide(f("AO601", "safe"), None) is False  # advice only: nothing to apply
+    args.accept = "AO104"
+    decide = _make_decider(args, console=None)
+    assert decide(f("AO104", "unsafe"), get_transform("amp")) is True
+    assert decide(f("AO202", "safe"), get_transform("channels_last")) is False
+    args.accept, args.yes, args.reject = None, True, "AO402"
+    decide = _make_decider(args, console=None)
+    assert decide(f("AO104", "unsafe"), get_transform("amp")) is True
+    assert decide(f("AO402", "manual"), get_transform("batch_size")) is False
+
+
+def test_try_parses_transform_parameters():
+    from autoopt.cli import _parse_try
+    from autoopt.errors import UserError
+
+    assert _parse_try("amp:dtype=float16") == ("amp", {"dtype": "float16"})
+    assert _parse_try("compile:mode=default,fullgraph=true") == ("compile", {"mode": "default", "fullgraph": True})
+    assert _parse_try("batch_size:batch_size=64") == ("batch_size", {"batch_size": 64})
+    with pytest.raises(UserError):
+        _parse_try("amp:float16")
