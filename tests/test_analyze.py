@@ -351,3 +351,33 @@ def test_flushing_rows_into_arrays_changes_nothing(monkeypatch):
     monkeypatch.setattr(loader, "FLUSH_ROWS", 3)
     b = analyze_trace(load_trace(path, block=256))
     assert json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+@pytest.mark.parametrize("name,tc,mm,fp32_name", [
+    ("volta_sgemm_64x64_nt", False, True, True),
+    ("volta_scudnn_winograd_128x128_ldg1_ldg4_relu_tile148t_nt_v1", False, True, True),
+    ("void implicit_convolve_sgemm<float, float, 1024, 6, 7, 3, 3, 5, 1, false, true, true>(int)", False, True, True),
+    ("volta_h884gemm_64x64_nn", True, True, None),  # Volta fp16 HMMA
+    ("turing_h1688gemm_128x128_ldg8_nn", True, True, None),  # Turing
+    ("ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_nn", True, True, False),  # Ampere cuBLAS
+    ("sm80_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x32_stage4_warpsize2x2x1_tensor16x8x16_kernel",
+     True, True, False),
+    ("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x128x32_warpgroupsize1x1x1_execute_kernel__5x_cublas",
+     True, True, None),  # Hopper TF32
+    ("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NNN", True, True, False),  # Hopper cuBLASLt
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(Params)",
+     True, True, False),
+    ("void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, cutlass::bfloat16_t> >(Flash_fwd_params)",
+     True, True, False),
+    ("sm86_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x32_stage4_kernel", True, True,
+     False),  # cuDNN v8 engine
+    ("Cijk_Ailk_Bljk_HHS_BH_MT128x128x32_MI32x32x8x1_SN_1LDSB0", True, True, False),  # rocBLAS on MFMA
+    ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, 512, true, 1>(cudnnTensorStruct)", False, False, None),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float> >(int)", False, False, None),
+])
+def test_kernel_name_classes(name, tc, mm, fp32_name):
+    from autoopt.analyze.kernels import is_matmul_or_conv, name_says_reduced_precision, uses_tensor_cores
+    assert uses_tensor_cores(name) is tc
+    assert is_matmul_or_conv(name) is mm
+    if fp32_name is not None:
+        assert (not tc and not name_says_reduced_precision(name)) is fp32_name

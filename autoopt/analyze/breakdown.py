@@ -24,7 +24,10 @@ def is_comm_kernel_name(name: str) -> bool:
 
 
 def comm_kernel_mask(tr: T.Trace) -> np.ndarray:
-    return (tr.kind == T.KERNEL) & tr.has_name(tr.name_ids(is_comm_kernel_name))
+    k = tr.kind == T.KERNEL
+    kid = np.unique(tr.name[k])
+    ids = np.asarray([i for i in kid.tolist() if is_comm_kernel_name(tr.names[i])], dtype=np.int64)
+    return k & tr.has_name(ids)
 
 
 def dataloader_mask(tr: T.Trace) -> np.ndarray:

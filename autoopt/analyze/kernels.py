@@ -20,46 +20,57 @@ from autoopt.analyze.breakdown import is_comm_kernel_name
 _TB_TC = ("h884", "s884", "h1688", "s1688", "hmma", "i8816", "16816", "dgrad_1x1_stride_2x2",
           "first_layer_wgrad_kernel", "conv1x1", "conv2d_c1_k1", "direct_group", "xmma_implicit_gemm",
           "xmma_sparse_conv", "xmma_warp_specialized_implicit_gemm", "xmma_gemm", "xmma_sparse_gemm", "c1688")
-# ... and the kernels of Ampere, Hopper, Blackwell, cuDNN 8/9, CUTLASS 2/3, flash attention, ROCm
-_TC_RE = re.compile(
-    r"xmma|tensorop|wmma|wgmma|gmma_|_gmma|\bgmma|nvjet|hmma|imma|"
-    r"(?:^|[^a-z])sm(?:70|75|80|86|87|89|90|90a|100|100a|120)_(?:xmma|gemm|fprop|dgrad|wgrad|conv|mma|fmha|flash)|"
-    r"s16816|h16816|i16832|16816|1688|884gemm|_884|tf32|"
-    r"flash_fwd|flash_bwd|flash::|fmha|_mma_|mma_sm|cutlass_80|cutlass3x_sm|sm90_|sm100_|"
-    r"_mi\d+x\d+|xdlops|gtcx|_xdl|mfma",
-    re.IGNORECASE)
+# ... and the kernels of Ampere, Hopper, Blackwell, cuDNN 8/9, CUTLASS 2/3, flash attention and ROCm
+# (substring tests on the lower-cased name: kernel names are long, regex alternations are slow)
+_TC_SUB = ("xmma", "tensorop", "wmma", "gmma", "nvjet", "hmma", "imma", "16816", "16832", "1688gemm", "884gemm",
+           "tf32", "flash_fwd", "flash_bwd", "flash::", "fmha", "_mma_", "mma_sm", "cutlass_80", "cutlass3x_sm",
+           "sm90_", "sm100_", "xdlops", "gtcx", "_xdl", "mfma")
+_TC_RE = re.compile(r"sm(?:70|75|80|86|87|89|90a?|100a?|120)_(?:gemm|fprop|dgrad|wgrad|conv|mma|fmha|flash)|"
+                    r"_mi\d+x\d+")
+_MM_SUB = ("gemm", "gemv", "conv", "scudnn", "hcudnn", "wgrad", "dgrad", "fprop", "winograd", "cutlass", "nvjet",
+           "xmma", "cijk_", "splitkreduce", "fmha", "flash_fwd", "flash_bwd", "flash::", "wmma", "xdlops",
+           "dot_kernel", "matmul", "bmm_")
+_NOT_MM_SUB = ("bn_fw", "bn_bw", "batch_norm", "batchnorm", "nchwtonhwc", "nhwctonchw", "layer_norm", "layernorm",
+               "softmax")
+_CONV_SUB = ("conv", "scudnn", "hcudnn", "wgrad", "dgrad", "fprop", "winograd", "nhwckrsc", "igemm_fwd",
+             "igemm_bwd", "igemm_wrw", "miopen")
+_HALF_SUB = ("hgemm", "hcudnn", "half", "bf16", "bfloat16", "fp16", "f16", "_h_", "_hh", "hss", "_bbs_", "_bss_",
+             "_hs_", "int8", "e4m3", "e5m2", "fp8")
+_LAYOUT_SUB = ("nchwtonhwc", "nhwctonchw", "nchw2nhwc", "nhwc2nchw", "nchw_to_nhwc", "nhwc_to_nchw")
 
-_MM_RE = re.compile(
-    r"gemm|gemv|conv|scudnn|hcudnn|wgrad|dgrad|fprop|winograd|cutlass|nvjet|xmma|cijk_|splitkreduce|"
-    r"fmha|flash_fwd|flash_bwd|flash::|wmma|wgmma|igemm|xdlops|kernel_gemm|dot_kernel|matmul|bmm_",
-    re.IGNORECASE)
-_CONV_RE = re.compile(r"conv|scudnn|hcudnn|wgrad|dgrad|fprop|winograd|nhwckrsc|igemm_(?:fwd|bwd|wrw)|miopen",
-                      re.IGNORECASE)
-_NOT_MM_RE = re.compile(r"bn_fw|bn_bw|batch_?norm|nchwtonhwc|nhwctonchw|layer_?norm|softmax", re.IGNORECASE)
-_HALF_RE = re.compile(r"hgemm|hcudnn|half|bf16|bfloat16|fp16|f16|_h_|_hh|hss|_bbs_|_hhs_|_bss_|_hs_|int8|e4m3|e5m2|fp8",
-                      re.IGNORECASE)
-_LAYOUT_RE = re.compile(r"nchwtonhwc|nhwctonchw|nchw2nhwc|nhwc2nchw|nchw_to_nhwc|nhwc_to_nchw", re.IGNORECASE)
+
+def _has(name: str, subs: tuple) -> bool:
+    low = name.lower()
+    return any(p in low for p in subs)
 
 
 def uses_tensor_cores(name: str) -> bool:
-    return any(p in name for p in _TB_TC) or bool(_TC_RE.search(name))
+    low = name.lower()
+    return (any(p in name for p in _TB_TC) or any(p in low for p in _TC_SUB)
+            or bool(_TC_RE.search(low)))
 
 
 def is_matmul_or_conv(name: str) -> bool:
-    return bool(_MM_RE.search(name)) and not _NOT_MM_RE.search(name)
+    return _has(name, _MM_SUB) and not _has(name, _NOT_MM_SUB)
 
 
 def is_conv(name: str) -> bool:
-    return is_matmul_or_conv(name) and bool(_CONV_RE.search(name))
+    return is_matmul_or_conv(name) and _has(name, _CONV_SUB)
 
 
 def name_says_reduced_precision(name: str) -> bool:
-    return bool(_HALF_RE.search(name))
+    return _has(name, _HALF_SUB)
 
 
-def _flag_lut(tr: T.Trace, pred) -> np.ndarray:
+def is_layout_conversion(name: str) -> bool:
+    return _has(name, _LAYOUT_SUB)
+
+
+def _flag_lut(tr: T.Trace, pred, ids: Optional[np.ndarray] = None) -> np.ndarray:
+    """Boolean lookup table over name ids (evaluated only for `ids` when given)."""
     lut = np.zeros(len(tr.names), dtype=bool)
-    for i, s in enumerate(tr.names):
+    for i in (range(len(tr.names)) if ids is None else ids.tolist()):
+        s = tr.names[i]
         if s and pred(s):
             lut[i] = True
     return lut
@@ -72,11 +83,12 @@ def kernel_stats(tr: T.Trace, lo: float, hi: float, top_n: int) -> dict:
                  "kernel_count": int(k.size), "median_kernel_us": None, "small_kernel_fraction": None}
     if k.size == 0:
         return out
-    comm = _flag_lut(tr, is_comm_kernel_name)
     names = tr.name[k]
+    kid = np.unique(names)
+    comm = _flag_lut(tr, is_comm_kernel_name, kid)
     dur = tr.dur[k]
     # top kernels over the whole trace (as torch-tb-profiler's kernel table)
-    tc_lut = _flag_lut(tr, uses_tensor_cores)
+    tc_lut = _flag_lut(tr, uses_tensor_cores, kid)
     calls = np.bincount(names, minlength=len(tr.names))
     tot = np.bincount(names, weights=dur, minlength=len(tr.names))
     order = np.argsort(-tot, kind="stable")
@@ -99,25 +111,25 @@ def kernel_stats(tr: T.Trace, lo: float, hi: float, top_n: int) -> dict:
     if total <= 0:
         return out
     out["tensor_core_kernel_ratio"] = float(din[tc_lut[nin]].sum() / total)
-    mm_lut = _flag_lut(tr, is_matmul_or_conv)
-    conv_lut = _flag_lut(tr, is_conv)
+    mm_lut = _flag_lut(tr, is_matmul_or_conv, kid)
+    conv_lut = _flag_lut(tr, is_conv, kid)
     mm = mm_lut[nin]
     out["matmul_fraction"] = float(din[mm].sum() / total)
     out["conv_fraction"] = float(din[conv_lut[nin]].sum() / total)
-    out["layout_conversion_fraction"] = float(din[_flag_lut(tr, lambda s: bool(_LAYOUT_RE.search(s)))[nin]].sum()
+    out["layout_conversion_fraction"] = float(din[_flag_lut(tr, is_layout_conversion, kid)[nin]].sum()
                                               / total)
     if mm.any():
-        fp32 = _fp32_mask(tr, kin[mm], tc_lut)
+        fp32 = _fp32_mask(tr, kin[mm], tc_lut, kid)
         mm_time = float(din[mm].sum())
         out["fp32_matmul_fraction"] = float(din[mm][fp32].sum() / mm_time) if mm_time > 0 else None
     return out
 
 
-def _fp32_mask(tr: T.Trace, kidx: np.ndarray, tc_lut: np.ndarray) -> np.ndarray:
+def _fp32_mask(tr: T.Trace, kidx: np.ndarray, tc_lut: np.ndarray, kid: np.ndarray) -> np.ndarray:
     """fp32 (not tf32/bf16/fp16) matmul/conv kernels: not tensor-core kernels, no reduced precision
     in the name, and, when the launching op recorded its input types, float inputs."""
     names = tr.name[kidx]
-    half_lut = _flag_lut(tr, name_says_reduced_precision)
+    half_lut = _flag_lut(tr, name_says_reduced_precision, kid)
     fp32 = ~tc_lut[names] & ~half_lut[names]
     if tr.input_types:
         ops = tr.launching_op(kidx)

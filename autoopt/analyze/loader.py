@@ -68,6 +68,7 @@ _EMPTY: dict = {}
 
 
 FLUSH_ROWS = 1 << 18
+_KEEP_PH = frozenset({"i", "I", "M"})
 _COLSPEC = {"kind": (np.int8, T.OTHER), "name": (np.int32, 0), "pid": (np.int32, 0), "tid": (np.int32, 0),
             "ts": (np.float64, np.nan), "dur": (np.float64, 0.0), "ext": (np.int64, -1), "corr": (np.int64, -1)}
 
@@ -225,9 +226,18 @@ class _Columns:
             self._ingest_events(evs)
             return
         self._commit(*staged)
-        rest = [e for e in evs if e.get("ph") != "X"]
+        rest = [e for e in evs if e.get("ph") in _KEEP_PH]
         if rest:
-            self._ingest_events(rest, count=False)
+            mem = [e for e in rest if e.get("name") == "[memory]"]
+            if mem:
+                a = [e.get("args") for e in mem]
+                if all(x.__class__ is dict for x in a):
+                    self.mem.extend(zip([e.get("ts") for e in mem], [x.get("Bytes") for x in a],
+                                        [x.get("Total Allocated") for x in a], [x.get("Device Type") for x in a],
+                                        [x.get("Device Id") for x in a]))
+                    rest = [e for e in rest if e.get("name") != "[memory]"]
+            if rest:
+                self._ingest_events(rest, count=False)
         self.events_total += len(evs)
         if len(self.kind) >= FLUSH_ROWS:
             self.flush()
@@ -772,20 +782,28 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
     return _check(_finish(cols, path, meta, size), path)
 
 
-def _last_cut(buf: bytes, pos: int) -> Optional[int]:
-    """Position of the `}` of the last candidate event boundary in buf[pos:], or None."""
-    n = len(buf)
-    window = 1 << 20
-    lo = max(pos, n - window)
-    while True:
-        last = None
-        for m in _CUT.finditer(buf, lo):
-            last = m.start()
-        if last is not None:
-            return last
-        if lo == pos:
+def _last_cut(buf, pos: int) -> Optional[int]:
+    """Position of the `}` of the last candidate event boundary (`}` , `{`) in buf[pos:], or None.
+    A candidate is only a guess (it could sit inside a string); the decode that follows checks it."""
+    j = len(buf)
+    ws = b" \t\r\n"
+    for _ in range(64):
+        j = buf.rfind(b"{", pos, j)
+        if j <= pos:
             return None
-        lo = max(pos, lo - window * 8)
+        k = j - 1
+        while k > pos and buf[k] in ws:
+            k -= 1
+        if buf[k] == 44:  # ','
+            k -= 1
+            while k > pos and buf[k] in ws:
+                k -= 1
+            if buf[k] == 125:  # '}'
+                return k
+    m = None
+    for m in _CUT.finditer(buf, pos):
+        pass
+    return m.start() if m else None
 
 
 def _loads_between(buf: bytearray, pos: int, cut: int) -> Optional[list]:

@@ -1,0 +1,226 @@
+"""Trace-analysis benchmark: autoopt against torch-tb-profiler and Holistic Trace Analysis.
+
+Each tool runs as a whole command (a fresh Python process, start-up and imports included) on
+the same trace files in the same run; wall time and the command's peak RSS (os.wait4) are
+measured, medians over --repeat runs, and ratios are taken side by side. The ~1 GB case is
+synthesized under /tmp by repeating a real ResNet-50 V100 trace in time (ids renumbered).
+
+    python bench/analyze_bench.py                 # real traces + the 1 GB trace, all three tools
+    python bench/analyze_bench.py --no-big        # real traces only
+    python bench/analyze_bench.py --big-only --repeat 1
+
+What each command does:
+- autoopt:  python -m autoopt.analyze TRACE --json  (every analysis, JSON on stdout)
+- tb:       torch_tb_profiler RunProfileData.parse + process (what TensorBoard's plugin runs to
+            build its overview, operator, kernel and GPU-metric views of one trace)
+- hta:      hta TraceAnalysis(trace_dir) + temporal breakdown + idle-time breakdown
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "traces"
+REAL = [SHARED / "kineto" / "resnet50_v100_num_workers_0.pt.trace.json.gz",
+        SHARED / "param" / "resnet_rtx2080ti_no_profiler_step.json.gz",
+        SHARED / "hta" / "v100_gpu_bound_ns_resolution_2024.pt.trace.json.gz"]
+BIG_SOURCE = SHARED / "kineto" / "resnet50_v100_num_workers_0.pt.trace.json.gz"
+WORK = Path(tempfile.gettempdir()) / "autoopt_analyze_bench"
+
+TB = """
+import sys, logging
+logging.disable(logging.CRITICAL)
+from torch_tb_profiler.profiler.data import RunProfileData
+p = RunProfileData.parse('worker0', 'span', sys.argv[1], sys.argv[2])
+print(p.gpu_metrics_parser.gpu_utilization[0] if p.gpu_metrics_parser.gpu_ids else None)
+"""
+HTA = """
+import sys, logging, warnings
+logging.disable(logging.CRITICAL)
+warnings.filterwarnings('ignore')
+from hta.trace_analysis import TraceAnalysis
+a = TraceAnalysis(trace_dir=sys.argv[1])
+print(a.get_temporal_breakdown(visualize=False).to_string())
+print(a.get_idle_time_breakdown(visualize=False)[0].to_string())
+"""
+
+
+def run(cmd: list[str], timeout: float) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MB, exit status) of one command."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        _, status, ru = _wait4(p, timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return float("nan"), float("nan"), -9
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        print(f"  ! {' '.join(cmd[:4])} ... exited {code}: {err.strip().splitlines()[-1:] }", file=sys.stderr)
+    return wall, ru.ru_maxrss / 1024.0, code
+
+
+def _wait4(p: subprocess.Popen, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid == p.pid:
+            p.returncode = os.waitstatus_to_exitcode(status)
+            return pid, status, ru
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(p.args, timeout)
+        time.sleep(0.01)
+
+
+def commands(trace: Path) -> dict[str, list[str]]:
+    hta_dir = WORK / f"hta_{trace.name}"
+    if not hta_dir.exists():
+        hta_dir.mkdir(parents=True)
+        os.symlink(trace, hta_dir / trace.name)
+    cache = WORK / "tb_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    return {
+        "autoopt": [py, "-m", "autoopt.analyze", str(trace), "--json"],
+        "torch-tb-profiler": [py, "-c", TB, str(trace), str(cache)],
+        "hta": [py, "-c", HTA, str(hta_dir)],
+    }
+
+
+def synthesize(source: Path, target_bytes: int) -> Path:
+    """Repeat a real trace in time until it reaches target_bytes; correlation / External ids and
+    ProfilerStep numbers are offset per copy so that every copy stays a consistent trace."""
+    raw = source.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    doc = orjson.loads(raw)
+    evs = doc.pop("traceEvents")
+    reps = max(1, round(target_bytes / len(raw)))
+    out = WORK / f"{source.name.split('.')[0]}_x{reps}.json"
+    if out.exists() and out.stat().st_size > 0.9 * target_bytes:
+        return out
+    ts = [e["ts"] for e in evs if isinstance(e.get("ts"), (int, float))]
+    span = (max(ts) - min(ts)) + 1000
+    ids = [v for e in evs for k in ("correlation", "External id", "external id")
+           for v in [(e.get("args") or {}).get(k)] if isinstance(v, int)]
+    idspan = max(ids) + 1
+    steps = [int(e["name"].split("#")[1]) for e in evs if str(e.get("name", "")).startswith("ProfilerStep#")]
+    stepspan = (max(steps) + 1) if steps else 0
+    WORK.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        head = orjson.dumps(doc)[:-1]
+        f.write(head + (b"," if len(doc) else b"") + b'"traceEvents":[\n')
+        first = True
+        for r in range(reps):
+            for e in evs:
+                ph = e.get("ph")
+                if r and ph == "M":
+                    continue
+                if r and e.get("name") in ("Record Window End", "Iteration Start: PyTorch Profiler"):
+                    continue
+                if r:
+                    e = dict(e)
+                    if isinstance(e.get("ts"), (int, float)):
+                        e["ts"] = e["ts"] + r * span
+                    if ph in ("s", "f") and isinstance(e.get("id"), int):
+                        e["id"] = e["id"] + r * idspan
+                    a = e.get("args")
+                    if isinstance(a, dict):
+                        a = dict(a)
+                        for k in ("correlation", "External id", "external id"):
+                            if isinstance(a.get(k), int) and a[k] > 0:
+                                a[k] = a[k] + r * idspan
+                        e["args"] = a
+                    n = e.get("name")
+                    if isinstance(n, str) and n.startswith("ProfilerStep#"):
+                        e["name"] = f"ProfilerStep#{int(n.split('#')[1]) + r * stepspan}"
+                    if e.get("cat") == "Trace":
+                        continue
+                if not first:
+                    f.write(b",\n")
+                f.write(orjson.dumps(e))
+                first = False
+        f.write(b"\n]}\n")
+    tmp.rename(out)
+    return out
+
+
+def bench(traces: list[Path], repeat: int, tools: list[str], timeout: float) -> list[dict]:
+    rows = []
+    for tr in traces:
+        size_mb = tr.stat().st_size / 1e6
+        cmds = commands(tr)
+        res: dict[str, list[tuple[float, float, int]]] = {t: [] for t in tools}
+        for _ in range(repeat):
+            for t in tools:  # interleaved, so that machine noise hits every tool alike
+                res[t].append(run(cmds[t], timeout))
+        row = {"trace": tr.name, "size_mb": size_mb}
+        for t in tools:
+            ok = [r for r in res[t] if r[2] == 0]
+            row[t] = (statistics.median(r[0] for r in ok), max(r[1] for r in ok)) if ok else None
+        rows.append(row)
+        print(_fmt_row(row, tools), flush=True)
+    return rows
+
+
+def _fmt_row(row: dict, tools: list[str]) -> str:
+    cells = [row["trace"], f"{row['size_mb']:.0f}"]
+    base = row.get("autoopt")
+    for t in tools:
+        v = row.get(t)
+        cells.append("failed" if v is None else f"{v[0]:.2f} s / {v[1]:.0f} MB")
+    for t in tools[1:]:
+        v = row.get(t)
+        if v is None or base is None:
+            cells.append("-")
+        else:
+            cells.append(f"{v[0] / base[0]:.1f}x / {v[1] / base[1]:.1f}x")
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--big-gb", type=float, default=1.0)
+    ap.add_argument("--no-big", action="store_true")
+    ap.add_argument("--big-only", action="store_true")
+    ap.add_argument("--big-repeat", type=int, default=1)
+    ap.add_argument("--tools", default="autoopt,torch-tb-profiler,hta")
+    ap.add_argument("--timeout", type=float, default=1800)
+    args = ap.parse_args()
+    tools = args.tools.split(",")
+    WORK.mkdir(parents=True, exist_ok=True)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    header = ["trace", "MB"] + tools + [f"{t} / autoopt (time / memory)" for t in tools[1:]]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    if not args.big_only:
+        bench([p for p in REAL if p.exists()], args.repeat, tools, args.timeout)
+    if not args.no_big:
+        big = synthesize(BIG_SOURCE, int(args.big_gb * 1e9))
+        rows = bench([big], args.big_repeat, tools, args.timeout)
+        a = rows[0].get("autoopt")
+        if a:
+            print(f"\n1 GB goal (< 60 s, < 3 GB): autoopt {a[0]:.1f} s, {a[1] / 1024:.2f} GB -> "
+                  f"{'met' if a[0] < 60 and a[1] < 3072 else 'NOT met'}")
+    shutil.rmtree(WORK / "tb_cache", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
