@@ -50,6 +50,15 @@ CPU = Capabilities("cpu")
 CPU_BF16 = Capabilities("cpu", bf16=True, cpu_flags=("avx512_bf16",))
 
 
+@pytest.fixture
+def single_thread():
+    """Tiny numeric checks run faster on one thread than fighting for a shared machine's cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def a100():
     return caps_from_trace("hta/a100_triton_kernel.json.gz")
@@ -361,7 +370,7 @@ def test_inspect_prefers_loader_facts_and_builds_missing_ones():
 
 
 # ---------------------------------------------------------------------------- activation checkpointing
-def test_apply_checkpointing_recomputes_blocks_with_equal_gradients():
+def test_apply_checkpointing_recomputes_blocks_with_equal_gradients(single_thread):
     torch.manual_seed(0)
     ref = Stack()
     ckpt = copy.deepcopy(ref)
@@ -423,7 +432,7 @@ def _train(model, opt, steps, seed=1):
     lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.95), eps=1e-6),
     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
 ], ids=["sgd", "adam", "adamw"])
-def test_rebuild_optimizer_keeps_hyperparameters_and_trajectory(make, impl):
+def test_rebuild_optimizer_keeps_hyperparameters_and_trajectory(make, impl, single_thread):
     torch.manual_seed(0)
     a = Stack()
     b = copy.deepcopy(a)
