@@ -22,16 +22,19 @@ node's parent writes its own run directory and analyses the ranks whose traces i
 Straggler analysis: in a synchronous job every rank's wall-clock step equals the slowest
 rank's (the others wait in the all-reduce), so the step-time skew is ~0 even with a
 straggler. What differs is the time a rank spends waiting in collectives: `rank_balance`
-adds each rank's busy time (step time minus communication) and, when the busy times of
-two ranks are clearly apart (no overlap between their per-step values), uses their skew
-as `metrics.rank_step_skew` and names the straggler (the busiest rank, which waits least).
+adds each rank's busy time (median over steps of step time minus communication) and, when
+the busiest and the least busy rank are clearly apart (medians at least 10 % and 1 ms
+apart, and the busier rank busier in two thirds of the steps), uses their skew as
+`metrics.rank_step_skew` and names the straggler (the busiest rank, which waits least).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import os
+import math
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -233,7 +236,7 @@ def rank_balance(result: dict) -> dict:
         st = (t.get("step_time_ms") or {}).get("mean")
         comm = (t.get("breakdown_ms") or {}).get("communication") or 0.0
         rows.append({"rank": t["rank"], "busy_steps": busy_steps,
-                     "busy_ms_per_step": (sum(busy_steps) / len(busy_steps)) if busy_steps else None,
+                     "busy_ms_per_step": statistics.median(busy_steps) if busy_steps else None,
                      "wait_ms_per_step": comm if st else None})
     rows = [r for r in rows if r["busy_ms_per_step"]]
     out: dict[str, Any] = {"busy_skew": None, "straggler_rank": ranks.get("straggler_rank"), "clearly_apart": False}
@@ -247,8 +250,8 @@ def rank_balance(result: dict) -> dict:
         slow = max(rows, key=lambda r: r["busy_ms_per_step"])
         fast = min(rows, key=lambda r: r["busy_ms_per_step"])
         skew = (slow["busy_ms_per_step"] - fast["busy_ms_per_step"]) / fast["busy_ms_per_step"]
-        apart = bool(slow["busy_steps"] and fast["busy_steps"]) and min(slow["busy_steps"]) > max(fast["busy_steps"])
-        out.update({"busy_skew": round(skew, 6), "clearly_apart": apart})
+        out.update({"busy_skew": round(skew, 6), "clearly_apart": _apart(slow["busy_steps"], fast["busy_steps"])})
+        apart = out["clearly_apart"]
         if apart:
             out["straggler_rank"] = slow["rank"]
             # in a synchronous job the slowest rank is the busiest one, whatever the wall clock says
@@ -267,6 +270,26 @@ def rank_balance(result: dict) -> dict:
     if out["straggler_rank"] is not None:
         ranks["straggler_rank"] = out["straggler_rank"]
     return out
+
+
+# A straggler must be busier than the fastest rank by this much (fraction of the fastest
+# rank's busy time, and at least MIN_BUSY_GAP_MS) and in most steps, not in one noisy step.
+MIN_BUSY_GAP = 0.1
+MIN_BUSY_GAP_MS = 1.0
+
+
+def _apart(slow: list[float], fast: list[float]) -> bool:
+    """The slow rank's per-step busy times are clearly above the fast rank's: the medians
+    differ by the minimum gap, and the slow rank is busier in at least two thirds of the
+    steps (paired by step: the ranks' steps are synchronous)."""
+    n = min(len(slow), len(fast))
+    if n < 2:
+        return False
+    ms, mf = statistics.median(slow), statistics.median(fast)
+    if ms - mf <= max(MIN_BUSY_GAP * mf, MIN_BUSY_GAP_MS):
+        return False
+    wins = sum(1 for a, b in zip(slow[:n], fast[:n]) if a > b)
+    return wins >= math.ceil(2 * n / 3)
 
 
 def _findings(result: dict, facts: dict) -> list:

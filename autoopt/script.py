@@ -430,18 +430,18 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
     optimizer steps, analyze and diagnose it. Returns `autoopt profile --json`'s object
     plus "script", "script_path", "args", "optimizer_steps", "profiled_steps",
     "sources" and "notes"."""
+    steps = DEFAULT_STEPS if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {steps!r}).")
+    shown = str(script_path)
+    path = _check_script(script_path)  # before importing torch: a bad path fails fast
+
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 
     from autoopt.analyze import analyze_paths
     from autoopt.profile import new_run_dir
-
-    steps = DEFAULT_STEPS if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UserError(f"--steps must be at least 1 (got {steps!r}).")
-    shown = str(script_path)
-    path = _check_script(script_path)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(logdir) if logdir else Path("reports") / "profiles"
     run_dir = new_run_dir(root, f"{path.stem}-script-{stamp}").resolve()

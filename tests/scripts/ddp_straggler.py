@@ -1,4 +1,4 @@
-"""A planted straggler: rank 1 sleeps 40 ms in every forward; every other rank waits for it."""
+"""A planted straggler: rank 1 sleeps 250 ms in every forward; every other rank waits for it."""
 import os
 import time
 
@@ -18,7 +18,7 @@ def make_batch(batch_size):
 
 def forward(model, batch):
     if int(os.environ.get("RANK", "0")) == SLOW_RANK:
-        time.sleep(0.04)
+        time.sleep(0.25)
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x), y)
 
