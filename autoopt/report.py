@@ -192,6 +192,22 @@ def final_speedup(report: dict) -> tuple[Optional[float], Optional[float], Optio
     return s, lo, hi
 
 
+def before_after(report: dict) -> tuple[dict, dict]:
+    """The two measurements behind the final speedup: the baseline as re-measured side by
+    side with the final configuration where the report has it (final.baseline_remeasured),
+    else the first baseline; and the final configuration."""
+    fin = _d(report.get("final"))
+    before = _d(fin.get("baseline_remeasured")) or _d(report.get("baseline"))
+    if "batch_size" not in before and report.get("batch_size") is not None:
+        before = dict(before, batch_size=report.get("batch_size"))
+    return before, fin
+
+
+def batch_label(m: dict) -> str:
+    bs = m.get("batch_size")
+    return f"batch {bs}" if bs is not None else ""
+
+
 def speedup_text(report: dict) -> str:
     s, lo, hi = final_speedup(report)
     if s is None:
@@ -239,26 +255,43 @@ def model_label(report: dict) -> str:
     return str(report.get("model") or "model")
 
 
+def _op_ms(o: dict, gpu: bool) -> Optional[float]:
+    """An operator's self time: `self_ms`, or autoopt analyze's device_self_ms (GPU traces,
+    where it is non-zero) / host_self_ms, then the totals."""
+    keys = ("self_ms", "device_self_ms", "host_self_ms") if gpu else ("self_ms", "host_self_ms")
+    for k in keys + ("total_ms", "host_total_ms"):
+        v = num(o.get(k))
+        if v is not None and (v > 0 or k == keys[-1]):
+            return v
+    return None
+
+
 def top_entries(analysis: Any, limit: int = 10) -> tuple[str, list[tuple[str, float, Optional[int]]]]:
-    """('kernels'|'operators', [(name, ms, calls)]) of one trace analysis: kernels where the
-    trace has any (a GPU run), else operators by self time (a CPU run)."""
+    """('kernels'|'operators', [(name, ms, calls)]) of one trace analysis, totals over the
+    traced steps: kernels where the trace has any (a GPU run), else operators by self time
+    (a CPU run)."""
     a = _d(analysis)
     out = []
     for k in _l(a.get("top_kernels")):
         if isinstance(k, dict) and num(k.get("total_ms")) is not None:
             out.append((str(k.get("name", "?")), num(k["total_ms"]), k.get("calls")))
     if out:
+        out.sort(key=lambda r: -r[1])
         return "kernels", out[:limit]
+    gpu = _d(a.get("device")).get("type") == "cuda"
     for o in _l(a.get("top_operators")):
         if not isinstance(o, dict):
             continue
-        ms = num(o.get("self_ms"))
-        if ms is None:
-            ms = num(o.get("total_ms"))
+        ms = _op_ms(o, gpu)
         if ms is not None:
             out.append((str(o.get("name", "?")), ms, o.get("calls")))
     out.sort(key=lambda r: -r[1])
     return "operators", out[:limit]
+
+
+def traced_steps(analysis: Any) -> Optional[int]:
+    n = _d(analysis).get("steps")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def breakdown(analysis: Any) -> dict[str, float]:
@@ -360,21 +393,32 @@ def render_markdown(report: dict) -> str:
     out += [f"- **{k}:** {v}" for k, v in meta] + [""]
 
     out += ["## Result", ""]
+    if r.get("interrupted"):
+        out += ["**Interrupted:** the run was stopped; this report holds what was measured until then.", ""]
     s, _, _ = final_speedup(r)
     if s is None:
         out += ["No final configuration was measured (the run failed or was interrupted before "
                 "the final measurement); see the variants below for what was measured.", ""]
+        if fin.get("note"):
+            out += [md_text(fin["note"]), ""]
     else:
-        bst, fst = _d(base.get("step_time_ms")), _d(fin.get("step_time_ms"))
+        before, after = before_after(r)
+        bst, fst = _d(before.get("step_time_ms")), _d(after.get("step_time_ms"))
+        remeasured = " (the baseline re-measured side by side)" if _d(fin.get("baseline_remeasured")) else ""
         out += [
-            f"**{md_text(speedup_text(r))}** in throughput: "
-            f"{fmt_ms(stat(bst, 'median'))} ms → {fmt_ms(stat(fst, 'median'))} ms per step (median), "
-            f"{fmt_tput(base.get('throughput_per_s'))} → {fmt_tput(fin.get('throughput_per_s'))} samples/s.",
+            f"**{md_text(speedup_text(r))}** in throughput{remeasured}: "
+            f"{fmt_tput(before.get('throughput_per_s'))} → {fmt_tput(after.get('throughput_per_s'))} samples/s; "
+            f"{fmt_ms(stat(bst, 'median'))} ms per step at {md_text(batch_label(before) or '?')} → "
+            f"{fmt_ms(stat(fst, 'median'))} ms at {md_text(batch_label(after) or '?')} (medians).",
             "",
             f"Kept: {md_text(', '.join(fin.get('codes') or []) or 'nothing')} "
             f"({md_code(transforms_text(fin.get('transforms')))}).",
             "",
         ]
+
+    notes = [n for n in _l(r.get("notes")) if n]
+    if notes:
+        out += ["## Notes", ""] + [f"- {md_text(n)}" for n in notes] + [""]
 
     out += ["## Baseline", ""]
     if base:
@@ -451,12 +495,15 @@ def render_markdown(report: dict) -> str:
         bb, bf = breakdown(ab), breakdown(af)
         rows = [[BREAKDOWN_LABELS[k], fmt_ms(bb[k]) if _d(ab) else "—", fmt_ms(bf[k]) if _d(af) else "—"]
                 for k in BREAKDOWN_KEYS if bb[k] or bf[k]]
-        out += _md_table(["Category", "Baseline", "Final"], rows) if rows else ["All categories are zero.", ""]
+        before, after = before_after(r)
+        out += _md_table(["Category", f"Baseline ({batch_label(before) or '?'})", f"Final ({batch_label(after) or '?'})"],
+                         rows) if rows else ["All categories are zero.", ""]
         for label, a in (("baseline", ab), ("final", af)):
             kind, top = top_entries(a)
             if not top:
                 continue
-            out += [f"### Top {kind}, {label}", ""]
+            n = traced_steps(a)
+            out += [f"### Top {kind}, {label}", "", f"Totals over the {n} traced steps." if n else "", ""]
             out += _md_table(["Name", "Calls", "Time (ms)"],
                              [[md_code(_short(n, 120)), md_text(c if c is not None else "—"), fmt_ms(ms)]
                               for n, ms, c in top])
@@ -547,7 +594,8 @@ def svg_stacked_bars(bars: list[tuple[str, dict[str, float]]], title: str, kind:
     """Horizontal stacked bars (one per label) of ms per category, with a legend."""
     cats = [k for k in BREAKDOWN_KEYS if any(b.get(k, 0) > 0 for _, b in bars)]
     total_max = _nice_max(max((sum(b.get(k, 0) for k in cats) for _, b in bars), default=0) or 1)
-    left, right, top, bar_h, gap = 70, 60, 28, 30, 14
+    left = int(min(220, 24 + 6.8 * max((len(lbl) for lbl, _ in bars), default=4)))
+    right, top, bar_h, gap = 60, 28, 30, 14
     w = 540
     plot_w = w - left - right
     legend_rows = math.ceil(len(cats) / 4) if cats else 0
@@ -577,7 +625,7 @@ def svg_stacked_bars(bars: list[tuple[str, dict[str, float]]], title: str, kind:
         s.append(f'<text x="{x + 4:.1f}" y="{y + bar_h / 2 + 4:.1f}" class="value">{fmt_ms(total)} ms</text>')
     ly = axis_y + 40
     for j, k in enumerate(cats):
-        lx = left + (j % 4) * 110
+        lx = 16 + (j % 4) * 125
         yy = ly + (j // 4) * 20
         s.append(f'<rect x="{lx}" y="{yy - 10}" width="12" height="12" fill="{BREAKDOWN_COLORS[k]}"/>')
         s.append(f'<text x="{lx + 16}" y="{yy}" class="tick">{esc(BREAKDOWN_LABELS[k])}</text>')
@@ -720,6 +768,8 @@ pre.diff span{display:block;padding:0 10px;white-space:pre}
 pre.diff .add{background:#e6ffec;color:#116329}pre.diff .del{background:#ffebe9;color:#82071e}
 pre.diff .hunk{background:#ddf4ff;color:#0550ae}pre.diff .file{font-weight:700;background:#f0f2f5}
 .empty{color:var(--muted);font-style:italic}
+.banner{background:#fff3e0;border:1px solid #ef6c00;border-radius:8px;padding:8px 14px;font-weight:600}
+.notes{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:8px 14px;margin:8px 0}
 td .sub{color:var(--muted);font-size:11.5px}
 """
 
@@ -793,19 +843,25 @@ def render_html(report: dict) -> str:
              f'{esc(r.get("created_at") or "")} · autoopt {esc(r.get("autoopt_version") or "?")} · '
              f'torch {esc(r.get("torch_version") or "?")}</div>')
 
+    if r.get("interrupted"):
+        p.append('<p class="banner">Interrupted: the run was stopped; this report holds what was measured '
+                 "until then.</p>")
+
     # summary
     s, lo, hi = final_speedup(r)
-    bst, fst = _d(base.get("step_time_ms")), _d(fin.get("step_time_ms"))
+    before, after = before_after(r)
+    bst, fst = _d(before.get("step_time_ms")), _d(after.get("step_time_ms"))
+    bl, al = batch_label(before), batch_label(after)
     cards = [
         ("big" + ("" if s is not None and s >= 1 else " slow" if s is not None else " none"), "Final speedup", fmt_x(s) if s is not None else "not measured",
          f"spread {fmt_x(lo)}–{fmt_x(hi)}" if lo is not None and hi is not None else "throughput vs baseline"),
         ("", "Device", str(_d(r.get("device")).get("name") or _d(r.get("device")).get("type") or "unknown"),
          device_detail(r)),
+        ("", "Throughput", f"{fmt_tput(before.get('throughput_per_s'))} → {fmt_tput(after.get('throughput_per_s'))}",
+         "samples/s" + (" (baseline re-measured side by side)" if _d(fin.get("baseline_remeasured")) else "")),
         ("", "Step time (median)", f"{fmt_ms(stat(bst, 'median'))} → {fmt_ms(stat(fst, 'median'))} ms",
-         f"baseline {spread_text(bst)} · final {spread_text(fst)} (p25–p75)"),
-        ("", "Throughput", f"{fmt_tput(base.get('throughput_per_s'))} → {fmt_tput(fin.get('throughput_per_s'))}",
-         "samples/s"),
-        ("", "Peak memory", f"{fmt_mb(base.get('peak_memory_mb'))} → {fmt_mb(fin.get('peak_memory_mb'))} MB", ""),
+         f"{bl or 'baseline'}: {spread_text(bst)} · {al or 'final'}: {spread_text(fst)} (p25–p75)"),
+        ("", "Peak memory", f"{fmt_mb(before.get('peak_memory_mb'))} → {fmt_mb(after.get('peak_memory_mb'))} MB", ""),
         ("", "Kept", ", ".join(fin.get("codes") or []) or "nothing", transforms_text(fin.get("transforms"))),
     ]
     p.append('<section id="summary"><div class="cards">')
@@ -820,7 +876,15 @@ def render_html(report: dict) -> str:
                      f"{fmt_num(search.get('time_s'), 1)} s")
     if num(base.get("mfu")) is not None:
         extra.append(f"baseline MFU {fmt_pct(base.get('mfu'))}")
-    p.append(f'<p class="muted">{esc(" · ".join(extra))}</p></section>')
+    if num(r.get("wall_time_s")) is not None:
+        extra.append(f"run took {fmt_num(r.get('wall_time_s'), 1)} s")
+    p.append(f'<p class="muted">{esc(" · ".join(extra))}</p>')
+    if s is None and fin.get("note"):
+        p.append(f"<p>{esc(fin['note'])}</p>")
+    notes = [n for n in _l(r.get("notes")) if n]
+    if notes:
+        p.append('<div class="notes"><b>Notes</b><ul>' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul></div>")
+    p.append("</section>")
 
     # variants table
     p.append('<section id="variants"><h2>Variants</h2>')
@@ -856,6 +920,8 @@ def render_html(report: dict) -> str:
     analysis = _d(r.get("analysis"))
     ab, af = analysis.get("baseline"), analysis.get("final")
     bars = [(lbl, breakdown(a)) for lbl, a in (("baseline", ab), ("final", af)) if _d(a)]
+    if bars and any(sum(b.values()) > 0 for _, b in bars) and bl and al and bl != al:
+        bars = [(f"{lbl} ({bl if lbl == 'baseline' else al})", b) for lbl, b in bars]
     if bars and any(sum(b.values()) > 0 for _, b in bars):
         p.append('<div class="plotbox">' + svg_stacked_bars(bars, "Step-time breakdown, before and after") + "</div>")
         plots += 1
@@ -876,8 +942,8 @@ def render_html(report: dict) -> str:
     bsearch = [b for b in _l(r.get("batch_search")) if isinstance(b, dict) and num(b.get("batch_size")) is not None]
     if bsearch:
         pts = [(num(b["batch_size"]), num(b.get("throughput_per_s")), str(b.get("status", ""))) for b in bsearch]
-        chosen = None
-        for v in vs:
+        chosen = next((num(b["batch_size"]) for b in bsearch if b.get("status") == "chosen"), None)
+        for v in ([] if chosen is not None else vs):
             for t in _l(v.get("transforms")):
                 if isinstance(t, dict) and t.get("name") == "batch_size":
                     chosen = num(_d(t.get("params")).get("batch_size")) or chosen
@@ -890,7 +956,9 @@ def render_html(report: dict) -> str:
         if top:
             rows = [(n, ms, f"{n} ({c if c is not None else '?'} calls): {fmt_ms(ms)} ms", "#4c78a8" if label ==
                      "baseline" else "#54a24b") for n, ms, c in top]
-            p.append('<div class="plotbox">' + svg_hbars(rows, f"Top {kind}, {label} (ms)", "ms",
+            n = traced_steps(a)
+            unit = f"ms over {n} traced steps" if n else "ms"
+            p.append('<div class="plotbox">' + svg_hbars(rows, f"Top {kind}, {label}", unit,
                                                          f"top_{label}", label_chars=40) + "</div>")
             plots += 1
     if not plots:
@@ -968,7 +1036,9 @@ def render_html(report: dict) -> str:
             if not v:
                 continue
             # files beside report.html get a relative link that works wherever the folder goes
-            link = Path(str(v)).name if str(here) not in ("", ".") and Path(str(v)).parent == here else None
+            name = Path(str(v)).name
+            link = (name if str(here) not in ("", ".") and Path(str(v)).parent == here
+                    and re.fullmatch(r"[\w][\w.+-]*", name) else None)
             target = f'<a href="{esc(link)}"><code>{esc(v)}</code></a>' if link else f"<code>{esc(v)}</code>"
             p.append(f"<li>{esc(k)}: {target}</li>")
         p.append("</ul>")

@@ -145,20 +145,27 @@ def _variants_table(report: dict) -> str:
 
 
 def _summary_text(report: dict) -> str:
-    base, fin = R._d(report.get("baseline")), R._d(report.get("final"))
-    bst, fst = R._d(base.get("step_time_ms")), R._d(fin.get("step_time_ms"))
+    before, after = R.before_after(report)
+    fin = R._d(report.get("final"))
+    bst, fst = R._d(before.get("step_time_ms")), R._d(after.get("step_time_ms"))
     lines = [
         f"## autoopt: {R.md_text(R.model_label(report))}",
         "",
         f"- **device:** {R.md_text(R.device_text(report))}",
         f"- **mode:** {R.md_text(report.get('mode') or '—')}, batch size {R.md_text(report.get('batch_size', '—'))}",
         f"- **final speedup:** {R.md_text(R.speedup_text(report))}",
-        f"- **step time (median):** {R.fmt_ms(R.stat(bst, 'median'))} → {R.fmt_ms(R.stat(fst, 'median'))} ms",
-        f"- **throughput:** {R.fmt_tput(base.get('throughput_per_s'))} → "
-        f"{R.fmt_tput(fin.get('throughput_per_s'))} samples/s",
+        f"- **throughput:** {R.fmt_tput(before.get('throughput_per_s'))} → "
+        f"{R.fmt_tput(after.get('throughput_per_s'))} samples/s",
+        f"- **step time (median):** {R.fmt_ms(R.stat(bst, 'median'))} ms ({R.md_text(R.batch_label(before) or '?')})"
+        f" → {R.fmt_ms(R.stat(fst, 'median'))} ms ({R.md_text(R.batch_label(after) or '?')})",
         f"- **kept:** {R.md_text(', '.join(fin.get('codes') or []) or 'nothing')} "
         f"({R.md_code(R.transforms_text(fin.get('transforms')))})",
     ]
+    if report.get("interrupted"):
+        lines.insert(2, "**Interrupted:** this holds what was measured until the run was stopped.\n")
+    notes = [n for n in R._l(report.get("notes")) if n]
+    if notes:
+        lines += ["", "**Notes**", ""] + [f"- {R.md_text(n)}" for n in notes]
     return "\n".join(lines)
 
 

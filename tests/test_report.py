@@ -337,3 +337,44 @@ def test_report_dicts_are_not_modified(rep):
     R.render_markdown(rep)
     R.final_table_rows(rep)
     assert rep == before
+
+
+def test_top_entries_reads_both_operator_layouts(rep):
+    a = rep["analysis"]["baseline"]
+    kind, top = R.top_entries(a)
+    assert kind == "operators"
+    by_self = sorted(a["top_operators"], key=lambda o: -o["host_self_ms"])
+    assert [(n, ms) for n, ms, _ in top] == [(o["name"], o["host_self_ms"]) for o in by_self]
+    legacy = {"top_operators": [{"name": o["name"], "calls": o["calls"], "self_ms": o["host_self_ms"],
+                                 "total_ms": o["host_total_ms"]} for o in a["top_operators"]]}
+    assert R.top_entries(legacy) == (kind, top)
+    gpu = {"device": {"type": "cuda"}, "top_kernels": [],
+           "top_operators": [{"name": "aten::mm", "calls": 2, "host_self_ms": 0.5, "device_self_ms": 7.0},
+                             {"name": "aten::copy_", "calls": 9, "host_self_ms": 3.0, "device_self_ms": 0.0}]}
+    assert R.top_entries(gpu)[1] == [("aten::mm", 7.0, 2), ("aten::copy_", 3.0, 9)]
+
+
+def test_summary_compares_with_the_side_by_side_baseline(rep):
+    before, after = R.before_after(rep)
+    assert before is rep["final"]["baseline_remeasured"] and after is rep["final"]
+    assert after["throughput_per_s"] / before["throughput_per_s"] == pytest.approx(rep["final"]["speedup"], rel=1e-3)
+    md = R.render_markdown(rep)
+    assert f"{R.fmt_tput(before['throughput_per_s'])} → {R.fmt_tput(after['throughput_per_s'])} samples/s" in md
+    assert "re-measured side by side" in md
+    text = " ".join(_parse(R.render_html(rep)).text)
+    assert f"{R.fmt_tput(before['throughput_per_s'])} → {R.fmt_tput(after['throughput_per_s'])}" in text
+    del rep["final"]["baseline_remeasured"]
+    assert R.before_after(rep)[0]["throughput_per_s"] == rep["baseline"]["throughput_per_s"]
+
+
+def test_notes_interrupted_and_chosen_batch_are_shown(rep):
+    rep["interrupted"] = True
+    md = R.render_markdown(rep)
+    page = R.render_html(rep)
+    for note in rep["notes"]:
+        assert R.md_text(note) in md and R.esc(note) in page
+    assert "**Interrupted:**" in md and 'class="banner"' in page
+    chosen = next(b["batch_size"] for b in rep["batch_search"] if b["status"] == "chosen")
+    svg = re.search(r'<svg[^>]*data-plot="batch_search".*?</svg>', page, re.S).group(0)
+    hl = re.search(r'<circle class="pt hl"[^>]*><title>([^<]*)</title>', svg).group(1)
+    assert hl.startswith(f"batch {chosen}:")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from autoopt import report as R
 from autoopt import tbsummary, view
 from autoopt.errors import UserError
 
@@ -82,7 +83,10 @@ def test_summary_run_has_findings_table_breakdown_and_batch_curve(written):
         assert f"{f['code']} {f['name']}" in findings and f["title"] in findings
     table = _text(acc, "autoopt/report")
     assert table.count("\n") == len(rep["variants"]) + 1  # header, rule, one line per variant
-    assert "2.42×" in _text(acc, "autoopt/summary")
+    summary = _text(acc, "autoopt/summary")
+    assert R.speedup_text(rep) in summary
+    assert R.fmt_tput(rep["final"]["baseline_remeasured"]["throughput_per_s"]) in summary
+    assert rep["notes"][0].split(":")[0] in summary
     # text is a scalar string, so the text dashboard renders it as Markdown
     assert not acc.Tensors("autoopt/findings")[0].tensor_proto.tensor_shape.dim
     images = set(acc.Tags()["images"])
