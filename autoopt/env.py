@@ -242,6 +242,34 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def physical_cores_from_cpuinfo(text: str, allowed: Optional[set[int]] = None) -> Optional[int]:
+    """Distinct (physical id, core id) pairs among the allowed processors; None when the
+    file does not say (some VMs and Arm kernels)."""
+    cores = set()
+    proc = phys = None
+    for line in text.splitlines() + [""]:
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "processor":
+            proc = int(value) if value.isdigit() else None
+        elif key == "physical id":
+            phys = value
+        elif key == "core id":
+            if proc is not None and (allowed is None or proc in allowed):
+                cores.add((phys, value))
+        elif not line.strip():
+            proc = phys = None
+    return len(cores) or None
+
+
+def physical_cores() -> Optional[int]:
+    try:
+        allowed = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = None
+    return physical_cores_from_cpuinfo(_read("/proc/cpuinfo"), allowed)
+
+
 def host_memory_mb() -> Optional[float]:
     """Total RAM, capped by a cgroup memory limit when one is set."""
     total = None
@@ -433,6 +461,7 @@ def env_info() -> dict[str, Any]:
         "model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "available_cpus": available_cpus(),
+        "physical_cores": physical_cores(),
         "torch_threads": torch.get_num_threads(),
         "memory_mb": None if host_memory_mb() is None else round(host_memory_mb(), 1),
         "flags": list(flags),
@@ -514,8 +543,12 @@ def env_warnings(info: dict[str, Any]) -> list[str]:
         w.append("cuDNN is not available to this CUDA build of torch: convolutions fall back to slow kernels.")
     cpu = info.get("cpu") or {}
     threads, avail = cpu.get("torch_threads"), cpu.get("available_cpus")
-    if threads and avail and threads < avail:
-        w.append(f"torch uses {threads} intra-op threads but {avail} CPUs are available (OMP_NUM_THREADS / torch.set_num_threads?).")
+    cores = cpu.get("physical_cores") or avail  # torch defaults to one thread per physical core
+    if threads and cores and threads < cores:
+        w.append(
+            f"torch uses {threads} intra-op threads but {cores} CPU cores are available "
+            "(OMP_NUM_THREADS or torch.set_num_threads limits it): CPU work runs slower than it could."
+        )
     if threads and avail and threads > avail:
         w.append(f"torch uses {threads} intra-op threads on {avail} available CPUs: oversubscription slows CPU work.")
     settings = info.get("settings") or {}
@@ -599,5 +632,7 @@ __all__ = [
     "env_warnings",
     "nvidia_gpu_present",
     "peak_key",
+    "physical_cores",
+    "physical_cores_from_cpuinfo",
     "render_env",
 ]

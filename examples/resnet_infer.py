@@ -33,10 +33,10 @@ class SmallResNet(nn.Module):
     def __init__(self, num_classes: int = 100):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.stage1 = _stage(32, 48, 2)  # 16x16
-        self.stage2 = _stage(48, 96, 2)  # 8x8
-        self.stage3 = _stage(96, 160, 2)  # 4x4
-        self.fc = nn.Linear(160, num_classes)
+        self.stage1 = _stage(32, 32, 2)  # 16x16
+        self.stage2 = _stage(32, 64, 2)  # 8x8
+        self.stage3 = _stage(64, 128, 2)  # 4x4
+        self.fc = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage3(self.stage2(self.stage1(self.stem(x))))

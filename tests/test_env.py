@@ -19,6 +19,7 @@ from autoopt.env import (
     env_info,
     env_warnings,
     peak_key,
+    physical_cores_from_cpuinfo,
     render_env,
 )
 from autoopt.errors import UserError
@@ -151,6 +152,16 @@ def test_cpu_bf16_needs_avx512_bf16_or_amx():
     assert amx_only.bf16
 
 
+def test_physical_cores_counts_distinct_cores_in_the_affinity_set():
+    smt = "".join(
+        f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i % 4}\n\n" for i in range(8)
+    )
+    assert physical_cores_from_cpuinfo(smt) == 4
+    assert physical_cores_from_cpuinfo(smt, {0, 4}) == 1
+    assert physical_cores_from_cpuinfo(smt, {0, 1}) == 2
+    assert physical_cores_from_cpuinfo("processor\t: 0\n") is None
+
+
 def test_detect_cpu_reads_this_machine():
     c = detect_capabilities("cpu")
     assert c.device_type == "cpu"
@@ -231,6 +242,8 @@ def test_warnings_for_mismatches():
     assert w == ["cuDNN is disabled (torch.backends.cudnn.enabled = False): convolutions run much slower."]
     w = env_warnings(_info(cpu={"torch_threads": 1, "available_cpus": 8}))
     assert any("1 intra-op threads but 8" in x for x in w)
+    # torch's default of one thread per physical core on an SMT machine is not a mismatch
+    assert env_warnings(_info(cpu={"torch_threads": 8, "available_cpus": 16, "physical_cores": 8})) == []
     assert "Warnings" in render_env({**_info(nvidia_gpu_present=True), "warnings": ["x"]})
 
 
