@@ -208,7 +208,9 @@ def job_failure(recs: list[dict], rc: int, logs: dict, *, nproc: int, model: str
     where = f" at {e['where']}" if e.get("where") else ""
     if e.get("kind") == "oom":
         fix = ("the model, its gradients and optimizer state do not fit one device with DDP (every rank holds a full "
-               "replica): lower --batch-size, or shard the model with FullyShardedDataParallel (autoopt explain AO806).")
+               "replica): lower --batch-size, add activation checkpointing, or shard parameters, gradients and "
+               "optimizer state across the ranks with FullyShardedDataParallel "
+               "(torch.distributed.fsdp.fully_shard(model) per block, then on the model).")
     elif e.get("kind") == "peer":
         fix = ("the ranks lost contact with each other (a rank died or the network failed); check the launcher "
                f"output in {logs.get('stderr_path')}.")
@@ -304,11 +306,19 @@ def _findings(result: dict, facts: dict) -> list:
     return findings
 
 
+def analysis_facts(result: dict) -> dict[str, Any]:
+    """Rule facts from an analysis result (autoopt.rules.facts_from_analysis: registry names,
+    source lines of syncs where the trace has stacks)."""
+    try:
+        from autoopt.rules import facts_from_analysis
+    except ImportError:  # an older rule engine: prefix the metrics ourselves
+        return {k if "." in k else f"metrics.{k}": v for k, v in (result.get("metrics") or {}).items()}
+    return facts_from_analysis(result)
+
+
 def _facts(result: dict, rec0: dict, job: Optional[dict]) -> dict[str, Any]:
-    facts: dict[str, Any] = {}
-    facts.update(result.get("metrics") or {})
-    facts.update(rec0.get("facts") or {})
-    facts = {k if "." in k else f"metrics.{k}": v for k, v in facts.items()}
+    facts: dict[str, Any] = analysis_facts(result)
+    facts.update(rec0.get("facts") or {})  # the live device, torch settings and workload of rank 0
     if job:
         st = job["step_time_ms"]
         facts["metrics.step_time_ms"] = st["median"]

@@ -543,9 +543,10 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
                     sources[key] = found
         except Exception as e:  # noqa: BLE001 - the findings stand without stack-derived lines
             notes.append(f"source functions from the trace's stacks unavailable: {type(e).__name__}: {e}")
-    if sources["sync"]:
+    # exact lines seen live in the warm-up step win over the trace's function-level ones
+    if probe.live_sites["sync"]:
         facts["metrics.sync_sites"] = sources["sync"]
-    if sources["data_dependent"]:
+    if probe.live_sites["data_dependent"]:
         facts["metrics.data_dependent_sites"] = sources["data_dependent"]
     if not model_found:
         notes.append("no torch.nn.Module call was seen: the model.* facts are unknown and rules on them stay silent")
@@ -595,9 +596,9 @@ def _device_json(probe: _Probe) -> dict:
 def _facts(result: dict, probe: _Probe) -> tuple[dict, bool]:
     from autoopt.env import detect_capabilities
 
-    facts: dict[str, Any] = {}
-    for k, v in (result.get("metrics") or {}).items():
-        facts[k if "." in k else f"metrics.{k}"] = v
+    from autoopt.distributed import analysis_facts
+
+    facts: dict[str, Any] = analysis_facts(result)
     info = probe.model_info()
     model = info["module"] if info else None
     kind = "cpu"
