@@ -11,7 +11,6 @@ file, the function, the problem and the fix, with the original exception as `cau
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import difflib
 import importlib.util
