@@ -49,6 +49,8 @@ class OptimizeOptions:
     memory_budget_fraction: float = 0.9
     # transforms to try whether or not a rule proposes them: [("amp", {"dtype": "float16"})]
     extra_transforms: list = field(default_factory=list)
+    # torch.compile modes to measure (None: every mode the transform proposes for the device)
+    compile_modes: Optional[tuple] = None
 
 
 @dataclass
@@ -325,6 +327,8 @@ class Optimizer:
         """A transform alone against the baseline; where it has several parameter sets worth
         measuring (torch.compile's modes), each is measured and the fastest verified one wins."""
         options = c.transform.candidates(self.workload, self.caps, c.params)
+        if self.opts.compile_modes and c.transform.name == "compile":
+            options = [p for p in options if p.get("mode", "default") in self.opts.compile_modes] or options[:1]
         if len(options) <= 1:
             return self._evaluate([c], self.base_cfg, self.base_m)
         results = []
@@ -517,6 +521,7 @@ class Optimizer:
                 self.notes.append(f"patch: {name} could not be written into the file: {reason}")
         self.plan = Plan.from_dict({
             "model": self.spec.name, "model_path": str(self.spec.path), "device": self.caps.device_type,
+            "mode": self.workload.mode, "baseline_batch_size": self.base_cfg.batch_size,
             "batch_size": self.final["batch_size"] if self.final else self.base_cfg.batch_size,
             "transforms": [{"name": c.transform.name, "params": c.params, "code": c.code} for c in chosen],
             "autoopt_version": __version__,

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="simplenet,gpt,resnet_infer")
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip remaining models past this wall time")
+    ap.add_argument("--compile-modes", default="default,reduce-overhead",
+                    help="torch.compile modes to measure (max-autotune's GEMM tuning alone takes minutes)")
     args = ap.parse_args(argv)
 
     import torch
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
 
     caps = detect_capabilities(args.device)
     card = caps.name or caps.device_type
-    settings = MeasureSettings.quick() if args.quick else MeasureSettings(min_steps=20, min_time_s=1.0, max_time_s=8.0)
+    settings = MeasureSettings.quick() if args.quick else MeasureSettings(min_steps=20, min_time_s=0.5, max_time_s=4.0)
     rows = []
     t_start = time.perf_counter()
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
         bs = GPU_BATCH.get(name) if caps.device_type == "cuda" else None
         opts = OptimizeOptions(
             model_path=str(path), device=args.device, batch_size=bs, out_dir=str(Path(args.out) / name),
-            measure=settings,
+            measure=settings, compile_modes=tuple(args.compile_modes.split(",")),
         )
         t0 = time.perf_counter()
         try:
