@@ -11,7 +11,8 @@ wraps the model in DistributedDataParallel and then
   with the rank in the worker name (`rank<R>.<ts>.pt.trace.json.gz`);
 - task "optimize": records a verification run (same seed, same per-rank batches),
   measures the baseline and every DDP transform side by side, combines the verified
-  ones greedily, re-measures baseline and final back to back and traces both. Every
+  ones greedily, re-measures baseline and final back to back, and only then traces both
+  (a profiler that has run with CUDA activity slows later launches in the process). Every
   decision is made from numbers gathered from all ranks, so all ranks take it alike.
 
 Each rank writes `<out_dir>/rank<R>.json`: what it measured, or the error that stopped it
@@ -544,7 +545,6 @@ class Worker:
         with self.session(self.base_cfg, self.ddp_base) as s:
             flops = count_flops(s)
             m = self.measure(s, flops)
-            self.trace(s, os.path.join(tb, "baseline"), int(self.cfg.get("steps", 3)))
         base_ranks = _gather(m)
         self.base_m = job_measurement(base_ranks)
         self.rec["measurement"] = m
@@ -596,7 +596,6 @@ class Worker:
                 b2 = job_measurement(_gather(self.measure(s)))
             with self.session(cfg, settings) as s:
                 f_m = self.measure(s)
-                self.trace(s, os.path.join(tb, "final"), int(self.cfg.get("steps", 3)))
             fin = job_measurement(_gather(f_m))
             mid, low, high = _speedup(b2, fin)
             final = {"codes": [], "transforms": [{"name": c["name"], "params": c["params"]} for c in chosen],
@@ -612,6 +611,14 @@ class Worker:
                              "tolerance": best_v.get("tolerance") if best_v else None})
             if self.rank == 0:
                 self.rec["patch"] = self._patch(chosen)
+        # Traces last: once the profiler has run with CUDA activity, CUPTI stays attached and slows
+        # kernel launches for the rest of the process, which would bias every later measurement.
+        steps = int(self.cfg.get("steps", 3))
+        with self.session(self.base_cfg, self.ddp_base) as s:
+            self.trace(s, os.path.join(tb, "baseline"), steps)
+        if chosen:
+            with self.session(cfg, settings) as s:
+                self.trace(s, os.path.join(tb, "final"), steps)
         self.rec["variants"] = variants
         self.rec["final"] = final
         self.rec["chosen"] = [{"name": c["name"], "params": c["params"]} for c in chosen]
