@@ -142,6 +142,11 @@ def spread_text(st: Any) -> str:
     return f"{fmt_ms(lo)}–{fmt_ms(hi)}"
 
 
+def codes_text(codes: Any, sep: str = ", ") -> str:
+    """Rule codes joined, '' for none."""
+    return sep.join(str(c) for c in _l(codes))
+
+
 def transforms_text(transforms: Any) -> str:
     """'amp(dtype=bfloat16) + channels_last' for a list of {"name", "params"}."""
     parts = []
@@ -411,7 +416,7 @@ def render_markdown(report: dict) -> str:
             f"{fmt_ms(stat(bst, 'median'))} ms per step at {md_text(batch_label(before) or '?')} → "
             f"{fmt_ms(stat(fst, 'median'))} ms at {md_text(batch_label(after) or '?')} (medians).",
             "",
-            f"Kept: {md_text(', '.join(fin.get('codes') or []) or 'nothing')} "
+            f"Kept: {md_text(codes_text(fin.get('codes'), ', ') or 'nothing')} "
             f"({md_code(transforms_text(fin.get('transforms')))}).",
             "",
         ]
@@ -444,7 +449,7 @@ def render_markdown(report: dict) -> str:
             iv = speedup_interval(r, v)
             sp = fmt_x(v.get("speedup")) + (f" ({fmt_x(iv[0])}–{fmt_x(iv[1])})" if iv else "")
             rows.append([
-                md_code(v.get("name", "?")), md_text(", ".join(v.get("codes") or []) or "—"),
+                md_code(v.get("name", "?")), md_text(codes_text(v.get("codes"), ", ") or "—"),
                 md_code(transforms_text(v.get("transforms"))), f"**{md_text(v.get('status', '?'))}**",
                 fmt_ms(stat(st, "median")), spread_text(st), fmt_tput(v.get("throughput_per_s")),
                 md_text(v.get("batch_size") if v.get("batch_size") is not None else "—"),
@@ -461,7 +466,7 @@ def render_markdown(report: dict) -> str:
         fst = _d(fin.get("step_time_ms"))
         out += [
             f"- **Transforms:** {md_code(transforms_text(fin.get('transforms')))}",
-            f"- **Codes:** {md_text(', '.join(fin.get('codes') or []) or 'none')}",
+            f"- **Codes:** {md_text(codes_text(fin.get('codes'), ', ') or 'none')}",
             f"- **Step time:** {fmt_ms(stat(fst, 'median'))} ms median ({spread_text(fst)} ms p25–p75, "
             f"n={md_text(fst.get('n', '—'))})",
             f"- **Throughput:** {fmt_tput(fin.get('throughput_per_s'))} samples/s at batch size "
@@ -745,7 +750,8 @@ code,pre{font:12.5px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 .card.big .v{font-size:30px;color:var(--ok)}.card.big.slow .v{color:var(--bad)}.card.big.none .v{color:var(--muted)}
 table{border-collapse:collapse;margin:8px 0 16px;width:100%}table.evidence,table.top{width:auto}
 th,td{border:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}
-th{background:var(--panel);font-weight:600}.scroll{overflow-x:auto}td.reason{min-width:220px}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th{background:var(--panel);font-weight:600}.scroll{overflow-x:auto}td.reason{min-width:220px}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;color:#fff}
 .s-kept{background:#2e7d32}.s-rejected{background:#c62828}.s-failed{background:#6d6d6d}.s-skipped{background:#9e9e9e}
 .s-other,.f-other{background:#5b6475}
@@ -853,7 +859,8 @@ def render_html(report: dict) -> str:
     bst, fst = _d(before.get("step_time_ms")), _d(after.get("step_time_ms"))
     bl, al = batch_label(before), batch_label(after)
     cards = [
-        ("big" + ("" if s is not None and s >= 1 else " slow" if s is not None else " none"), "Final speedup", fmt_x(s) if s is not None else "not measured",
+        ("big" + ("" if s is not None and s >= 1 else " slow" if s is not None else " none"), "Final speedup",
+         fmt_x(s) if s is not None else "not measured",
          f"spread {fmt_x(lo)}–{fmt_x(hi)}" if lo is not None and hi is not None else "throughput vs baseline"),
         ("", "Device", str(_d(r.get("device")).get("name") or _d(r.get("device")).get("type") or "unknown"),
          device_detail(r)),
@@ -862,7 +869,7 @@ def render_html(report: dict) -> str:
         ("", "Step time (median)", f"{fmt_ms(stat(bst, 'median'))} → {fmt_ms(stat(fst, 'median'))} ms",
          f"{bl or 'baseline'}: {spread_text(bst)} · {al or 'final'}: {spread_text(fst)} (p25–p75)"),
         ("", "Peak memory", f"{fmt_mb(before.get('peak_memory_mb'))} → {fmt_mb(after.get('peak_memory_mb'))} MB", ""),
-        ("", "Kept", ", ".join(fin.get("codes") or []) or "nothing", transforms_text(fin.get("transforms"))),
+        ("", "Kept", codes_text(fin.get("codes"), ", ") or "nothing", transforms_text(fin.get("transforms"))),
     ]
     p.append('<section id="summary"><div class="cards">')
     for cls, k, v, sub in cards:
@@ -936,7 +943,8 @@ def render_html(report: dict) -> str:
         sp_rows.append((str(v.get("name", "?")), sv, tip, STATUS_COLORS.get(status, "#4c78a8")))
         sp_err.append(iv)
     if sp_rows:
-        p.append('<div class="plotbox">' + svg_hbars(sp_rows, "Speedup per variant (whiskers: p25–p75 spread)", "× baseline throughput",
+        p.append('<div class="plotbox">' + svg_hbars(sp_rows, "Speedup per variant (whiskers: p25–p75 spread)",
+                                                     "× baseline throughput",
                                                      "speedup", ref=1.0, errors=sp_err) + "</div>")
         plots += 1
     bsearch = [b for b in _l(r.get("batch_search")) if isinstance(b, dict) and num(b.get("batch_size")) is not None]

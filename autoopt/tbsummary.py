@@ -101,7 +101,7 @@ def variant_hparams(report: dict, v: dict, transform_names: list[str]) -> dict[s
     hp: dict[str, Any] = {
         "variant": str(v.get("name", "?")),
         "status": str(v.get("status", "?")),
-        "codes": "+".join(v.get("codes") or []) or "none",
+        "codes": R.codes_text(v.get("codes"), "+") or "none",
     }
     used = {}
     for t in R._l(v.get("transforms")):
@@ -123,7 +123,7 @@ def _variant_text(report: dict, v: dict) -> str:
     rows = [
         ("status", R.md_text(v.get("status", "?"))),
         ("reason", R.md_text(v.get("reason") or "—")),
-        ("codes", R.md_text(", ".join(v.get("codes") or []) or "—")),
+        ("codes", R.md_text(R.codes_text(v.get("codes"), ", ") or "—")),
         ("transforms", R.md_code(R.transforms_text(v.get("transforms")))),
         ("step time, median (p25–p75)", f"{R.fmt_ms(R.stat(st, 'median'))} ms ({R.spread_text(st)})"),
         ("throughput", f"{R.fmt_tput(v.get('throughput_per_s'))} samples/s"),
@@ -158,7 +158,7 @@ def _summary_text(report: dict) -> str:
         f"{R.fmt_tput(after.get('throughput_per_s'))} samples/s",
         f"- **step time (median):** {R.fmt_ms(R.stat(bst, 'median'))} ms ({R.md_text(R.batch_label(before) or '?')})"
         f" → {R.fmt_ms(R.stat(fst, 'median'))} ms ({R.md_text(R.batch_label(after) or '?')})",
-        f"- **kept:** {R.md_text(', '.join(fin.get('codes') or []) or 'nothing')} "
+        f"- **kept:** {R.md_text(R.codes_text(fin.get('codes'), ', ') or 'nothing')} "
         f"({R.md_code(R.transforms_text(fin.get('transforms')))})",
     ]
     if report.get("interrupted"):

@@ -93,9 +93,10 @@ def _log_tail(path: str, n: int = 2000) -> str:
 
 def start_tensorboard(logdir, host: str = "127.0.0.1", port: Optional[int] = None,
                       timeout_s: float = 90.0) -> tuple[subprocess.Popen, str]:
-    """Start TensorBoard on LOGDIR (a report directory means its tb/, see resolve_logdir) at
-    http://HOST:PORT/ (a free port when none is given) and wait until it answers. Returns (process, url). Raises UserError when TensorBoard is not
-    installed, the port is taken, or it does not come up within timeout_s."""
+    """Start TensorBoard on LOGDIR (a report directory means its tb/, see resolve_logdir)
+    at http://HOST:PORT/ (a free port when none is given) and wait until it answers.
+    Returns (process, url). Raises UserError when TensorBoard is not installed, the port is
+    taken, or it does not come up within timeout_s."""
     if host == "localhost":
         host = "127.0.0.1"
     if host != "127.0.0.1":

@@ -378,3 +378,53 @@ def test_notes_interrupted_and_chosen_batch_are_shown(rep):
     svg = re.search(r'<svg[^>]*data-plot="batch_search".*?</svg>', page, re.S).group(0)
     hl = re.search(r'<circle class="pt hl"[^>]*><title>([^<]*)</title>', svg).group(1)
     assert hl.startswith(f"batch {chosen}:")
+
+
+# --------------------------------------------------------------------------------------
+# robustness: a report that is malformed in any part still renders (a crashed run, an
+# older or newer layout, another writer) and never raises
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                        st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                        max_leaves=12)
+
+
+@pytest.mark.slow
+def test_malformed_parts_never_raise():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base = json.loads(SAMPLE.read_text())
+    paths = [("model",), ("device",), ("baseline",), ("baseline", "step_time_ms"), ("findings",), ("variants",),
+             ("variants", 0), ("variants", 1, "step_time_ms"), ("variants", 1, "codes"), ("variants", 1, "transforms"),
+             ("final",), ("final", "codes"), ("final", "step_time_ms"), ("search",), ("batch_search",),
+             ("batch_search", 0), ("analysis",), ("analysis", "baseline"), ("analysis", "baseline", "breakdown_ms"),
+             ("analysis", "baseline", "top_operators"), ("findings", 0, "evidence"), ("findings", 0, "doc"),
+             ("findings", 0, "params"), ("patch",), ("notes",), ("artifacts",), ("final", "baseline_remeasured")]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.tuples(st.sampled_from(paths), _json_values()), min_size=1, max_size=4))
+    def check(changes):
+        rep = copy.deepcopy(base)
+        for path, value in changes:
+            node = rep
+            for key in path[:-1]:
+                node = node[key] if isinstance(node, dict) and key in node or (
+                    isinstance(node, list) and isinstance(key, int) and key < len(node)) else None
+                if node is None:
+                    break
+            last = path[-1]
+            if isinstance(node, dict) or (isinstance(node, list) and isinstance(last, int) and last < len(node)):
+                node[last] = value
+        R.render_markdown(rep)
+        R.render_html(rep)
+        rows = R.final_table_rows(rep)
+        assert all(isinstance(c, str) for r in rows for c in r)
+
+    check()
