@@ -30,12 +30,12 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
          "workload.autocast": False, "model.param_dtype": "float32"},
         [{"metrics.fp32_matmul_fraction": 0.29}, {"workload.autocast": True}, {"device.bf16": False},
          {"metrics.matmul_fraction": 0.1}, {"model.param_dtype": "bfloat16"}, {"device.type": "cpu"},
-         {"metrics.fp32_matmul_fraction": None}],
+         {"metrics.fp32_matmul_fraction": None}, {"metrics.idle_fraction": 0.94}],
     ),
     "AO102": (
         {**V100, "metrics.matmul_fraction": 0.6, "metrics.fp32_matmul_fraction": 0.9, "metrics.kernel_fraction": 0.7},
         [{"device.bf16": True}, {"workload.autocast": True}, {"device.fp16": False},
-         {"metrics.fp32_matmul_fraction": 0.2}, {"model.param_dtype": "float16"}],
+         {"metrics.fp32_matmul_fraction": 0.2}, {"model.param_dtype": "float16"}, {"metrics.idle_fraction": 0.8}],
     ),
     "AO103": (
         {**A100, "metrics.matmul_fraction": 0.5, "metrics.fp32_matmul_fraction": 0.8, "metrics.kernel_fraction": 0.9,
@@ -96,9 +96,11 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     ),
     "AO304": (
         {**A100, "metrics.launch_bound": True, "workload.static_shapes": True, "metrics.data_dependent_ops_per_step": 0,
-         "metrics.sync_time_fraction": 0.0, "metrics.host_wait_fraction": 0.3},
+         "metrics.sync_time_fraction": 0.0, "metrics.host_wait_fraction": 0.3, "metrics.dataloader_fraction": 0.0,
+         "metrics.optimizer_fraction": 0.1},
         [{"workload.static_shapes": False}, {"metrics.launch_bound": False},
-         {"metrics.data_dependent_ops_per_step": 2}, {"metrics.sync_time_fraction": 0.1}],
+         {"metrics.data_dependent_ops_per_step": 2}, {"metrics.sync_time_fraction": 0.1},
+         {"metrics.dataloader_fraction": 0.2}],
     ),
     "AO305": ({"metrics.graph_breaks": 3}, [{"metrics.graph_breaks": 0}]),
     "AO306": ({"metrics.recompilations": 4}, [{"metrics.recompilations": 1}]),
