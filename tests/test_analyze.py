@@ -381,3 +381,20 @@ def test_kernel_name_classes(name, tc, mm, fp32_name):
     assert is_matmul_or_conv(name) is mm
     if fp32_name is not None:
         assert (not tc and not name_says_reduced_precision(name)) is fp32_name
+
+
+def test_directory_prefers_profiler_files(tmp_path):
+    (tmp_path / "host_1.123.pt.trace.json").write_bytes((DATA / "pt2_dataloader_sync.json").read_bytes())
+    (tmp_path / "report.json").write_text(json.dumps({"model": "x", "final": {}}))  # not a trace
+    r = analyze_paths([tmp_path])
+    assert len(r["traces"]) == 1 and r["traces"][0]["path"].endswith(".pt.trace.json")
+
+
+def test_event_larger_than_many_blocks(tmp_path):
+    doc = json.loads((DATA / "pt2_dataloader_sync.json").read_text())
+    doc["traceEvents"][3]["args"]["Call stack"] = "x.py(1): f;" * 20000  # one 220 KB event
+    p = tmp_path / "big_event.json"
+    p.write_text(json.dumps(doc, indent=2))
+    a = load_trace(p, block=256)
+    b = load_trace(DATA / "pt2_dataloader_sync.json")
+    assert a.n == b.n and a.names == b.names

@@ -2,7 +2,6 @@
 (minus "findings", which the rule engine adds)."""
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -177,7 +176,7 @@ def _aggregate(rows: list[dict]) -> dict[str, Any]:
         elif k in ("step_time_ms", "peak_memory_mb", "memory_fraction"):
             out[k] = max(vals)  # the slowest / fullest rank bounds the job
         else:
-            out[k] = round(float(statistics.fmean(vals)), 6)
+            out[k] = round(float(np.mean(vals)), 6)
     return out
 
 

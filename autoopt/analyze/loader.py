@@ -196,6 +196,7 @@ class _Columns:
         self.legacy = False
         self.cat_kind = dict(T.CATEGORY_KIND)
         self.base = 0  # rows already moved from the lists into typed arrays
+        self.flag_arr = np.zeros(0, dtype=np.int8)
         self.done: dict[str, list] = {k: [] for k in _COLSPEC}
 
     def _new_name(self, name: Any) -> int:
@@ -225,8 +226,11 @@ class _Columns:
         if staged is None:
             self._ingest_events(evs)
             return
-        self._commit(*staged)
-        rest = [e for e in evs if e.get("ph") in _KEEP_PH]
+        phs = staged[-1]
+        self._commit(*staged[:-1])
+        rest = None
+        if "i" in phs or "M" in phs or "I" in phs:
+            rest = [e for e, p in zip(evs, phs) if p in _KEEP_PH]
         if rest:
             mem = [e for e in rest if e.get("name") == "[memory]"]
             if mem:
@@ -257,24 +261,31 @@ class _Columns:
         return {k: (np.concatenate(v) if v else np.zeros(0, dtype=_COLSPEC[k][0])) for k, v in self.done.items()}
 
     def _stage(self, evs: list):
-        X = [e for e in evs if e.get("ph") == "X"]
+        phs = [e.get("ph") for e in evs]
+        X = [e for e, p in zip(evs, phs) if p == "X"]
         ts = [e.get("ts") for e in X]
         if None in ts:
             raise _Odd
         cat = [e.get("cat") for e in X]
         ck = self.cat_kind
-        for c in dict.fromkeys(cat):
-            if c not in ck:
-                if not isinstance(c, str):
-                    raise _Odd  # legacy exports: the kind depends on each event's pid
-                self._kind_slow(c, {})
-        kind = [ck[c] for c in cat]
+        try:
+            kind = [ck[c] for c in cat]
+        except KeyError:
+            for c in dict.fromkeys(cat):
+                if c not in ck:
+                    if not isinstance(c, str):
+                        raise _Odd  # legacy exports: the kind depends on each event's pid
+                    self._kind_slow(c, {})
+            kind = [ck[c] for c in cat]
         name = [e.get("name") for e in X]
         names = self.names
-        for n in dict.fromkeys(name):
-            if n not in names:
-                self._new_name(n)
-        nid = [names[n] for n in name]
+        try:
+            nid = [names[n] for n in name]
+        except KeyError:
+            for n in dict.fromkeys(name):
+                if n not in names:
+                    self._new_name(n)
+            nid = [names[n] for n in name]
         args = [e.get("args") for e in X]
         if not all(a.__class__ is dict for a in args):
             args = [a if a.__class__ is dict else _EMPTY for a in args]
@@ -283,22 +294,32 @@ class _Columns:
         dur = [e.get("dur", 0) for e in X]
         pids, tids = self.pids, self.tids
         pid = [e.get("pid") for e in X]
-        for v in dict.fromkeys(pid):
-            if v not in pids:
-                pids[v] = len(pids)
         tid = [e.get("tid") for e in X]
-        for v in dict.fromkeys(tid):
-            if v not in tids:
-                tids[v] = len(tids)
-        pid = [pids[v] for v in pid]
-        tid = [tids[v] for v in tid]
-        return X, kind, nid, args, ts, dur, ext, corr, pid, tid
+        try:
+            pid = [pids[v] for v in pid]
+        except KeyError:
+            for v in dict.fromkeys(pid):
+                if v not in pids:
+                    pids[v] = len(pids)
+            pid = [pids[v] for v in pid]
+        try:
+            tid = [tids[v] for v in tid]
+        except KeyError:
+            for v in dict.fromkeys(tid):
+                if v not in tids:
+                    tids[v] = len(tids)
+            tid = [tids[v] for v in tid]
+        return X, kind, nid, args, ts, dur, ext, corr, pid, tid, phs
 
     def _commit(self, X, kind, nid, args, ts, dur, ext, corr, pid, tid) -> None:
         base = self.base + len(self.kind)
         flags = self.name_flags
         OP_, ANNO_, STEP_, KERNEL_, SYNC_ = T.OP, T.ANNO, T.STEP, T.KERNEL, T.SYNC
-        for j in [j for j, (k, n) in enumerate(zip(kind, nid)) if k <= ANNO_ and flags[n]]:
+        fl_arr = self.flag_arr
+        if fl_arr.shape[0] < len(flags):
+            fl_arr = self.flag_arr = np.asarray(flags, dtype=np.int8)
+        cand = np.flatnonzero(fl_arr[np.asarray(nid, dtype=np.int64)]).tolist() if nid else []
+        for j in [j for j in cand if kind[j] <= ANNO_]:
             fl = flags[nid[j]]
             a = args[j]
             if fl & F_STEP:
@@ -671,21 +692,26 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
         prefix, pos, depth = None, 1, 1
     else:
         m = None
+        searched = 0
         while True:
-            for m in _KEY.finditer(buf):
-                pb, _, dd = _exact_scan(buf[:m.start()], 0, 0)
-                d_at = int(dd[-1]) if dd.size else 0
-                if d_at == 1 and (m.start() == 0 or buf[m.start() - 1:m.start()] != b"\\"):
+            m = _KEY.search(buf, max(0, searched - 32))
+            while m is not None:
+                pb, _, dd = _exact_scan(bytes(buf[:m.start()]), 0, 0)
+                if (int(dd[-1]) if dd.size else 0) == 1 and buf[m.start() - 1:m.start()] != b"\\":
                     break
-                m = None
-            else:
-                m = None
-            if m is not None or not more():
+                m = _KEY.search(buf, m.end())
+            if m is not None:
                 break
+            searched = len(buf)
             if len(buf) > (256 << 20):
-                # the key is not near the top: decode what we have as a whole document
+                # the key is not near the top: decode the document as a whole
                 while more():
                     pass
+                break
+            grow = len(buf)
+            while len(buf) < 2 * grow and more():
+                pass
+            if len(buf) == grow:
                 break
         if m is None:
             try:
@@ -751,7 +777,10 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
             if ends.size:
                 pos = int(ends[0])
                 continue
-            if not more():
+            grow = len(buf)
+            while len(buf) < 2 * grow and more():  # geometric growth: no quadratic rescans
+                pass
+            if len(buf) == grow:
                 raise _err(path, f"is truncated: the traceEvents array never closes ({cols.events_total} "
                                  f"complete events read, an unfinished event of {len(buf) - pos} bytes at the end).",
                            "The profiler was probably stopped while writing; re-export the trace.")
@@ -857,6 +886,9 @@ def expand_paths(paths: list[PathLike]) -> list[Path]:
         p = Path(p)
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.is_file() and _is_trace_name(q))
+            profiler_named = [q for q in found if ".pt.trace.json" in q.name]
+            if profiler_named:  # a TensorBoard run dir or a report dir: the profiler's files only
+                found = profiler_named
             if not found:
                 raise TraceError(f"{p}: the directory holds no .json or .json.gz trace files. Pass the directory "
                                  "torch.profiler wrote (tensorboard_trace_handler's dir_name) or the trace files.")
