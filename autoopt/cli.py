@@ -298,15 +298,17 @@ def cmd_optimize(args) -> int:
 
 def _print_optimize_summary(report: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from autoopt.report import final_table_rows
 
     out = _console(stderr=False)
     rows = final_table_rows(report)
     if rows:
-        t = Table(*rows[0], title=f"autoopt: {report['model']} ({report['mode']}, {report['device'].get('name') or report['device'].get('type')})")
+        title = f"autoopt: {report['model']} ({report['mode']}, {report['device'].get('name') or report['device'].get('type')})"
+        t = Table(*rows[0], title=Text(title))
         for r in rows[1:]:
-            t.add_row(*[str(x) for x in r])
+            t.add_row(*[Text(str(x)) for x in r])  # cells are data, never markup
         out.print(t)
     f = report.get("final") or {}
     if f.get("codes"):
