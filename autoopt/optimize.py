@@ -199,14 +199,17 @@ class Optimizer:
                     f"{self.spec.path}: the baseline itself produces inf/NaN losses "
                     f"({self.reference.losses}); fix the model file (learning rate, loss, data) before optimizing it."
                 )
-            flops = count_flops(s)
-            self.flops_per_sample = flops / s.samples_per_step if flops else None
-            m = measure(s, self.caps, self.opts.measure, flops_per_step=flops)
+            # Trace before timing: once the profiler has run with CUDA activities, CUPTI stays
+            # subscribed in the process and slows kernel launches (pytorch/pytorch#144455), so
+            # every measurement, the baseline's included, is taken after the first trace.
             logdir = None
             if self.opts.trace:
                 self.progress("profile", "baseline: tracing")
                 run = trace_session(s, new_run_dir(self.tb, "baseline"), self.opts.profile)
                 logdir = str(run.run_dir)
+            flops = count_flops(s)
+            self.flops_per_sample = flops / s.samples_per_step if flops else None
+            m = measure(s, self.caps, self.opts.measure, flops_per_step=flops)
         self.base_m = m
         v = Variant(
             name="baseline", codes=[], transforms=[], accepted=True, status="kept",
