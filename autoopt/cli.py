@@ -132,6 +132,10 @@ def cmd_analyze(args) -> int:
     from autoopt.analyze import analyze_paths, render_text
 
     result = analyze_paths(args.traces)
+    if len(result.get("traces") or []) > 1:
+        from autoopt.distributed import rank_balance  # torch-free: names a straggler rank
+
+        rank_balance(result)
     findings = _findings_for(result)
     result["findings"] = [f.to_json() for f in findings]
     if args.json:
@@ -177,13 +181,18 @@ def cmd_profile(args) -> int:
         from autoopt.distributed import profile_distributed
 
         result = profile_distributed(args.model, nproc=args.nproc, device=args.device, batch_size=args.batch_size,
-                                     steps=args.steps, logdir=args.logdir, seed=args.seed, extra=args.launcher_args)
+                                     steps=args.steps, logdir=args.logdir, seed=args.seed, extra=args.launcher_arg)
         if args.json:
             _print_json(result)
         else:
             from autoopt.analyze import render_text
+            from autoopt.types import Finding
 
-            _console(stderr=False).print(render_text(result), markup=False)
+            _write(render_text(result))
+            _print_findings(_console(stderr=False), [
+                Finding(**{k: v for k, v in f.items() if k in Finding.__dataclass_fields__})
+                for f in result.get("findings", [])])
+            _write(f"\nTraces of every rank: {result['logdir']}  (autoopt view {result['logdir']})")
         return 0
     from autoopt.profiling import profile_model
 
@@ -272,12 +281,36 @@ def _parse_try(text: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
+def _default_model():
+    from autoopt.optimize import default_model_path
+
+    return default_model_path()
+
+
 def cmd_optimize(args) -> int:
     from autoopt.measure import MeasureSettings
     from autoopt.optimize import OptimizeOptions, run_optimize
     from autoopt.profile import ProfileSettings
 
     console = _console()
+    if args.nproc and args.nproc > 1:
+        from autoopt.distributed import optimize_distributed
+
+        progress = ProgressView(enabled=not args.quiet)
+        try:
+            report = optimize_distributed(
+                args.model or str(_default_model()), nproc=args.nproc, device=args.device,
+                batch_size=args.batch_size, seed=args.seed, out_dir=args.out, extra=args.launcher_arg,
+                quick=args.quick, with_stack=args.with_stack,
+                reject=[c.lower() for c in _codes(args.reject) if c.lower().startswith("ddp_")],
+                accept_manual=args.yes, progress=progress)
+        finally:
+            progress.stop()
+        if args.json:
+            _print_json(report)
+        else:
+            _print_optimize_summary(report)
+        return 0
     opts = OptimizeOptions(
         model_path=args.model, device=args.device, batch_size=args.batch_size, seed=args.seed,
         out_dir=args.out, search=args.search, extra_transforms=[_parse_try(t) for t in args.try_],
@@ -383,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--logdir", default=None, help="log directory; each run gets a new run directory in it")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--nproc", type=int, default=0, help="N processes through torch.distributed's launcher (DDP)")
+    sp.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
+                    help="passed to torch.distributed.run as is (repeat: --launcher-arg=--nnodes=2 ...)")
     sp.add_argument("--with-stack", action="store_true", help="record Python stacks (source lines in findings)")
     sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
     common(sp)
@@ -406,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--try", dest="try_", action="append", default=[], metavar="TRANSFORM[:K=V,...]",
                     help="also try this transform whether or not a rule proposes it, e.g. --try amp:dtype=float16")
     sp.add_argument("--quick", action="store_true", help="fewer timed steps (noisier numbers; for smoke tests)")
+    sp.add_argument("--nproc", type=int, default=0, help="N processes through torch.distributed's launcher (DDP)")
+    sp.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
+                    help="passed to torch.distributed.run as is (repeat: --launcher-arg=--nnodes=2 ...)")
     sp.add_argument("--with-stack", action="store_true", help="record Python stacks in the traces")
     sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
     common(sp)
@@ -452,7 +490,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     args.script_args = script_args
-    args.launcher_args = []
     args.json_no_prompt = getattr(args, "json", False) and not sys.stdin.isatty()
     debug = bool(getattr(args, "debug", False))
     try:
