@@ -49,8 +49,6 @@ def _codes(value: Optional[str]) -> set[str]:
 class ProgressView:
     """Progress on stderr, with elapsed time and an estimate for the long phases."""
 
-    ESTIMATES_S = {"compile": 30.0, "batch": 60.0}
-
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.console = _console()
@@ -69,10 +67,8 @@ class ProgressView:
         if phase != self.phase:
             self.phase, self.phase_t0 = phase, now
         est = ""
-        if "compile" in detail or (info.get("variant") and "AO3" in str(info.get("variant")) and phase == "measure"):
-            est = " (torch.compile: usually 10-60 s on first use)"
-        elif phase == "batch":
-            est = " (a few seconds per size)"
+        if info.get("compiling"):
+            est = " (the first step runs torch.compile: usually 10-60 s)"
         text = f"[{now - self.t0:6.1f}s] {detail}{est}"
         if not self.console.is_terminal:
             self.console.print(text, markup=False, highlight=False)

@@ -116,6 +116,7 @@ class Optimizer:
         self.findings: list[Finding] = []
         self.accepted: dict[str, bool] = {}
         self.batch_tables: dict[str, list[dict]] = {}  # per searched configuration (its codes)
+        self.variant_times: list[float] = []
         self.analysis: dict[str, Any] = {}
         self.started = time.perf_counter()
         self.search_started: Optional[float] = None
@@ -160,24 +161,30 @@ class Optimizer:
     ) -> tuple[Optional[Measurement], Any, Optional[RunRecord], Optional[str], str]:
         """Build, verify (against reference), measure and trace one configuration.
         Returns (measurement, verification, record, logdir, failure_reason)."""
-        self.progress("variant", f"{name}: building", variant=name)
+        eta = self._eta()
+        self.progress("variant", f"{name}: building" + (f" (~{eta:.0f} s per variant so far)" if eta else ""),
+                      variant=name, eta_s=eta)
+        t_variant = time.perf_counter()
         logdir = None
         try:
             with Session(self.workload, cfg) as s:
                 rec = ver = None
                 if reference is not None:
-                    self.progress("verify", f"{name}: verifying numerics", variant=name)
+                    self.progress("verify", f"{name}: verifying numerics", variant=name,
+                                  compiling=bool(cfg.compile_mode or cfg.cuda_graphs))
                     rec = record_run(s)
                     ver = compare(reference, rec, tolerance)
                     if not ver.ok:
                         return None, ver, rec, None, ""
-                self.progress("measure", f"{name}: measuring", variant=name)
+                self.progress("measure", f"{name}: measuring", variant=name,
+                              compiling=rec is None and bool(cfg.compile_mode or cfg.cuda_graphs))
                 flops = self.flops_per_sample * s.samples_per_step if self.flops_per_sample else None
                 m = measure(s, self.caps, self.opts.measure, flops_per_step=flops)
                 if trace and self.opts.trace:
                     self.progress("profile", f"{name}: tracing", variant=name)
                     run = trace_session(s, new_run_dir(self.tb, name), self.opts.profile)
                     logdir = str(run.run_dir)
+                self.variant_times.append(time.perf_counter() - t_variant)
                 return m, ver, rec, logdir, ""
         except KeyboardInterrupt:
             raise
@@ -294,6 +301,13 @@ class Optimizer:
                 return None
             prod *= c.finding.expected_speedup
         return prod
+
+    def _eta(self) -> Optional[float]:
+        """Median wall time of the variants so far: what the next one will likely take."""
+        if not self.variant_times:
+            return None
+        t = sorted(self.variant_times)
+        return t[len(t) // 2]
 
     def _evaluate(self, combo: list[Candidate], base_cfg: ExecConfig, best: Measurement, *,
                   trace: bool = True, name: Optional[str] = None) -> Evaluated:
@@ -426,7 +440,8 @@ class Optimizer:
             budget = total * self.opts.memory_budget_fraction if total else None
 
         def measure_cfg(trial_cfg: ExecConfig) -> Measurement:
-            self.progress("batch", f"batch search: batch size {trial_cfg.batch_size}", batch_size=trial_cfg.batch_size)
+            self.progress("batch", f"batch search: batch size {trial_cfg.batch_size} (doubling while samples/s "
+                          f"improves; a few seconds per size)", batch_size=trial_cfg.batch_size)
             if trial_cfg.batch_size == cfg.batch_size:
                 return best_m
             self.variants_tried += 1
