@@ -377,9 +377,10 @@ def cmd_export(args) -> int:
         _print_json(result)
     else:
         _console(stderr=False).print(
-            f"Exported {result['model']} to {result['onnx_path']} (opset {result['opset']}, dynamic batch axis); "
-            f"onnx.checker: ok; onnxruntime on a batch of {result['check_batch_size']}: max abs error "
-            f"{result['max_abs_error']:.3g}", markup=False)
+            f"Exported {result['model']} to {result['onnx_path']} ({result['exporter']} exporter, opset "
+            f"{result['opset']}, dynamic batch axis); onnx.checker (full check): ok; onnxruntime on a fresh batch of "
+            f"{result['check_batch_size']}: max abs error {result['max_abs_error']:.3g}, max rel error "
+            f"{result['max_rel_error']:.3g}", markup=False)
     return 0
 
 
