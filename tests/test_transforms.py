@@ -583,13 +583,24 @@ def test_batch_search_stops_at_the_throughput_peak_not_the_memory_limit():
                             memory_budget_mb=10_000)
     assert isinstance(res, BatchSearch)
     assert res.batch_size == 256
-    assert calls == [32, 64, 128, 256, 512]  # stopped at the first doubling without gain
+    # stopped after the first doubling without gain and one more to look past a dip
+    assert calls == [32, 64, 128, 256, 512, 1024]
     statuses = {r["batch_size"]: r["status"] for r in res.table}
-    assert statuses[256] == "chosen" and statuses[512] == "no_gain"
+    assert statuses[256] == "chosen" and statuses[512] == "no_gain" and statuses[1024] == "no_gain"
     assert set(res.table[0]) == {"batch_size", "throughput_per_s", "peak_memory_mb", "status"}
     assert res.measurement.batch_size == 256
     assert "learning rate" in res.caveat and "no gain" in res.reason
     json.dumps(res.to_json())
+
+
+def test_batch_search_looks_one_doubling_past_a_dip():
+    # throughput dips at 64 (a kernel-blocking effect seen on CPUs) and peaks at 128
+    curve = {32: 700.0, 64: 620.0, 128: 1100.0, 256: 1050.0, 512: 900.0}
+    calls = []
+    res = search_batch_size(ExecConfig(batch_size=32), fake_measure(lambda b: curve[b], calls=calls),
+                            memory_budget_mb=None)
+    assert res.batch_size == 128
+    assert calls == [32, 64, 128, 256, 512]
 
 
 def test_batch_search_backs_off_on_oom_with_one_midpoint():

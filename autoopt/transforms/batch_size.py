@@ -97,7 +97,9 @@ def search_batch_size(
     noise: Optional[float] = None,
 ) -> BatchSearch:
     """Grow the batch (x2) from `start` (default cfg.batch_size) while samples/s improves
-    beyond the noise and peak memory stays under `memory_budget_mb` (None: no budget).
+    beyond the noise and peak memory stays under `memory_budget_mb` (None: no budget); after
+    the first doubling without gain, one more doubling is tried (throughput curves are not
+    always monotonic).
 
     The noise is `noise` when given, else the larger relative spread (IQR / median) of
     the two step-time measurements compared, and at least MIN_GAIN. On out-of-memory (or
@@ -156,6 +158,7 @@ def search_batch_size(
 
     # 2. grow while it pays
     midpoint_used = False
+    patience_used = False
     while True:
         nxt = best * 2
         if nxt > max_batch:
@@ -171,6 +174,18 @@ def search_batch_size(
                 f"batch {nxt} gave {m.throughput_per_s:.1f} samples/s vs {best_m.throughput_per_s:.1f} at {best}: "
                 "no gain beyond the noise"
             )
+            # Throughput against batch size is not always monotonic (kernel blocking, cache
+            # sizes): one more doubling past a step without gain before giving up.
+            beyond = nxt * 2
+            if not patience_used and beyond <= max_batch:
+                patience_used = True
+                m2, st2 = attempt(beyond)
+                if st2 == "ok" and m2.throughput_per_s > best_m.throughput_per_s * (1 + gain_threshold(best_m, m2)):
+                    best, best_m = beyond, m2
+                    patience_used = False  # past the dip: the next dip gets its look too
+                    continue
+                if st2 == "ok":
+                    mark(beyond, "no_gain")
             break
         # out of memory or over the budget: the midpoint, once
         why = "ran out of memory" if status == "oom" else f"exceeded the {memory_budget_mb:.0f} MB budget"
