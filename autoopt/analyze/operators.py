@@ -43,6 +43,7 @@ def build_tree(tr: T.Trace) -> OpTree:
     top_op = np.full(n, -1, dtype=np.int64)
     in_opt = np.zeros(n, dtype=bool)
     idx = tr.idx(T.OP, T.ANNO, T.STEP)
+    depth_pos = np.zeros(0, dtype=np.int64)
     opt_lut = np.zeros(len(tr.names), dtype=bool)
     opt_ids = tr.name_ids(lambda s: bool(_OPTIMIZER_RE.match(s)))
     opt_lut[opt_ids] = True
@@ -50,45 +51,35 @@ def build_tree(tr: T.Trace) -> OpTree:
         thread = (tr.pid[idx].astype(np.int64) << 32) | tr.tid[idx].astype(np.int64)
         order = np.lexsort((-tr.dur[idx], tr.ts[idx], thread))
         idx = idx[order]
-        ts = tr.ts[idx].tolist()
-        en = tr.end[idx].tolist()
-        th = thread[order].tolist()
-        is_op = (tr.kind[idx] == T.OP).tolist()
-        is_opt = opt_lut[tr.name[idx]].tolist()
+        th_sorted = thread[order]
+        is_op_a = tr.kind[idx] == T.OP
+        is_opt_a = opt_lut[tr.name[idx]]
+        nest = _nest_vectorized(tr.ts[idx], tr.end[idx], th_sorted)
+        if nest is None:  # not properly nested somewhere: the exact stack walk
+            nest = _nest_stack(tr.ts[idx].tolist(), tr.end[idx].tolist(), th_sorted.tolist())
+        par_pos, depth_pos = nest
         m = idx.size
-        par = [-1] * m
-        top = [-1] * m
-        inopt = [False] * m
-        stack: list[int] = []
-        cur = None
-        for j in range(m):
-            if th[j] != cur:
-                stack = []
-                cur = th[j]
-            t = ts[j]
-            e = en[j]
-            while stack:
-                p = stack[-1]
-                pe = en[p]
-                if pe <= t or pe < e:
-                    stack.pop()
-                else:
-                    break
-            if stack:
-                p = stack[-1]
-                par[j] = p
-                tp = top[p]
-                top[j] = tp if tp >= 0 else (j if is_op[j] else -1)
-                inopt[j] = inopt[p] or is_opt[j]
+        top = np.full(m, -1, dtype=np.int64)
+        inopt = np.zeros(m, dtype=bool)
+        pos = np.arange(m)
+        by_depth = np.argsort(depth_pos, kind="stable")
+        bounds = np.searchsorted(depth_pos[by_depth], np.arange(int(depth_pos.max()) + 2 if m else 1))
+        for d in range(bounds.size - 1):
+            sel = by_depth[bounds[d]:bounds[d + 1]]
+            if sel.size == 0:
+                continue
+            own = np.where(is_op_a[sel], pos[sel], -1)
+            if d == 0:
+                top[sel] = own
+                inopt[sel] = is_opt_a[sel]
             else:
-                top[j] = j if is_op[j] else -1
-                inopt[j] = is_opt[j]
-            stack.append(j)
-        par_a = np.asarray(par, dtype=np.int64)
-        top_a = np.asarray(top, dtype=np.int64)
-        parent[idx] = np.where(par_a >= 0, idx[np.maximum(par_a, 0)], -1)
-        top_op[idx] = np.where(top_a >= 0, idx[np.maximum(top_a, 0)], -1)
-        in_opt[idx] = np.asarray(inopt, dtype=bool)
+                pp = par_pos[sel]
+                top[sel] = np.where(top[pp] >= 0, top[pp], own)
+                inopt[sel] = inopt[pp] | is_opt_a[sel]
+        par = par_pos
+        parent[idx] = np.where(par >= 0, idx[np.maximum(par, 0)], -1)
+        top_op[idx] = np.where(top >= 0, idx[np.maximum(top, 0)], -1)
+        in_opt[idx] = inopt
     # host self time: minus direct children and the op's own runtime calls
     self_host = np.where(tr.mask(T.OP, T.ANNO, T.STEP), tr.dur, 0.0)
     has_p = parent >= 0
@@ -108,20 +99,70 @@ def build_tree(tr: T.Trace) -> OpTree:
     total_dev = self_dev.copy()
     if g.size and idx.size:
         # push totals up the tree, deepest first
-        depth = np.zeros(n, dtype=np.int64)
-        nodes = idx[np.argsort(tr.ts[idx], kind="stable")]
-        for _ in range(512):
-            p = parent[nodes]
-            has = p >= 0
-            nd = np.where(has, depth[np.maximum(p, 0)] + 1, 0)
-            if np.array_equal(nd, depth[nodes]):
-                break
-            depth[nodes] = nd
-        dn = depth[idx]
-        for d in range(int(dn.max()) if dn.size else 0, 0, -1):
+        dn = depth_pos
+        for d in range(int(dn.max()), 0, -1):
             sel = idx[dn == d]
             np.add.at(total_dev, parent[sel], total_dev[sel])
     return OpTree(parent, top_op, in_opt, self_host, self_dev, total_dev)
+
+
+def _nest_vectorized(ts: np.ndarray, en: np.ndarray, th: np.ndarray):
+    """Parent position and depth of spans sorted by (thread, start, -duration), for properly nested
+    spans: depth = spans started before and still open; parent = the last span one level up.
+    Returns None when some span is not nested in its computed parent (partial overlaps)."""
+    m = ts.size
+    depth = np.empty(m, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], th[1:] != th[:-1]]))
+    ends = np.concatenate([starts[1:], [m]])
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        t, e = ts[a:b], en[a:b]
+        closed = np.searchsorted(np.sort(e), t, side="right") - (e <= t)
+        depth[a:b] = np.arange(b - a) - closed
+    if m and (depth.min() < 0):
+        return None
+    parent = np.full(m, -1, dtype=np.int64)
+    pos = np.arange(m)
+    for d in range(1, int(depth.max()) + 1 if m else 0):
+        kids = pos[depth == d]
+        cand = pos[depth == d - 1]
+        if kids.size == 0:
+            continue
+        if cand.size == 0:
+            return None
+        k = np.searchsorted(cand, kids) - 1
+        if (k < 0).any():
+            return None
+        parent[kids] = cand[k]
+    has = parent >= 0
+    p = parent[has]
+    if not (np.all(th[p] == th[has]) and np.all(ts[p] <= ts[has]) and np.all(en[p] >= en[has])):
+        return None
+    return parent, depth
+
+
+def _nest_stack(ts: list, en: list, th: list):
+    m = len(ts)
+    par = [-1] * m
+    dep = [0] * m
+    stack: list[int] = []
+    cur = None
+    for j in range(m):
+        if th[j] != cur:
+            stack = []
+            cur = th[j]
+        t = ts[j]
+        e = en[j]
+        while stack:
+            pe = en[stack[-1]]
+            if pe <= t or pe < e:
+                stack.pop()
+            else:
+                break
+        if stack:
+            par[j] = stack[-1]
+            dep[j] = dep[stack[-1]] + 1
+        stack.append(j)
+    return np.asarray(par, dtype=np.int64), np.asarray(dep, dtype=np.int64)
 
 
 def top_operators(tr: T.Trace, tree: OpTree, top_n: int, by_device: bool) -> list[dict]:
