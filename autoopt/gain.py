@@ -14,6 +14,11 @@ bound built from measured shares of the step, never a guess from outside the fac
   allows (budget / memory_fraction, as if memory grew linearly with the batch). The
   speedup is in samples per second; the predicted step time is per the original batch's
   samples.
+- `{ model = "launch_overhead", gap_us = 2.0, complements = [...] }`: replaying a captured
+  CUDA graph removes the time the GPU waits for the host (the host-wait share of the step,
+  times `1 - x` for the complements), but each kernel of the graph still costs about
+  `gap_us` microseconds of launch gap on the device: saved = step x share - kernels per
+  step x gap (never below zero).
 - `{ model = "rank_skew" }`: every rank waits for the slowest at each collective; balanced
   ranks run at most at the fastest rank's pace: saved = skew / (1 + skew).
 - `{}`: no estimate (the transform trades time for memory, or no fact measures what it
@@ -28,7 +33,7 @@ from typing import Any, Optional
 
 from autoopt.facts import FACTS
 
-MODELS = ("shares", "batch_size", "rank_skew")
+MODELS = ("shares", "batch_size", "rank_skew", "launch_overhead")
 SPEC_HELP = (
     'write gain = { shares = ["metrics.x_fraction", ...], removable = 0.5 } (optionally complements = [...]), '
     'or gain = { model = "batch_size", memory_budget = 0.9 }, or gain = { model = "rank_skew" }, or leave gain out'
@@ -37,6 +42,7 @@ STEP_FACT = "metrics.step_time_ms"
 _MODEL_FACTS = {
     "batch_size": ["metrics.gpu_utilization", "metrics.memory_fraction"],
     "rank_skew": ["metrics.rank_step_skew"],
+    "launch_overhead": ["metrics.host_wait_fraction", "metrics.kernels_per_step", "metrics.step_time_ms"],
 }
 
 
@@ -81,6 +87,16 @@ def validate(spec: Any) -> None:
         b = spec.get("memory_budget", 0.9)
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
             raise ValueError("memory_budget must be a number in (0, 1]")
+    elif model == "launch_overhead":
+        extra = set(spec) - {"model", "gap_us", "complements"}
+        if extra:
+            raise ValueError(f"unknown keys {', '.join(sorted(extra))}")
+        g = spec.get("gap_us", 2.0)
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 100:
+            raise ValueError("gap_us must be a number of microseconds in [0, 100]")
+        comps = spec.get("complements", [])
+        if not isinstance(comps, list) or any(not isinstance(n, str) or n not in FACTS for n in comps):
+            raise ValueError("complements must be a list of documented fraction facts")
     else:
         extra = set(spec) - {"model"}
         if extra:
@@ -95,8 +111,8 @@ def fact_names(spec: dict[str, Any]) -> list[str]:
     if model == "shares":
         names = list(spec.get("shares", [])) + list(spec.get("complements", []))
     else:
-        names = list(_MODEL_FACTS[model])
-    return names + [STEP_FACT]
+        names = list(_MODEL_FACTS[model]) + list(spec.get("complements", []))
+    return list(dict.fromkeys(names + [STEP_FACT]))
 
 
 def _num(facts: dict[str, Any], name: str) -> Optional[float]:
@@ -152,6 +168,20 @@ def predict(spec: dict[str, Any], facts: dict[str, Any]) -> tuple[Optional[float
         budget = float(spec.get("memory_budget", 0.9))
         speedup = max(1.0, min(1.0 / util, budget / mem))
         return speedup, (step / speedup if step is not None else None)
+
+    if model == "launch_overhead":
+        share = _fraction(facts, "metrics.host_wait_fraction")
+        kernels = _num(facts, "metrics.kernels_per_step")
+        if share is None or kernels is None or step is None:
+            return None, None
+        for name in spec.get("complements", []):
+            f = _fraction(facts, name)
+            if f is None:
+                return None, None
+            share *= 1.0 - f
+        saved_ms = max(0.0, step * share - kernels * float(spec.get("gap_us", 2.0)) / 1000.0)
+        saved_ms = min(saved_ms, step * 0.999)
+        return step / (step - saved_ms), step - saved_ms
 
     # rank_skew
     skew = _num(facts, "metrics.rank_step_skew")

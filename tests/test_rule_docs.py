@@ -97,7 +97,7 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "AO304": (
         {**A100, "metrics.launch_bound": True, "workload.static_shapes": True, "metrics.data_dependent_ops_per_step": 0,
          "metrics.sync_time_fraction": 0.0, "metrics.host_wait_fraction": 0.3, "metrics.dataloader_fraction": 0.0,
-         "metrics.optimizer_fraction": 0.1},
+         "metrics.optimizer_fraction": 0.1, "metrics.kernels_per_step": 400},
         [{"workload.static_shapes": False}, {"metrics.launch_bound": False},
          {"metrics.data_dependent_ops_per_step": 2}, {"metrics.sync_time_fraction": 0.1},
          {"metrics.dataloader_fraction": 0.2}],

@@ -625,3 +625,21 @@ def test_render_explain(lib):
         assert s in text
     advice = R.render_explain(lib[1])
     assert "none automatic (advice only)" in advice
+
+
+def test_launch_overhead_gain_keeps_a_gap_per_replayed_kernel():
+    from autoopt.gain import predict, validate
+
+    spec = {"model": "launch_overhead", "gap_us": 2.0, "complements": ["metrics.dataloader_fraction"]}
+    validate(spec)
+    facts = {"metrics.step_time_ms": 2.3, "metrics.host_wait_fraction": 0.77, "metrics.kernels_per_step": 74,
+             "metrics.dataloader_fraction": 0.0}
+    # by hand: 2.3 ms x 0.77 host wait = 1.771 ms; 74 kernels x 2 us = 0.148 ms stay; 2.3 - 1.623 = 0.677 ms
+    speedup, step = predict(spec, facts)
+    assert step == pytest.approx(0.677)
+    assert speedup == pytest.approx(2.3 / 0.677)
+    # a step whose host wait is all kernel gaps has nothing to gain
+    assert predict(spec, dict(facts, **{"metrics.kernels_per_step": 2000}))[0] == pytest.approx(1.0)
+    assert predict(spec, dict(facts, **{"metrics.kernels_per_step": None})) == (None, None)
+    with pytest.raises(ValueError):
+        validate({"model": "launch_overhead", "gap_us": -1})
