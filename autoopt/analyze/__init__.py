@@ -3,10 +3,28 @@
 Loading (autoopt.analyze.loader: a streaming, typed, columnar decode) is separate from the
 analyses, one module each: steps, breakdown, gpu_metrics, kernels, operators, idle, sync,
 memory, distributed, device. `analyze_paths` runs them all; `render_text` summarises the
-result for a terminal. This package never imports torch.
+result for a terminal. This package never imports torch; its modules load on first use.
 """
-from autoopt.analyze.core import METRIC_KEYS, analyze_paths, analyze_trace
-from autoopt.analyze.loader import expand_paths, load_trace
-from autoopt.analyze.render import render_text
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["analyze_paths", "analyze_trace", "load_trace", "expand_paths", "render_text", "METRIC_KEYS"]
+
+_WHERE = {"analyze_paths": "core", "analyze_trace": "core", "METRIC_KEYS": "core", "load_trace": "loader",
+          "expand_paths": "loader", "render_text": "render"}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'autoopt.analyze' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"autoopt.analyze.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-import orjson
+# a process of its own: numpy's BLAS threads are never used here, and starting them costs time
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from autoopt.errors import UserError
+import orjson  # noqa: E402
+
+from autoopt.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
