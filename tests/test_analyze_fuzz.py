@@ -8,7 +8,6 @@ import math
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,7 +80,6 @@ _event = st.fixed_dictionaries(
               "args": st.one_of(_args, _value)})
 
 
-@pytest.mark.slow
 @SETTINGS
 @given(events=st.lists(st.one_of(_event, _value), max_size=25),
        wrap=st.sampled_from(["object", "list", "extra_keys"]))
