@@ -124,29 +124,11 @@ def _ddp_session_class():
             self._fixed_i += 1
             return b
 
-        def train_on(self, batches: list):
-            if not (self.ddp is not None and self.ddp_settings.get("no_sync") and len(batches) > 1):
-                return super().train_on(batches)
-            n = len(batches)
-            loss_total = None
-            for j, b in enumerate(batches):
-                ctx = self.ddp.no_sync() if j < n - 1 else contextlib.nullcontext()
-                with ctx:
-                    with self.autocast():
-                        out = contract.call_forward(self.spec, self.model, b)
-                        loss = contract.extract_loss(out) / n
-                    if self.scaler is not None:
-                        self.scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss_total
+        def micro_batch_context(self, index: int, count: int):
+            # gradient accumulation with no_sync: all-reduce only on the last micro-batch
+            if self.ddp is not None and self.ddp_settings.get("no_sync") and index < count - 1:
+                return self.ddp.no_sync()
+            return contextlib.nullcontext()
 
         def step(self):
             if _STATE["terminated"]:

@@ -175,20 +175,26 @@ class Session:
         with self.autocast():
             return contract.call_forward(self.spec, self.model, batch)
 
+    def micro_batch_context(self, index: int, count: int):
+        """Around the forward and backward of micro-batch `index` of `count` (DDP's no_sync
+        for all but the last, in a distributed session)."""
+        return contextlib.nullcontext()
+
     def train_on(self, batches: list) -> torch.Tensor:
         """One optimizer step over len(batches) micro-batches (gradient accumulation)."""
         loss_total = None
         n = len(batches)
-        for b in batches:
-            with self.autocast():
-                out = contract.call_forward(self.spec, self.model, b)
-                loss = contract.extract_loss(out)
-                if n > 1:
-                    loss = loss / n
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+        for j, b in enumerate(batches):
+            with self.micro_batch_context(j, n):
+                with self.autocast():
+                    out = contract.call_forward(self.spec, self.model, b)
+                    loss = contract.extract_loss(out)
+                    if n > 1:
+                        loss = loss / n
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
             loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
