@@ -64,6 +64,7 @@ def test_cpu_trace_metrics(cpu_trace):
     assert site["source"] is not None and "test_analyze_cpu_trace.py" in site["source"]
     bd = t["breakdown_ms"]
     assert bd["kernel"] == 0 and bd["cpu_exec"] > 0
-    assert sum(bd.values()) == pytest.approx(t["step_time_ms"]["mean"], rel=1e-6)
+    # each of the 8 categories and the mean are rounded to 0.1 us (4 decimals of a ms)
+    assert sum(bd.values()) == pytest.approx(t["step_time_ms"]["mean"], abs=1e-3)
     assert "CPU only" in render_text(r)
     json.dumps(r)
