@@ -453,11 +453,12 @@ def render_markdown(report: dict) -> str:
                 md_code(transforms_text(v.get("transforms"))), f"**{md_text(v.get('status', '?'))}**",
                 fmt_ms(stat(st, "median")), spread_text(st), fmt_tput(v.get("throughput_per_s")),
                 md_text(v.get("batch_size") if v.get("batch_size") is not None else "—"),
-                fmt_mb(v.get("peak_memory_mb")), sp, error_text(v), md_text(v.get("reason") or ""),
+                fmt_mb(v.get("peak_memory_mb")), fmt_x(v.get("expected_speedup")), sp, error_text(v),
+                md_text(v.get("reason") or ""),
             ])
         out += _md_table(
             ["Variant", "Codes", "Transforms", "Status", "Median (ms)", "p25–p75 (ms)", "Samples/s", "Batch",
-             "Peak MB", "Speedup (spread)", "Max rel. error", "Reason"], rows)
+             "Peak MB", "Predicted", "Speedup (spread)", "Max rel. error", "Reason"], rows)
     else:
         out += ["No variant was measured.", ""]
 
@@ -910,12 +911,14 @@ def render_html(report: dict) -> str:
                 + _td(fmt_tput(v.get("throughput_per_s")), True)
                 + _td(str(v.get("batch_size")) if v.get("batch_size") is not None else "—", True)
                 + _td(fmt_mb(v.get("peak_memory_mb")), True)
+                + _td(fmt_x(v.get("expected_speedup")), True)
                 + _td2(fmt_x(v.get("speedup")), f"{iv[0]:.2f}–{iv[1]:.2f}" if iv else "")
                 + _td2(fmt_err(v.get("max_rel_error")),
                        f"tol {fmt_err(v.get('tolerance'))}" if num(v.get("tolerance")) is not None else "")
                 + f'<td class="reason">{esc(v.get("reason") or "")}</td></tr>')
         p.append(_html_table(["Variant", "Transforms", "Status", "Step ms: median (p25–p75)", "Samples/s",
-                              "Batch", "Peak MB", "Speedup (spread)", "Max rel. error", "Reason"], rows, "variants",
+                              "Batch", "Peak MB", "Predicted", "Speedup (spread)", "Max rel. error", "Reason"],
+                             rows, "variants",
                              scroll=True))
     else:
         p.append('<p class="empty">No variant was measured.</p>')
