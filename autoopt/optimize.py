@@ -120,6 +120,7 @@ class Optimizer:
         self.analysis: dict[str, Any] = {}
         self.started = time.perf_counter()
         self.search_started: Optional[float] = None
+        self.search_time_s: Optional[float] = None  # the search alone: solo and combined variants, batch search
         self.variants_tried = 0
         self.final: Optional[dict] = None
         self.kept_steps: list[tuple[Candidate, dict]] = []  # in the order they were adopted
@@ -373,26 +374,41 @@ class Optimizer:
         # most promising first: the rules' predicted gain (unknown counts as a small gain)
         regular.sort(key=lambda c: -(c.finding.expected_speedup or 1.01))
         best_cfg, best_m, chosen = self.base_cfg, self.base_m, []
+        if self.opts.search != "exhaustive":
+            # The rules' gain models are upper bounds: a transform predicted to gain less than a
+            # variant needs to be kept cannot be kept, so the default search does not measure it.
+            hopeless = [c for c in regular if c.finding.expected_speedup is not None
+                        and c.finding.expected_speedup < 1 + MIN_GAIN]
+            for c in hopeless:
+                self.variants.append(Variant(
+                    name=c.code, codes=[c.code], transforms=[{"name": c.transform.name, "params": c.params}],
+                    accepted=True, status="skipped", expected_speedup=c.finding.expected_speedup,
+                    reason=f"predicted at most {c.finding.expected_speedup:.3f}x, below the {MIN_GAIN:.0%} gain a "
+                           "variant needs to be kept (use --search exhaustive to measure it anyway)"))
+            regular = [c for c in regular if c not in hopeless]
         # 1. every transform alone, against the baseline
         solo = [(c, self._solo(c)) for c in regular]
         verified = [(c, ev) for c, ev in solo if ev.measurement is not None and ev.variant.status != "failed"
                     and (ev.variant.verification is None or ev.variant.verification.ok)]
         if self.opts.search == "exhaustive":
-            results = [(ev.measurement, [c], ev.cfg) for c, ev in verified if ev.variant.status == "kept"]
+            # every combination of the verified transforms, each measured; with a batch-size
+            # finding, every verified combination also gets its own batch search (a combination
+            # can pay off only at a larger batch), not only those faster at the baseline's batch
+            verified_cfgs = [(ev.measurement, [c], ev.cfg, ev.variant.status == "kept") for c, ev in verified]
             pool = [c for c, _ in verified]
             for r in range(2, len(pool) + 1):
                 for combo in itertools.combinations(pool, r):
                     ev = self._evaluate(list(combo), self.base_cfg, self.base_m)
-                    if ev.variant.status == "kept":
-                        results.append((ev.measurement, list(combo), ev.cfg))
-            configs = [(self.base_m, [], self.base_cfg)] + results
-            if batch:  # every combination also with its own batch-size search
-                scored = []
-                for m, combo, cfg in configs:
-                    bm, bcfg, bchosen = self._batch_search(batch[0], cfg, m, combo)
-                    scored.append((bm, bchosen, bcfg))
-                configs = scored
+                    if ev.measurement is not None and ev.variant.status != "failed" and (
+                            ev.variant.verification is None or ev.variant.verification.ok):
+                        verified_cfgs.append((ev.measurement, list(combo), ev.cfg, ev.variant.status == "kept"))
+            configs = [(self.base_m, [], self.base_cfg)]
+            configs += [(m, combo, cfg) for m, combo, cfg, kept in verified_cfgs if kept or batch]
+            if batch:
+                configs = [self._batch_search(batch[0], cfg, m, combo) for m, combo, cfg in configs]
+                configs = [(m, combo, cfg) for m, cfg, combo in configs]
             best_m, chosen, best_cfg = max(configs, key=lambda t: t[0].throughput_per_s)
+            self.search_time_s = time.perf_counter() - self.search_started
             return best_cfg, best_m, chosen
         # 2. greedy: start from the fastest verified single transform, add the others in order
         # of their solo speedup; skip what the measurements so far say is hopeless (slower
@@ -426,6 +442,7 @@ class Optimizer:
         # 3. batch size last, on the best configuration found
         if batch:
             best_m, best_cfg, chosen = self._batch_search(batch[0], best_cfg, best_m, chosen)
+        self.search_time_s = time.perf_counter() - self.search_started
         return best_cfg, best_m, chosen
 
     def _batch_search(self, c: Candidate, cfg: ExecConfig, best_m: Measurement, chosen: list[Candidate]):
@@ -579,7 +596,8 @@ class Optimizer:
             "final": self.final,
             "search": {
                 "strategy": self.opts.search, "variants_tried": self.variants_tried,
-                "time_s": round(time.perf_counter() - self.search_started, 2) if self.search_started else 0.0,
+                "time_s": round(self.search_time_s if self.search_time_s is not None else
+                                (time.perf_counter() - self.search_started if self.search_started else 0.0), 2),
             },
             "batch_search": self._batch_table(),
             "analysis": self.analysis,
