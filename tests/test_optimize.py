@@ -192,3 +192,36 @@ def test_try_parses_transform_parameters():
     assert _parse_try("batch_size:batch_size=64") == ("batch_size", {"batch_size": 64})
     with pytest.raises(UserError):
         _parse_try("amp:float16")
+
+
+TINY = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+BATCH_SIZE = 8
+def build_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+def make_batch(bs):
+    return torch.randn(bs, 3, 8, 8), torch.randint(0, 4, (bs,))
+def forward(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+def build_optimizer(model):
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+'''
+
+
+@pytest.mark.slow
+def test_exhaustive_search_measures_every_combination(tmp_path):
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY)
+    r = _autoopt("optimize", str(model), "--json", "--quick", "--search", "exhaustive", "--accept", "none",
+                 "--try", "channels_last", "--try", "fused_optimizer", "--out", str(tmp_path / "rep"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    names = [v["name"] for v in report["variants"]]
+    # both alone, then the pair, whatever the solo measurements said
+    assert "try-channels_last" in names and "try-fused_optimizer" in names
+    pair = [v for v in report["variants"] if len(v["codes"]) == 2]
+    assert len(pair) == 1 and set(pair[0]["codes"]) == {"try-channels_last", "try-fused_optimizer"}
+    assert pair[0]["status"] in ("kept", "rejected")
+    assert report["search"]["strategy"] == "exhaustive" and report["search"]["variants_tried"] == 3
+    assert all(f["accepted"] is False for f in report["findings"] if not f["code"].startswith("try-"))
