@@ -232,7 +232,10 @@ def test_pt2_trace_by_hand():
     assert m["h2d_copies_per_step"] == 1.0
     assert m["peak_memory_mb"] == 3.0
     assert m["sync_count_per_step"] == 0.5  # one site: item() with its memcpy + synchronize
-    assert m["sync_time_fraction"] == pytest.approx(25 / 200)
+    # the site's stall: the D2H cudaMemcpyAsync (3) and cudaStreamSynchronize (25) it blocks in, plus the GPU
+    # idle gap after the sync (ends 1145.5, nothing running; next device work, the HtoD copy, starts 1170.5: 25)
+    assert m["sync_time_fraction"] == pytest.approx((3 + 25 + 25) / 200)
+    assert t["syncs"]["sites"][0]["blocked_ms"] == pytest.approx(0.028)
     assert m["fp32_matmul_fraction"] == 1.0
     site = t["syncs"]["sites"][0]
     assert site["name"] == "aten::item" and site["source"] == "train.py:42 (train_step)"

@@ -19,10 +19,7 @@ Families whose rules need a GPU fact are tested in two honest ways:
 - Every family, AO6 (host-device synchronisation, which has no CPU rule: on a CPU
   `.item()` waits for nothing) included, is also checked on traces of the same model
   files recorded on a real GPU (an H200; tests/planted/gpu_traces/, written by
-  tests/planted/record_gpu_traces.py) and analyzed here. Three of those checks are
-  strict xfails: each names a gap in the trace analysis that makes a rule miss or
-  misfire on the real GPU trace; fixing the gap turns it into a failure that asks for
-  the marker to go.
+  tests/planted/record_gpu_traces.py) and analyzed here.
 
 AO9 (environment) is left out of "exactly": its rules describe the machine (thread count,
 CUDA build), not the model file.
@@ -328,33 +325,29 @@ def test_gpu_control_no_host_read_keeps_ao6_silent():
     assert not [c for c in found if c.startswith("AO6")], found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trace analysis gap (autoopt/analyze/kernels.py): cuBLAS's SIMT fp32 GEMMs on Ampere/Hopper, "
-    "sm80_xmma_gemm_f32f32_f32f32_f32_*_ffma_* and cutlass_80_simt_sgemm_*, are classified as tensor-core "
-    "kernels ('xmma', 'cutlass_80'), so fp32_matmul_fraction reads 0.02 on an all-fp32 MLP"))
 def test_gpu_fp32_gemms_fire_bf16_and_tf32():
+    # every GEMM of this all-fp32 MLP runs in cuBLAS's SIMT kernels (sm80_xmma_gemm_f32f32_f32f32_f32_*_ffma_*,
+    # cutlass_80_simt_sgemm_*): plain FFMA, no tensor cores, no TF32 (float32 matmul precision "highest")
     facts, found = recorded_gpu_run("fp32_gemm-b16384")
     assert facts["metrics.fp32_matmul_fraction"] >= 0.9, facts["metrics.fp32_matmul_fraction"]
+    assert facts["metrics.tensor_core_kernel_ratio"] == 0.0, facts["metrics.tensor_core_kernel_ratio"]
     assert "AO101" in found and "AO103" in found and "AO102" not in found, found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trace analysis gap (autoopt/analyze/sync.py): an aten::item site's wait is taken from "
-    "cudaStreamSynchronize only, but the wait happens in the cudaMemcpyAsync to pageable memory before it "
-    "(about 35 us per item here, 8 per step: 7 % of the step; counted: 1 %)"))
 def test_gpu_host_read_fires_ao601():
+    # each of the 8 blocks' .item() waits in its D2H cudaMemcpyAsync and the cudaStreamSynchronize after it,
+    # and leaves the GPU idle until the next block's first kernel (autoopt/analyze/sync.py)
     facts, found = recorded_gpu_run("host_read-b65536")
-    assert facts["metrics.sync_count_per_step"] >= 8
+    assert facts["metrics.sync_count_per_step"] == 8
     assert any("host_read.py" in s for s in facts.get("metrics.sync_sites") or []), facts.get("metrics.sync_sites")
     assert "AO601" in found, facts["metrics.sync_time_fraction"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "this trace was recorded before commit 32964b7 took autoopt's own per-step torch.cuda.synchronize "
-    "out of profile.trace_session; the analysis (autoopt/analyze/sync.py) still counts it as a sync of the "
-    "user's step because the frame reads 'autoopt/runner.py(212): sync', a relative path that the "
-    "'/autoopt/' library marker does not match; on this GPU-bound step it holds 23 % and fires AO601"))
 def test_gpu_bound_cnn_without_host_reads_keeps_ao6_silent():
+    # this trace was recorded before commit 32964b7 took autoopt's own per-step torch.cuda.synchronize out
+    # of profile.trace_session: its frame reads 'autoopt/runner.py(212): sync', autoopt's harness, which
+    # the analysis leaves out of the user's syncs (reported under syncs["harness"])
     facts, found = recorded_gpu_run("nchw_cnn-b8192")
     assert facts["metrics.gpu_utilization"] >= 0.7
+    assert facts["metrics.sync_count_per_step"] == 0
     assert not [c for c in found if c.startswith("AO6")], (found, facts.get("metrics.sync_sites"))

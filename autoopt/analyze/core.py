@@ -142,7 +142,10 @@ def analyze_trace(tr: T.Trace, *, top_n: int = 10, rank: int = 0) -> dict[str, A
         "breakdown_per_step_ms": [{"step": st.names[j], "total": _r(durs[j] / 1e3, 4),
                                    **{role: _r(per_step[j, i] / 1e3, 4) for i, role in enumerate(B.ROLES)}}
                                   for j in range(n)],
-        "tensor_core_kernel_ratio": _r(ks["tensor_core_kernel_ratio"], 6),
+        "tensor_core_kernel_ratio": _r(ks["tensor_core_kernel_ratio"], 6),  # autoopt.analyze.kernels' detection
+        "tensor_core_kernel_ratio_tb": _r(ks["tensor_core_kernel_ratio_tb"], 6),  # torch-tb-profiler's name list
+        "matmul_precision": ({k: _r(v, 6) for k, v in ks["matmul_precision"].items()}
+                             if ks["matmul_precision"] else None),  # shares of matmul/conv kernel time
         "sm_efficiency": _r(metrics["sm_efficiency"], 6),
         "achieved_occupancy": _r(metrics["achieved_occupancy"], 6),
         "gpu_metrics_by_device": {str(d): {k: _r(v, 6) for k, v in devs[d].items()} for d in dev_ids},

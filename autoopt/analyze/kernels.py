@@ -1,10 +1,40 @@
 """GPU kernels: top kernels, tensor-core use, matmul/convolution precision, layout
 conversions, and kernel launch statistics as Holistic Trace Analysis defines them.
 
-Tensor-core detection extends torch-tb-profiler's name list (Volta-era hmma/884/1688
-kernels) with today's kernels: cuBLAS/cuDNN xmma and sm80/sm90 GEMMs, CUTLASS tensorop
-and wmma kernels, Hopper wgmma/gmma and nvjet kernels, flash attention, cuDNN v8/v9
-engines, and AMD matrix-core kernels (rocBLAS/Tensile `_MI..`, MIOpen xdlops, CK xdl).
+Tensor-core detection (`uses_tensor_cores`) extends torch-tb-profiler's name list
+(Volta-era hmma/884/1688 kernels) with today's kernels: cuBLAS/cuDNN xmma and sm80/sm90
+GEMMs, CUTLASS tensorop and wmma kernels, Hopper wgmma/gmma and nvjet kernels, flash
+attention, cuDNN v8/v9 engines, and AMD matrix-core kernels (rocBLAS/Tensile `_MI..`,
+MIOpen xdlops, CK xdl). cuBLAS, cuDNN and CUTLASS also ship plain SIMT (CUDA-core) fp32
+kernels under the same families: `sm80_xmma_gemm_f32f32_f32f32_f32_..._ffma_...`,
+`sm80_xmma_fprop_implicit_gemm_f32f32_f32f32_f32_..._ffma_...`, `cutlass_80_simt_sgemm_...`.
+A name with `ffma`, `simt` or `sgemm` is a SIMT kernel and not tensor-core work, unless it
+also carries a tensor-core instruction shape or precision (`tensorop`, `tensor16x8x8`,
+`hmma`, `gmma`, `tf32`, `16816`, ...), which wins.
+
+Two tensor-core ratios are reported:
+- `tensor_core_kernel_ratio` (the metric the rules read): this module's detection.
+- `tensor_core_kernel_ratio_tb`: torch-tb-profiler's own definition, its fixed substring
+  list (tensor_core.py `TC_Allowlist`) on the same kernels, which is what TensorBoard's
+  "Kernel Time using Tensor Cores" shows. That list is stale (it counts every `xmma_gemm`,
+  SIMT fp32 ones included, and misses `sm80_xmma_fprop_...`, nvjet, flash attention, ...),
+  so the two differ on Ampere/Hopper traces; on the Volta ResNet-50 traces with tb's
+  expected outputs they agree (no kernel there is tensor-core work by either).
+
+Matmul/convolution precision (`matmul_precision`): each matmul/conv kernel is
+- "reduced": bf16/fp16/fp8/int8, from the name (`bf16`, `f16`, `h16816`, `s16816`, `_h_`,
+  ...) or, when the name says nothing, from the launching operator's recorded input types;
+- "tf32": a tensor-core kernel on fp32 data: `tf32`/`tfloat32` in the name, or any other
+  tensor-core kernel whose name and inputs say neither reduced precision nor fp64
+  (`cutlass_tensorop_s1688..._tf32`, `sm80_xmma_..._tf32f32_...` are named);
+- "fp32": a SIMT kernel on float data (`f32f32_f32f32` + `ffma`, `sgemm`, `scudnn`,
+  implicit_convolve_sgemm, ...): full IEEE fp32 math on CUDA cores;
+- "other": fp64 inputs.
+`fp32_matmul_fraction` is the "fp32" share of matmul/conv time: the fp32 matmuls that use
+neither TF32 nor reduced precision, i.e. what AO103 (enable TF32) and AO101/AO102
+(autocast) can speed up. TF32 time is not in it (TF32 already runs on tensor cores; the
+registry defines the fact as "not tf32/bf16/fp16"); it is reported as
+`matmul_precision["tf32"]`.
 """
 from __future__ import annotations
 
@@ -36,6 +66,16 @@ _CONV_SUB = ("conv", "scudnn", "hcudnn", "wgrad", "dgrad", "fprop", "winograd", 
              "igemm_bwd", "igemm_wrw", "miopen")
 _HALF_SUB = ("hgemm", "hcudnn", "half", "bf16", "bfloat16", "fp16", "f16", "_h_", "_hh", "hss", "_bbs_", "_bss_",
              "_hs_", "int8", "e4m3", "e5m2", "fp8")
+# SIMT (CUDA-core) kernels inside the xmma / cutlass_80 families: plain FFMA math, no tensor cores
+_SIMT_SUB = ("ffma", "simt", "sgemm")
+# tensor-core instruction shapes and precisions: a name with one of these is tensor-core work even when
+# it also matches a SIMT marker
+_TC_STRONG_SUB = ("tensorop", "hmma", "imma", "dmma", "gmma", "wmma", "mma_sm", "tf32", "tfloat32", "h884", "s884",
+                  "h1688", "s1688", "i8816", "16816", "16832", "xdlops", "mfma")
+_TC_STRONG_RE = re.compile(r"tensor\d+x\d+x\d+")
+_TF32_SUB = ("tf32", "tfloat32")
+_REDUCED_EXTRA_SUB = ("s16816", "h1688", "h884", "s884", "i8816", "imma", "e4m3", "e5m2")
+_H16_RE = re.compile(r"(?<![a-z0-9])h16")  # h16816gemm, _h16_; not "batch16"
 _LAYOUT_SUB = ("nchwtonhwc", "nhwctonchw", "nchw2nhwc", "nhwc2nchw", "nchw_to_nhwc", "nhwc_to_nchw")
 
 
@@ -45,9 +85,23 @@ def _has(name: str, subs: tuple) -> bool:
 
 
 def uses_tensor_cores(name: str) -> bool:
+    """This module's detection: tensor-core families by name, SIMT kernels inside them excluded."""
     low = name.lower()
+    if any(p in low for p in _TC_STRONG_SUB) or _TC_STRONG_RE.search(low):
+        return True
+    if any(p in low for p in _SIMT_SUB):
+        return False
     return (any(p in name for p in _TB_TC) or any(p in low for p in _TC_SUB)
             or bool(_TC_RE.search(low)))
+
+
+def tb_uses_tensor_cores(name: str) -> bool:
+    """torch-tb-profiler 0.4's definition (TC_Allowlist): a case-sensitive substring of its list."""
+    return any(p in name for p in _TB_TC)
+
+
+def name_says_tf32(name: str) -> bool:
+    return _has(name, _TF32_SUB)
 
 
 def is_matmul_or_conv(name: str) -> bool:
@@ -59,7 +113,23 @@ def is_conv(name: str) -> bool:
 
 
 def name_says_reduced_precision(name: str) -> bool:
-    return _has(name, _HALF_SUB)
+    """bf16/fp16/fp8/int8 named (tf32 is not reduced precision here: it has its own class)."""
+    if name_says_tf32(name):
+        return False
+    return _has(name, _HALF_SUB) or _has(name, _REDUCED_EXTRA_SUB) or bool(_H16_RE.search(name.lower()))
+
+
+def kernel_precision(name: str, input_float: Optional[str] = None) -> str:
+    """Math precision of one matmul/conv kernel: "reduced", "tf32", "fp32" or "other" (fp64).
+    `input_float` is the launching op's first floating input type ("float", "half", "bfloat16",
+    "double", "fp8") when the trace recorded it; the name wins where it says something."""
+    if name_says_tf32(name):
+        return "tf32"
+    if name_says_reduced_precision(name) or input_float in ("half", "bfloat16", "fp8"):
+        return "reduced"
+    if input_float == "double":
+        return "other"
+    return "tf32" if uses_tensor_cores(name) else "fp32"
 
 
 def is_layout_conversion(name: str) -> bool:
@@ -79,7 +149,8 @@ def _flag_lut(tr: T.Trace, pred, ids: Optional[np.ndarray] = None) -> np.ndarray
 def kernel_stats(tr: T.Trace, lo: float, hi: float, top_n: int) -> dict:
     k = tr.idx(T.KERNEL)
     out: dict = {"top_kernels": [], "tensor_core_kernel_ratio": None, "matmul_fraction": None,
-                 "conv_fraction": None, "fp32_matmul_fraction": None, "layout_conversion_fraction": None,
+                 "tensor_core_kernel_ratio_tb": None, "conv_fraction": None, "fp32_matmul_fraction": None,
+                 "matmul_precision": None, "layout_conversion_fraction": None,
                  "kernel_count": int(k.size), "median_kernel_us": None, "small_kernel_fraction": None}
     if k.size == 0:
         return out
@@ -118,27 +189,41 @@ def kernel_stats(tr: T.Trace, lo: float, hi: float, top_n: int) -> dict:
     out["conv_fraction"] = float(din[conv_lut[nin]].sum() / total)
     out["layout_conversion_fraction"] = float(din[_flag_lut(tr, is_layout_conversion, kid)[nin]].sum()
                                               / total)
+    out["tensor_core_kernel_ratio_tb"] = float(din[_flag_lut(tr, tb_uses_tensor_cores, kid)[nin]].sum() / total)
     if mm.any():
-        fp32 = _fp32_mask(tr, kin[mm], tc_lut, kid)
-        mm_time = float(din[mm].sum())
-        out["fp32_matmul_fraction"] = float(din[mm][fp32].sum() / mm_time) if mm_time > 0 else None
+        prec = _precision_classes(tr, kin[mm], tc_lut, kid)
+        dmm = din[mm]
+        mm_time = float(dmm.sum())
+        if mm_time > 0:
+            shares = {c: float(dmm[prec == j].sum() / mm_time) for j, c in enumerate(PRECISIONS)}
+            out["matmul_precision"] = shares
+            out["fp32_matmul_fraction"] = shares["fp32"]
     return out
 
 
-def _fp32_mask(tr: T.Trace, kidx: np.ndarray, tc_lut: np.ndarray, kid: np.ndarray) -> np.ndarray:
-    """fp32 (not tf32/bf16/fp16) matmul/conv kernels: not tensor-core kernels, no reduced precision
-    in the name, and, when the launching op recorded its input types, float inputs."""
+PRECISIONS = ("fp32", "tf32", "reduced", "other")  # codes 0..3 of _precision_classes
+
+
+def _precision_classes(tr: T.Trace, kidx: np.ndarray, tc_lut: np.ndarray, kid: np.ndarray) -> np.ndarray:
+    """kernel_precision of each matmul/conv kernel in `kidx`, as an index into PRECISIONS. The
+    name decides where it names a precision; otherwise the launching op's recorded input types
+    (where the trace has them) and then tensor-core use (tensor cores on float data: TF32)."""
     names = tr.name[kidx]
+    tf32_lut = _flag_lut(tr, name_says_tf32, kid)
     half_lut = _flag_lut(tr, name_says_reduced_precision, kid)
-    fp32 = ~tc_lut[names] & ~half_lut[names]
+    out = np.where(tc_lut[names], 1, 0).astype(np.int8)
+    named = tf32_lut[names] | half_lut[names]
+    out[half_lut[names]] = 2
+    out[tf32_lut[names]] = 1
     if tr.input_types:
         ops = tr.launching_op(kidx)
-        for j in np.flatnonzero(fp32 & (ops >= 0)):
-            types = tr.input_types.get(int(ops[j]))
-            dt = first_float_type(types)
-            if dt is not None and dt != "float":
-                fp32[j] = False
-    return fp32
+        for j in np.flatnonzero(~named & (ops >= 0)):
+            dt = first_float_type(tr.input_types.get(int(ops[j])))
+            if dt in ("half", "bfloat16", "fp8"):
+                out[j] = 2
+            elif dt == "double":
+                out[j] = 3
+    return out
 
 
 _FLOAT_TYPES = {"float": "float", "double": "double", "c10::Half": "half", "c10::BFloat16": "bfloat16",

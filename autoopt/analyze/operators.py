@@ -2,6 +2,15 @@
 time, as torch-tb-profiler's operator table), and the per-step operator counts the rules
 read: top-level ops, optimizer ops and kernels, data-dependent ops, matmul/convolution
 share and precision on CPU traces.
+
+`ops_per_step` counts the top-level operators of the model's own work (forward, loss,
+backward's autograd functions, zero_grad): operators inside an `enumerate(DataLoader)#...
+__next__` span (batch collation, the loader's own ops) and inside an `Optimizer.step#...`
+span (a per-parameter optimizer loop) are left out, and so are those spans themselves
+where the trace records them as operators. Data loading and the optimizer have their own
+facts and rules (AO5: `dataloader_fraction`; AO7: `optimizer_ops_per_step`,
+`optimizer_fraction`), so AO303 (torch.compile for many small operators) reads only what
+compiling the model would fuse.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ DATA_DEPENDENT_OPS = frozenset({"aten::nonzero", "aten::masked_select", "aten::u
                                 "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
                                 "aten::argwhere", "aten::masked_scatter"})
 _OPTIMIZER_RE = re.compile(r"^Optimizer\.step#")
+_DATALOADER_RE = re.compile(r"^enumerate\(DataLoader\)#.*\.__next__$|^enumerate\(DataPipe\)#")
 _DP_RE = re.compile(r"^DataParallel\.forward$|broadcast_coalesced|ReduceAddCoalesced|^(Broadcast|Scatter|Gather)"
                     r"(Backward\d*)?$")
 _COMPILED_RE = re.compile(r"^Torch-Compiled Region: (\d+)/(\d+)")
@@ -31,7 +41,8 @@ class OpTree:
 
     parent: np.ndarray  # event index of the enclosing OP/ANNO/STEP span, -1 at the root
     top_op: np.ndarray  # event index of the outermost OP enclosing (or being) this row; -1 if none
-    in_optimizer: np.ndarray  # bool: inside an Optimizer.step#... span
+    in_optimizer: np.ndarray  # bool: inside (or being) an Optimizer.step#... span
+    in_dataloader: np.ndarray  # bool: inside (or being) an enumerate(DataLoader)#...__next__ span
     self_host: np.ndarray  # us: duration minus children and own runtime calls
     self_device: np.ndarray  # us: GPU time launched directly by this op
     total_device: np.ndarray  # us: GPU time launched by this op and its children
@@ -42,11 +53,14 @@ def build_tree(tr: T.Trace) -> OpTree:
     parent = np.full(n, -1, dtype=np.int64)
     top_op = np.full(n, -1, dtype=np.int64)
     in_opt = np.zeros(n, dtype=bool)
+    in_dl = np.zeros(n, dtype=bool)
     idx = tr.idx(T.OP, T.ANNO, T.STEP)
     depth_pos = np.zeros(0, dtype=np.int64)
     opt_lut = np.zeros(len(tr.names), dtype=bool)
     opt_ids = tr.name_ids(lambda s: bool(_OPTIMIZER_RE.match(s)))
     opt_lut[opt_ids] = True
+    dl_lut = np.zeros(len(tr.names), dtype=bool)
+    dl_lut[tr.name_ids(lambda s: bool(_DATALOADER_RE.match(s)))] = True
     if idx.size:
         thread = (tr.pid[idx].astype(np.int64) << 32) | tr.tid[idx].astype(np.int64)
         order = np.lexsort((-tr.dur[idx], tr.ts[idx], thread))
@@ -54,6 +68,7 @@ def build_tree(tr: T.Trace) -> OpTree:
         th_sorted = thread[order]
         is_op_a = tr.kind[idx] == T.OP
         is_opt_a = opt_lut[tr.name[idx]]
+        is_dl_a = dl_lut[tr.name[idx]]
         nest = _nest_vectorized(tr.ts[idx], tr.end[idx], th_sorted)
         if nest is None:  # not properly nested somewhere: the exact stack walk
             nest = _nest_stack(tr.ts[idx].tolist(), tr.end[idx].tolist(), th_sorted.tolist())
@@ -61,6 +76,7 @@ def build_tree(tr: T.Trace) -> OpTree:
         m = idx.size
         top = np.full(m, -1, dtype=np.int64)
         inopt = np.zeros(m, dtype=bool)
+        indl = np.zeros(m, dtype=bool)
         pos = np.arange(m)
         by_depth = np.argsort(depth_pos, kind="stable")
         bounds = np.searchsorted(depth_pos[by_depth], np.arange(int(depth_pos.max()) + 2 if m else 1))
@@ -72,14 +88,17 @@ def build_tree(tr: T.Trace) -> OpTree:
             if d == 0:
                 top[sel] = own
                 inopt[sel] = is_opt_a[sel]
+                indl[sel] = is_dl_a[sel]
             else:
                 pp = par_pos[sel]
                 top[sel] = np.where(top[pp] >= 0, top[pp], own)
                 inopt[sel] = inopt[pp] | is_opt_a[sel]
+                indl[sel] = indl[pp] | is_dl_a[sel]
         par = par_pos
         parent[idx] = np.where(par >= 0, idx[np.maximum(par, 0)], -1)
         top_op[idx] = np.where(top >= 0, idx[np.maximum(top, 0)], -1)
         in_opt[idx] = inopt
+        in_dl[idx] = indl
     # host self time: minus direct children and the op's own runtime calls
     self_host = np.where(tr.mask(T.OP, T.ANNO, T.STEP), tr.dur, 0.0)
     has_p = parent >= 0
@@ -103,7 +122,7 @@ def build_tree(tr: T.Trace) -> OpTree:
         for d in range(int(dn.max()), 0, -1):
             sel = idx[dn == d]
             np.add.at(total_dev, parent[sel], total_dev[sel])
-    return OpTree(parent, top_op, in_opt, self_host, self_dev, total_dev)
+    return OpTree(parent, top_op, in_opt, in_dl, self_host, self_dev, total_dev)
 
 
 def _nest_vectorized(ts: np.ndarray, en: np.ndarray, th: np.ndarray):
@@ -205,7 +224,8 @@ def op_stats(tr: T.Trace, tree: OpTree, st: Steps) -> dict:
     ops = tr.idx(T.OP)
     in_steps = st.index_of(tr.ts[ops]) >= 0 if ops.size else np.zeros(0, dtype=bool)
     ops_in = ops[in_steps]
-    top_level = tree.top_op[ops_in] == ops_in
+    # the model's own top-level ops: not the DataLoader's, not the optimizer step's (see the docstring)
+    top_level = (tree.top_op[ops_in] == ops_in) & ~tree.in_dataloader[ops_in] & ~tree.in_optimizer[ops_in]
     out: dict = {
         "ops_per_step": float(top_level.sum()) / nsteps if nsteps else None,
         "optimizer_ops_per_step": None, "optimizer_kernels_per_step": None, "optimizer_fraction": None,
