@@ -121,20 +121,9 @@ def peak_flops_per_s(caps: Capabilities, cfg) -> Optional[float]:
 
 
 # ---------------------------------------------------------------- timing
-def measure(
-    session: Session,
-    caps: Capabilities,
-    settings: MeasureSettings | None = None,
-    *,
-    flops_per_step: Optional[float] = None,
-    on_step: Callable[[int], None] | None = None,
-) -> Measurement:
-    s = settings or MeasureSettings()
-    device = session.device
-    reset_peak_memory(device)
-
-    # warm-up: the first step includes compilation for a compiled model; it is timed
-    # separately and reported as compile time.
+def _warm_up(session: Session, s: MeasureSettings) -> tuple[int, Optional[float]]:
+    """Warm-up steps; the first includes compilation for a compiled model, and is returned
+    as the compile time."""
     t0 = time.perf_counter()
     session.step()
     session.sync()
@@ -148,11 +137,17 @@ def measure(
         if w > 50:
             break
     session.sync()
+    return w, compile_time
 
-    samples: list[float] = []
+
+def _timed_steps(session: Session, s: MeasureSettings, on_step=None, samples: Optional[list] = None) -> list[float]:
+    """Timed steps, each with the device synchronised (CUDA events on a GPU), until `s`
+    says done; appends to and returns `samples`."""
+    samples = [] if samples is None else samples
     start = time.perf_counter()
-    if device == "cuda":
-        while True:
+    first = len(samples)
+    while True:
+        if session.device == "cuda":
             ev0 = torch.cuda.Event(enable_timing=True)
             ev1 = torch.cuda.Event(enable_timing=True)
             ev0.record()
@@ -160,22 +155,20 @@ def measure(
             ev1.record()
             ev1.synchronize()  # one step at a time: timings per step, nothing queued across
             samples.append(ev0.elapsed_time(ev1))
-            if on_step:
-                on_step(len(samples))
-            if _done(samples, start, s):
-                break
-    else:
-        while True:
+        else:
             t = time.perf_counter()
             session.step()
             session.sync()
             samples.append((time.perf_counter() - t) * 1000.0)
-            if on_step:
-                on_step(len(samples))
-            if _done(samples, start, s):
-                break
+        if on_step:
+            on_step(len(samples))
+        if _done(samples[first:], start, s):
+            return samples
+
+
+def _measurement(session: Session, caps: Capabilities, samples: list[float], *, peak: Optional[float],
+                 flops_per_step: Optional[float], compile_time: Optional[float], warmup: int) -> Measurement:
     stats = Stats.of(samples)
-    peak = peak_memory_mb(device)
     tput = session.samples_per_step / (stats.median / 1000.0)
     mfu = None
     peak_fps = peak_flops_per_s(caps, session.cfg)
@@ -189,8 +182,64 @@ def measure(
         flops_per_step=flops_per_step,
         mfu=mfu,
         compile_time_s=compile_time,
-        warmup_steps=w,
+        warmup_steps=warmup,
         samples_per_step=session.samples_per_step,
+    )
+
+
+def measure(
+    session: Session,
+    caps: Capabilities,
+    settings: MeasureSettings | None = None,
+    *,
+    flops_per_step: Optional[float] = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Measurement:
+    s = settings or MeasureSettings()
+    reset_peak_memory(session.device)
+    w, compile_time = _warm_up(session, s)
+    samples = _timed_steps(session, s, on_step)
+    return _measurement(session, caps, samples, peak=peak_memory_mb(session.device),
+                        flops_per_step=flops_per_step, compile_time=compile_time, warmup=w)
+
+
+def measure_side_by_side(
+    a: Session,
+    b: Session,
+    caps: Capabilities,
+    settings: MeasureSettings | None = None,
+    *,
+    rounds: int = 4,
+    flops_a: Optional[float] = None,
+    flops_b: Optional[float] = None,
+) -> tuple[Measurement, Measurement]:
+    """Two configurations measured in alternating rounds (a, b, a, b, ...), each round a
+    share of the usual minimum time, so that drift in the machine's speed (other load,
+    clocks) falls on both alike. Peak memory is read after each one's warm-up; on a CPU the
+    process's resident set then holds both models, so callers that need each one's own peak
+    take it from a separate measurement."""
+    s = settings or MeasureSettings()
+    share = MeasureSettings(warmup_steps=0, warmup_min_s=0.0, min_steps=max(1, s.min_steps // rounds),
+                            max_steps=max(1, s.max_steps // rounds), min_time_s=s.min_time_s / rounds,
+                            max_time_s=s.max_time_s / rounds)
+    reset_peak_memory(a.device)
+    a.activate()
+    wa, ca = _warm_up(a, s)
+    peak_a = peak_memory_mb(a.device)
+    reset_peak_memory(b.device)
+    b.activate()
+    wb, cb = _warm_up(b, s)
+    peak_b = peak_memory_mb(b.device)
+    sa: list[float] = []
+    sb: list[float] = []
+    for _ in range(rounds):
+        a.activate()
+        _timed_steps(a, share, samples=sa)
+        b.activate()
+        _timed_steps(b, share, samples=sb)
+    return (
+        _measurement(a, caps, sa, peak=peak_a, flops_per_step=flops_a, compile_time=ca, warmup=wa),
+        _measurement(b, caps, sb, peak=peak_b, flops_per_step=flops_b, compile_time=cb, warmup=wb),
     )
 
 

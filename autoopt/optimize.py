@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from autoopt import __version__
 from autoopt.errors import Interrupted, UserError
-from autoopt.measure import MeasureSettings, count_flops, measure, speedup
+from autoopt.measure import MeasureSettings, count_flops, measure, measure_side_by_side, speedup
 from autoopt.profile import ProfileSettings, new_run_dir, trace_session
 from autoopt.runner import Session, is_oom
 from autoopt.types import ExecConfig, Finding, Measurement, Variant, Workload
@@ -504,7 +504,7 @@ class Optimizer:
         return best_m, cfg, chosen
 
     # ------------------------------------------------------------------ final
-    def _final(self, best_cfg: ExecConfig, chosen: list[Candidate]) -> None:
+    def _final(self, best_cfg: ExecConfig, best_m: Measurement, chosen: list[Candidate]) -> None:
         from autoopt.analyze import analyze_paths
 
         if not chosen:
@@ -515,15 +515,22 @@ class Optimizer:
                 "note": "no transform was verified and faster than the baseline; the model file is best as written",
             }
             return
-        # Re-measure baseline and final back to back, so the reported speedup is not an
-        # artefact of the machine's load drifting during the search.
+        # Re-measure baseline and final side by side, in alternating rounds, so the reported
+        # speedup is not an artefact of the machine's speed drifting during the search.
         self.progress("final", "final: re-measuring the baseline and the final configuration side by side")
-        with Session(self.workload, self.base_cfg) as s:
-            base_m = measure(s, self.caps, self.opts.measure,
-                             flops_per_step=self.flops_per_sample * s.samples_per_step if self.flops_per_sample else None)
-        m, _ver, _rec, logdir, failure = self._run_config("final", best_cfg, reference=None, tolerance=0.0, trace=True)
-        if m is None:
-            raise RuntimeError(f"the final configuration could not be re-measured: {failure}")
+        fps = self.flops_per_sample
+        logdir = None
+        with Session(self.workload, self.base_cfg) as sb, Session(self.workload, best_cfg) as sf:
+            base_m, m = measure_side_by_side(
+                sb, sf, self.caps, self.opts.measure,
+                flops_a=fps * sb.samples_per_step if fps else None, flops_b=fps * sf.samples_per_step if fps else None)
+            if self.opts.trace:
+                self.progress("profile", "final: tracing")
+                logdir = str(trace_session(sf, new_run_dir(self.tb, "final"), self.opts.profile).run_dir)
+        # each one's own peak memory comes from its separate measurement (on a CPU the side-by-side
+        # process holds both models)
+        base_m.peak_memory_mb = self.base_m.peak_memory_mb
+        m.peak_memory_mb = best_m.peak_memory_mb
         mid, low, high = speedup(base_m, m)
         v = Variant(
             name="final", codes=[c.code for c in chosen],
@@ -644,8 +651,8 @@ class Optimizer:
         try:
             self._baseline()
             candidates = self._findings()
-            best_cfg, _best_m, chosen = self._search(candidates)
-            self._final(best_cfg, chosen)
+            best_cfg, best_m, chosen = self._search(candidates)
+            self._final(best_cfg, best_m, chosen)
             self._patch_and_plan(chosen)
         except KeyboardInterrupt:
             self.interrupted = True

@@ -105,12 +105,7 @@ class Session:
         else:
             model.eval()
             self.optimizer = None
-        if cfg.matmul_precision:
-            torch.set_float32_matmul_precision(cfg.matmul_precision)
-            if cfg.device == "cuda":
-                torch.backends.cudnn.allow_tf32 = cfg.matmul_precision != "highest"
-        if cfg.cudnn_benchmark is not None:
-            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        self.activate()
         self.eager_model = model
         if cfg.compile_mode or cfg.cuda_graphs:
             mode = "reduce-overhead" if cfg.cuda_graphs else cfg.compile_mode
@@ -123,8 +118,6 @@ class Session:
             scaler = torch.amp.GradScaler(cfg.device)
         self.scaler = scaler if self.train else None
         self.accum = max(1, int(cfg.grad_accum_steps))
-        if cfg.dataloader and cfg.dataloader.get("intra_op_threads"):
-            torch.set_num_threads(int(cfg.dataloader["intra_op_threads"]))
         if build_loader and spec.build_dataloader is not None:
             torch.manual_seed(self.workload.seed)
             loader = spec.build_dataloader(cfg.batch_size)
@@ -135,6 +128,21 @@ class Session:
             self._loader = loader
         self._pin = bool(getattr(self._loader, "pin_memory", False)) and cfg.device == "cuda"
         self._fixed: list[Any] = []
+
+    def activate(self) -> None:
+        """Put this configuration's process-wide settings in force (TF32 / cuDNN flags, the
+        intra-op thread count). Called at build time, and again before stepping when two
+        sessions take turns in one process (side-by-side measurement)."""
+        cfg = self.cfg
+        saved = self._saved
+        torch.set_float32_matmul_precision(cfg.matmul_precision or saved["matmul_precision"])
+        if cfg.device == "cuda":
+            torch.backends.cudnn.allow_tf32 = (
+                cfg.matmul_precision != "highest" if cfg.matmul_precision else saved["cudnn_allow_tf32"])
+        torch.backends.cudnn.benchmark = (
+            cfg.cudnn_benchmark if cfg.cudnn_benchmark is not None else saved["cudnn_benchmark"])
+        threads = (cfg.dataloader or {}).get("intra_op_threads")
+        torch.set_num_threads(int(threads) if threads else saved["num_threads"])
 
     # ------------------------------------------------------------------ batches
     def prepare(self, batch):

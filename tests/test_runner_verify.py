@@ -152,3 +152,29 @@ def test_inference_mode_config_produces_no_grad_graph():
     with Session(wl, wl.base_config().with_(inference_mode=True)) as s:
         out = s.step()
         assert out.is_inference() and not out.requires_grad
+
+
+def test_side_by_side_keeps_each_configurations_settings_apart():
+    from autoopt.measure import measure_side_by_side
+
+    seen = []
+    spec = _spec(train=False)
+    inner = spec.forward
+
+    def forward(model, batch):
+        seen.append(torch.get_float32_matmul_precision())
+        return inner(model, batch)
+
+    spec.forward = forward
+    wl = Workload(spec=spec, caps=Capabilities("cpu"), batch_size=4, seed=0)
+    before = torch.get_float32_matmul_precision()
+    with Session(wl, wl.base_config()) as a, Session(wl, wl.base_config().with_(matmul_precision="medium")) as b:
+        n0 = len(seen)
+        ma, mb = measure_side_by_side(a, b, wl.caps, MeasureSettings.quick(), rounds=3)
+    assert torch.get_float32_matmul_precision() == before
+    assert ma.step_time_ms.n >= 3 and mb.step_time_ms.n >= 3
+    # a's steps ran under the default precision, b's under "medium", alternating in rounds
+    runs = [p for p in seen[n0:]]
+    assert set(runs) == {before, "medium"}
+    switches = sum(1 for x, y in zip(runs, runs[1:]) if x != y)
+    assert switches >= 5  # warm-ups, then a b a b a b
