@@ -9,6 +9,7 @@ Peak memory: the CUDA allocator's peak on a GPU; on a CPU the process's peak res
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -249,6 +250,22 @@ def _done(samples: list[float], start: float, s: MeasureSettings) -> bool:
     if n >= s.max_steps or (elapsed >= s.max_time_s and n >= 3):
         return True
     return n >= s.min_steps and elapsed >= s.min_time_s
+
+
+def median_rel_error(st: Stats) -> float:
+    """Relative standard error of a median: about 1.2533 x sigma / sqrt(n) for a normal
+    sample, with sigma estimated from the interquartile range (IQR / 1.349)."""
+    if st.n < 2 or st.median <= 0:
+        return float("inf")
+    return 1.2533 * ((st.p75 - st.p25) / 1.349) / st.median / math.sqrt(st.n)
+
+
+def noise_between(a: Measurement, b: Measurement, floor: float = 0.03) -> float:
+    """The relative difference two medians must exceed to count as real: two combined
+    standard errors (about 95 %), and never less than `floor` — drift of a shared machine
+    between two measurements is not in their own spread."""
+    combined = math.hypot(median_rel_error(a.step_time_ms), median_rel_error(b.step_time_ms))
+    return max(floor, 2.0 * combined)
 
 
 def speedup(base: Measurement, new: Measurement) -> tuple[float, float, float]:

@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional
 
 from autoopt import __version__
 from autoopt.errors import Interrupted, UserError
-from autoopt.measure import MeasureSettings, count_flops, measure, measure_side_by_side, speedup
+from autoopt.measure import (MeasureSettings, count_flops, measure, measure_side_by_side, noise_between,
+                             speedup)
 from autoopt.profile import ProfileSettings, new_run_dir, trace_session
 from autoopt.runner import Session, is_oom
 from autoopt.types import ExecConfig, Finding, Measurement, Variant, Workload
@@ -25,8 +26,8 @@ from autoopt.verify import RunRecord, compare, record_run
 Progress = Callable[..., None]  # progress(phase: str, detail: str = "", **info)
 Decide = Callable[[Finding, Any], bool]  # decide(finding, transform) -> accept?
 
-# A variant must beat the current best by at least this much, or by the measured noise of
-# the two measurements if that is larger, to be kept.
+# A variant must beat the current best by at least this much, or by two standard errors of
+# the two medians if that is larger, to be kept (autoopt.measure.noise_between).
 MIN_GAIN = 0.03
 
 
@@ -79,7 +80,7 @@ def default_model_path() -> Path:
 
 def beyond_noise(best: Measurement, new: Measurement) -> tuple[bool, float, float]:
     ratio, _, _ = speedup(best, new)
-    noise = max(MIN_GAIN, (best.step_time_ms.rel_spread + new.step_time_ms.rel_spread) / 2)
+    noise = noise_between(best, new, MIN_GAIN)
     return ratio > 1 + noise, ratio, noise
 
 

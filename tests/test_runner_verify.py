@@ -178,3 +178,19 @@ def test_side_by_side_keeps_each_configurations_settings_apart():
     assert set(runs) == {before, "medium"}
     switches = sum(1 for x, y in zip(runs, runs[1:]) if x != y)
     assert switches >= 5  # warm-ups, then a b a b a b
+
+
+def test_noise_between_two_medians_is_two_standard_errors_with_a_floor():
+    from autoopt.measure import median_rel_error, noise_between
+    from autoopt.types import Measurement
+
+    st = Stats(median=100.0, mean=100.0, min=90.0, max=110.0, p25=95.0, p75=105.0, stdev=7.0, n=36)
+    # by hand: sigma ~ IQR / 1.349 = 7.413; SE of the median = 1.2533 x 7.413 / sqrt(36) = 1.548 -> 1.548 %
+    assert median_rel_error(st) == pytest.approx(0.015486, rel=1e-3)
+    m = Measurement(st, batch_size=8, throughput_per_s=80.0, peak_memory_mb=None)
+    # two equal measurements: 2 x sqrt(2) x 1.5486 % = 4.38 %
+    assert noise_between(m, m) == pytest.approx(0.0438, rel=1e-2)
+    tight = Measurement(Stats(100.0, 100.0, 99.0, 101.0, 99.9, 100.1, 0.1, 100), 8, 80.0, None)
+    assert noise_between(tight, tight) == 0.03  # the floor: drift between measurements
+    few = Measurement(Stats(100.0, 100.0, 100.0, 100.0, 100.0, 100.0, 0.0, 1), 8, 80.0, None)
+    assert noise_between(few, tight) == float("inf")  # one sample says nothing about noise

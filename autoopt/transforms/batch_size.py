@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from autoopt.transforms import Transform, register
 from autoopt.types import Capabilities, ExecConfig, Measurement, Workload
 
-MIN_GAIN = 0.02  # a doubling must gain at least 2 % samples/s (and beat the measured noise)
+MIN_GAIN = 0.03  # a doubling must gain at least 3 % samples/s (and beat the measured noise)
 
 
 def lr_caveat(old: Optional[int], new: Optional[int], mode: str = "train") -> str:
@@ -101,8 +101,8 @@ def search_batch_size(
     the first doubling without gain, one more doubling is tried (throughput curves are not
     always monotonic).
 
-    The noise is `noise` when given, else the larger relative spread (IQR / median) of
-    the two step-time measurements compared, and at least MIN_GAIN. On out-of-memory (or
+    The noise is `noise` when given, else two combined standard errors of the two medians
+    compared (autoopt.measure.noise_between), and at least MIN_GAIN. On out-of-memory (or
     over the budget) the midpoint between the last good size and the failed one is tried
     once. When the starting size itself does not fit, it is halved until one does.
     `measure(cfg)` may raise an out-of-memory error (caught); other errors propagate.
@@ -137,7 +137,9 @@ def search_batch_size(
     def gain_threshold(a: Measurement, b: Measurement) -> float:
         if noise is not None:
             return noise
-        return max(MIN_GAIN, a.step_time_ms.rel_spread, b.step_time_ms.rel_spread)
+        from autoopt.measure import noise_between
+
+        return noise_between(a, b, MIN_GAIN)
 
     def mark(b: int, status: str) -> None:
         for row in reversed(table):
