@@ -375,18 +375,6 @@ class Optimizer:
         # most promising first: the rules' predicted gain (unknown counts as a small gain)
         regular.sort(key=lambda c: -(c.finding.expected_speedup or 1.01))
         best_cfg, best_m, chosen = self.base_cfg, self.base_m, []
-        if self.opts.search != "exhaustive":
-            # The rules' gain models are upper bounds: a transform predicted to gain less than a
-            # variant needs to be kept cannot be kept, so the default search does not measure it.
-            hopeless = [c for c in regular if c.finding.expected_speedup is not None
-                        and c.finding.expected_speedup < 1 + MIN_GAIN]
-            for c in hopeless:
-                self.variants.append(Variant(
-                    name=c.code, codes=[c.code], transforms=[{"name": c.transform.name, "params": c.params}],
-                    accepted=True, status="skipped", expected_speedup=c.finding.expected_speedup,
-                    reason=f"predicted at most {c.finding.expected_speedup:.3f}x, below the {MIN_GAIN:.0%} gain a "
-                           "variant needs to be kept (use --search exhaustive to measure it anyway)"))
-            regular = [c for c in regular if c not in hopeless]
         # 1. every transform alone, against the baseline
         solo = [(c, self._solo(c)) for c in regular]
         verified = [(c, ev) for c, ev in solo if ev.measurement is not None and ev.variant.status != "failed"
@@ -420,7 +408,7 @@ class Optimizer:
                 if ev.variant.status == "kept":
                     best_cfg, best_m, chosen = ev.cfg, ev.measurement, [c]
                 continue
-            hopeless = (ev.variant.speedup or 0) < 1 - max(MIN_GAIN, ev.measurement.step_time_ms.rel_spread)
+            hopeless = (ev.variant.speedup or 0) < 1 - noise_between(self.base_m, ev.measurement, MIN_GAIN)
             partner = any(frozenset((c.transform.name, x.transform.name)) in self.SYNERGY for x in chosen)
             if hopeless and not partner:
                 self.notes.append(f"search: skipped combining {c.code} ({c.transform.name}): "
