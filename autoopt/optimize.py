@@ -428,14 +428,26 @@ class Optimizer:
         for v in self.variants:
             if v.status == "kept" and v.name != "baseline" and v.codes != [c.code for c in chosen]:
                 v.reason += "; superseded in the search"
-        # 3. batch size last, on the best configuration found
+        # 3. batch size last, on the most promising configuration: the kept combination, or
+        # when nothing was kept, the fastest verified transform that measured no slower than
+        # the baseline (a gain inside the noise at this batch can grow at a larger one); the
+        # result must still beat the current best beyond the noise to be kept.
         if batch:
-            best_m, best_cfg, chosen = self._batch_search(batch[0], best_cfg, best_m, chosen)
+            start_cfg, start_chosen, start_m = best_cfg, chosen, best_m
+            if not chosen and verified and (verified[0][1].variant.speedup or 0) >= 1.0:
+                start_cfg, start_chosen, start_m = verified[0][1].cfg, [verified[0][0]], verified[0][1].measurement
+            m, cfg, picked = self._batch_search(batch[0], start_cfg, best_m, start_chosen, cfg_m=start_m)
+            if picked is not start_chosen:  # the batch search kept a larger batch
+                best_m, best_cfg, chosen = m, cfg, picked
         self.search_time_s = time.perf_counter() - self.search_started
         return best_cfg, best_m, chosen
 
-    def _batch_search(self, c: Candidate, cfg: ExecConfig, best_m: Measurement, chosen: list[Candidate]):
-        """Search the batch size by throughput on `cfg`; returns (measurement, config, chosen)."""
+    def _batch_search(self, c: Candidate, cfg: ExecConfig, best_m: Measurement, chosen: list[Candidate],
+                      cfg_m: Optional[Measurement] = None):
+        """Search the batch size by throughput on `cfg` (measured as `cfg_m`, default `best_m`); a
+        larger batch is kept when it beats `best_m` beyond the noise. Returns (measurement,
+        config, chosen)."""
+        cfg_m = cfg_m or best_m
         from autoopt.transforms.batch_size import search_batch_size
 
         budget = self.caps.total_memory_mb * self.opts.memory_budget_fraction if self.caps.total_memory_mb else None
@@ -449,7 +461,7 @@ class Optimizer:
             self.progress("batch", f"batch search: batch size {trial_cfg.batch_size} (doubling while samples/s "
                           f"improves; a few seconds per size)", batch_size=trial_cfg.batch_size)
             if trial_cfg.batch_size == cfg.batch_size:
-                return best_m
+                return cfg_m
             self.variants_tried += 1
             with Session(self.workload, trial_cfg) as s:
                 flops = self.flops_per_sample * s.samples_per_step if self.flops_per_sample else None
