@@ -57,15 +57,11 @@ class ProgressView:
 
         self._time = time.perf_counter
         self.t0 = self._time()
-        self.phase_t0 = self.t0
-        self.phase = ""
 
     def __call__(self, phase: str, detail: str = "", **info: Any) -> None:
         if not self.enabled:
             return
         now = self._time()
-        if phase != self.phase:
-            self.phase, self.phase_t0 = phase, now
         est = ""
         if info.get("compiling"):
             est = " (the first step runs torch.compile: usually 10-60 s)"

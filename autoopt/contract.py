@@ -6,7 +6,7 @@ three agree on what a batch, an output and a loss are.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
@@ -103,6 +103,3 @@ def has_4d_float_input(batch) -> bool:
 def shapes_of(batch) -> list[tuple[str, tuple[int, ...]]]:
     return [(str(t.dtype).replace("torch.", ""), tuple(t.shape)) for t in iter_tensors(batch)]
 
-
-def any_tensor(obj: Any) -> bool:
-    return next(iter_tensors(obj), None) is not None

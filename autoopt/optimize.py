@@ -124,7 +124,6 @@ class Optimizer:
         self.search_time_s: Optional[float] = None  # the search alone: solo and combined variants, batch search
         self.variants_tried = 0
         self.final: Optional[dict] = None
-        self.kept_steps: list[tuple[Candidate, dict]] = []  # in the order they were adopted
         self.patch_text = ""
         self.plan: dict = {}
         self.notes: list[str] = []

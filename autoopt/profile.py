@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
 from autoopt.runner import Session
@@ -111,6 +110,3 @@ def trace_session(
     files = sorted(run_dir.glob("*.pt.trace.json.gz"))
     return TraceRun(run_dir=run_dir, trace_files=files, steps=s.active, wall_s=wall)
 
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import time
 from typing import Any, Iterator, Optional
 
 import torch
@@ -39,7 +38,8 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory error from the allocator (GPU or CPU)."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
@@ -252,12 +252,3 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def is_oom(exc: BaseException) -> bool:
-    return _is_oom(exc)
-
-
-def timed(fn) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    r = fn()
-    return r, time.perf_counter() - t0

@@ -42,17 +42,10 @@ def lr_caveat(old: Optional[int], new: Optional[int], mode: str = "train") -> st
 
 
 def is_oom(exc: BaseException) -> bool:
-    """An out-of-memory error from the allocator (GPU or CPU)."""
-    try:
-        import torch
+    """An out-of-memory error from the allocator (GPU or CPU): autoopt.runner's test."""
+    from autoopt.runner import is_oom as runner_is_oom
 
-        if isinstance(exc, torch.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-    )
+    return runner_is_oom(exc)
 
 
 def _free_memory() -> None:

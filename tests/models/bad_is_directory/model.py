@@ -1,58 +1,11 @@
-"""An MLP classifier on synthetic tabular data, trained with Adam, fed by a DataLoader.
-
-Shows the optional build_dataloader(): the input pipeline is then part of the profiled
-step. make_batch() builds the same kind of batch directly (autoopt uses it to verify
-numerics on identical batches). Labels come from a fixed random teacher network, so
-the task is learnable and deterministic.
-"""
+"""The model file inside a folder that a user passes by mistake (the loader's error
+names this file as the one to pass instead)."""
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-
-BATCH_SIZE = 256
-IN_FEATURES = 64
-NUM_CLASSES = 8
-DATASET_SIZE = 4096
 
 
-def build_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(IN_FEATURES, 256),
-        nn.ReLU(),
-        nn.Linear(256, 256),
-        nn.ReLU(),
-        nn.Linear(256, 256),
-        nn.ReLU(),
-        nn.Linear(256, NUM_CLASSES),
-    )
-
-
-def _teacher() -> torch.Tensor:
-    g = torch.Generator().manual_seed(4321)
-    return torch.randn(IN_FEATURES, NUM_CLASSES, generator=g)
-
-
-def _samples(n: int, generator=None):
-    x = torch.randn(n, IN_FEATURES, generator=generator)
-    y = (x @ _teacher()).argmax(dim=1)
-    return x, y
+def build_model():
+    return torch.nn.Linear(4, 2)
 
 
 def make_batch(batch_size: int):
-    return _samples(batch_size)
-
-
-def forward(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-def build_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=1e-3)
-
-
-def build_dataloader(batch_size: int) -> DataLoader:
-    g = torch.Generator().manual_seed(7)
-    x, y = _samples(DATASET_SIZE, generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
+    return torch.randn(batch_size, 4)
