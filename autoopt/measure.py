@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -244,6 +245,132 @@ def measure_side_by_side(
     )
 
 
+# Two-sided 95 % quantiles of Student's t, by degrees of freedom (beyond the table: 1.96 + 2.4/df).
+_T975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086}
+
+
+def t975(df: int) -> float:
+    return _T975.get(df, 1.96 + 2.4 / df) if df >= 1 else float("inf")
+
+
+@dataclass
+class Paired:
+    """A configuration measured beside an anchor (the one it must beat) in alternating rounds.
+
+    Each round gives one throughput ratio (candidate over anchor, from the two medians of that
+    round); the ratio is their geometric mean, and its noise the half-width of a 95 %
+    t-interval over the rounds — the spread *between* rounds, where the slow swings of a
+    shared machine show, not the step-to-step spread within one (steps in a row are not
+    independent), and at least SIDE_BY_SIDE_MIN_GAIN. `anchor` is None when the anchor did not
+    fit beside the candidate; then only `measurement` is known."""
+
+    anchor: Optional[Measurement]
+    measurement: Measurement
+    round_ratios: list[float]
+    floor: float = 0.02
+
+    @property
+    def ratio(self) -> Optional[float]:
+        if not self.round_ratios:
+            return None
+        return math.exp(statistics.fmean(math.log(r) for r in self.round_ratios))
+
+    @property
+    def half_width(self) -> float:
+        """Relative half-width of the 95 % interval of the ratio, from the rounds' spread."""
+        n = len(self.round_ratios)
+        if n < 2:
+            return float("inf")
+        se = statistics.stdev(math.log(r) for r in self.round_ratios) / math.sqrt(n)
+        return math.exp(t975(n - 1) * se) - 1
+
+    @property
+    def noise(self) -> float:
+        return max(self.floor, self.half_width)
+
+    @property
+    def better(self) -> bool:
+        return self.ratio is not None and self.ratio > 1 + self.noise
+
+    @property
+    def settled(self) -> bool:
+        """Better beyond the noise, or not even the top of its interval is a gain worth keeping."""
+        if self.ratio is None:
+            return True
+        return self.better or self.ratio * (1 + self.half_width) <= 1 + self.floor
+
+
+def measure_against(
+    session: Session,
+    open_anchor: Callable[[], Session],
+    caps: Capabilities,
+    settings: MeasureSettings | None = None,
+    *,
+    rounds: int = 6,
+    max_rounds: int = 18,
+    flops_per_step: Optional[float] = None,
+    anchor_flops: Optional[float] = None,
+) -> Paired:
+    """`session` measured beside an anchor configuration (the current best) in alternating
+    rounds, so that their ratio is free of the machine's drift between measurements taken
+    apart (see Paired for the ratio and its noise). Each configuration gets the settings'
+    measuring time over `rounds` rounds; while the call is not settled (Paired.settled), three
+    more rounds at a time, up to `max_rounds`. `open_anchor()` builds the anchor's Session (a
+    context manager); it is built only after `session` has been warmed up alone, so
+    `session`'s peak memory and compile time are its own. If the anchor does not fit beside it
+    (out of memory with both held), `session` is timed alone and the anchor is None."""
+    from autoopt.runner import is_oom
+
+    s = settings or MeasureSettings()
+    reset_peak_memory(session.device)
+    session.activate()
+    w, compile_time = _warm_up(session, s)
+    peak = peak_memory_mb(session.device)
+    share = MeasureSettings(warmup_steps=0, warmup_min_s=0.0, min_steps=max(1, s.min_steps // rounds),
+                            max_steps=max(1, s.max_steps // rounds), min_time_s=s.min_time_s / rounds,
+                            max_time_s=s.max_time_s / rounds)
+    anchor_m: Optional[Measurement] = None
+    sb: list[float] = []
+    ratios: list[float] = []
+    try:
+        with open_anchor() as a:
+            a.activate()
+            wa, ca = _warm_up(a, s)
+            sa: list[float] = []
+
+            def one_round() -> None:
+                i, j = len(sa), len(sb)
+                a.activate()
+                _timed_steps(a, share, samples=sa)
+                session.activate()
+                _timed_steps(session, share, samples=sb)
+                ta, tb = statistics.median(sa[i:]), statistics.median(sb[j:])
+                ratios.append((session.samples_per_step * ta) / (a.samples_per_step * tb))
+
+            for _ in range(rounds):
+                one_round()
+            while len(ratios) < max_rounds and not Paired(None, None, ratios, SIDE_BY_SIDE_MIN_GAIN).settled:
+                for _ in range(3):
+                    one_round()
+            anchor_m = _measurement(a, caps, sa, peak=None, flops_per_step=anchor_flops, compile_time=ca, warmup=wa)
+    except BaseException as exc:  # noqa: BLE001 - only out of memory is survivable here
+        if not is_oom(exc):
+            raise
+        anchor_m, sb, ratios = None, [], []
+        if session.device == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+    session.activate()
+    if anchor_m is None:
+        sb = _timed_steps(session, s)
+    m = _measurement(session, caps, sb, peak=peak, flops_per_step=flops_per_step, compile_time=compile_time, warmup=w)
+    return Paired(anchor_m, m, ratios, SIDE_BY_SIDE_MIN_GAIN)
+
+
 def _done(samples: list[float], start: float, s: MeasureSettings) -> bool:
     n = len(samples)
     elapsed = time.perf_counter() - start
@@ -258,6 +385,12 @@ def median_rel_error(st: Stats) -> float:
     if st.n < 2 or st.median <= 0:
         return float("inf")
     return 1.2533 * ((st.p75 - st.p25) / 1.349) / st.median / math.sqrt(st.n)
+
+
+# A gain measured side by side must still be at least 2 %: alternating rounds take the
+# machine's drift out of the comparison (so the floor can be below noise_between's usual 3 %
+# for measurements taken apart), not the measurement's own spread (still two standard errors).
+SIDE_BY_SIDE_MIN_GAIN = 0.02
 
 
 def noise_between(a: Measurement, b: Measurement, floor: float = 0.03) -> float:

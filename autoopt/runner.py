@@ -45,6 +45,11 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+# Sessions open at the moment, oldest first: a Session built while another is open (side-by-side
+# measurement) must take the process's own settings as its defaults, not the other one's.
+_OPEN: list["Session"] = []
+
+
 class Session:
     """One configuration of one workload, built and ready to step.
 
@@ -72,6 +77,11 @@ class Session:
 
     # ------------------------------------------------------------------ build
     def _save_globals(self) -> None:
+        if _OPEN:
+            self._saved = dict(_OPEN[0]._saved)  # the settings from before any session
+            _OPEN.append(self)
+            return
+        _OPEN.append(self)
         self._saved = {
             "matmul_precision": torch.get_float32_matmul_precision(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
@@ -238,6 +248,11 @@ class Session:
         if it is not None and hasattr(it, "_shutdown_workers"):
             with contextlib.suppress(Exception):
                 it._shutdown_workers()
+        if self in _OPEN:
+            _OPEN.remove(self)
+            if _OPEN:  # another session is still open: its settings are in force again
+                self._saved = {}
+                _OPEN[-1].activate()
         if self._saved:
             torch.set_float32_matmul_precision(self._saved["matmul_precision"])
             torch.backends.cudnn.benchmark = self._saved["cudnn_benchmark"]

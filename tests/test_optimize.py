@@ -225,3 +225,50 @@ def test_exhaustive_search_measures_every_combination(tmp_path):
     assert pair[0]["status"] in ("kept", "rejected")
     assert report["search"]["strategy"] == "exhaustive" and report["search"]["variants_tried"] == 3
     assert all(f["accepted"] is False for f in report["findings"] if not f["code"].startswith("try-"))
+
+
+def _m(ms, spread, batch=8, n=20):
+    from autoopt.types import Measurement, Stats
+
+    st = Stats(median=ms, mean=ms, min=ms, max=ms, p25=ms * (1 - spread / 2), p75=ms * (1 + spread / 2), stdev=0.0, n=n)
+    return Measurement(step_time_ms=st, batch_size=batch, throughput_per_s=1000.0 * batch / ms, peak_memory_mb=50.0)
+
+
+def test_keep_decisions_use_the_side_by_side_ratio():
+    """A variant measured beside its anchor is judged by the ratio of the rounds and their
+    spread (2 % floor); without the anchor (the two did not fit together) by the measurement
+    taken apart (3 % floor)."""
+    from autoopt.measure import Paired
+    from autoopt.optimize import OptimizeOptions, Optimizer
+
+    opt = Optimizer(OptimizeOptions(model_path=None), decide=lambda f, t: True)
+    stale = _m(7.0, 0.01)  # the anchor measured earlier, when the machine was fast
+    new = _m(9.25, 0.01)
+    # side by side the variant is 8 % faster in every round, though 25 % slower than the stale
+    # measurement
+    better, ratio, noise, how = opt._judge(Paired(_m(10.0, 0.01), new, [1.08] * 6), stale, new)
+    assert better and ratio == pytest.approx(1.08) and noise == pytest.approx(0.02) and how == "side by side in 6 rounds"
+    # 1 % is inside the 2 % floor; 8 % with rounds from 0.98 to 1.18 is inside their spread
+    assert not opt._judge(Paired(_m(10.0, 0.01), new, [1.01] * 6), stale, new)[0]
+    better, ratio, noise, _ = opt._judge(Paired(_m(10.0, 0.01), new, [0.98, 1.18] * 3), stale, new)
+    assert not better and ratio == pytest.approx(1.0754, abs=1e-3) and noise > 0.08
+    better, ratio, noise, how = opt._judge(Paired(None, new, []), stale, new)
+    assert not better and ratio == pytest.approx(7 / 9.25) and noise == pytest.approx(0.03) and "apart" in how
+    assert opt._judge(None, stale, new)[1] == pytest.approx(7 / 9.25)
+
+
+def test_paired_ratio_noise_and_when_a_call_is_settled():
+    from autoopt.measure import Paired, t975
+
+    p = Paired(None, _m(1.0, 0.01), [1.10, 1.05, 1.12, 1.08])
+    assert p.ratio == pytest.approx((1.10 * 1.05 * 1.12 * 1.08) ** 0.25)
+    # by hand: stdev of the logs 0.02734, / sqrt(4), x t(3) = 3.182 -> 4.45 %
+    assert p.noise == pytest.approx(0.0445, abs=5e-4) and t975(3) == 3.182
+    assert p.better and p.settled
+    tie = Paired(None, _m(1.0, 0.01), [1.0, 0.99, 1.01, 1.0])
+    assert not tie.better and tie.settled  # 1.00 +- 1.3 %: not a 2 % gain
+    loose = Paired(None, _m(1.0, 0.01), [1.0, 0.97, 1.03, 1.0])
+    assert not loose.better and not loose.settled  # 1.00 +- 3.9 %: could still be a 2 % gain
+    worse = Paired(None, _m(1.0, 0.01), [0.9, 0.92, 0.88, 0.91])
+    assert not worse.better and worse.settled
+    assert Paired(None, _m(1.0, 0.01), [1.5]).noise == float("inf") and Paired(None, _m(1.0, 0.01), []).settled

@@ -180,6 +180,21 @@ def test_side_by_side_keeps_each_configurations_settings_apart():
     assert switches >= 5  # warm-ups, then a b a b a b
 
 
+def test_measure_against_adds_rounds_until_the_call_is_settled():
+    """Two identical configurations: a tie that could hide a 2 % gain is measured for more
+    rounds (three at a time), up to the maximum."""
+    from autoopt.measure import measure_against
+
+    wl = _wl(train=False)
+    with Session(wl, wl.base_config()) as s:
+        pair = measure_against(s, lambda: Session(wl, wl.base_config()), wl.caps, MeasureSettings.quick(),
+                               rounds=4, max_rounds=10)
+    n = len(pair.round_ratios)
+    assert n in (4, 7, 10)
+    assert n == 10 or pair.settled  # stopped early only when settled
+    assert 0.7 < pair.ratio < 1.4
+
+
 def test_noise_between_two_medians_is_two_standard_errors_with_a_floor():
     from autoopt.measure import median_rel_error, noise_between
     from autoopt.types import Measurement
@@ -194,3 +209,46 @@ def test_noise_between_two_medians_is_two_standard_errors_with_a_floor():
     assert noise_between(tight, tight) == 0.03  # the floor: drift between measurements
     few = Measurement(Stats(100.0, 100.0, 100.0, 100.0, 100.0, 100.0, 0.0, 1), 8, 80.0, None)
     assert noise_between(few, tight) == float("inf")  # one sample says nothing about noise
+
+
+def test_measure_against_alternates_with_the_anchor_and_keeps_its_own_peak():
+    from autoopt.measure import measure_against
+
+    seen = []
+    spec = _spec(train=False)
+    inner = spec.forward
+
+    def forward(model, batch):
+        seen.append(torch.get_float32_matmul_precision())
+        return inner(model, batch)
+
+    spec.forward = forward
+    wl = Workload(spec=spec, caps=Capabilities("cpu"), batch_size=4, seed=0)
+    before = torch.get_float32_matmul_precision()
+    opened = []
+
+    def open_anchor():
+        opened.append(len(seen))  # built only after the candidate's warm-up
+        return Session(wl, wl.base_config())
+
+    with Session(wl, wl.base_config().with_(matmul_precision="medium")) as s:
+        pair = measure_against(s, open_anchor, wl.caps, MeasureSettings.quick(), rounds=3, max_rounds=3)
+        assert torch.get_float32_matmul_precision() == "medium"  # the candidate's settings again
+    ma, m = pair.anchor, pair.measurement
+    assert len(pair.round_ratios) == 3 and pair.ratio > 0
+    assert torch.get_float32_matmul_precision() == before
+    assert opened and seen[:opened[0]] and set(seen[:opened[0]]) == {"medium"}
+    assert ma is not None and ma.peak_memory_mb is None and m.peak_memory_mb and m.peak_memory_mb > 10
+    assert ma.step_time_ms.n >= 3 and m.step_time_ms.n >= 3
+    timed = seen[opened[0]:]
+    assert sum(1 for x, y in zip(timed, timed[1:]) if x != y) >= 5  # anchor warm-up, then a s a s a s
+
+    # an anchor that does not fit beside it: the candidate is timed alone
+    def no_room():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with Session(wl, wl.base_config()) as s:
+        pair = measure_against(s, no_room, wl.caps, MeasureSettings.quick())
+    assert pair.anchor is None and pair.ratio is None and pair.measurement.step_time_ms.n >= 5
+    with Session(wl, wl.base_config()) as s, pytest.raises(ValueError):
+        measure_against(s, lambda: (_ for _ in ()).throw(ValueError("broken anchor")), wl.caps, MeasureSettings.quick())

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from autoopt.transforms import TRANSFORMS, apply_transforms, get_transform, inspect_workload, ordered
 from autoopt.transforms.activation_checkpointing import apply_checkpointing
+from autoopt.measure import Paired
 from autoopt.transforms.batch_size import BatchSearch, is_oom, search_batch_size
 from autoopt.transforms.dataloader import choose_settings, rebuild_dataloader
 from autoopt.transforms.fused_optimizer import current_impl, rebuild_optimizer
@@ -635,6 +636,64 @@ def test_batch_search_respects_budget_noise_and_start():
     assert none.batch_size is None and none.measurement is None
     assert search_batch_size(ExecConfig(), fake_measure(lambda b: 10.0 * b), memory_budget_mb=None,
                              max_batch=128).batch_size == 128
+
+
+def paired(best, new, jitter=0.0, rounds=6):
+    """A side-by-side measurement of new beside best: round ratios around the true ratio."""
+    r = new.throughput_per_s / best.throughput_per_s
+    return Paired(best, new, [r * (1 + jitter * (-1) ** i) for i in range(rounds)])
+
+
+def test_batch_search_judges_each_size_beside_the_best_so_far():
+    # +6 % per doubling up to 64: inside the noise of two single measurements at 25 % spread
+    # (2 combined SE = 14.7 %), so even the look past the first dip (+12.4 %) misses it
+    curve = {16: 1000.0, 32: 1060.0, 64: 1123.6, 128: 1100.0, 256: 900.0}
+    noisy = fake_measure(lambda b: curve[b], spread=0.25)
+    precise = fake_measure(lambda b: curve[b], spread=0.01)
+    pairs = []
+
+    def against(best, new):
+        pairs.append((best.batch_size, new.batch_size))
+        return paired(precise(best), precise(new))
+
+    without = search_batch_size(ExecConfig(batch_size=16), noisy, memory_budget_mb=None)
+    assert without.batch_size == 16  # a real 12 % gain lost in the noise
+    res = search_batch_size(ExecConfig(batch_size=16), noisy, memory_budget_mb=None, against=against)
+    assert res.batch_size == 64
+    # every larger size measured beside the best so far; 128 (2 % slower) and 256 lose
+    assert pairs == [(16, 32), (32, 64), (64, 128), (64, 256)]
+    rows = {r["batch_size"]: r for r in res.table}
+    assert rows[32]["ratio_to_best"] == pytest.approx(1.06, abs=1e-3)
+    assert rows[128]["ratio_to_best"] == pytest.approx(0.979, abs=1e-3)
+    assert rows[64]["status"] == "chosen" and rows[128]["status"] == rows[256]["status"] == "no_gain"
+    assert "ratio_to_best" not in rows[16]  # the start, measured alone
+    assert res.relative == pytest.approx(1.1236, abs=1e-3)  # chained side-by-side ratios
+    assert res.to_json()["relative_throughput"] == pytest.approx(1.1236, abs=1e-3)
+    assert "side by side" in res.reason
+
+    # a gain the side-by-side measurement does not confirm is not a gain, however the
+    # single measurement looked
+    flat = fake_measure(lambda b: 1000.0, spread=0.01)
+    lucky = fake_measure(lambda b: 1000.0 * (1.5 if b == 32 else 1.0), spread=0.01)
+    res = search_batch_size(ExecConfig(batch_size=16), lucky, memory_budget_mb=None,
+                            against=lambda a, b: paired(flat(a), flat(b)))
+    assert res.batch_size == 16 and res.table[1]["ratio_to_best"] == 1.0
+    # gains of 6 and 12 % whose rounds disagree by +-12 % (noise 15 %) are not gains either
+    res = search_batch_size(ExecConfig(batch_size=16), noisy, memory_budget_mb=None,
+                            against=lambda a, b: paired(precise(a), precise(b), jitter=0.12))
+    assert res.batch_size == 16 and "no gain beyond the noise (15%)" in res.reason
+
+    # the two did not fit together (None for the best): the new size's own measurement is
+    # compared with the best's earlier one
+    res = search_batch_size(ExecConfig(batch_size=16), precise, memory_budget_mb=None,
+                            against=lambda a, b: Paired(None, precise(b), []))
+    assert res.batch_size == 64 and "ratio_to_best" not in res.table[1]
+    # out of memory measuring the larger size: the midpoint, as without a partner
+    res = search_batch_size(ExecConfig(batch_size=64), fake_measure(lambda b: 10.0 * b, oom_above=400),
+                            memory_budget_mb=None,
+                            against=lambda a, b: paired(fake_measure(lambda b: 10.0 * b, oom_above=400)(a),
+                                                        fake_measure(lambda b: 10.0 * b, oom_above=400)(b)))
+    assert res.batch_size == 384 and "ran out of memory" in res.reason
 
 
 def test_batch_search_propagates_real_errors():

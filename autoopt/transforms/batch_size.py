@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from autoopt.transforms import Transform, register
 from autoopt.types import Capabilities, ExecConfig, Measurement, Workload
+
+if TYPE_CHECKING:
+    from autoopt.measure import Paired
 
 MIN_GAIN = 0.03  # a doubling must gain at least 3 % samples/s (and beat the measured noise)
 
@@ -59,8 +62,8 @@ def _free_memory() -> None:
 
 @dataclass
 class BatchSearch:
-    """The result of a batch-size search: the chosen size, its measurement, and every
-    try (for the report's throughput-vs-batch plot)."""
+    """The result of a batch-size search: the chosen size, its measurement, its throughput
+    relative to the starting size, and every try (for the report's throughput-vs-batch plot)."""
 
     batch_size: Optional[int]  # None when not even the smallest batch fits
     measurement: Optional[Measurement]
@@ -68,6 +71,9 @@ class BatchSearch:
     table: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
     caveat: str = ""
+    # samples/s of the chosen size over the starting size's: the product of the side-by-side
+    # ratios of each accepted step (or the ratio of two single measurements without `against`)
+    relative: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +81,7 @@ class BatchSearch:
             "start": self.start,
             "reason": self.reason,
             "caveat": self.caveat,
+            "relative_throughput": round(self.relative, 4),
             "tries": self.table,
             "measurement": self.measurement.to_json() if self.measurement else None,
         }
@@ -88,32 +95,50 @@ def search_batch_size(
     start: Optional[int] = None,
     max_batch: int = 4096,
     noise: Optional[float] = None,
+    against: Optional[Callable[[ExecConfig, ExecConfig], "Paired"]] = None,
 ) -> BatchSearch:
     """Grow the batch (x2) from `start` (default cfg.batch_size) while samples/s improves
     beyond the noise and peak memory stays under `memory_budget_mb` (None: no budget); after
     the first doubling without gain, one more doubling is tried (throughput curves are not
-    always monotonic).
+    always monotonic). On out-of-memory (or over the budget) the midpoint between the last
+    good size and the failed one is tried once. When the starting size itself does not fit,
+    it is halved until one does. `measure(cfg)` measures one size alone; it and `against`
+    may raise an out-of-memory error (caught); other errors propagate.
 
-    The noise is `noise` when given, else two combined standard errors of the two medians
-    compared (autoopt.measure.noise_between), and at least MIN_GAIN. On out-of-memory (or
-    over the budget) the midpoint between the last good size and the failed one is tried
-    once. When the starting size itself does not fit, it is halved until one does.
-    `measure(cfg)` may raise an out-of-memory error (caught); other errors propagate.
+    With `against(best_cfg, new_cfg) -> autoopt.measure.Paired`, each larger size is measured
+    beside the current best in alternating rounds (autoopt.measure.measure_against) and judged
+    by their ratio and its noise, free of the machine's drift between measurements taken
+    seconds apart; its row records `ratio_to_best`. Where the pair has no anchor (the two did
+    not fit together), the new size's own measurement is compared with the best's earlier
+    one. Without `against`, sizes are measured alone and compared with each other.
+
+    The noise is `noise` when given; else the pair's (Paired.noise), or for measurements
+    taken apart two combined standard errors of the two medians, at least MIN_GAIN
+    (autoopt.measure.noise_between).
     """
+    from autoopt.measure import noise_between
+
     start = int(start or cfg.batch_size)
     table: list[dict[str, Any]] = []
     tried: dict[int, Optional[Measurement]] = {}
 
-    def attempt(b: int) -> tuple[Optional[Measurement], str]:
+    def attempt(b: int, best_b: Optional[int] = None) -> tuple[Optional[Measurement], str, Optional[float], float]:
+        """Measure size b (beside best_b when given). Returns (measurement, status, ratio to
+        the best or None, the noise of that ratio)."""
+        pair = None
         try:
-            m = measure(cfg.with_(batch_size=b))
+            if against is not None and best_b is not None:
+                pair = against(cfg.with_(batch_size=best_b), cfg.with_(batch_size=b))
+                m = pair.measurement
+            else:
+                m = measure(cfg.with_(batch_size=b))
         except BaseException as exc:  # noqa: BLE001 - only OOM is swallowed
             if not is_oom(exc):
                 raise
             _free_memory()
             table.append({"batch_size": b, "throughput_per_s": None, "peak_memory_mb": None, "status": "oom"})
             tried[b] = None
-            return None, "oom"
+            return None, "oom", None, 0.0
         tried[b] = m
         row = {
             "batch_size": b,
@@ -121,18 +146,19 @@ def search_batch_size(
             "peak_memory_mb": None if m.peak_memory_mb is None else round(m.peak_memory_mb, 2),
             "status": "ok",
         }
+        ratio, gain = None, 0.0
+        if best_b is not None and pair is not None and pair.anchor is not None:
+            ratio = pair.ratio
+            gain = noise if noise is not None else pair.noise
+            row["ratio_to_best"] = round(ratio, 4)
+        elif best_b is not None:
+            ratio = m.throughput_per_s / best_m.throughput_per_s
+            gain = noise if noise is not None else noise_between(best_m, m, MIN_GAIN)
         table.append(row)
         if memory_budget_mb is not None and m.peak_memory_mb is not None and m.peak_memory_mb > memory_budget_mb:
             row["status"] = "over_budget"
-            return m, "over_budget"
-        return m, "ok"
-
-    def gain_threshold(a: Measurement, b: Measurement) -> float:
-        if noise is not None:
-            return noise
-        from autoopt.measure import noise_between
-
-        return noise_between(a, b, MIN_GAIN)
+            return m, "over_budget", ratio, gain
+        return m, "ok", ratio, gain
 
     def mark(b: int, status: str) -> None:
         for row in reversed(table):
@@ -142,13 +168,15 @@ def search_batch_size(
 
     # 1. a starting size that fits
     b = start
-    best_m, status = attempt(b)
+    best_m, status, _, _ = attempt(b)
     while status != "ok" and b > 1:
         b = max(1, b // 2)
-        best_m, status = attempt(b)
+        best_m, status, _, _ = attempt(b)
     if status != "ok":
         return BatchSearch(None, None, start, table, reason="out of memory (or over the budget) even at batch size 1")
+    first_m = best_m
     best = b
+    relative = 1.0
     reason = ""
 
     # 2. grow while it pays
@@ -159,24 +187,23 @@ def search_batch_size(
         if nxt > max_batch:
             reason = f"reached the maximum batch size {max_batch}"
             break
-        m, status = attempt(nxt)
-        if status == "ok" and m.throughput_per_s > best_m.throughput_per_s * (1 + gain_threshold(best_m, m)):
-            best, best_m = nxt, m
+        m, status, ratio, gain = attempt(nxt, best)
+        if status == "ok" and ratio > 1 + gain:
+            best, best_m, relative = nxt, m, relative * ratio
             continue
         if status == "ok":
             mark(nxt, "no_gain")
-            reason = (
-                f"batch {nxt} gave {m.throughput_per_s:.1f} samples/s vs {best_m.throughput_per_s:.1f} at {best}: "
-                "no gain beyond the noise"
-            )
+            reason = (f"batch {nxt} gave {ratio:.2f}x the samples/s of batch {best}"
+                      f"{' side by side' if 'ratio_to_best' in table[-1] else ''}: no gain beyond the noise "
+                      f"({gain:.0%})")
             # Throughput against batch size is not always monotonic (kernel blocking, cache
             # sizes): one more doubling past a step without gain before giving up.
             beyond = nxt * 2
             if not patience_used and beyond <= max_batch:
                 patience_used = True
-                m2, st2 = attempt(beyond)
-                if st2 == "ok" and m2.throughput_per_s > best_m.throughput_per_s * (1 + gain_threshold(best_m, m2)):
-                    best, best_m = beyond, m2
+                m2, st2, r2, g2 = attempt(beyond, best)
+                if st2 == "ok" and r2 > 1 + g2:
+                    best, best_m, relative = beyond, m2, relative * r2
                     patience_used = False  # past the dip: the next dip gets its look too
                     continue
                 if st2 == "ok":
@@ -188,15 +215,17 @@ def search_batch_size(
         mid = (best + nxt) // 2
         if not midpoint_used and mid > best and mid not in tried:
             midpoint_used = True
-            mm, st = attempt(mid)
-            if st == "ok" and mm.throughput_per_s > best_m.throughput_per_s * (1 + gain_threshold(best_m, mm)):
-                best, best_m = mid, mm
+            mm, st, rm, gm = attempt(mid, best)
+            if st == "ok" and rm > 1 + gm:
+                best, best_m, relative = mid, mm, relative * rm
             elif st == "ok":
                 mark(mid, "no_gain")
         break
 
     mark(best, "chosen")
-    return BatchSearch(best, best_m, start, table, reason=reason, caveat=lr_caveat(start, best))
+    if against is None:
+        relative = best_m.throughput_per_s / first_m.throughput_per_s
+    return BatchSearch(best, best_m, start, table, reason=reason, caveat=lr_caveat(start, best), relative=relative)
 
 
 @register
