@@ -561,9 +561,13 @@ class Optimizer:
             return None
         what = "the baseline" if best_cfg is self.base_cfg else "the current best"
         if from_best:
-            better, ratio = True, result.relative
-            verdict = (f"{ratio:.2f}x the throughput of {what} at batch {cfg.batch_size}, each doubling measured "
-                       f"beside the size before and faster beyond the noise; ")
+            ratio = result.relative
+            verdict = (f"{ratio:.2f}x the throughput at batch {cfg.batch_size}, each doubling measured beside the "
+                       "size before and faster beyond the noise; ")
+            # in an exhaustive search the start can be a combination slower than the baseline
+            better = ratio * best_speed > 1.0
+            if not better:
+                verdict += f"still slower than the baseline ({ratio * best_speed:.2f}x); "
         else:
             better, ratio, noise, how = self._judge(pair, best_m, m)
             verdict = (f"{ratio:.2f}x the throughput of {what}, {how} (noise {noise:.0%}); " if better
