@@ -26,8 +26,10 @@ from autoopt.verify import RunRecord, compare, record_run
 Progress = Callable[..., None]  # progress(phase: str, detail: str = "", **info)
 Decide = Callable[[Finding, Any], bool]  # decide(finding, transform) -> accept?
 
-# A variant must beat the current best by at least this much, or by two standard errors of
-# the two medians if that is larger, to be kept (autoopt.measure.noise_between).
+# Measured side by side with the current best, a variant is kept when it beats it beyond the
+# pair's noise (autoopt.measure.Paired). Where the two could not be held together, it must
+# beat the best's earlier measurement by at least this much, or by two standard errors of
+# the two medians if that is larger (autoopt.measure.noise_between).
 MIN_GAIN = 0.03
 
 
