@@ -205,6 +205,13 @@ def measure(
                         flops_per_step=flops_per_step, compile_time=compile_time, warmup=w)
 
 
+def _round_share(s: MeasureSettings, rounds: int) -> MeasureSettings:
+    """One round's share of a measurement taken in `rounds` alternating rounds (no warm-up)."""
+    return MeasureSettings(warmup_steps=0, warmup_min_s=0.0, min_steps=max(1, s.min_steps // rounds),
+                           max_steps=max(1, s.max_steps // rounds), min_time_s=s.min_time_s / rounds,
+                           max_time_s=s.max_time_s / rounds)
+
+
 def measure_side_by_side(
     a: Session,
     b: Session,
@@ -221,9 +228,7 @@ def measure_side_by_side(
     process's resident set then holds both models, so callers that need each one's own peak
     take it from a separate measurement."""
     s = settings or MeasureSettings()
-    share = MeasureSettings(warmup_steps=0, warmup_min_s=0.0, min_steps=max(1, s.min_steps // rounds),
-                            max_steps=max(1, s.max_steps // rounds), min_time_s=s.min_time_s / rounds,
-                            max_time_s=s.max_time_s / rounds)
+    share = _round_share(s, rounds)
     reset_peak_memory(a.device)
     a.activate()
     wa, ca = _warm_up(a, s)
@@ -321,16 +326,14 @@ def measure_against(
     context manager); it is built only after `session` has been warmed up alone, so
     `session`'s peak memory and compile time are its own. If the anchor does not fit beside it
     (out of memory with both held), `session` is timed alone and the anchor is None."""
-    from autoopt.runner import is_oom
+    from autoopt.runner import free_memory, is_oom
 
     s = settings or MeasureSettings()
     reset_peak_memory(session.device)
     session.activate()
     w, compile_time = _warm_up(session, s)
     peak = peak_memory_mb(session.device)
-    share = MeasureSettings(warmup_steps=0, warmup_min_s=0.0, min_steps=max(1, s.min_steps // rounds),
-                            max_steps=max(1, s.max_steps // rounds), min_time_s=s.min_time_s / rounds,
-                            max_time_s=s.max_time_s / rounds)
+    share = _round_share(s, rounds)
     anchor_m: Optional[Measurement] = None
     sb: list[float] = []
     ratios: list[float] = []
@@ -359,11 +362,7 @@ def measure_against(
         if not is_oom(exc):
             raise
         anchor_m, sb, ratios = None, [], []
-        if session.device == "cuda":
-            import gc
-
-            gc.collect()
-            torch.cuda.empty_cache()
+        free_memory()
     session.activate()
     if anchor_m is None:
         sb = _timed_steps(session, s)

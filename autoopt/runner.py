@@ -45,6 +45,15 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def free_memory() -> None:
+    """Release what a failed (out-of-memory) try left behind, so the next one starts clean."""
+    if torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 # Sessions open at the moment, oldest first: a Session built while another is open (side-by-side
 # measurement) must take the process's own settings as its defaults, not the other one's.
 _OPEN: list["Session"] = []

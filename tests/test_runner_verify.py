@@ -154,10 +154,9 @@ def test_inference_mode_config_produces_no_grad_graph():
         assert out.is_inference() and not out.requires_grad
 
 
-def test_side_by_side_keeps_each_configurations_settings_apart():
-    from autoopt.measure import measure_side_by_side
-
-    seen = []
+def _precision_recording_workload() -> tuple[Workload, list[str]]:
+    """An inference workload whose every forward records the matmul precision in force."""
+    seen: list[str] = []
     spec = _spec(train=False)
     inner = spec.forward
 
@@ -166,7 +165,13 @@ def test_side_by_side_keeps_each_configurations_settings_apart():
         return inner(model, batch)
 
     spec.forward = forward
-    wl = Workload(spec=spec, caps=Capabilities("cpu"), batch_size=4, seed=0)
+    return Workload(spec=spec, caps=Capabilities("cpu"), batch_size=4, seed=0), seen
+
+
+def test_side_by_side_keeps_each_configurations_settings_apart():
+    from autoopt.measure import measure_side_by_side
+
+    wl, seen = _precision_recording_workload()
     before = torch.get_float32_matmul_precision()
     with Session(wl, wl.base_config()) as a, Session(wl, wl.base_config().with_(matmul_precision="medium")) as b:
         n0 = len(seen)
@@ -214,16 +219,7 @@ def test_noise_between_two_medians_is_two_standard_errors_with_a_floor():
 def test_measure_against_alternates_with_the_anchor_and_keeps_its_own_peak():
     from autoopt.measure import measure_against
 
-    seen = []
-    spec = _spec(train=False)
-    inner = spec.forward
-
-    def forward(model, batch):
-        seen.append(torch.get_float32_matmul_precision())
-        return inner(model, batch)
-
-    spec.forward = forward
-    wl = Workload(spec=spec, caps=Capabilities("cpu"), batch_size=4, seed=0)
+    wl, seen = _precision_recording_workload()
     before = torch.get_float32_matmul_precision()
     opened = []
 

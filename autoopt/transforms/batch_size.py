@@ -20,7 +20,6 @@ different batch is not comparable, so verification compares the shared samples.
 """
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -49,15 +48,6 @@ def is_oom(exc: BaseException) -> bool:
     from autoopt.runner import is_oom as runner_is_oom
 
     return runner_is_oom(exc)
-
-
-def _free_memory() -> None:
-    """Release what the failed try left behind, so the next try starts clean."""
-    import torch
-
-    if torch.cuda.is_available():
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -135,7 +125,9 @@ def search_batch_size(
         except BaseException as exc:  # noqa: BLE001 - only OOM is swallowed
             if not is_oom(exc):
                 raise
-            _free_memory()
+            from autoopt.runner import free_memory
+
+            free_memory()
             table.append({"batch_size": b, "throughput_per_s": None, "peak_memory_mb": None, "status": "oom"})
             tried[b] = None
             return None, "oom", None, 0.0
