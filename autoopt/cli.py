@@ -94,7 +94,7 @@ def cmd_env(args) -> int:
 
 
 def cmd_rules(args) -> int:
-    from autoopt.rules import load_rules, render_rules_table
+    from autoopt.diagnosis.rules import load_rules, render_rules_table
 
     rules = load_rules()
     if args.json:
@@ -105,14 +105,14 @@ def cmd_rules(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from autoopt.rules import get_rule, render_explain
+    from autoopt.diagnosis.rules import get_rule, render_explain
 
     _write(render_explain(get_rule(args.code)))
     return 0
 
 
 def _findings_for(analysis: dict, extra_facts: dict | None = None) -> list:
-    from autoopt.rules import evaluate, facts_from_analysis, load_rules
+    from autoopt.diagnosis.rules import evaluate, facts_from_analysis, load_rules
 
     facts = facts_from_analysis(analysis)
     if extra_facts:
@@ -125,7 +125,7 @@ def cmd_analyze(args) -> int:
 
     result = analyze_paths(args.traces)
     if len(result.get("traces") or []) > 1:
-        from autoopt.distributed import rank_balance  # torch-free: names a straggler rank
+        from autoopt.distributed.launch import rank_balance  # torch-free: names a straggler rank
 
         rank_balance(result)
     findings = _findings_for(result)
@@ -152,7 +152,7 @@ def _print_findings(out, findings) -> None:
 
 def cmd_profile(args) -> int:
     if args.script:
-        from autoopt.script import profile_script
+        from autoopt.pipelines.script import profile_script
 
         result = profile_script(args.script, args.script_args, steps=args.steps, logdir=args.logdir)
         if args.json:
@@ -170,7 +170,7 @@ def cmd_profile(args) -> int:
     if not args.model:
         raise UserError("autoopt profile needs a model file (autoopt profile path/to/model.py) or --script FILE.")
     if args.nproc and args.nproc > 1:
-        from autoopt.distributed import profile_distributed
+        from autoopt.distributed.launch import profile_distributed
 
         result = profile_distributed(args.model, nproc=args.nproc, device=args.device, batch_size=args.batch_size,
                                      steps=args.steps, logdir=args.logdir, seed=args.seed, extra=args.launcher_arg)
@@ -186,7 +186,7 @@ def cmd_profile(args) -> int:
                 for f in result.get("findings", [])])
             _write(f"\nTraces of every rank: {result['logdir']}  (autoopt view {result['logdir']})")
         return 0
-    from autoopt.profiling import profile_model
+    from autoopt.pipelines.profile import profile_model
 
     progress = ProgressView(enabled=not args.quiet)
     try:
@@ -274,19 +274,19 @@ def _parse_try(text: str) -> tuple[str, dict]:
 
 
 def _default_model():
-    from autoopt.optimize import default_model_path
+    from autoopt.pipelines.optimize import default_model_path
 
     return default_model_path()
 
 
 def cmd_optimize(args) -> int:
-    from autoopt.measure import MeasureSettings
-    from autoopt.optimize import OptimizeOptions, run_optimize
-    from autoopt.profile import ProfileSettings
+    from autoopt.run.measure import MeasureSettings
+    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
+    from autoopt.run.trace import ProfileSettings
 
     console = _console()
     if args.nproc and args.nproc > 1:
-        from autoopt.distributed import optimize_distributed
+        from autoopt.distributed.launch import optimize_distributed
 
         progress = ProgressView(enabled=not args.quiet)
         try:
@@ -325,7 +325,7 @@ def _print_optimize_summary(report: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from autoopt.report import final_table_rows
+    from autoopt.output.report import final_table_rows
 
     out = _console(stderr=False)
     rows = final_table_rows(report)
@@ -349,7 +349,7 @@ def _print_optimize_summary(report: dict) -> None:
 def cmd_view(args) -> int:
     import time
 
-    from autoopt.view import resolve_logdir, start_tensorboard, stop
+    from autoopt.output.view import resolve_logdir, start_tensorboard, stop
 
     logdir = resolve_logdir(args.dir or "reports")
     proc, url = start_tensorboard(logdir, port=args.port)
@@ -366,7 +366,7 @@ def cmd_view(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from autoopt.export import export_onnx
+    from autoopt.pipelines.export import export_onnx
 
     result = export_onnx(args.model, args.onnx, plan_path=args.plan, seed=args.seed, batch_size=args.batch_size)
     if args.json:

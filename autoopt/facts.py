@@ -6,10 +6,10 @@ A fact whose value is unknown for a run (None) makes every condition on it false
 
 Producers:
 - device.*    autoopt.env (live device) or the trace's deviceProperties (autoopt analyze)
-- model.*     autoopt.load (inspecting the built module)
-- workload.*  autoopt.load (the model file's contract functions)
+- model.*     autoopt.workload.load (inspecting the built module)
+- workload.*  autoopt.workload.load (the model file's contract functions)
 - env.*       autoopt.env (global torch settings at run time)
-- metrics.*   autoopt.analyze (the Kineto trace) and autoopt.measure (timed steps)
+- metrics.*   autoopt.analyze (the Kineto trace) and autoopt.run.measure (timed steps)
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ FACTS: dict[str, tuple[str, str]] = {
     "env.torch_cuda_build": ("bool", "the installed torch is a CUDA build"),
     "env.nvidia_gpu_present": ("bool", "an NVIDIA GPU is visible to the OS (nvidia-smi or /proc/driver/nvidia)"),
     "env.num_threads": ("number", "torch.get_num_threads()"),
-    # --- metrics: timed steps (autoopt.measure) ---
+    # --- metrics: timed steps (autoopt.run.measure) ---
     "metrics.step_time_ms": ("number", "median step time in ms (timed run when present, else the trace's steps)"),
     "metrics.throughput_per_s": ("number", "samples per second of the timed run"),
     "metrics.peak_memory_mb": ("number", "peak memory: allocator peak on GPU, process RSS on CPU, or the trace's memory events"),

@@ -307,7 +307,7 @@ class Plan:
         tensors channels_last, float tensors in the weights dtype when the plan casts weights."""
         import torch
 
-        from autoopt.contract import map_tensors, to_device
+        from autoopt.workload.contract import map_tensors, to_device
 
         cfg = self.config
         non_blocking = bool((cfg.dataloader or {}).get("non_blocking")) and self.device_type == "cuda"

@@ -88,7 +88,7 @@ class Capabilities:
 @dataclass(frozen=True)
 class ExecConfig:
     """How one variant runs. Transforms only ever return a modified copy of this; the
-    runner (autoopt.runner) is the single place that turns it into a step function."""
+    runner (autoopt.run.session) is the single place that turns it into a step function."""
 
     device: str = "cpu"
     batch_size: int = 32

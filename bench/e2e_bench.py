@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 def throughput(path: Path, device: str, settings) -> tuple[float, object]:
     from autoopt.env import detect_capabilities
-    from autoopt.load import build_workload, load_model_file
-    from autoopt.measure import measure
-    from autoopt.runner import Session
+    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.run.measure import measure
+    from autoopt.run.session import Session
 
     spec = load_model_file(path)
     caps = detect_capabilities(device)
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.measure import MeasureSettings
-    from autoopt.optimize import OptimizeOptions, run_optimize
+    from autoopt.run.measure import MeasureSettings
+    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
 
     caps = detect_capabilities(args.device)
     settings = MeasureSettings(min_steps=15, min_time_s=2.0, max_time_s=10.0)

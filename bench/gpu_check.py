@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.measure import MeasureSettings
-    from autoopt.optimize import OptimizeOptions, run_optimize
+    from autoopt.run.measure import MeasureSettings
+    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
 
     caps = detect_capabilities(args.device)
     card = caps.name or caps.device_type

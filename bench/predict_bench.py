@@ -6,7 +6,7 @@ transform applied alone.
 
 For every model (by default the bundled examples/*.py and the planted-bottleneck models
 tests/planted/*.py that are not controls) this runs the whole `autoopt optimize` loop
-(`autoopt.optimize.run_optimize`) with small measurement settings, accepting every finding
+(`autoopt.pipelines.optimize.run_optimize`) with small measurement settings, accepting every finding
 that has a transform. Each rule's gain model (autoopt/gain.py, the rule's `gain` table)
 predicts from the baseline's trace how much its transform can at most save; the optimize
 loop measures each accepted transform alone against the baseline (its solo variant, a
@@ -67,8 +67,8 @@ def resolve_models(names: str) -> list[Path]:
 
 
 def bench_settings():
-    from autoopt.measure import MeasureSettings
-    from autoopt.profile import ProfileSettings
+    from autoopt.run.measure import MeasureSettings
+    from autoopt.run.trace import ProfileSettings
 
     return (MeasureSettings(warmup_steps=2, warmup_min_s=0.0, min_steps=5, max_steps=15, min_time_s=0.3, max_time_s=3.0),
             ProfileSettings(wait=0, warmup=1, active=2))
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.optimize import OptimizeOptions, run_optimize
+    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
 
     caps = detect_capabilities(args.device)
     measure_s, profile_s = bench_settings()

@@ -14,7 +14,7 @@ side by side in alternating rounds (eight rounds, four times the search's own me
 time: the yardstick must be finer than what it judges) and scored by the ratio of their
 throughputs, with the 95 % interval over the rounds. Also printed: the variants each
 tried and the wall time of each search. Both searches make every keep decision on two
-configurations measured side by side (autoopt.measure.measure_against). The targets
+configurations measured side by side (autoopt.run.measure.measure_against). The targets
 (issue 6): greedy reaches at least 95 % of the exhaustive best in at most half its wall
 time. Summary lines give the medians over the models.
 """
@@ -48,9 +48,9 @@ def same_config_quality(path: str, device: str, greedy: dict, exhaustive: dict,
     if key(greedy) == key(exhaustive):
         return 1.0, 1.0, 1.0, "same configuration"
     from autoopt.env import detect_capabilities
-    from autoopt.load import build_workload, load_model_file
-    from autoopt.measure import MeasureSettings, measure_against
-    from autoopt.runner import Session
+    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.run.measure import MeasureSettings, measure_against
+    from autoopt.run.session import Session
 
     caps = detect_capabilities(device)
     wl = build_workload(load_model_file(path), caps, seed=0)
@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="keep each search's report in this folder (default: a temporary one)")
     args = ap.parse_args(argv)
 
-    from autoopt.measure import MeasureSettings
-    from autoopt.optimize import OptimizeOptions, run_optimize
+    from autoopt.run.measure import MeasureSettings
+    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
 
     settings = MeasureSettings.quick() if args.quick else MeasureSettings(min_steps=10, min_time_s=1.0, max_time_s=6.0)
     from autoopt.cli import _parse_try

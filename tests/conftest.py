@@ -34,3 +34,22 @@ def run_cli(*argv: str):
     from autoopt.cli import main
 
     return main(list(argv))
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_process_settings():
+    """Process-wide torch settings a test changes (threads, matmul precision, cuDNN flags,
+    default dtype) are put back after it, so no test sees another's."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    saved = (torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_default_dtype())
+    yield
+    torch.set_num_threads(saved[0])
+    torch.set_float32_matmul_precision(saved[1])
+    torch.backends.cudnn.benchmark = saved[2]
+    torch.backends.cudnn.allow_tf32 = saved[3]
+    torch.backends.cuda.matmul.allow_tf32 = saved[4]
+    torch.set_default_dtype(saved[5])

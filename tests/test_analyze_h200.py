@@ -136,7 +136,7 @@ def test_item_waits_harness_and_cpu_items_by_hand(tmp_path):
     ev = [x("user_annotation", "ProfilerStep#1", 0, 1000)]
     # a user .item() at 100: blocked 15 + 9 = 24 us (sync ends at 135); the next device work starts at 160:
     # a 25 us gap
-    ev += _item_events(100, 1, 10, ["autoopt/contract.py(14): call_forward", "model.py(25): forward",
+    ev += _item_events(100, 1, 10, ["autoopt/workload/contract.py(14): call_forward", "model.py(25): forward",
                                     "torch/nn/modules/module.py(1783): _call_impl"])
     ev += [x("cpu_op", "aten::add", 155, 10, **{"External id": 3}),
            x("cuda_runtime", "cudaLaunchKernel", 156, 3, **{"External id": 3, "correlation": 20}),
@@ -191,7 +191,7 @@ def test_pinned_d2h_outside_item_is_not_blocking(tmp_path):
 @pytest.mark.parametrize("frame,origin", [
     ("autoopt/runner.py(212): sync", "autoopt"),
     ("autoopt/analyze/core.py(3): f", "autoopt"),
-    ("/home/u/proj/autoopt/contract.py(82): move", "autoopt"),
+    ("/home/u/proj/autoopt/workload/contract.py(82): move", "autoopt"),
     ("C:\\venv\\Lib\\site-packages\\autoopt\\runner.py(178): train_on", "autoopt"),
     ("/home/u/.venv/lib/python3.11/site-packages/autoopt/runner.py(178): train_on", "autoopt"),
     ("autoopt/model.py(3): forward", "user"),  # not an autoopt module

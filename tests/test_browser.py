@@ -3,7 +3,7 @@
 A module fixture builds a real log directory: a tiny torch.profiler CPU trace per measured
 variant of the sample report (written by torch.profiler.tensorboard_trace_handler, gzip, as
 autoopt's profiler writes them) plus autoopt's summaries. TensorBoard runs on it through
-autoopt.view, on 127.0.0.1. The tests read TensorBoard's HTTP API and drive headless
+autoopt.output.view, on 127.0.0.1. The tests read TensorBoard's HTTP API and drive headless
 Chromium through chromedriver's W3C WebDriver HTTP API (stdlib only), with the network cut
 off (a dead proxy and a resolver that finds no host but 127.0.0.1). Screenshots go to
 test-artifacts/ in the project root.
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from autoopt import report as R
-from autoopt import tbsummary, view
+from autoopt.output import report as R
+from autoopt.output import tensorboard as tbsummary, view
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Distributed profiling and optimization (autoopt.distributed, autoopt._dist_worker,
+"""Distributed profiling and optimization (autoopt.distributed.launch, autoopt.distributed.worker,
 autoopt.transforms.ddp).
 
 Fast tests check the pieces in this process (launcher command, failure reports, rank
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from autoopt import distributed as D
+from autoopt.distributed import launch as D
 from autoopt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def test_launcher_command_is_torch_distributed_run_standalone_by_default():
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
     assert "--standalone" in cmd
-    assert cmd[-3:] == ["--module", "autoopt._dist_worker", "/tmp/c.json"]
+    assert cmd[-3:] == ["--module", "autoopt.distributed.worker", "/tmp/c.json"]
 
 
 def test_launcher_command_keeps_rendezvous_options_for_several_nodes():
@@ -111,7 +111,7 @@ def test_rank_balance_names_the_busy_rank_when_the_wall_clock_cannot():
 
 
 def test_one_noisy_step_neither_makes_nor_hides_a_straggler():
-    from autoopt.distributed import _apart
+    from autoopt.distributed.launch import _apart
 
     assert _apart([60, 58, 20, 61, 59], [10, 11, 40, 10, 12])  # one descheduled step on the fast rank
     assert not _apart([10, 11, 80, 10, 12], [10, 11, 11, 10, 11])  # one slow step is not a straggler
@@ -182,8 +182,8 @@ def test_static_graph_is_skipped_for_changing_shapes():
 
 
 def test_ddp_patch_writes_constants_the_worker_reads_back(tmp_path):
-    from autoopt.load import load_model_file
-    from autoopt.patch import SourceEditor
+    from autoopt.workload.load import load_model_file
+    from autoopt.patching.editor import SourceEditor
     from autoopt.transforms.ddp import default_settings, get_ddp_transform, snippet_for
 
     src = (SCRIPTS / "ddp_tiny.py").read_text()
@@ -214,7 +214,7 @@ def test_default_settings_reject_bad_constants():
 def test_compare_ddp_accepts_rounding_and_rejects_real_differences():
     import torch
 
-    from autoopt._dist_worker import compare_ddp
+    from autoopt.distributed.worker import compare_ddp
 
     base = {"losses": [2.0, 1.5, 1.2], "params": [torch.ones(3, 3), torch.arange(4.0)], "checksum": "a"}
     same = {"losses": [2.0, 1.5 * (1 + 1e-7), 1.2], "params": [torch.ones(3, 3), torch.arange(4.0) * (1 + 1e-7)],
@@ -234,7 +234,7 @@ def test_compare_ddp_accepts_rounding_and_rejects_real_differences():
 def test_split_batch_makes_equal_micro_batches():
     import torch
 
-    from autoopt._dist_worker import split_batch
+    from autoopt.distributed.worker import split_batch
 
     x, y = torch.arange(8.0).reshape(8, 1), torch.arange(8)
     parts = split_batch((x, y), 2)
@@ -259,9 +259,9 @@ def gloo_world_of_one(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_session_no_sync_accumulation_matches_one_full_batch(gloo_world_of_one):
-    from autoopt._dist_worker import _ddp_session_class, compare_ddp, record_ddp
+    from autoopt.distributed.worker import _ddp_session_class, compare_ddp, record_ddp
     from autoopt.env import detect_capabilities
-    from autoopt.load import build_workload, load_model_file
+    from autoopt.workload.load import build_workload, load_model_file
     from autoopt.transforms.ddp import default_settings, get_ddp_transform
 
     spec = load_model_file(SCRIPTS / "ddp_tiny.py")

@@ -1,8 +1,8 @@
-"""ONNX export (autoopt.export): every example exports with a dynamic batch axis and
+"""ONNX export (autoopt.pipelines.export): every example exports with a dynamic batch axis and
 onnxruntime agrees with PyTorch at batch sizes it was not exported with; unsupported
 operators are named; external data; plan transforms; pure JSON from the CLI.
 
-The reference outputs here are computed independently of autoopt.export: the test builds
+The reference outputs here are computed independently of autoopt.pipelines.export: the test builds
 the model itself (seeded), builds a batch of another size under another seed, feeds the
 model's inputs by hand and compares with onnxruntime.
 """
@@ -23,8 +23,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from autoopt.cli import main  # noqa: E402
 from autoopt.errors import UserError  # noqa: E402
-from autoopt.export import ExportError, export_onnx, operator_from_error  # noqa: E402
-from autoopt.load import load_model_file  # noqa: E402
+from autoopt.pipelines.export import ExportError, export_onnx, operator_from_error  # noqa: E402
+from autoopt.workload.load import load_model_file  # noqa: E402
 from autoopt.plan import Plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

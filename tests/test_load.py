@@ -1,4 +1,4 @@
-"""autoopt.load: every way a model file can break gives a ModelFileError naming the file
+"""autoopt.workload.load: every way a model file can break gives a ModelFileError naming the file
 and the function; valid files give a Workload with the model.* / workload.* facts."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from autoopt.env import capabilities_for
 from autoopt.errors import ModelFileError, UserError
 from autoopt.facts import FACTS
-from autoopt.load import build_workload, load_model_file, optimizer_impl, source_uses_autocast
+from autoopt.workload.load import build_workload, load_model_file, optimizer_impl, source_uses_autocast
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "tests" / "models"

@@ -85,8 +85,8 @@ def test_patch_round_trip_runs_the_optimized_configuration(bundled, tmp_path):
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.load import build_workload, load_model_file
-    from autoopt.runner import Session
+    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.run.session import Session
 
     spec = load_model_file(tmp_path / "simplenet.py")
     wl = build_workload(spec, detect_capabilities("cpu"), seed=0)
@@ -238,8 +238,8 @@ def test_keep_decisions_use_the_side_by_side_ratio():
     """A variant measured beside its anchor is judged by the ratio of the rounds and their
     spread (2 % floor); without the anchor (the two did not fit together) by the measurement
     taken apart (3 % floor)."""
-    from autoopt.measure import Paired
-    from autoopt.optimize import OptimizeOptions, Optimizer
+    from autoopt.run.measure import Paired
+    from autoopt.pipelines.optimize import OptimizeOptions, Optimizer
 
     opt = Optimizer(OptimizeOptions(model_path=None), decide=lambda f, t: True)
     stale = _m(7.0, 0.01)  # the anchor measured earlier, when the machine was fast
@@ -258,7 +258,7 @@ def test_keep_decisions_use_the_side_by_side_ratio():
 
 
 def test_paired_ratio_noise_and_when_a_call_is_settled():
-    from autoopt.measure import Paired, t975
+    from autoopt.run.measure import Paired, t975
 
     p = Paired(None, _m(1.0, 0.01), [1.10, 1.05, 1.12, 1.08])
     assert p.ratio == pytest.approx((1.10 * 1.05 * 1.12 * 1.08) ** 0.25)

@@ -1,4 +1,4 @@
-"""autoopt.patch: every edit kind on small sources, diffs that `patch -p1` applies, and
+"""autoopt.patching.editor: every edit kind on small sources, diffs that `patch -p1` applies, and
 round trips — the patched model file, imported again, runs the optimized configuration
 in plain PyTorch."""
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoopt.contract import call_forward
-from autoopt.patch import PatchError, SourceEditor, build_patch, unified_diff
-from autoopt.transforms import _torch_helpers, get_transform
+from autoopt.workload.contract import call_forward
+from autoopt.patching.editor import PatchError, SourceEditor, build_patch, unified_diff
+from autoopt.run import torch_helpers as _torch_helpers
+from autoopt.transforms import get_transform
 from autoopt.types import Capabilities, ModelSpec, Workload
 
 CPU = Capabilities("cpu")
@@ -379,7 +380,7 @@ def test_round_trip_training_file_runs_the_optimized_configuration(train_file):
     assert (dl.num_workers, dl.persistent_workers, dl.prefetch_factor, dl.pin_memory) == (2, True, 4, False)
 
     # autoopt loads the patched file like any other
-    from autoopt.load import load_model_file
+    from autoopt.workload.load import load_model_file
 
     spec = load_model_file(train_file)
     assert spec.default_batch_size == 32 and spec.forward is not None

@@ -4,14 +4,15 @@ family fire; control files keep those rules silent.
 The models live in tests/planted/ (each file's docstring says what is planted). The
 first group of tests profiles each model file on this machine's CPU — measure, trace
 with torch.profiler, analyze the trace, evaluate the shipped rules — as
-`autoopt profile --device cpu` does (autoopt.profiling.profile_model; `cpu_run` below
+`autoopt profile --device cpu` does (autoopt.pipelines.profile.profile_model; `cpu_run` below
 runs the same stages with fewer steps and keeps the facts), and asserts on which rules
 fire, never on timings.
 
 Families whose rules need a GPU fact are tested in two honest ways:
 
-- AO1 (precision): this CPU is AVX2 without bf16, so the CPU rule AO104 must stay silent
-  here (and fires where the CPU has AVX-512 BF16 / AMX). The GPU rules are checked on the
+- AO1 (precision): the CPU runs are judged on the capabilities of an AVX2 CPU without fast
+  bf16 (passed in, whatever this machine has), so the CPU rule AO104 must stay silent there
+  (and fires where the CPU has AVX-512 BF16 / AMX). The GPU rules are checked on the
   fp32-GEMM model's real CPU-trace facts with the device facts replaced by a real GPU's
   capabilities, taken from the deviceProperties of the real traces in ../shared/traces
   (A100 and H100: bf16 + TF32; V100: fp16 with GradScaler, never bf16). The matmul shares
@@ -34,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from autoopt import rules as R
+from autoopt.diagnosis import rules as R
 
 HERE = Path(__file__).resolve().parent
 PLANTED = HERE / "planted"
@@ -61,15 +62,14 @@ def cpu_run(name: str, with_stack: bool = False) -> tuple[dict[str, Any], tuple[
     import tempfile
 
     from autoopt.analyze import analyze_paths
-    from autoopt.env import detect_capabilities
-    from autoopt.load import build_workload, load_model_file
-    from autoopt.measure import MeasureSettings, measure
-    from autoopt.optimize import collect_facts
-    from autoopt.profile import ProfileSettings, new_run_dir, trace_session
-    from autoopt.runner import Session
+    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.run.measure import MeasureSettings, measure
+    from autoopt.pipelines.optimize import collect_facts
+    from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
+    from autoopt.run.session import Session
 
     spec = load_model_file(str(PLANTED / f"{name}.py"))
-    caps = detect_capabilities("cpu")
+    caps = AVX2_CPU
     wl = build_workload(spec, caps, seed=0)
     few = MeasureSettings(warmup_steps=1, warmup_min_s=0.0, min_steps=3, max_steps=3, min_time_s=0.0, max_time_s=5.0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +95,17 @@ def gpu_facts(rel: str) -> dict[str, Any]:
     caps = capabilities_for("cuda", d["name"], (d["computeMajor"], d["computeMinor"]),
                             d["totalGlobalMem"] / 2**20, d["numSms"])
     return caps.facts()
+
+
+def _avx2_cpu():
+    """A 2-core CPU with AVX2 and no fast bf16 (no AVX-512 BF16, no AMX): the capabilities the
+    CPU runs below are judged on, whatever the machine running the tests has."""
+    from autoopt.env import capabilities_for
+
+    return capabilities_for("cpu", "AMD EPYC (AVX2 only)", None, 24 * 1024, None, ("avx2", "fma"))
+
+
+AVX2_CPU = _avx2_cpu()
 
 
 def amx_cpu_facts() -> dict[str, Any]:
@@ -152,12 +163,10 @@ def test_thousands_of_tiny_operators_fire_ao3_only():
 
 @pytest.mark.slow  # profiles a real model on the CPU
 def test_fp32_gemms_fire_ao1_by_device():
-    import autoopt.env as env
-
     facts, found = cpu_run("fp32_gemm")
     assert facts["metrics.matmul_fraction"] >= 0.3 and facts["metrics.fp32_matmul_fraction"] >= 0.99
-    # on this CPU: AO104 exactly when it has fast bf16 (this machine: AVX2, none)
-    assert facts["device.bf16"] == env.detect_capabilities("cpu").bf16
+    # on an AVX2 CPU (the capabilities cpu_run passes in): no fast bf16, so AO104 stays silent
+    assert facts["device.bf16"] is False
     expected = {"AO1"} if facts["device.bf16"] else set()
     assert families(found) == expected, found
     assert ("AO104" in found) == bool(facts["device.bf16"])
@@ -183,12 +192,12 @@ def test_nchw_cnn_through_profile_model():
     """The public entry point gives the same diagnosis (profile_model, few steps)."""
     import tempfile
 
-    from autoopt.measure import MeasureSettings
-    from autoopt.profiling import profile_model
+    from autoopt.run.measure import MeasureSettings
+    from autoopt.pipelines.profile import profile_model
 
     with tempfile.TemporaryDirectory() as tmp:
         res = profile_model(str(PLANTED / "nchw_cnn.py"), device="cpu", steps=2, logdir=tmp,
-                            measure_settings=MeasureSettings.quick())
+                            measure_settings=MeasureSettings.quick(), caps=AVX2_CPU)
     found = [f["code"] for f in res["findings"]]
     assert "AO202" in found and families(found) == {"AO2"}, found
 

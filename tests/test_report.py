@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from autoopt import report as R
+from autoopt.output import report as R
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "report_sample.json"
 EVIL = '<img src=x onerror=alert(1)><script>alert(2)</script>"\'&amp;|`*[x](javascript:alert(3))'

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from autoopt import rules as R
+from autoopt.diagnosis import rules as R
 from autoopt.facts import FACTS
 
 RULES = R.load_rules()

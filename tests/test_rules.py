@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from autoopt import gain
-from autoopt import rules as R
+from autoopt.diagnosis import predicted_gain as gain
+from autoopt.diagnosis import rules as R
 from autoopt.errors import UserError
 from autoopt.types import Finding
 
@@ -628,7 +628,7 @@ def test_render_explain(lib):
 
 
 def test_launch_overhead_gain_keeps_a_gap_per_replayed_kernel():
-    from autoopt.gain import predict, validate
+    from autoopt.diagnosis.predicted_gain import predict, validate
 
     spec = {"model": "launch_overhead", "gap_us": 2.0, "complements": ["metrics.dataloader_fraction"]}
     validate(spec)

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoopt.measure import MeasureSettings, count_flops, measure, speedup
-from autoopt.runner import Session, seeded_batch
+from autoopt.run.measure import MeasureSettings, count_flops, measure, speedup
+from autoopt.run.session import Session, seeded_batch
 from autoopt.types import Capabilities, ExecConfig, ModelSpec, Stats, Workload
-from autoopt.verify import compare, record_run
+from autoopt.run.verify import compare, record_run
 
 
 class TinyCNN(nn.Module):
@@ -169,7 +169,7 @@ def _precision_recording_workload() -> tuple[Workload, list[str]]:
 
 
 def test_side_by_side_keeps_each_configurations_settings_apart():
-    from autoopt.measure import measure_side_by_side
+    from autoopt.run.measure import measure_side_by_side
 
     wl, seen = _precision_recording_workload()
     before = torch.get_float32_matmul_precision()
@@ -188,7 +188,7 @@ def test_side_by_side_keeps_each_configurations_settings_apart():
 def test_measure_against_adds_rounds_until_the_call_is_settled():
     """Two identical configurations: a tie that could hide a 2 % gain is measured for more
     rounds (three at a time), up to the maximum."""
-    from autoopt.measure import measure_against
+    from autoopt.run.measure import measure_against
 
     wl = _wl(train=False)
     with Session(wl, wl.base_config()) as s:
@@ -201,7 +201,7 @@ def test_measure_against_adds_rounds_until_the_call_is_settled():
 
 
 def test_noise_between_two_medians_is_two_standard_errors_with_a_floor():
-    from autoopt.measure import median_rel_error, noise_between
+    from autoopt.run.measure import median_rel_error, noise_between
     from autoopt.types import Measurement
 
     st = Stats(median=100.0, mean=100.0, min=90.0, max=110.0, p25=95.0, p75=105.0, stdev=7.0, n=36)
@@ -217,7 +217,7 @@ def test_noise_between_two_medians_is_two_standard_errors_with_a_floor():
 
 
 def test_measure_against_alternates_with_the_anchor_and_keeps_its_own_peak():
-    from autoopt.measure import measure_against
+    from autoopt.run.measure import measure_against
 
     wl, seen = _precision_recording_workload()
     before = torch.get_float32_matmul_precision()

@@ -1,5 +1,5 @@
 """`autoopt profile --script`: unmodified training scripts under the profiler
-(autoopt.script). The scripts are in tests/scripts/."""
+(autoopt.pipelines.script). The scripts are in tests/scripts/."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from autoopt.errors import UserError
-from autoopt.script import profile_script
+from autoopt.pipelines.script import profile_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"

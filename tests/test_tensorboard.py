@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from autoopt import report as R
-from autoopt import tbsummary, view
+from autoopt.output import report as R
+from autoopt.output import tensorboard as tbsummary, view
 from autoopt.errors import UserError
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "report_sample.json"

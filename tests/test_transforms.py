@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from autoopt.transforms import TRANSFORMS, apply_transforms, get_transform, inspect_workload, ordered
 from autoopt.transforms.activation_checkpointing import apply_checkpointing
-from autoopt.measure import Paired
+from autoopt.run.measure import Paired
 from autoopt.transforms.batch_size import BatchSearch, is_oom, search_batch_size
 from autoopt.transforms.dataloader import choose_settings, rebuild_dataloader
 from autoopt.transforms.fused_optimizer import current_impl, rebuild_optimizer
@@ -364,7 +364,7 @@ def test_inference_mode_for_inference_models_only():
 def test_inspect_prefers_loader_facts_and_builds_missing_ones():
     w = cnn_train(facts={"model.conv2d_count": 0})
     facts = inspect_workload(w)
-    assert facts["model.conv2d_count"] == 0  # autoopt.load's value wins
+    assert facts["model.conv2d_count"] == 0  # autoopt.workload.load's value wins
     assert facts["workload.optimizer"] == "SGD"
     assert facts["_dataloader"]["num_workers"] == 0
     assert inspect_workload(w) is facts  # cached per workload

@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from autoopt.analyze import breakdown as B
-from autoopt.analyze import distributed as D
+from autoopt.analyze import ranks as D
 from autoopt.analyze import trace as T
 from autoopt.analyze.device import device_facts, device_info
 from autoopt.analyze.gpu_metrics import gpu_metrics

@@ -73,11 +73,18 @@ def _blocking_d2h_name(s: str) -> bool:
     return is_d2h_memcpy_name(s) and "Pinned" not in s
 
 
+# autoopt's harness modules before the package was laid out in stage folders: traces recorded by
+# those versions name them in their Python frames.
+_EARLIER_MODULE_FILES = ("runner.py", "contract.py", "profile.py", "measure.py", "verify.py", "load.py",
+                         "optimize.py", "profiling.py", "_dist_worker.py", "script.py", "export.py")
+
+
 @functools.lru_cache(maxsize=1)
 def _autoopt_file_re() -> re.Pattern:
     """`autoopt/<one of autoopt's module files>` at the end of a path, '/' or '\\' separated."""
     pkg = Path(__file__).resolve().parents[1]
-    files = sorted({p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py")}, key=len, reverse=True)
+    files = {p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py")} | set(_EARLIER_MODULE_FILES)
+    files = sorted(files, key=len, reverse=True)
     alts = "|".join(r"[/\\]".join(re.escape(part) for part in f.split("/")) for f in files)
     return re.compile(rf"(?:^|[/\\])autoopt[/\\](?:{alts})$")
 

@@ -7,11 +7,11 @@ A transform never runs the model. It has four faces:
 - `resolve_params(workload, caps, params) -> dict`: the parameters with defaults filled
   (what plan.json stores);
 - `apply(cfg, params, workload) -> ExecConfig`: a modified copy of the run configuration
-  (autoopt.types.ExecConfig); autoopt.runner is the single place that turns a config
+  (autoopt.types.ExecConfig); autoopt.run.session is the single place that turns a config
   into a step, calling the functions the transform modules export for real code
   (apply_checkpointing, rebuild_optimizer, rebuild_dataloader);
-- `patch(editor, params, workload)`: its part of `patch.diff` (autoopt.patch), or
-  `autoopt.patch.PatchError(reason)` when the model file cannot express it.
+- `patch(editor, params, workload)`: its part of `patch.diff` (autoopt.patching.editor), or
+  `autoopt.patching.editor.PatchError(reason)` when the model file cannot express it.
 
 Plus `safety` ("safe": same results to fp32 tolerance; "unsafe": changes numerics;
 "manual": changes training semantics), `tolerance` (the relative error allowed on
@@ -131,7 +131,7 @@ _INSPECTED: dict[int, tuple[Any, dict]] = {}
 
 def inspect_workload(workload: Workload) -> dict[str, Any]:
     """model.* / workload.* facts the transforms decide on. Facts already in
-    `workload.facts` (from autoopt.load) win; missing ones are computed by building the
+    `workload.facts` (from autoopt.workload.load) win; missing ones are computed by building the
     model (seeded, on the CPU) and its optimizer, or only the loader, as needed. Private
     keys (`_optimizer_class`, `_dataloader`) describe what no registered fact does.
     Cached per workload object."""
@@ -156,7 +156,7 @@ def inspect_workload(workload: Workload) -> dict[str, Any]:
 
 
 def _optimizer_from_facts(facts: dict) -> bool:
-    """Fill _optimizer_class from autoopt.load's facts (a torch.optim class name and the
+    """Fill _optimizer_class from autoopt.workload.load's facts (a torch.optim class name and the
     implementation it runs); False when the optimizer has to be built to know."""
     import torch
 
@@ -172,7 +172,7 @@ def _optimizer_from_facts(facts: dict) -> bool:
 def _build_facts(workload: Workload) -> dict[str, Any]:
     import torch
 
-    from autoopt.transforms._torch_helpers import _autoopt_is_channels_last, _autoopt_repeated_blocks
+    from autoopt.run.torch_helpers import _autoopt_is_channels_last, _autoopt_repeated_blocks
 
     spec = workload.spec
     out: dict[str, Any] = {}

@@ -26,7 +26,7 @@ import inspect
 from typing import Optional
 
 from autoopt.transforms import Transform, inspect_workload, register
-from autoopt.transforms._torch_helpers import _autoopt_checkpoint_blocks, _autoopt_repeated_blocks
+from autoopt.run.torch_helpers import _autoopt_checkpoint_blocks, _autoopt_repeated_blocks
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 

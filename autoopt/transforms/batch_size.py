@@ -27,7 +27,7 @@ from autoopt.transforms import Transform, register
 from autoopt.types import Capabilities, ExecConfig, Measurement, Workload
 
 if TYPE_CHECKING:
-    from autoopt.measure import Paired
+    from autoopt.run.measure import Paired
 
 MIN_GAIN = 0.03  # a doubling must gain at least 3 % samples/s (and beat the measured noise)
 
@@ -44,8 +44,8 @@ def lr_caveat(old: Optional[int], new: Optional[int], mode: str = "train") -> st
 
 
 def is_oom(exc: BaseException) -> bool:
-    """An out-of-memory error from the allocator (GPU or CPU): autoopt.runner's test."""
-    from autoopt.runner import is_oom as runner_is_oom
+    """An out-of-memory error from the allocator (GPU or CPU): autoopt.run.session's test."""
+    from autoopt.run.session import is_oom as runner_is_oom
 
     return runner_is_oom(exc)
 
@@ -95,8 +95,8 @@ def search_batch_size(
     it is halved until one does. `measure(cfg)` measures one size alone; it and `against`
     may raise an out-of-memory error (caught); other errors propagate.
 
-    With `against(best_cfg, new_cfg) -> autoopt.measure.Paired`, each larger size is measured
-    beside the current best in alternating rounds (autoopt.measure.measure_against) and judged
+    With `against(best_cfg, new_cfg) -> autoopt.run.measure.Paired`, each larger size is measured
+    beside the current best in alternating rounds (autoopt.run.measure.measure_against) and judged
     by their ratio and its noise, free of the machine's drift between measurements taken
     seconds apart; its row records `ratio_to_best`. Where the pair has no anchor (the two did
     not fit together), the new size's own measurement is compared with the best's earlier
@@ -104,9 +104,9 @@ def search_batch_size(
 
     The noise is `noise` when given; else the pair's (Paired.noise), or for measurements
     taken apart two combined standard errors of the two medians, at least MIN_GAIN
-    (autoopt.measure.noise_between).
+    (autoopt.run.measure.noise_between).
     """
-    from autoopt.measure import noise_between
+    from autoopt.run.measure import noise_between
 
     start = int(start or cfg.batch_size)
     table: list[dict[str, Any]] = []
@@ -125,7 +125,7 @@ def search_batch_size(
         except BaseException as exc:  # noqa: BLE001 - only OOM is swallowed
             if not is_oom(exc):
                 raise
-            from autoopt.runner import free_memory
+            from autoopt.run.session import free_memory
 
             free_memory()
             table.append({"batch_size": b, "throughput_per_s": None, "peak_memory_mb": None, "status": "oom"})
@@ -260,7 +260,7 @@ class BatchSize(Transform):
     def patch(self, editor, params: dict, workload: Optional[Workload]) -> None:
         b = params.get("batch_size")
         if not isinstance(b, int) or b < 1:
-            from autoopt.patch import PatchError
+            from autoopt.patching.editor import PatchError
 
             raise PatchError("no batch size was chosen")
         editor.set_constant(

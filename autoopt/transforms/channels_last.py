@@ -4,7 +4,7 @@ cuDNN / oneDNN convolutions run natively in NHWC (tensor cores on GPU want it; N
 weights or inputs cost transposes on every call). Only where there are Conv2d modules.
 
 Params: none. Config: `ExecConfig.channels_last` (the runner converts the model after
-`.to(device)` and 4-D float inputs in autoopt.contract.to_device).
+`.to(device)` and 4-D float inputs in autoopt.workload.contract.to_device).
 
 Patch: `build_model` returns `<model>.to(memory_format=torch.channels_last)`, and
 `forward` starts with `batch = _autoopt_channels_last(batch)` (a plain-PyTorch helper
@@ -20,7 +20,7 @@ import inspect
 from typing import Optional
 
 from autoopt.transforms import Transform, inspect_workload, register
-from autoopt.transforms._torch_helpers import _autoopt_channels_last
+from autoopt.run.torch_helpers import _autoopt_channels_last
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 

@@ -1,7 +1,7 @@
 """Distributed transforms: how DistributedDataParallel (DDP) synchronises gradients.
 
 An ExecConfig describes one process; these settings belong to the DDP wrapper that
-autoopt's per-rank worker (autoopt._dist_worker) builds around the model, so they live
+autoopt's per-rank worker (autoopt.distributed.worker) builds around the model, so they live
 in a separate `ddp` settings dict:
 
     {"bucket_cap_mb": 25.0, "gradient_as_bucket_view": False, "static_graph": False,
@@ -260,7 +260,7 @@ class NoSync(DDPTransform):
         if params.get("introduces_accumulation"):
             bs = workload.batch_size if workload is not None else None
             if bs is None or bs % k:
-                from autoopt.patch import PatchError
+                from autoopt.patching.editor import PatchError
 
                 raise PatchError(f"the per-rank batch does not split into {k} micro-batches")
             out.append(("BATCH_SIZE", str(bs // k), f"autoopt (ddp_no_sync): micro-batch of {bs}"))

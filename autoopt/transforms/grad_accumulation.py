@@ -71,11 +71,11 @@ class GradAccumulation(Transform):
             elif workload is not None:
                 eff = workload.batch_size
             else:
-                from autoopt.patch import PatchError
+                from autoopt.patching.editor import PatchError
 
                 raise PatchError("the effective batch size is unknown")
         if eff % k:
-            from autoopt.patch import PatchError
+            from autoopt.patching.editor import PatchError
 
             raise PatchError(f"the effective batch {eff} does not split into {k} micro-batches")
         editor.set_constant("BATCH_SIZE", str(eff // k), comment=f"autoopt (grad_accumulation): {eff // k} samples per micro-batch, effective batch {eff}")

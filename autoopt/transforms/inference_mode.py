@@ -24,7 +24,7 @@ import inspect
 from typing import Optional
 
 from autoopt.transforms import Transform, _fmt_dtype, register
-from autoopt.transforms._torch_helpers import _autoopt_cast_floats
+from autoopt.run.torch_helpers import _autoopt_cast_floats
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 WEIGHT_DTYPES = ("bfloat16", "float16")

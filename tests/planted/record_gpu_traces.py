@@ -9,7 +9,7 @@ torch.profiler — and writes, per model, into OUT_DIR/<model>-b<batch size>/:
 - `<model>.pt.trace.json.gz`: the Kineto trace as torch.profiler wrote it;
 - `facts.json`: what the live run knew besides the trace (device capabilities, torch
   settings, the model file's workload and model facts, the timed measurement), i.e.
-  `autoopt.optimize.collect_facts(workload, None, measurement)`, plus the torch version
+  `autoopt.pipelines.optimize.collect_facts(workload, None, measurement)`, plus the torch version
   and the device name.
 
 The test combines the two exactly as `autoopt profile` does (trace facts first, live facts
@@ -39,11 +39,11 @@ def record(model: Path, out: Path, batch_scale: int) -> dict:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.load import build_workload, load_model_file
-    from autoopt.measure import MeasureSettings, measure
-    from autoopt.optimize import collect_facts
-    from autoopt.profile import ProfileSettings, new_run_dir, trace_session
-    from autoopt.runner import Session
+    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.run.measure import MeasureSettings, measure
+    from autoopt.pipelines.optimize import collect_facts
+    from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
+    from autoopt.run.session import Session
 
     spec = load_model_file(str(model))
     caps = detect_capabilities("cuda")

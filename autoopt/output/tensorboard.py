@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from autoopt import report as R
+from autoopt.output import report as R
 
 EVENT_SUFFIX = ".autoopt"
 SUMMARY_RUN_FALLBACK = "autoopt"

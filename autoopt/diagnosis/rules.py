@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from autoopt import gain as gain_mod
+from autoopt.diagnosis import predicted_gain as gain_mod
 from autoopt.errors import UserError
 from autoopt.facts import FACTS
 from autoopt.types import SAFETY_LEVELS, Finding
@@ -583,7 +583,7 @@ def _check_library(rules: list[Rule]) -> None:
 
 # --------------------------------------------------------------------------- loading
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def rules_dir() -> Path:

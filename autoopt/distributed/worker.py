@@ -1,13 +1,13 @@
 """The per-rank entry point of `autoopt profile/optimize MODEL --nproc N`.
 
-autoopt.distributed launches this module through torch.distributed.run (torchrun's
+autoopt.distributed.launch launches this module through torch.distributed.run (torchrun's
 engine): `python -m torch.distributed.run --nproc-per-node N ... --module
-autoopt._dist_worker CONFIG.json`. Every rank reads the JSON config, joins the process
-group (NCCL on GPUs, gloo on CPUs), builds the model file's workload (autoopt.load),
+autoopt.distributed.worker CONFIG.json`. Every rank reads the JSON config, joins the process
+group (NCCL on GPUs, gloo on CPUs), builds the model file's workload (autoopt.workload.load),
 wraps the model in DistributedDataParallel and then
 
 - task "profile": measures fixed-count steps and traces warm-up + profiled steps with
-  the same torch.profiler settings as autoopt.profile, into the shared run directory,
+  the same torch.profiler settings as autoopt.run.trace, into the shared run directory,
   with the rank in the worker name (`rank<R>.<ts>.pt.trace.json.gz`);
 - task "optimize": records a verification run (same seed, same per-rank batches),
   measures the baseline and every DDP transform side by side, combines the verified
@@ -17,7 +17,7 @@ wraps the model in DistributedDataParallel and then
 
 Each rank writes `<out_dir>/rank<R>.json`: what it measured, or the error that stopped it
 (kind "user" for a model-file error, "oom", "exception", or "peer" when a collective
-failed because another rank died). The parent (autoopt.distributed) reads them; this
+failed because another rank died). The parent (autoopt.distributed.launch) reads them; this
 module never prints for the user.
 
 Step counts are fixed (never "until N seconds"): ranks that stop at different steps would
@@ -65,7 +65,7 @@ def rank_batch(workload, batch_size: int, rank: int, index: int):
 
 def split_batch(batch, k: int) -> list:
     """k equal micro-batches of a batch (tensors split along dim 0)."""
-    from autoopt import contract
+    from autoopt.workload import contract
 
     n = contract.batch_len(batch)
     if k <= 1 or n is None:
@@ -82,8 +82,8 @@ def split_batch(batch, k: int) -> list:
 def _ddp_session_class():
     import torch
 
-    from autoopt import contract
-    from autoopt.runner import Session
+    from autoopt.workload import contract
+    from autoopt.run.session import Session
 
     class DDPSession(Session):
         """A runner Session whose model is wrapped in DistributedDataParallel, with per-rank
@@ -165,7 +165,7 @@ def record_ddp(s, steps: int = VERIFY_STEPS) -> dict:
 def compare_ddp(base: dict, var: dict, tolerance: float) -> dict:
     """Losses step by step (relative, widening by half the tolerance per step) and the
     parameters after the last step (max |diff| / max |baseline| per tensor)."""
-    from autoopt.verify import FP32_TOLERANCE
+    from autoopt.run.verify import FP32_TOLERANCE
 
     tol = max(tolerance, FP32_TOLERANCE)
     out = {"ok": False, "max_abs_error": None, "max_rel_error": None, "tolerance": tol, "reason": ""}
@@ -214,7 +214,7 @@ _PEER_MARKERS = ("connection closed by peer", "connection reset by peer", "gloo/
 
 def describe_error(exc: BaseException, model_path: Optional[str]) -> dict:
     from autoopt.errors import UserError
-    from autoopt.runner import is_oom
+    from autoopt.run.session import is_oom
 
     info: dict[str, Any] = {"type": type(exc).__name__, "message": " ".join(str(exc).split())[:1500],
                             "time": time.time(), "where": None,
@@ -266,7 +266,7 @@ def _json_safe(d: dict) -> dict:
 
 
 def _fixed_settings(cfg: dict):
-    from autoopt.measure import MeasureSettings
+    from autoopt.run.measure import MeasureSettings
 
     n = int(cfg.get("measure_steps", 10))
     return MeasureSettings(warmup_steps=int(cfg.get("warmup_steps", 3)), warmup_min_s=0.0, min_steps=n, max_steps=n,
@@ -328,7 +328,7 @@ class Worker:
         import torch.distributed as dist
 
         from autoopt.env import detect_capabilities, env_facts
-        from autoopt.load import build_workload, load_model_file
+        from autoopt.workload.load import build_workload, load_model_file
         from autoopt.transforms.ddp import default_settings
 
         cfg = self.cfg
@@ -381,14 +381,14 @@ class Worker:
         return self.Session(self.wl, cfg, ddp_settings, rank=self.rank, device_ids=self.device_ids)
 
     def measure(self, s, flops=None) -> dict:
-        from autoopt.measure import measure
+        from autoopt.run.measure import measure
 
         m = measure(s, self.caps, _fixed_settings(self.cfg), flops_per_step=flops).to_json()
         m["rank"] = self.rank
         return m
 
     def trace(self, s, run_dir: str, steps: int) -> list[str]:
-        from autoopt.profile import ProfileSettings, trace_session
+        from autoopt.run.trace import ProfileSettings, trace_session
 
         run = trace_session(s, Path(run_dir),
                             ProfileSettings(active=steps, with_stack=bool(self.cfg.get("with_stack"))),
@@ -397,7 +397,7 @@ class Worker:
 
     # ------------------------------------------------------------------ profile
     def profile(self) -> None:
-        from autoopt.measure import count_flops
+        from autoopt.run.measure import count_flops
 
         with self.session(self.base_cfg, self.ddp_base) as s:
             flops = count_flops(s)
@@ -501,7 +501,7 @@ class Worker:
         v["measurement"] = job
         v["speedup"] = round(_speedup(self.base_m, job)[0], 4)
         ratio = _speedup(best, job)[0]
-        from autoopt.optimize import MIN_GAIN
+        from autoopt.pipelines.optimize import MIN_GAIN
 
         noise = max(MIN_GAIN, (_rel_spread(best) + _rel_spread(job)) / 2)
         better = ratio > 1 + noise
@@ -522,7 +522,7 @@ class Worker:
         # baseline: reference run, measurement, trace
         with self.session(self.base_cfg, self.ddp_base) as s:
             reference = record_ddp(s)
-        from autoopt.measure import count_flops
+        from autoopt.run.measure import count_flops
 
         with self.session(self.base_cfg, self.ddp_base) as s:
             flops = count_flops(s)
@@ -607,7 +607,7 @@ class Worker:
         self.rec["job_measurement"] = self.base_m
 
     def _patch(self, chosen: list[dict]) -> dict:
-        from autoopt.patch import PatchError, SourceEditor, unified_diff
+        from autoopt.patching.editor import PatchError, SourceEditor, unified_diff
         from autoopt.transforms.ddp import get_ddp_transform, snippet_for
 
         path = Path(self.spec.path)
@@ -637,7 +637,7 @@ def _write(path: Path, rec: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m torch.distributed.run ... --module autoopt._dist_worker CONFIG.json\n")
+        sys.stderr.write("usage: python -m torch.distributed.run ... --module autoopt.distributed.worker CONFIG.json\n")
         return 2
     cfg = json.loads(Path(argv[0]).read_text())
     rank = int(os.environ.get("RANK", "0"))

@@ -6,9 +6,9 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from autoopt.measure import MeasureSettings, count_flops, measure
-from autoopt.profile import ProfileSettings, new_run_dir, trace_session
-from autoopt.runner import Session
+from autoopt.run.measure import MeasureSettings, count_flops, measure
+from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
+from autoopt.run.session import Session
 
 
 def profile_model(
@@ -22,12 +22,13 @@ def profile_model(
     with_stack: bool = False,
     measure_settings: Optional[MeasureSettings] = None,
     progress: Callable[..., None] = lambda *a, **k: None,
+    caps=None,
 ) -> dict[str, Any]:
     from autoopt.analyze import analyze_paths
     from autoopt.env import detect_capabilities
-    from autoopt.load import build_workload, load_model_file
-    from autoopt.optimize import collect_facts
-    from autoopt.rules import evaluate, load_rules
+    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.pipelines.optimize import collect_facts
+    from autoopt.diagnosis.rules import evaluate, load_rules
 
     if steps < 1:
         from autoopt.errors import UserError
@@ -35,7 +36,7 @@ def profile_model(
         raise UserError(f"--steps must be at least 1 (got {steps}).")
     progress("load", f"loading {model_path}")
     spec = load_model_file(model_path)
-    caps = detect_capabilities(device)
+    caps = caps or detect_capabilities(device)
     wl = build_workload(spec, caps, batch_size=batch_size, seed=seed)
     root = Path(logdir) if logdir else Path("reports") / "profiles"
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -12,7 +12,7 @@ loop looks like.
    window, and the result says so). Global module-forward hooks watch the outermost
    module call meanwhile: the model, its batch, and the source line that calls it.
 2. At the first optimizer step that recording is dropped and a scheduled profiler starts
-   (warm-up steps, then `steps` profiled steps, the layout autoopt.profile writes); each
+   (warm-up steps, then `steps` profiled steps, the layout autoopt.run.trace writes); each
    further step of the same optimizer calls `prof.step()`. After the last profiled step
    the trace is written and the hook raises a private exception (a BaseException, so a
    script's `except Exception` does not swallow it) that stops the script cleanly.
@@ -258,7 +258,7 @@ def _autocast_on() -> bool:
 
 
 def _batch_facts(args) -> dict:
-    from autoopt.contract import iter_tensors
+    from autoopt.workload.contract import iter_tensors
 
     ts = list(iter_tensors(args))
     out: dict[str, Any] = {"batch_size": None, "input_is_4d": False, "channels_last_input": False}
@@ -277,7 +277,7 @@ def _batch_facts(args) -> dict:
 
 def _optimizer_impl(opt) -> Optional[str]:
     try:
-        from autoopt.load import optimizer_impl
+        from autoopt.workload.load import optimizer_impl
 
         return optimizer_impl(opt)
     except Exception:  # noqa: BLE001 - an optimizer autoopt cannot read: the fact stays unknown
@@ -441,7 +441,7 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
     from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 
     from autoopt.analyze import analyze_paths
-    from autoopt.profile import new_run_dir
+    from autoopt.run.trace import new_run_dir
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(logdir) if logdir else Path("reports") / "profiles"
     run_dir = new_run_dir(root, f"{path.stem}-script-{stamp}").resolve()
@@ -550,7 +550,7 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
         facts["metrics.data_dependent_sites"] = sources["data_dependent"]
     if not model_found:
         notes.append("no torch.nn.Module call was seen: the model.* facts are unknown and rules on them stay silent")
-    from autoopt.rules import evaluate, load_rules
+    from autoopt.diagnosis.rules import evaluate, load_rules
 
     findings = evaluate(load_rules(), facts)
     fjson = [_with_sources(f, sources) for f in findings]
@@ -596,7 +596,7 @@ def _device_json(probe: _Probe) -> dict:
 def _facts(result: dict, probe: _Probe) -> tuple[dict, bool]:
     from autoopt.env import detect_capabilities
 
-    from autoopt.distributed import analysis_facts
+    from autoopt.distributed.launch import analysis_facts
 
     facts: dict[str, Any] = analysis_facts(result)
     info = probe.model_info()
@@ -624,7 +624,7 @@ def _facts(result: dict, probe: _Probe) -> tuple[dict, bool]:
     else:
         facts["workload.mode"] = "infer"
     if model is not None:
-        from autoopt.load import model_facts
+        from autoopt.workload.load import model_facts
 
         try:
             facts.update(model_facts(model))

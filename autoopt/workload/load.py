@@ -420,7 +420,7 @@ def check_batch(batch: Any, batch_size: int, shown: str, where: str) -> None:
     a batch dimension of batch_size."""
     import torch
 
-    from autoopt.contract import iter_tensors
+    from autoopt.workload.contract import iter_tensors
 
     fix_shape = (
         f"{where} must return CPU tensors — a tensor, a tuple/list or a dict of tensors — holding "
@@ -475,7 +475,7 @@ def check_batch(batch: Any, batch_size: int, shown: str, where: str) -> None:
 
 
 def _shape_signature(batch: Any) -> list[tuple]:
-    from autoopt.contract import iter_tensors
+    from autoopt.workload.contract import iter_tensors
 
     return [(tuple(t.shape), str(t.dtype)) for t in iter_tensors(batch)]
 
@@ -502,7 +502,7 @@ class _ModuleTracker:
     def _pre(self, module, args):
         import torch
 
-        from autoopt.contract import iter_tensors
+        from autoopt.workload.contract import iter_tensors
 
         shapes = [tuple(t.shape) for t in iter_tensors(args)]
         self.stack.append((module, shapes))
@@ -615,7 +615,7 @@ def _forward_error(exc: BaseException, spec: ModelSpec, tracker: _ModuleTracker,
     where = _forward_name(spec, batch)
     inner = tracker.innermost()
     at = _at(exc, spec.path)
-    from autoopt.contract import shapes_of
+    from autoopt.workload.contract import shapes_of
 
     in_shapes = ", ".join(str(s) for _, s in shapes_of(batch)[:6])
     if isinstance(exc, torch.OutOfMemoryError):
@@ -670,7 +670,7 @@ def _module_repr(module) -> str:
 
 
 def batch_len_safe(batch) -> Optional[int]:
-    from autoopt.contract import batch_len
+    from autoopt.workload.contract import batch_len
 
     try:
         return batch_len(batch)
@@ -838,7 +838,7 @@ def build_workload(
     import torch
     import torch.nn as nn
 
-    from autoopt.contract import call_forward, extract_loss, has_4d_float_input, to_device
+    from autoopt.workload.contract import call_forward, extract_loss, has_4d_float_input, to_device
 
     shown = display_path(spec.path)
     bs = _resolve_batch_size(spec, batch_size)
@@ -1013,7 +1013,7 @@ def build_workload(
 
 
 def _tensors(batch):
-    from autoopt.contract import iter_tensors
+    from autoopt.workload.contract import iter_tensors
 
     return list(iter_tensors(batch))
 

@@ -16,20 +16,20 @@ from typing import Any, Callable, Optional
 
 from autoopt import __version__
 from autoopt.errors import Interrupted, UserError
-from autoopt.measure import (MeasureSettings, Paired, count_flops, measure, measure_against, measure_side_by_side,
+from autoopt.run.measure import (MeasureSettings, Paired, count_flops, measure, measure_against, measure_side_by_side,
                              noise_between, speedup)
-from autoopt.profile import ProfileSettings, new_run_dir, trace_session
-from autoopt.runner import Session, is_oom
+from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
+from autoopt.run.session import Session, is_oom
 from autoopt.types import ExecConfig, Finding, Measurement, Variant, Workload
-from autoopt.verify import RunRecord, compare, record_run
+from autoopt.run.verify import RunRecord, compare, record_run
 
 Progress = Callable[..., None]  # progress(phase: str, detail: str = "", **info)
 Decide = Callable[[Finding, Any], bool]  # decide(finding, transform) -> accept?
 
 # Measured side by side with the current best, a variant is kept when it beats it beyond the
-# pair's noise (autoopt.measure.Paired). Where the two could not be held together, it must
+# pair's noise (autoopt.run.measure.Paired). Where the two could not be held together, it must
 # beat the best's earlier measurement by at least this much, or by two standard errors of
-# the two medians if that is larger (autoopt.measure.noise_between).
+# the two medians if that is larger (autoopt.run.measure.noise_between).
 MIN_GAIN = 0.03
 
 
@@ -74,7 +74,7 @@ class Evaluated:
 
 
 def default_model_path() -> Path:
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent
     for p in (here / "examples" / "simplenet.py", here.parent / "examples" / "simplenet.py"):
         if p.exists():
             return p
@@ -91,7 +91,7 @@ def beyond_noise(best: Measurement, new: Measurement) -> tuple[bool, float, floa
 def collect_facts(workload: Workload, analysis: Optional[dict], m: Optional[Measurement]) -> dict[str, Any]:
     from autoopt.env import env_facts
 
-    from autoopt.rules import facts_from_analysis
+    from autoopt.diagnosis.rules import facts_from_analysis
 
     facts: dict[str, Any] = facts_from_analysis(analysis) if analysis else {}
     # the live device is known better than the trace tells it
@@ -136,7 +136,7 @@ class Optimizer:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         from autoopt.env import detect_capabilities
-        from autoopt.load import build_workload, load_model_file
+        from autoopt.workload.load import build_workload, load_model_file
 
         from autoopt.transforms import get_transform
 
@@ -274,7 +274,7 @@ class Optimizer:
 
     # ------------------------------------------------------------------ findings
     def _findings(self) -> list[Candidate]:
-        from autoopt.rules import evaluate, load_rules
+        from autoopt.diagnosis.rules import evaluate, load_rules
         from autoopt.transforms import get_transform
 
         facts = collect_facts(self.workload, self.baseline_analysis, self.base_m)
@@ -415,7 +415,7 @@ class Optimizer:
 
     def _search(self, candidates: list[Candidate]) -> tuple[ExecConfig, Measurement, list[Candidate]]:
         """Every keep decision compares two configurations measured side by side, in
-        alternating rounds (autoopt.measure.measure_against): a transform alone against the
+        alternating rounds (autoopt.run.measure.measure_against): a transform alone against the
         baseline, a combination against the current best, a larger batch against the best
         batch so far. Two measurements taken apart differ by the machine's drift, 10-30 % on a
         shared machine, more than most gains worth keeping."""
@@ -509,7 +509,7 @@ class Optimizer:
 
         budget = self.caps.total_memory_mb * self.opts.memory_budget_fraction if self.caps.total_memory_mb else None
         if budget is None:
-            from autoopt.measure import cpu_memory_total_mb
+            from autoopt.run.measure import cpu_memory_total_mb
 
             total = cpu_memory_total_mb()
             budget = total * self.opts.memory_budget_fraction if total else None
@@ -633,7 +633,7 @@ class Optimizer:
             self.analysis["final"] = res["traces"][0] if res.get("traces") else None
 
     def _patch_and_plan(self, chosen: list[Candidate]) -> None:
-        from autoopt.patch import build_patch
+        from autoopt.patching.editor import build_patch
         from autoopt.plan import Plan
 
         pairs = [(c.transform, c.params) for c in chosen]
@@ -666,7 +666,7 @@ class Optimizer:
             d = f.to_json()
             d["accepted"] = self.accepted.get(f.code, False)
             try:
-                from autoopt.rules import get_rule
+                from autoopt.diagnosis.rules import get_rule
 
                 d["doc"] = get_rule(f.code).doc
             except Exception:
@@ -708,8 +708,8 @@ class Optimizer:
         return {f.code for f in self.findings if f.transform == "batch_size"}
 
     def write(self) -> dict:
-        from autoopt import report as rep
-        from autoopt.tbsummary import write_summaries
+        from autoopt.output import report as rep
+        from autoopt.output.tensorboard import write_summaries
 
         r = self.report()
         (self.out / "plan.json").write_text(json.dumps(self.plan, indent=2) + "\n")

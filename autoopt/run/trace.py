@@ -18,7 +18,7 @@ from typing import Optional
 
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-from autoopt.runner import Session
+from autoopt.run.session import Session
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Plain-PyTorch helpers shared by the in-process transforms and by `patch.diff`.
 
 Each function here depends on `torch` only (no autoopt import, no other global), because
-`autoopt.patch` copies its source verbatim (via `inspect.getsource`) into a patched model
+`autoopt.patching.editor` copies its source verbatim (via `inspect.getsource`) into a patched model
 file: the file then runs the optimized configuration with nothing but PyTorch installed,
 and the in-process runner and the patched file share one implementation.
 """

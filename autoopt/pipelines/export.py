@@ -1,12 +1,12 @@
 """ONNX export: `autoopt export MODEL --onnx PATH [--plan plan.json] [--seed N] [--batch-size N]`.
 
-    from autoopt.export import export_onnx
+    from autoopt.pipelines.export import export_onnx
     result = export_onnx("examples/resnet_infer.py", "resnet.onnx", plan_path=None, seed=0)
     result["max_abs_error"], result["input_names"], result["dynamic_axes"]
 
 What it does, in order:
 
-1. Loads the model file and validates it with autoopt.load (the same one-paragraph
+1. Loads the model file and validates it with autoopt.workload.load (the same one-paragraph
    errors as every other command), then builds the model on the CPU with
    `torch.manual_seed(seed)` before `build_model()` and before `make_batch()`, in eval
    mode, with the plan's inference-relevant transforms (below).
@@ -40,7 +40,7 @@ What it does, in order:
 6. Checks it: `onnx.checker.check_model(path, full_check=True)` (with shape inference),
    then runs onnxruntime (CPUExecutionProvider) on the fresh batch of the other size and
    compares with PyTorch's output on the same inputs: max abs error and max relative error
-   (max |ort - torch| / max |torch| per output, the same definition as autoopt.verify).
+   (max |ort - torch| / max |torch| per output, the same definition as autoopt.run.verify).
    A graph that fails at the other size, returns other shapes, or differs by more than
    the tolerance (1e-3 relative in fp32, 1e-2 with fp16 weights) raises ExportError: the
    file is written but wrong (typically the batch size was baked in by a Python int taken
@@ -248,7 +248,7 @@ def _flat_call(args: tuple, kwargs: dict):
 def _make_wrapper(model, template):
     import torch
 
-    from autoopt.contract import iter_tensors
+    from autoopt.workload.contract import iter_tensors
 
     class ExportWrapper(torch.nn.Module):
         """The model's forward over flat tensor inputs, returning its output tensors flat."""
@@ -269,8 +269,8 @@ def _record_call(spec, model, batch, shown: str) -> tuple[tuple, dict]:
     """The (args, kwargs) of the first model(...) call the file's forward makes."""
     import torch
 
-    from autoopt.contract import call_forward
-    from autoopt.load import user_code
+    from autoopt.workload.contract import call_forward
+    from autoopt.workload.load import user_code
 
     if spec.forward is None:
         if isinstance(batch, dict):
@@ -703,7 +703,7 @@ def export_onnx(
     """Export the model file's model to ONNX with a dynamic batch axis, check it with
     onnx.checker (full check) and compare onnxruntime with PyTorch on a fresh batch of
     another size. Returns the result dict (see module docs); raises UserError subclasses."""
-    from autoopt.load import DEFAULT_BATCH_SIZE, build_workload, display_path, load_model_file, user_code
+    from autoopt.workload.load import DEFAULT_BATCH_SIZE, build_workload, display_path, load_model_file, user_code
     from autoopt.types import Capabilities
 
     if exporter not in EXPORTERS:
@@ -767,7 +767,7 @@ def export_onnx(
     with user_code():
         check_batch = spec.make_batch(check_bs)
 
-    from autoopt.contract import map_tensors
+    from autoopt.workload.contract import map_tensors
 
     def prep(b):
         b = map_tensors(b, lambda t: t.detach().to("cpu"))

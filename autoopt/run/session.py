@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from autoopt import contract
+from autoopt.workload import contract
 from autoopt.types import ExecConfig, Workload
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -1,7 +1,7 @@
 """Numerical verification of a variant against the baseline.
 
 Both start from the same seed, so from the same initial weights (checked by checksum), and
-run on the same batches (autoopt.runner.seeded_batch). Compared:
+run on the same batches (autoopt.run.session.seeded_batch). Compared:
 - the outputs of the first forward pass: max absolute error, and the relative error
   max|variant - baseline| / max|baseline| per output tensor (norm-wise, so outputs near zero
   do not blow the ratio up);
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autoopt import contract
-from autoopt.runner import Session, seeded_batch
+from autoopt.workload import contract
+from autoopt.run.session import Session, seeded_batch
 from autoopt.types import Verification
 
 DEFAULT_STEPS = 4

@@ -4,7 +4,7 @@ The job runs on torch.distributed's own launcher (`python -m torch.distributed.r
 engine behind `torchrun`), so the launcher options in `extra` (`--nnodes`,
 `--rdzv-backend`, `--rdzv-endpoint`, `--node-rank`, ...) take it to several nodes exactly
 as they would a torchrun job. Without rendezvous options the job is `--standalone` (one
-node, a free port). Each rank runs autoopt._dist_worker: it builds the workload, wraps
+node, a free port). Each rank runs autoopt.distributed.worker: it builds the workload, wraps
 the model in DDP (NCCL on GPUs, gloo on CPUs) and measures and traces its steps; every
 rank's trace goes into ONE run directory, named after the rank. The parent analyses the
 ranks together (autoopt.analyze: per-rank table, stragglers, overlap, communication
@@ -57,7 +57,7 @@ def _noop(*_a, **_k) -> None:
 
 # ---------------------------------------------------------------------------- launching
 def launcher_command(nproc: int, extra: Sequence[str], config_path: str) -> list[str]:
-    """`python -m torch.distributed.run [options] --module autoopt._dist_worker CONFIG`."""
+    """`python -m torch.distributed.run [options] --module autoopt.distributed.worker CONFIG`."""
     extra = list(extra or [])
     for a in extra:
         if a.split("=", 1)[0] in _NPROC_OPTIONS:
@@ -68,13 +68,13 @@ def launcher_command(nproc: int, extra: Sequence[str], config_path: str) -> list
         opts.append("--standalone")
     if not any(a.split("=", 1)[0] in ("--max-restarts", "--max_restarts") for a in extra):
         opts += ["--max-restarts", "0"]
-    return [sys.executable, "-m", "torch.distributed.run", *opts, *extra, "--module", "autoopt._dist_worker",
+    return [sys.executable, "-m", "torch.distributed.run", *opts, *extra, "--module", "autoopt.distributed.worker",
             config_path]
 
 
 def _env(nproc: int, device: str) -> dict[str, str]:
     env = dict(os.environ)
-    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    pkg_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     if "OMP_NUM_THREADS" not in os.environ:
@@ -295,7 +295,7 @@ def _apart(slow: list[float], fast: list[float]) -> bool:
 
 
 def _findings(result: dict, facts: dict) -> list:
-    from autoopt.rules import evaluate, load_rules
+    from autoopt.diagnosis.rules import evaluate, load_rules
 
     findings = evaluate(load_rules(), facts)
     strag = (result.get("ranks") or {}).get("straggler_rank")
@@ -307,10 +307,10 @@ def _findings(result: dict, facts: dict) -> list:
 
 
 def analysis_facts(result: dict) -> dict[str, Any]:
-    """Rule facts from an analysis result (autoopt.rules.facts_from_analysis: registry names,
+    """Rule facts from an analysis result (autoopt.diagnosis.rules.facts_from_analysis: registry names,
     source lines of syncs where the trace has stacks)."""
     try:
-        from autoopt.rules import facts_from_analysis
+        from autoopt.diagnosis.rules import facts_from_analysis
     except ImportError:  # an older rule engine: prefix the metrics ourselves
         return {k if "." in k else f"metrics.{k}": v for k, v in (result.get("metrics") or {}).items()}
     return facts_from_analysis(result)
@@ -417,8 +417,8 @@ def profile_distributed(
     (the analysis of every rank's trace, with "logdir", "findings", "model", "mode",
     "device", "nproc", "per_rank" and "measurement")."""
     from autoopt.analyze import analyze_paths
-    from autoopt.load import load_model_file
-    from autoopt.profile import new_run_dir
+    from autoopt.workload.load import load_model_file
+    from autoopt.run.trace import new_run_dir
 
     _check_args(model_path, nproc, device, steps)
     spec = load_model_file(model_path)  # the contract's file-level errors, before any process starts
@@ -500,8 +500,8 @@ def optimize_distributed(
     patch.diff, tb/baseline and tb/final with one trace per rank). Returns the report."""
     from autoopt import __version__
     from autoopt.analyze import analyze_paths
-    from autoopt.load import load_model_file
-    from autoopt.optimize import default_model_path
+    from autoopt.workload.load import load_model_file
+    from autoopt.pipelines.optimize import default_model_path
     from autoopt.transforms.ddp import DDP_TRANSFORMS
 
     path = model_path or str(default_model_path())
@@ -619,7 +619,7 @@ def _variant_json(v: dict) -> dict:
 
 
 def _write_report(report: dict, out: Path) -> None:
-    from autoopt import report as rep
+    from autoopt.output import report as rep
 
     (out / "plan.json").write_text(json.dumps(report["plan"], indent=2) + "\n")
     (out / "patch.diff").write_text(report["patch"])

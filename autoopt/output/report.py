@@ -58,7 +58,7 @@ FINAL_TABLE_HEADER = [
 
 # ---------------------------------------------------------------------------------------
 # small accessors and formatters (shared by the Markdown, HTML, terminal and TensorBoard
-# outputs; autoopt.tbsummary imports them)
+# outputs; autoopt.output.tensorboard imports them)
 
 
 def _d(x: Any) -> dict:

@@ -415,7 +415,7 @@ class SourceEditor:
 
     def ensure_forward(self) -> None:
         """Add `forward(model, batch)` with the contract's default semantics
-        (autoopt.contract.call_forward) when the file has none, after make_batch."""
+        (autoopt.workload.contract.call_forward) when the file has none, after make_batch."""
         if not self.has_function("forward"):
             self.add_function(_DEFAULT_FORWARD, after="make_batch")
 

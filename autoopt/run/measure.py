@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from autoopt.runner import Session
+from autoopt.run.session import Session
 from autoopt.types import Capabilities, Measurement, Stats
 
 
@@ -89,7 +89,7 @@ def count_flops(session: Session) -> Optional[float]:
     try:
         with FlopCounterMode(display=False) as counter:
             with session.autocast():
-                from autoopt import contract
+                from autoopt.workload import contract
 
                 if session.train:
                     out = contract.call_forward(session.spec, model, batch)
@@ -326,7 +326,7 @@ def measure_against(
     context manager); it is built only after `session` has been warmed up alone, so
     `session`'s peak memory and compile time are its own. If the anchor does not fit beside it
     (out of memory with both held), `session` is timed alone and the anchor is None."""
-    from autoopt.runner import free_memory, is_oom
+    from autoopt.run.session import free_memory, is_oom
 
     s = settings or MeasureSettings()
     reset_peak_memory(session.device)
