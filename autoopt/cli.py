@@ -83,7 +83,8 @@ class ProgressView:
 
 # ---------------------------------------------------------------- commands
 def cmd_env(args) -> int:
-    from autoopt.env import env_info, render_env
+    from autoopt.env import env_info
+    from autoopt.output.env_text import render_env
 
     info = env_info()
     if args.json:
@@ -94,7 +95,8 @@ def cmd_env(args) -> int:
 
 
 def cmd_rules(args) -> int:
-    from autoopt.diagnosis.rules import load_rules, render_rules_table
+    from autoopt.diagnosis.explain import render_rules_table
+    from autoopt.diagnosis.rules import load_rules
 
     rules = load_rules()
     if args.json:
@@ -105,30 +107,24 @@ def cmd_rules(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from autoopt.diagnosis.rules import get_rule, render_explain
+    from autoopt.diagnosis.explain import render_explain
+    from autoopt.diagnosis.rules import get_rule
 
     _write(render_explain(get_rule(args.code)))
     return 0
 
 
-def _findings_for(analysis: dict, extra_facts: dict | None = None) -> list:
-    from autoopt.diagnosis.rules import evaluate, facts_from_analysis, load_rules
-
-    facts = facts_from_analysis(analysis)
-    if extra_facts:
-        facts.update(extra_facts)
-    return evaluate(load_rules(), facts)
-
-
 def cmd_analyze(args) -> int:
     from autoopt.analyze import analyze_paths, render_text
 
+    from autoopt.diagnosis.facts_builder import build_facts, diagnose
+
     result = analyze_paths(args.traces)
     if len(result.get("traces") or []) > 1:
-        from autoopt.distributed.launch import rank_balance  # torch-free: names a straggler rank
+        from autoopt.analyze.balance import rank_balance  # torch-free: names a straggler rank
 
         rank_balance(result)
-    findings = _findings_for(result)
+    findings = diagnose(build_facts(analysis=result), result)
     result["findings"] = [f.to_json() for f in findings]
     if args.json:
         _print_json(result)
@@ -136,6 +132,12 @@ def cmd_analyze(args) -> int:
     _write(render_text(result))
     _print_findings(_console(stderr=False), findings)
     return 0
+
+
+def _findings_of(result: dict) -> list:
+    from autoopt.types import Finding
+
+    return [Finding.from_json(f) for f in result.get("findings", [])]
 
 
 def _print_findings(out, findings) -> None:
@@ -162,15 +164,12 @@ def cmd_profile(args) -> int:
 
             out = _console(stderr=False)
             out.print(render_text(result), markup=False)
-            from autoopt.types import Finding
-
-            _print_findings(out, [Finding(**{k: v for k, v in f.items() if k in Finding.__dataclass_fields__})
-                                  for f in result.get("findings", [])])
+            _print_findings(out, _findings_of(result))
         return 0
     if not args.model:
         raise UserError("autoopt profile needs a model file (autoopt profile path/to/model.py) or --script FILE.")
     if args.nproc and args.nproc > 1:
-        from autoopt.distributed.launch import profile_distributed
+        from autoopt.pipelines.distributed import profile_distributed
 
         result = profile_distributed(args.model, nproc=args.nproc, device=args.device, batch_size=args.batch_size,
                                      steps=args.steps, logdir=args.logdir, seed=args.seed, extra=args.launcher_arg)
@@ -178,12 +177,9 @@ def cmd_profile(args) -> int:
             _print_json(result)
         else:
             from autoopt.analyze import render_text
-            from autoopt.types import Finding
 
             _write(render_text(result))
-            _print_findings(_console(stderr=False), [
-                Finding(**{k: v for k, v in f.items() if k in Finding.__dataclass_fields__})
-                for f in result.get("findings", [])])
+            _print_findings(_console(stderr=False), _findings_of(result))
             _write(f"\nTraces of every rank: {result['logdir']}  (autoopt view {result['logdir']})")
         return 0
     from autoopt.pipelines.profile import profile_model
@@ -198,7 +194,6 @@ def cmd_profile(args) -> int:
         _print_json(result)
         return 0
     from autoopt.analyze import render_text
-    from autoopt.types import Finding
 
     out = _console(stderr=False)
     m = result["measurement"]
@@ -208,48 +203,53 @@ def cmd_profile(args) -> int:
               f"{m['throughput_per_s']:.1f} samples/s, peak memory {m['peak_memory_mb'] or 0:.0f} MB"
               + (f", MFU {m['mfu']:.1%}" if m.get("mfu") else ""), markup=False)
     out.print(render_text(result), markup=False)
-    _print_findings(out, [Finding(**{k: v for k, v in f.items() if k in Finding.__dataclass_fields__})
-                          for f in result["findings"]])
+    _print_findings(out, _findings_of(result))
     out.print(f"\nTrace: {result['logdir']}  (autoopt view {result['logdir']})", markup=False)
     return 0
 
 
+def _consent(args):
+    from autoopt.settings import Consent
+
+    return Consent(yes=bool(args.yes), accept=sorted(_codes(args.accept)), reject=sorted(_codes(args.reject)))
+
+
 def _make_decider(args, console):
-    from autoopt.types import Finding
+    """decide(finding, transform) for the optimize pipeline: the flags decide when they can
+    (autoopt.settings.Consent); otherwise a person at a terminal is asked, and with nobody to
+    ask only `safe` transforms are applied."""
+    consent = _consent(args)
+    interactive = sys.stdin.isatty() and not args.yes and not consent.accept and not args.json_no_prompt
 
-    accept = _codes(args.accept)
-    reject = _codes(args.reject)
-    interactive = sys.stdin.isatty() and not args.yes and not accept and not args.json_no_prompt
-
-    def decide(f: Finding, transform) -> bool:
+    def decide(f, transform) -> bool:
         if transform is None:
             return False  # advice only: nothing to apply
-        if f.code in reject or (transform.name.upper() in reject):
-            return False
-        if args.yes or f.code in accept or transform.name.upper() in accept:
-            return True
-        if accept:
-            return False
+        d = consent.decide(f.code, transform.name, str(f.safety))
+        if d is not None:
+            return d
         if interactive:
-            gain = f"up to {f.expected_speedup:.2f}x" if f.expected_speedup else "unknown until measured"
-            console.print(f"\n[bold]{f.code}[/bold] {f.title}", highlight=False)
-            console.print(f"  {f.message}", markup=False, highlight=False)
-            console.print(f"  does: {transform.summary}", markup=False, highlight=False)
-            console.print(f"  expected gain: {gain}; safety: {f.safety}", markup=False, highlight=False)
-            while True:
-                console.print("  apply and verify? [y/n] ", end="")
-                ans = sys.stdin.readline()
-                if not ans:
-                    return False
-                ans = ans.strip().lower()
-                if ans in ("y", "yes"):
-                    return True
-                if ans in ("n", "no", ""):
-                    return False
-        # no terminal and not asked: only what keeps numerics and training semantics
-        return f.safety == "safe"
+            return _ask(console, f, transform)
+        return consent.unattended(f.code, transform.name, str(f.safety))
 
     return decide
+
+
+def _ask(console, f, transform) -> bool:
+    gain = f"up to {f.expected_speedup:.2f}x" if f.expected_speedup else "unknown until measured"
+    console.print(f"\n[bold]{_escape(f.code)}[/bold] {_escape(f.title)}", highlight=False)
+    console.print(f"  {f.message}", markup=False, highlight=False)
+    console.print(f"  does: {transform.summary}", markup=False, highlight=False)
+    console.print(f"  expected gain: {gain}; safety: {f.safety}", markup=False, highlight=False)
+    while True:
+        console.print("  apply and verify? [y/n] ", end="")
+        ans = sys.stdin.readline()
+        if not ans:
+            return False
+        ans = ans.strip().lower()
+        if ans in ("y", "yes"):
+            return True
+        if ans in ("n", "no", ""):
+            return False
 
 
 def _parse_try(text: str) -> tuple[str, dict]:
@@ -273,52 +273,49 @@ def _parse_try(text: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
-def _default_model():
-    from autoopt.pipelines.optimize import default_model_path
+def _optimize_settings(args):
+    from autoopt.settings import DistributedSettings, MeasureSettings, OptimizeSettings, ProfileSettings, SearchSettings
 
-    return default_model_path()
+    return OptimizeSettings(
+        model_path=args.model, device=args.device, batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
+        measure=MeasureSettings.quick() if args.quick else MeasureSettings(),
+        profile=ProfileSettings(with_stack=args.with_stack), search=SearchSettings(strategy=args.search),
+        consent=_consent(args), distributed=DistributedSettings(nproc=args.nproc or 0, launcher_args=args.launcher_arg),
+        extra_transforms=[_parse_try(t) for t in args.try_],
+    )
 
 
 def cmd_optimize(args) -> int:
-    from autoopt.run.measure import MeasureSettings
-    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
-    from autoopt.run.trace import ProfileSettings
-
-    console = _console()
-    if args.nproc and args.nproc > 1:
-        from autoopt.distributed.launch import optimize_distributed
-
-        progress = ProgressView(enabled=not args.quiet)
-        try:
-            report = optimize_distributed(
-                args.model or str(_default_model()), nproc=args.nproc, device=args.device,
-                batch_size=args.batch_size, seed=args.seed, out_dir=args.out, extra=args.launcher_arg,
-                quick=args.quick, with_stack=args.with_stack,
-                reject=[c.lower() for c in _codes(args.reject) if c.lower().startswith("ddp_")],
-                accept_manual=args.yes, progress=progress)
-        finally:
-            progress.stop()
-        if args.json:
-            _print_json(report)
-        else:
-            _print_optimize_summary(report)
-        return 0
-    opts = OptimizeOptions(
-        model_path=args.model, device=args.device, batch_size=args.batch_size, seed=args.seed,
-        out_dir=args.out, search=args.search, extra_transforms=[_parse_try(t) for t in args.try_],
-        measure=MeasureSettings.quick() if args.quick else MeasureSettings(),
-        profile=ProfileSettings(with_stack=args.with_stack),
-    )
+    settings = _optimize_settings(args)
     progress = ProgressView(enabled=not args.quiet)
     try:
-        report = run_optimize(opts, _make_decider(args, console), progress)
+        if settings.distributed.nproc > 1:
+            from autoopt.pipelines.distributed import optimize_distributed
+
+            report = optimize_distributed(settings, progress=progress)
+        else:
+            from autoopt.pipelines.optimize import run_optimize
+
+            report = run_optimize(settings, _make_decider(args, _console()), progress)
     finally:
         progress.stop()
+    if getattr(args, "debug", False):
+        _print_failures(report)
     if args.json:
         _print_json(report)
         return 0
     _print_optimize_summary(report)
     return 0
+
+
+def _print_failures(report: dict) -> None:
+    """--debug: the traceback behind every failed variant, on stderr."""
+    err = _console()
+    for v in report.get("variants", []):
+        failure = v.get("failure") or {}
+        if failure.get("traceback"):
+            err.print(f"variant {v['name']} failed: {failure.get('kind')}: {failure.get('message')}", markup=False)
+            err.print(failure["traceback"], markup=False)
 
 
 def _print_optimize_summary(report: dict) -> None:
@@ -381,6 +378,93 @@ def cmd_export(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
+def _common(sp, json: bool = True) -> None:
+    if json:
+        sp.add_argument("--json", action="store_true", help="print JSON only on stdout")
+    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks behind errors")
+
+
+def _run_options(sp, trace_help: str) -> None:
+    """Options every command that runs a model file shares."""
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--nproc", type=int, default=0, help="N processes through torch.distributed's launcher (DDP)")
+    sp.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
+                    help="passed to torch.distributed.run as is (repeat: --launcher-arg=--nnodes=2 ...)")
+    sp.add_argument("--with-stack", action="store_true", help=trace_help)
+    sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _add_profile(sub) -> None:
+    sp = sub.add_parser("profile", help="profile a model file (or an unmodified training script)")
+    sp.add_argument("model", nargs="?", help="model file (README, 'The model file': build_model, make_batch, ...)")
+    sp.add_argument("--script", help="an unmodified training script to run under the profiler")
+    sp.add_argument("--steps", type=int, default=3, help="profiled (active) steps")
+    sp.add_argument("--logdir", default=None, help="log directory; each run gets a new run directory in it")
+    _run_options(sp, "record Python stacks (source lines in findings)")
+    _common(sp)
+    sp.set_defaults(func=cmd_profile)
+
+
+def _add_optimize(sub) -> None:
+    sp = sub.add_parser("optimize", help="profile, diagnose, apply verified transforms, report and patch")
+    sp.add_argument("model", nargs="?", help="model file (default: the bundled example)")
+    sp.add_argument("--yes", "-y", action="store_true", help="accept every finding")
+    sp.add_argument("--accept", help="comma-separated rule codes or transform names to accept")
+    sp.add_argument("--reject", help="comma-separated rule codes or transform names to reject")
+    sp.add_argument("--out", help="report directory (default reports/<model>-<timestamp>)")
+    sp.add_argument("--search", default="greedy", choices=["greedy", "exhaustive"])
+    sp.add_argument("--try", dest="try_", action="append", default=[], metavar="TRANSFORM[:K=V,...]",
+                    help="also try this transform whether or not a rule proposes it, e.g. --try amp:dtype=float16")
+    sp.add_argument("--quick", action="store_true", help="fewer timed steps (noisier numbers; for smoke tests)")
+    _run_options(sp, "record Python stacks in the traces")
+    _common(sp)
+    sp.set_defaults(func=cmd_optimize)
+
+
+def _add_env(sub) -> None:
+    sp = sub.add_parser("env", help="GPU, driver, CUDA, cuDNN, torch; bf16 / TF32 / tensor-core support")
+    _common(sp)
+    sp.set_defaults(func=cmd_env)
+
+
+def _add_analyze(sub) -> None:
+    sp = sub.add_parser("analyze", help="analyze Kineto traces (.json / .json.gz, or directories of rank traces)")
+    sp.add_argument("traces", nargs="+")
+    _common(sp)
+    sp.set_defaults(func=cmd_analyze)
+
+
+def _add_rule_commands(sub) -> None:
+    sp = sub.add_parser("rules", help="list every rule")
+    _common(sp)
+    sp.set_defaults(func=cmd_rules)
+    sp = sub.add_parser("explain", help="print a rule's documentation")
+    sp.add_argument("code")
+    _common(sp, json=False)
+    sp.set_defaults(func=cmd_explain)
+
+
+def _add_view(sub) -> None:
+    sp = sub.add_parser("view", help="TensorBoard on 127.0.0.1 over a report or log directory")
+    sp.add_argument("dir", nargs="?")
+    sp.add_argument("--port", type=int, default=None)
+    _common(sp, json=False)
+    sp.set_defaults(func=cmd_view)
+
+
+def _add_export(sub) -> None:
+    sp = sub.add_parser("export", help="export the model to ONNX with a dynamic batch axis")
+    sp.add_argument("model")
+    sp.add_argument("--onnx", required=True, help="output .onnx path")
+    sp.add_argument("--plan", help="plan.json whose inference-relevant transforms to apply")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--batch-size", type=int)
+    _common(sp)
+    sp.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autoopt",
@@ -391,80 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"autoopt {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks behind errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    def common(sp, json_help="print JSON only on stdout"):
-        sp.add_argument("--json", action="store_true", help=json_help)
-        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks behind errors")
-
-    sp = sub.add_parser("env", help="GPU, driver, CUDA, cuDNN, torch; bf16 / TF32 / tensor-core support")
-    common(sp)
-    sp.set_defaults(func=cmd_env)
-
-    sp = sub.add_parser("profile", help="profile a model file (or an unmodified training script)")
-    sp.add_argument("model", nargs="?", help="model file (see DESIGN: build_model, make_batch, ...)")
-    sp.add_argument("--script", help="an unmodified training script to run under the profiler")
-    sp.add_argument("--batch-size", type=int)
-    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--steps", type=int, default=3, help="profiled (active) steps")
-    sp.add_argument("--logdir", default=None, help="log directory; each run gets a new run directory in it")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--nproc", type=int, default=0, help="N processes through torch.distributed's launcher (DDP)")
-    sp.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
-                    help="passed to torch.distributed.run as is (repeat: --launcher-arg=--nnodes=2 ...)")
-    sp.add_argument("--with-stack", action="store_true", help="record Python stacks (source lines in findings)")
-    sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    common(sp)
-    sp.set_defaults(func=cmd_profile)
-
-    sp = sub.add_parser("analyze", help="analyze Kineto traces (.json / .json.gz, or directories of rank traces)")
-    sp.add_argument("traces", nargs="+")
-    common(sp)
-    sp.set_defaults(func=cmd_analyze)
-
-    sp = sub.add_parser("optimize", help="profile, diagnose, apply verified transforms, report and patch")
-    sp.add_argument("model", nargs="?", help="model file (default: the bundled example)")
-    sp.add_argument("--yes", "-y", action="store_true", help="accept every finding")
-    sp.add_argument("--accept", help="comma-separated rule codes or transform names to accept")
-    sp.add_argument("--reject", help="comma-separated rule codes or transform names to reject")
-    sp.add_argument("--out", help="report directory (default reports/<model>-<timestamp>)")
-    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--batch-size", type=int)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--search", default="greedy", choices=["greedy", "exhaustive"])
-    sp.add_argument("--try", dest="try_", action="append", default=[], metavar="TRANSFORM[:K=V,...]",
-                    help="also try this transform whether or not a rule proposes it, e.g. --try amp:dtype=float16")
-    sp.add_argument("--quick", action="store_true", help="fewer timed steps (noisier numbers; for smoke tests)")
-    sp.add_argument("--nproc", type=int, default=0, help="N processes through torch.distributed's launcher (DDP)")
-    sp.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
-                    help="passed to torch.distributed.run as is (repeat: --launcher-arg=--nnodes=2 ...)")
-    sp.add_argument("--with-stack", action="store_true", help="record Python stacks in the traces")
-    sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    common(sp)
-    sp.set_defaults(func=cmd_optimize)
-
-    sp = sub.add_parser("rules", help="list every rule")
-    common(sp)
-    sp.set_defaults(func=cmd_rules)
-
-    sp = sub.add_parser("explain", help="print a rule's documentation")
-    sp.add_argument("code")
-    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    sp.set_defaults(func=cmd_explain)
-
-    sp = sub.add_parser("view", help="TensorBoard on 127.0.0.1 over a report or log directory")
-    sp.add_argument("dir", nargs="?")
-    sp.add_argument("--port", type=int, default=None)
-    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    sp.set_defaults(func=cmd_view)
-
-    sp = sub.add_parser("export", help="export the model to ONNX with a dynamic batch axis")
-    sp.add_argument("model")
-    sp.add_argument("--onnx", required=True, help="output .onnx path")
-    sp.add_argument("--plan", help="plan.json whose inference-relevant transforms to apply")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--batch-size", type=int)
-    common(sp)
-    sp.set_defaults(func=cmd_export)
+    for add in (_add_env, _add_profile, _add_analyze, _add_optimize, _add_rule_commands, _add_view, _add_export):
+        add(sub)
     return p
 
 

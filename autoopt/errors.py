@@ -1,5 +1,16 @@
-"""Errors that reach the user as one paragraph and exit code 2 (see autoopt.cli)."""
+"""Errors that reach the user as one paragraph, and the exit codes (see autoopt.cli)."""
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What `autoopt` exits with."""
+
+    OK = 0
+    INTERNAL_ERROR = 1  # a bug in autoopt, not in the input
+    BAD_INPUT = 2  # usage, model file, unreadable trace: one paragraph says what and how to fix it
+    INTERRUPTED = 130  # Ctrl-C; what was measured so far is still written
 
 
 class UserError(Exception):
@@ -7,7 +18,7 @@ class UserError(Exception):
     file, the problem and the fix; the CLI prints it and exits 2. `cause` keeps the original
     exception for --debug."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
     def __init__(self, message: str, *, cause: BaseException | None = None):
         super().__init__(message)
@@ -19,7 +30,7 @@ class UserError(Exception):
 
 
 class ModelFileError(UserError):
-    """The model file breaks the contract in DESIGN.md."""
+    """The model file breaks the model-file contract (README, "The model file")."""
 
 
 class TraceError(UserError):
@@ -29,4 +40,4 @@ class TraceError(UserError):
 class Interrupted(Exception):
     """Ctrl-C during a run; what was measured so far is still written (exit 130)."""
 
-    exit_code = 130
+    exit_code = ExitCode.INTERRUPTED

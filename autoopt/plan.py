@@ -37,7 +37,6 @@ rate with it (linear scaling rule, with warm-up) — `plan.caveats()` lists such
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,151 +228,90 @@ class Plan:
             )
         return out
 
-    # -- applying it ----------------------------------------------------------------
+    # -- applying it (through autoopt.run.apply, the applier autoopt measured with) -----------
     def apply_globals(self) -> None:
-        """Process-wide settings: float32 matmul precision (+ cuDNN TF32), cudnn.benchmark,
-        intra-op threads. prepare_model calls it."""
-        import torch
+        """Process-wide settings: float32 matmul precision (+ cuDNN TF32 on CUDA),
+        cudnn.benchmark, intra-op threads. prepare_model calls it."""
+        from autoopt.run import apply
 
-        cfg = self.config
-        if cfg.matmul_precision:
-            torch.set_float32_matmul_precision(cfg.matmul_precision)
-            if self.device_type == "cuda":
-                torch.backends.cudnn.allow_tf32 = True
-        if cfg.cudnn_benchmark is not None and self.device_type == "cuda":
-            torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
-        threads = (cfg.dataloader or {}).get("intra_op_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
+        apply.write_process_settings(apply.process_settings_for(self.config, apply.read_process_settings()))
 
     def prepare_model(self, model, device: Optional[str] = None):
-        """The model moved to the plan's device (or `device`), with the plan's weights dtype,
-        channels_last, activation checkpointing and torch.compile, in that order; global
-        flags set. Returns the model to use (a compiled wrapper when the plan compiles; its
-        parameters are the original ones, so build the optimizer before or after)."""
-        import torch
+        """The model moved to the plan's device (or `device`), with the plan's weights dtype
+        (inference), channels_last, activation checkpointing and torch.compile, in that order;
+        process-wide settings set. Returns the model to use (a compiled wrapper when the plan
+        compiles; its parameters are the original ones, so build the optimizer before or after)."""
+        from autoopt.run import apply
 
-        cfg = self.config
         self.apply_globals()
-        model = model.to(device or self.device)
-        if cfg.weights_dtype:
-            model = model.to(getattr(torch, cfg.weights_dtype))
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.activation_checkpointing:
-            from autoopt.transforms.activation_checkpointing import apply_checkpointing
-
-            apply_checkpointing(model)
-        if cfg.compile_mode:
-            mode = "reduce-overhead" if cfg.cuda_graphs and self.device_type == "cuda" else cfg.compile_mode
-            if mode == "reduce-overhead" and self.device_type != "cuda":
-                mode = "default"
-            model = torch.compile(model, mode=mode, backend=cfg.compile_backend)
+        model, _ = apply.place_model(model, self.config, train=self.mode == "train", device=device or self.device)
+        model, _ = apply.compile_model(model, self.config)
         return model
 
     def prepare_optimizer(self, optimizer):
         """The optimizer rebuilt with the plan's fused/foreach implementation (same class,
         groups, hyper-parameters and state), or unchanged."""
-        impl = self.config.optimizer_impl
-        if not impl:
-            return optimizer
-        from autoopt.transforms.fused_optimizer import rebuild_optimizer
+        from autoopt.run import apply
 
-        device_type = self.device_type
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                device_type = p.device.type
-                break
-            break
-        return rebuild_optimizer(optimizer, impl, device_type)
+        return apply.prepare_optimizer(optimizer, self.config)
 
     def prepare_dataloader(self, loader):
         """The DataLoader rebuilt with the plan's worker / pinning / prefetch settings
-        (the same batches), or unchanged. Also applies the planned intra-op thread count."""
-        settings = self.config.dataloader
-        if not settings:
+        (the same batches), or unchanged. Also sets the planned intra-op thread count."""
+        from autoopt.run import apply
+
+        if not self.config.dataloader:
             return loader
-        import torch
-
-        from autoopt.transforms.dataloader import LOADER_KEYS, rebuild_dataloader
-
-        if settings.get("intra_op_threads"):
-            torch.set_num_threads(int(settings["intra_op_threads"]))
-        pin = bool(settings.get("pin_memory")) and torch.cuda.is_available()
-        return rebuild_dataloader(loader, {**{k: settings[k] for k in LOADER_KEYS if k in settings}, "pin_memory": pin})
+        self.apply_globals()
+        return apply.prepare_loader(loader, self.config)
 
     def prepare_batch(self, batch, device: Optional[str] = None):
         """The batch on the device (non_blocking when the plan pins memory), 4-D float
         tensors channels_last, float tensors in the weights dtype when the plan casts weights."""
-        import torch
-
-        from autoopt.workload.contract import map_tensors, to_device
+        from autoopt.run import apply
 
         cfg = self.config
-        non_blocking = bool((cfg.dataloader or {}).get("non_blocking")) and self.device_type == "cuda"
-        batch = to_device(batch, device or self.device, non_blocking=non_blocking, channels_last=cfg.channels_last)
-        if cfg.weights_dtype:
-            dtype = getattr(torch, cfg.weights_dtype)
-            batch = map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
-        return batch
+        return apply.prepare_batch(batch, cfg, train=self.mode == "train", device=device or self.device,
+                                   non_blocking=apply.copies_non_blocking(cfg))
 
     def autocast(self):
         """torch.autocast with the plan's dtype (for forward and loss), else a no-op."""
-        dtype = self.config.amp_dtype
-        if not dtype:
-            return contextlib.nullcontext()
-        import torch
+        from autoopt.run import apply
 
-        return torch.autocast(device_type=self.device_type, dtype=getattr(torch, dtype))
+        return apply.autocast(self.config, self.device_type)
 
-    @contextlib.contextmanager
     def inference(self):
         """For inference: torch.inference_mode when the plan has it, and autocast."""
-        import torch
+        from autoopt.run import apply
 
-        with contextlib.ExitStack() as stack:
-            if self.config.inference_mode:
-                stack.enter_context(torch.inference_mode())
-            stack.enter_context(self.autocast())
-            yield
+        return apply.inference_context(self.config, self.device_type)
 
     @property
     def scaler(self):
         """The GradScaler for fp16 training (None when the plan needs none)."""
-        if not self.config.grad_scaler:
-            return None
-        if self._scaler is None:
-            import torch
+        if self._scaler is None and self.config.grad_scaler:
+            from autoopt.run import apply
 
-            self._scaler = torch.amp.GradScaler(self.device_type)
+            self._scaler = apply.make_scaler(self.config, train=True, device_type=self.device_type)
         return self._scaler
 
     def backward(self, loss) -> None:
         """loss.backward(), divided by the accumulation steps and scaled by the GradScaler
         when the plan has them."""
-        k = self.config.grad_accum_steps
-        if k > 1:
-            loss = loss / k
-        scaler = self.scaler
-        if scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        from autoopt.run import apply
+
+        apply.backward(loss, accum_steps=self.config.grad_accum_steps, scaler=self.scaler)
 
     def step(self, optimizer) -> bool:
         """Call once per micro-batch after backward(). Every grad_accum_steps calls it
         steps the optimizer (through the GradScaler when there is one) and zeroes the
         gradients; returns True when it stepped."""
+        from autoopt.run import apply
+
         self._micro_steps += 1
         if self._micro_steps % self.config.grad_accum_steps:
             return False
-        scaler = self.scaler
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply.optimizer_step(optimizer, self.scaler)
         return True
 
     def describe(self) -> str:

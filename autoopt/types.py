@@ -1,7 +1,7 @@
 """The data types that flow through autoopt, one way:
 
 model file -> ModelSpec -> Workload -> Measurement / trace metrics -> Finding
--> accepted transforms (ExecConfig) -> verified Variant -> Report.
+-> accepted transforms (ExecConfig) -> verified Variant -> Report (autoopt.results).
 
 This module imports nothing heavy (no torch), so the trace analysis path can use it.
 """
@@ -10,11 +10,45 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-SAFETY_LEVELS = ("safe", "unsafe", "manual")
-VARIANT_STATUSES = ("kept", "rejected", "failed", "skipped")
+
+class _TextEnum(str, Enum):
+    """An enum whose members are their string values everywhere: in JSON, in f-strings and
+    in comparisons with plain strings ("kept" == Status.KEPT)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Safety(_TextEnum):
+    """What a transform risks. SAFE: the same results to fp32 tolerance; UNSAFE: changes
+    numerics (verified within a looser tolerance); MANUAL: changes training semantics
+    (batch size, accumulation) and is measured, never applied silently."""
+
+    SAFE = "safe"
+    UNSAFE = "unsafe"
+    MANUAL = "manual"
+
+
+class Status(_TextEnum):
+    """What became of a variant: KEPT (verified and faster beyond the noise), REJECTED
+    (failed verification or not faster), FAILED (it raised: compile error, out of memory),
+    SKIPPED (not accepted, or the transform does not apply)."""
+
+    KEPT = "kept"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+SAFETY_LEVELS = tuple(s.value for s in Safety)
+VARIANT_STATUSES = tuple(s.value for s in Status)
 
 
 @dataclass
@@ -106,12 +140,29 @@ class ExecConfig:
     grad_accum_steps: int = 1
     inference_mode: bool = False
     weights_dtype: Optional[str] = None  # inference only: cast weights ("bfloat16" | "float16")
+    # the DistributedDataParallel wrapper in a --nproc job (autoopt.transforms.ddp): bucket_cap_mb,
+    # gradient_as_bucket_view, static_graph, no_sync; None outside a distributed job
+    ddp: Optional[dict] = None
 
     def with_(self, **changes: Any) -> "ExecConfig":
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ExecConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def compile_call_mode(self) -> Optional[str]:
+        """The torch.compile mode this configuration runs under, None for eager. CUDA graphs
+        are torch.compile's "reduce-overhead" mode; off a CUDA device that mode is "default"."""
+        mode = "reduce-overhead" if self.cuda_graphs else self.compile_mode
+        if mode == "reduce-overhead" and self.device != "cuda":
+            return "default"
+        return mode
 
 
 @dataclass
@@ -174,6 +225,10 @@ class Stats:
     def to_json(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Stats":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
 
 @dataclass
 class Measurement:
@@ -188,13 +243,25 @@ class Measurement:
     compile_time_s: Optional[float] = None
     warmup_steps: int = 0
     samples_per_step: int = 0  # batch size x micro-batches per step; 0 means batch_size
+    slowest_rank: Optional[int] = None  # a distributed job's measurement: the rank whose steps set its pace
 
     def __post_init__(self) -> None:
         if not self.samples_per_step:
             self.samples_per_step = self.batch_size
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Measurement":
+        return cls(
+            step_time_ms=Stats.from_json(data["step_time_ms"]), batch_size=data["batch_size"],
+            throughput_per_s=data["throughput_per_s"], peak_memory_mb=data.get("peak_memory_mb"),
+            flops_per_step=data.get("flops_per_step"), mfu=data.get("mfu"), compile_time_s=data.get("compile_time_s"),
+            warmup_steps=data.get("warmup_steps", 0), samples_per_step=data.get("samples_per_step", 0),
+            slowest_rank=data.get("slowest_rank"),
+        )
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.slowest_rank is None else {"slowest_rank": self.slowest_rank}
+        return extra | {
             "step_time_ms": self.step_time_ms.to_json(),
             "batch_size": self.batch_size,
             "throughput_per_s": round(self.throughput_per_s, 3),
@@ -239,6 +306,12 @@ class Finding:
             ),
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Finding":
+        """A finding from its JSON form (extra keys such as "accepted" or "doc" are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
 
 @dataclass
 class Verification:
@@ -249,43 +322,3 @@ class Verification:
     reason: str = ""
     losses_baseline: list[float] = field(default_factory=list)
     losses_variant: list[float] = field(default_factory=list)
-
-
-@dataclass
-class Variant:
-    name: str
-    codes: list[str]
-    transforms: list[dict[str, Any]]  # [{"name": "amp", "params": {...}}]
-    accepted: bool
-    status: str  # kept | rejected | failed | skipped
-    reason: str = ""
-    config: Optional[ExecConfig] = None
-    measurement: Optional[Measurement] = None
-    verification: Optional[Verification] = None
-    speedup: Optional[float] = None
-    logdir: Optional[str] = None
-    expected_speedup: Optional[float] = None  # what the rules predicted for this combination
-
-    def to_json(self) -> dict[str, Any]:
-        m = self.measurement
-        v = self.verification
-        return {
-            "name": self.name,
-            "codes": self.codes,
-            "transforms": self.transforms,
-            "accepted": self.accepted,
-            "status": self.status,
-            "reason": self.reason,
-            "step_time_ms": m.step_time_ms.to_json() if m else None,
-            "batch_size": m.batch_size if m else None,
-            "throughput_per_s": round(m.throughput_per_s, 3) if m else None,
-            "speedup": None if self.speedup is None else round(self.speedup, 4),
-            "expected_speedup": None if self.expected_speedup is None else round(self.expected_speedup, 4),
-            "max_abs_error": v.max_abs_error if v else None,
-            "max_rel_error": v.max_rel_error if v else None,
-            "tolerance": v.tolerance if v else None,
-            "peak_memory_mb": None if not m or m.peak_memory_mb is None else round(m.peak_memory_mb, 2),
-            "mfu": None if not m or m.mfu is None else round(m.mfu, 5),
-            "compile_time_s": None if not m or m.compile_time_s is None else round(m.compile_time_s, 3),
-            "logdir": self.logdir,
-        }

@@ -49,8 +49,9 @@ def main(argv=None) -> int:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.run.measure import MeasureSettings
-    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
+    from autoopt.settings import MeasureSettings
+    from autoopt.pipelines.optimize import run_optimize
+    from autoopt.settings import OptimizeSettings, SearchSettings
 
     caps = detect_capabilities(args.device)
     settings = MeasureSettings(min_steps=15, min_time_s=2.0, max_time_s=10.0)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
             t0 = time.perf_counter()
-            rep = run_optimize(OptimizeOptions(model_path=str(model), device=args.device,
+            rep = run_optimize(OptimizeSettings(model_path=str(model), device=args.device,
                                                out_dir=str(Path(tmp) / f"run{i}"), measure=settings),
                                decide=lambda f, t: t is not None)
             wall = time.perf_counter() - t0

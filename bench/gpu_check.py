@@ -39,8 +39,9 @@ def main(argv=None) -> int:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.run.measure import MeasureSettings
-    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
+    from autoopt.settings import MeasureSettings
+    from autoopt.pipelines.optimize import run_optimize
+    from autoopt.settings import OptimizeSettings, SearchSettings
 
     caps = detect_capabilities(args.device)
     card = caps.name or caps.device_type
@@ -53,9 +54,9 @@ def main(argv=None) -> int:
             rows.append((name, None, "skipped: time budget spent"))
             continue
         bs = GPU_BATCH.get(name) if caps.device_type == "cuda" else None
-        opts = OptimizeOptions(
+        opts = OptimizeSettings(
             model_path=str(path), device=args.device, batch_size=bs, out_dir=str(Path(args.out) / name),
-            measure=settings, compile_modes=tuple(args.compile_modes.split(",")),
+            measure=settings, search=SearchSettings(compile_modes=tuple(args.compile_modes.split(","))),
         )
         t0 = time.perf_counter()
         try:

@@ -67,8 +67,8 @@ def resolve_models(names: str) -> list[Path]:
 
 
 def bench_settings():
-    from autoopt.run.measure import MeasureSettings
-    from autoopt.run.trace import ProfileSettings
+    from autoopt.settings import MeasureSettings
+    from autoopt.settings import ProfileSettings
 
     return (MeasureSettings(warmup_steps=2, warmup_min_s=0.0, min_steps=5, max_steps=15, min_time_s=0.3, max_time_s=3.0),
             ProfileSettings(wait=0, warmup=1, active=2))
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
+    from autoopt.pipelines.optimize import run_optimize
+    from autoopt.settings import OptimizeSettings, SearchSettings
 
     caps = detect_capabilities(args.device)
     measure_s, profile_s = bench_settings()
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
             failures.append(f"{path.stem}: skipped, time budget spent")
             continue
         t0 = time.perf_counter()
-        opts = OptimizeOptions(model_path=str(path), device=args.device, out_dir=str(out_root / path.stem),
+        opts = OptimizeSettings(model_path=str(path), device=args.device, out_dir=str(out_root / path.stem),
                                measure=measure_s, profile=profile_s)
         try:
             rep = run_optimize(opts, decide=decide)

@@ -76,8 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="keep each search's report in this folder (default: a temporary one)")
     args = ap.parse_args(argv)
 
-    from autoopt.run.measure import MeasureSettings
-    from autoopt.pipelines.optimize import OptimizeOptions, run_optimize
+    from autoopt.settings import MeasureSettings
+    from autoopt.pipelines.optimize import run_optimize
+    from autoopt.settings import OptimizeSettings, SearchSettings
 
     settings = MeasureSettings.quick() if args.quick else MeasureSettings(min_steps=10, min_time_s=1.0, max_time_s=6.0)
     from autoopt.cli import _parse_try
@@ -92,8 +93,9 @@ def main(argv=None) -> int:
             for strategy in ("greedy", "exhaustive"):
                 t0 = time.perf_counter()
                 rep = run_optimize(
-                    OptimizeOptions(model_path=str(ROOT / "examples" / f"{name}.py"), device=args.device,
-                                    out_dir=str(Path(tmp) / f"{name}-{strategy}"), search=strategy, measure=settings,
+                    OptimizeSettings(model_path=str(ROOT / "examples" / f"{name}.py"), device=args.device,
+                                    out_dir=str(Path(tmp) / f"{name}-{strategy}"), search=SearchSettings(strategy=strategy),
+                                    measure=settings,
                                     extra_transforms=extra),
                     decide=lambda f, t: t is not None,
                 )

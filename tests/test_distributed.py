@@ -1,5 +1,5 @@
 """Distributed profiling and optimization (autoopt.distributed.launch, autoopt.distributed.worker,
-autoopt.transforms.ddp).
+autoopt.distributed.evaluator, autoopt.pipelines.distributed, autoopt.transforms.ddp).
 
 Fast tests check the pieces in this process (launcher command, failure reports, rank
 balance, DDP transforms and their patches, verification, a world-size-1 DDP session on
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from autoopt.analyze import balance as B
 from autoopt.distributed import launch as D
 from autoopt.errors import UserError
+from autoopt.pipelines import distributed as P
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -102,7 +104,7 @@ def _analysis(busy_per_rank, wait_per_rank):
 
 def test_rank_balance_names_the_busy_rank_when_the_wall_clock_cannot():
     res = _analysis([[10, 11, 10], [50, 52, 51]], [[41, 42, 41], [1, 1, 0.5]])  # equal wall-clock steps
-    bal = D.rank_balance(res)
+    bal = B.rank_balance(res)
     assert bal["clearly_apart"] and bal["straggler_rank"] == 1
     assert res["ranks"]["straggler_rank"] == 1 and res["ranks"]["slowest_rank"] == 1
     assert res["metrics"]["rank_step_skew"] == pytest.approx((51 - 10) / 10, rel=1e-3)  # medians
@@ -111,26 +113,26 @@ def test_rank_balance_names_the_busy_rank_when_the_wall_clock_cannot():
 
 
 def test_one_noisy_step_neither_makes_nor_hides_a_straggler():
-    from autoopt.distributed.launch import _apart
-
-    assert _apart([60, 58, 20, 61, 59], [10, 11, 40, 10, 12])  # one descheduled step on the fast rank
-    assert not _apart([10, 11, 80, 10, 12], [10, 11, 11, 10, 11])  # one slow step is not a straggler
-    assert not _apart([10.5, 10.6], [10.0, 10.1])  # below the minimum gap
+    assert B._apart([60, 58, 20, 61, 59], [10, 11, 40, 10, 12])  # one descheduled step on the fast rank
+    assert not B._apart([10, 11, 80, 10, 12], [10, 11, 11, 10, 11])  # one slow step is not a straggler
+    assert not B._apart([10.5, 10.6], [10.0, 10.1])  # below the minimum gap
 
 
 def test_rank_balance_leaves_overlapping_ranks_alone():
     res = _analysis([[10, 14, 12], [11, 13, 15]], [[3, 2, 3], [2, 3, 1]])
-    bal = D.rank_balance(res)
+    bal = B.rank_balance(res)
     assert not bal["clearly_apart"] and bal["straggler_rank"] is None
     assert res["metrics"]["rank_step_skew"] == 0.01
 
 
 def test_straggler_rule_fires_on_the_balanced_skew_and_names_the_rank():
     res = _analysis([[10, 11, 10], [50, 52, 51]], [[41, 42, 41], [1, 1, 0.5]])
-    D.rank_balance(res)
+    B.rank_balance(res)
     res["metrics"]["rank_count"] = 2
-    facts = D._facts(res, {"facts": {"device.type": "cpu"}}, None)
-    codes = {f.code: f for f in D._findings(res, facts)}
+    from autoopt.diagnosis.facts_builder import build_facts, diagnose
+
+    facts = build_facts(analysis=res, env={"device.type": "cpu"})
+    codes = {f.code: f for f in diagnose(facts, res)}
     assert "AO804" in codes
     assert "rank 1" in codes["AO804"].message and codes["AO804"].evidence["straggler_rank"] == 1
 
@@ -211,30 +213,33 @@ def test_default_settings_reject_bad_constants():
 
 
 # ---------------------------------------------------------------------------- verification
-def test_compare_ddp_accepts_rounding_and_rejects_real_differences():
+def test_verification_with_parameters_accepts_rounding_and_rejects_real_differences():
+    """A distributed job verifies losses and the parameters reached (autoopt.run.verify.compare
+    with parameters recorded)."""
+    import dataclasses
+
     import torch
 
-    from autoopt.distributed.worker import compare_ddp
+    from autoopt.run.verify import RunRecord, compare
 
-    base = {"losses": [2.0, 1.5, 1.2], "params": [torch.ones(3, 3), torch.arange(4.0)], "checksum": "a"}
-    same = {"losses": [2.0, 1.5 * (1 + 1e-7), 1.2], "params": [torch.ones(3, 3), torch.arange(4.0) * (1 + 1e-7)],
-            "checksum": "a"}
-    ok = compare_ddp(base, same, 1e-4)
-    assert ok["ok"] and ok["max_rel_error"] < 1e-6
-    off = {"losses": [2.0, 1.5, 1.2], "params": [torch.ones(3, 3), torch.arange(4.0) + 0.01], "checksum": "a"}
-    bad = compare_ddp(base, off, 1e-4)
-    assert not bad["ok"] and "parameters after 3 steps" in bad["reason"] and bad["max_rel_error"] > 1e-3
-    diverged = dict(same, losses=[2.0, 1.6, 1.2])
-    assert "diverged" in compare_ddp(base, diverged, 1e-4)["reason"]
-    nan = dict(same, losses=[2.0, math.nan, 1.0])
-    assert compare_ddp(base, nan, 1e-4)["reason"] == "produced inf/NaN"
-    assert "weights" in compare_ddp(base, dict(same, checksum="b"), 1e-4)["reason"]
+    base = RunRecord([], [2.0, 1.5, 1.2], "a", params=[torch.ones(3, 3), torch.arange(4.0)])
+    same = RunRecord([], [2.0, 1.5 * (1 + 1e-7), 1.2], "a", params=[torch.ones(3, 3), torch.arange(4.0) * (1 + 1e-7)])
+    ok = compare(base, same, 1e-4)
+    assert ok.ok and ok.max_rel_error < 1e-6
+    off = RunRecord([], [2.0, 1.5, 1.2], "a", params=[torch.ones(3, 3), torch.arange(4.0) + 0.01])
+    bad = compare(base, off, 1e-4)
+    assert not bad.ok and "parameters after 3 steps" in bad.reason and bad.max_rel_error > 1e-3
+    diverged = dataclasses.replace(same, losses=[2.0, 1.6, 1.2])
+    assert "diverged" in compare(base, diverged, 1e-4).reason
+    nan = dataclasses.replace(same, losses=[2.0, math.nan, 1.0])
+    assert compare(base, nan, 1e-4).reason.startswith("produced inf/NaN")
+    assert "weights" in compare(base, dataclasses.replace(same, checksum="b"), 1e-4).reason
 
 
 def test_split_batch_makes_equal_micro_batches():
     import torch
 
-    from autoopt.distributed.worker import split_batch
+    from autoopt.run.session import split_batch
 
     x, y = torch.arange(8.0).reshape(8, 1), torch.arange(8)
     parts = split_batch((x, y), 2)
@@ -259,30 +264,32 @@ def gloo_world_of_one(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_session_no_sync_accumulation_matches_one_full_batch(gloo_world_of_one):
-    from autoopt.distributed.worker import _ddp_session_class, compare_ddp, record_ddp
     from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.run.session import DistContext, Session
+    from autoopt.run.verify import compare, record_run
     from autoopt.transforms.ddp import default_settings, get_ddp_transform
+    from autoopt.workload.load import build_workload, load_model_file
 
     spec = load_model_file(SCRIPTS / "ddp_tiny.py")
     wl = build_workload(spec, detect_capabilities("cpu"), batch_size=8, seed=0)
-    S = _ddp_session_class()
-    with S(wl, wl.base_config(), default_settings(), rank=0) as s:
+    base_cfg = wl.base_config().with_(ddp=default_settings())
+    with Session(wl, base_cfg, dist=DistContext(rank=0)) as s:
         assert type(s.model).__name__ == "DistributedDataParallel"
-        base = record_ddp(s, steps=3)
+        base = record_run(s, steps=3, keep_params=True)
     t = get_ddp_transform("ddp_no_sync")
     params = t.resolve_params(wl, wl.caps, {"steps": 2})
-    cfg = t.apply(wl.base_config(), params, wl)
-    with S(wl, cfg, t.apply_ddp(default_settings(), params), rank=0) as s:
+    cfg = t.apply(base_cfg, params, wl)
+    assert cfg.ddp["no_sync"] is True
+    with Session(wl, cfg, dist=DistContext(rank=0)) as s:
         assert s.accum == 2 and s.cfg.batch_size == 4
-        var = record_ddp(s, steps=3)
-    res = compare_ddp(base, var, t.tolerance)
-    assert res["ok"], res
-    assert res["max_rel_error"] < 1e-4
+        var = record_run(s, steps=3, keep_params=True)
+    res = compare(base, var, t.tolerance)
+    assert res.ok, res
+    assert res.max_rel_error < 1e-4
     # a different rank trains on different data: the check can fail
-    with S(wl, wl.base_config(), default_settings(), rank=1) as s:
-        other = record_ddp(s, steps=3)
-    assert not compare_ddp(base, other, 1e-4)["ok"]
+    with Session(wl, base_cfg, dist=DistContext(rank=1)) as s:
+        other = record_run(s, steps=3, keep_params=True)
+    assert not compare(base, other, 1e-4).ok
 
 
 # ---------------------------------------------------------------------------- real jobs
@@ -317,7 +324,7 @@ def test_two_process_gloo_profile_end_to_end_through_the_cli(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_planted_straggler_is_found_and_named(tmp_path):
-    res = D.profile_distributed(str(SCRIPTS / "ddp_straggler.py"), nproc=2, device="cpu", steps=5,
+    res = P.profile_distributed(str(SCRIPTS / "ddp_straggler.py"), nproc=2, device="cpu", steps=5,
                                 logdir=str(tmp_path), measure_steps=3, warmup_steps=1, timeout_s=600)
     assert res["ranks"]["straggler_rank"] == 1
     rows = {r["rank"]: r for r in res["per_rank"]}
@@ -332,7 +339,7 @@ def test_planted_straggler_is_found_and_named(tmp_path):
 @pytest.mark.slow
 def test_a_crashing_rank_ends_the_job_with_its_error_and_the_other_traces_kept(tmp_path):
     with pytest.raises(UserError) as ei:
-        D.profile_distributed(str(SCRIPTS / "ddp_crash.py"), nproc=2, device="cpu", steps=3, logdir=str(tmp_path),
+        P.profile_distributed(str(SCRIPTS / "ddp_crash.py"), nproc=2, device="cpu", steps=3, logdir=str(tmp_path),
                               measure_steps=3, warmup_steps=1, timeout_s=600, collective_timeout_s=120)
     msg = ei.value.message
     assert "rank 1 of 2" in msg and "ValueError: planted failure on rank 1" in msg
@@ -347,8 +354,11 @@ def test_a_crashing_rank_ends_the_job_with_its_error_and_the_other_traces_kept(t
 
 @pytest.mark.slow
 def test_optimize_distributed_measures_and_verifies_ddp_transforms_side_by_side(tmp_path):
-    rep = D.optimize_distributed(str(SCRIPTS / "ddp_tiny.py"), nproc=2, device="cpu", out_dir=str(tmp_path / "r"),
-                                 quick=True, timeout_s=900)
+    from autoopt.settings import DistributedSettings, MeasureSettings, OptimizeSettings
+
+    rep = P.optimize_distributed(OptimizeSettings(
+        model_path=str(SCRIPTS / "ddp_tiny.py"), device="cpu", out_dir=str(tmp_path / "r"),
+        measure=MeasureSettings.quick(), distributed=DistributedSettings(nproc=2, timeout_s=900)))
     for key in ("model", "device", "mode", "batch_size", "baseline", "findings", "variants", "final", "artifacts"):
         assert key in rep
     assert rep["mode"] == "train" and rep["nproc"] == 2 and rep["baseline"]["throughput_per_s"] > 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from autoopt.output.env_text import render_env
 from autoopt.env import (
     PEAK_TFLOPS,
     capabilities_for,
@@ -20,7 +21,6 @@ from autoopt.env import (
     env_warnings,
     peak_key,
     physical_cores_from_cpuinfo,
-    render_env,
 )
 from autoopt.errors import UserError
 from autoopt.facts import FACTS

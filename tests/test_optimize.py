@@ -239,22 +239,29 @@ def test_keep_decisions_use_the_side_by_side_ratio():
     spread (2 % floor); without the anchor (the two did not fit together) by the measurement
     taken apart (3 % floor)."""
     from autoopt.run.measure import Paired
-    from autoopt.pipelines.optimize import OptimizeOptions, Optimizer
+    from autoopt.search.engine import judge
+    from autoopt.search.trial import Point
+    from autoopt.types import ExecConfig
 
-    opt = Optimizer(OptimizeOptions(model_path=None), decide=lambda f, t: True)
     stale = _m(7.0, 0.01)  # the anchor measured earlier, when the machine was fast
+    anchor = Point(ExecConfig(), [], stale)
     new = _m(9.25, 0.01)
+
+    def decide(pair):
+        d = judge(pair, anchor, new, "the current best")
+        return d.better, d.ratio, d.noise, d.how
+
     # side by side the variant is 8 % faster in every round, though 25 % slower than the stale
     # measurement
-    better, ratio, noise, how = opt._judge(Paired(_m(10.0, 0.01), new, [1.08] * 6), stale, new)
+    better, ratio, noise, how = decide(Paired(_m(10.0, 0.01), new, [1.08] * 6))
     assert better and ratio == pytest.approx(1.08) and noise == pytest.approx(0.02) and how == "side by side in 6 rounds"
     # 1 % is inside the 2 % floor; 8 % with rounds from 0.98 to 1.18 is inside their spread
-    assert not opt._judge(Paired(_m(10.0, 0.01), new, [1.01] * 6), stale, new)[0]
-    better, ratio, noise, _ = opt._judge(Paired(_m(10.0, 0.01), new, [0.98, 1.18] * 3), stale, new)
+    assert not decide(Paired(_m(10.0, 0.01), new, [1.01] * 6))[0]
+    better, ratio, noise, _ = decide(Paired(_m(10.0, 0.01), new, [0.98, 1.18] * 3))
     assert not better and ratio == pytest.approx(1.0754, abs=1e-3) and noise > 0.08
-    better, ratio, noise, how = opt._judge(Paired(None, new, []), stale, new)
+    better, ratio, noise, how = decide(Paired(None, new, []))
     assert not better and ratio == pytest.approx(7 / 9.25) and noise == pytest.approx(0.03) and "apart" in how
-    assert opt._judge(None, stale, new)[1] == pytest.approx(7 / 9.25)
+    assert decide(None)[1] == pytest.approx(7 / 9.25)
 
 
 def test_paired_ratio_noise_and_when_a_call_is_settled():

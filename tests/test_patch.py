@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from autoopt.workload.contract import call_forward
-from autoopt.patching.editor import PatchError, SourceEditor, build_patch, unified_diff
-from autoopt.run import torch_helpers as _torch_helpers
+from autoopt.patching.editor import PatchError, SourceEditor, unified_diff
+from autoopt.transforms.patch import build_patch
+from autoopt import torch_helpers as _torch_helpers
 from autoopt.transforms import get_transform
 from autoopt.types import Capabilities, ModelSpec, Workload
 

@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 
 from autoopt.diagnosis import rules as R
+from autoopt.diagnosis.facts_builder import from_analysis
 
 HERE = Path(__file__).resolve().parent
 PLANTED = HERE / "planted"
@@ -57,14 +58,14 @@ def codes(findings) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def cpu_run(name: str, with_stack: bool = False) -> tuple[dict[str, Any], tuple[str, ...]]:
     """Profile tests/planted/<name>.py on the CPU the way profile_model does (load, build the
-    workload, measure, trace, analyze, collect_facts, evaluate), with few steps; returns the
+    workload, measure, trace, analyze, build_facts, evaluate), with few steps; returns the
     facts the rules read and the codes that fired. Cached: one profile per model per run."""
     import tempfile
 
     from autoopt.analyze import analyze_paths
     from autoopt.workload.load import build_workload, load_model_file
     from autoopt.run.measure import MeasureSettings, measure
-    from autoopt.pipelines.optimize import collect_facts
+    from autoopt.diagnosis.facts_builder import build_facts
     from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
     from autoopt.run.session import Session
 
@@ -78,7 +79,7 @@ def cpu_run(name: str, with_stack: bool = False) -> tuple[dict[str, Any], tuple[
             run = trace_session(s, new_run_dir(Path(tmp), name),
                                 ProfileSettings(wait=0, warmup=1, active=2, with_stack=with_stack))
         analysis = analyze_paths([str(run.run_dir)])
-    facts = collect_facts(wl, analysis, m)
+    facts = build_facts(analysis=analysis, device=caps, live=True, workload=wl.facts, measurement=m)
     return facts, tuple(codes(R.evaluate(RULES, facts)))
 
 
@@ -274,7 +275,7 @@ def disjoint_families(found) -> set[str]:
 def recorded_gpu_run(name: str) -> tuple[dict[str, Any], list[str]]:
     """Facts and findings of tests/planted/gpu_traces/<name>/ (<model>-b<batch>): the real
     GPU trace, analyzed here, with the live facts recorded beside it laid over it (as
-    collect_facts does)."""
+    build_facts does)."""
     from autoopt.analyze import analyze_paths
 
     d = GPU_TRACES / name
@@ -282,7 +283,7 @@ def recorded_gpu_run(name: str) -> tuple[dict[str, Any], list[str]]:
     trace = d / f"{model}.pt.trace.json.gz"
     assert trace.exists(), f"{trace} is missing: run tests/planted/record_gpu_traces.py on a GPU machine"
     recorded = json.loads((d / "facts.json").read_text())
-    facts = R.facts_from_analysis(analyze_paths([str(trace)]))
+    facts = from_analysis(analyze_paths([str(trace)]))
     facts.update(recorded["facts"])
     assert facts["device.type"] == "cuda" and "H200" in facts["device.name"]
     return facts, codes(R.evaluate(RULES, facts))

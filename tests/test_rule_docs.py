@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from autoopt.diagnosis import rules as R
+from autoopt.diagnosis.explain import render_explain
+from autoopt.diagnosis.facts_builder import from_analysis
 from autoopt.facts import FACTS
 
 RULES = R.load_rules()
@@ -244,7 +246,7 @@ def test_rules_json():
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.code)
 def test_rule_documented(rule):
     assert rule.path.name == f"{rule.code}-{rule.name}.md"
-    text = R.render_explain(rule)
+    text = render_explain(rule)
     pos = [text.index(s) for s in R.SECTIONS]
     assert pos == sorted(pos)
     # examples are code
@@ -428,7 +430,7 @@ def test_empty_facts_fire_nothing():
 
 def test_explain_every_rule_by_code():
     for r in RULES:
-        text = R.render_explain(R.get_rule(r.code))
+        text = render_explain(R.get_rule(r.code))
         assert text.startswith(f"# {r.name} ({r.code})")
         for s in R.SECTIONS:
             assert s in text
@@ -448,7 +450,7 @@ def test_facts_from_analysis_prefixes_and_sites():
             {"name": "cudaDeviceSynchronize", "source": None, "count": 1},
         ]}}],
     }
-    facts = R.facts_from_analysis(analysis)
+    facts = from_analysis(analysis)
     assert facts["device.name"] == "NVIDIA A100" and facts["metrics.gpu_utilization"] == 0.4
     assert "not_a_fact" not in facts and "metrics.not_a_fact" not in facts
     assert facts["metrics.sync_sites"] == ["train.py:42 (step) aten::item", "model.py:7 (forward) aten::nonzero"]
@@ -457,7 +459,7 @@ def test_facts_from_analysis_prefixes_and_sites():
     assert "train.py:42 (step) aten::item" in found["AO601"].message
     assert found["AO601"].evidence["metrics.sync_sites"][0] == "train.py:42 (step) aten::item"
     assert "model.py:7 (forward) aten::nonzero" in found["AO602"].message
-    assert R.facts_from_analysis({}) == {}
+    assert from_analysis({}) == {}
 
 
 # --------------------------------------------------------------------------- real GPU traces
@@ -470,7 +472,7 @@ def _trace_findings(rel: str):
     path = TRACES / rel
     if not path.exists():
         pytest.skip(f"{path} is not available")
-    facts = R.facts_from_analysis(analyze.analyze_paths([path]))
+    facts = from_analysis(analyze.analyze_paths([path]))
     return facts, {f.code: f for f in R.evaluate(RULES, facts)}
 
 

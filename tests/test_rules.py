@@ -9,6 +9,7 @@ import pytest
 
 from autoopt.diagnosis import predicted_gain as gain
 from autoopt.diagnosis import rules as R
+from autoopt.diagnosis.explain import render_explain, render_rules_table
 from autoopt.errors import UserError
 from autoopt.types import Finding
 
@@ -607,7 +608,7 @@ def test_get_rule_default_library():
 
 
 def test_render_rules_table(lib):
-    text = R.render_rules_table(lib)
+    text = render_rules_table(lib)
     lines = text.splitlines()
     assert lines[0].split() == ["CODE", "NAME", "TRANSFORM", "SAFETY", "TITLE"]
     assert any(ln.startswith("AO101  test-rule") and "amp" in ln and "unsafe" in ln for ln in lines)
@@ -617,13 +618,13 @@ def test_render_rules_table(lib):
 
 
 def test_render_explain(lib):
-    text = R.render_explain(lib[0])
+    text = render_explain(lib[0])
     assert text.startswith("# test-rule (AO101)\n")
     assert "transform `amp` (dtype=bfloat16), safety unsafe" in text
     assert "`device.type == 'cuda'`" in text and "Silent when any holds: `workload.autocast == true`" in text
     for s in R.SECTIONS:
         assert s in text
-    advice = R.render_explain(lib[1])
+    advice = render_explain(lib[1])
     assert "none automatic (advice only)" in advice
 
 

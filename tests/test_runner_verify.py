@@ -197,7 +197,9 @@ def test_measure_against_adds_rounds_until_the_call_is_settled():
     n = len(pair.round_ratios)
     assert n in (4, 7, 10)
     assert n == 10 or pair.settled  # stopped early only when settled
-    assert 0.7 < pair.ratio < 1.4
+    # (how close the ratio comes to 1.0 is a timing, which a shared machine does not promise:
+    # checked by benchmarks, never here)
+    assert pair.ratio > 0 and pair.anchor is not None
 
 
 def test_noise_between_two_medians_is_two_standard_errors_with_a_floor():

@@ -16,12 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from autoopt.transforms import TRANSFORMS, apply_transforms, get_transform, inspect_workload, ordered
-from autoopt.transforms.activation_checkpointing import apply_checkpointing
+from autoopt.run.apply import apply_checkpointing
+from autoopt.run.loaders import rebuild_dataloader
 from autoopt.run.measure import Paired
-from autoopt.transforms.batch_size import BatchSearch, is_oom, search_batch_size
-from autoopt.transforms.dataloader import choose_settings, rebuild_dataloader
-from autoopt.transforms.fused_optimizer import current_impl, rebuild_optimizer
+from autoopt.run.optimizers import rebuild_optimizer
+from autoopt.search.batch import BatchSearch, is_oom, search_batch_size
+from autoopt.transforms import TRANSFORMS, apply_transforms, get_transform, ordered
+from autoopt.transforms.dataloader import choose_settings
+from autoopt.workload.facts import workload_facts
+from autoopt.workload.load import optimizer_impl
 from autoopt.types import Capabilities, ExecConfig, Measurement, ModelSpec, Stats, Workload
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
@@ -288,10 +291,11 @@ def test_fused_optimizer_check_and_params(a100):
     assert t.apply(ExecConfig(), {"impl": "foreach"}).optimizer_impl == "foreach"
 
 
-def test_current_impl_matches_pytorch_defaults():
-    assert current_impl(None, None, "cuda") == "foreach"
-    assert current_impl(None, None, "cpu") == "for-loop"
-    assert current_impl(False, True, "cpu") == "fused"
+def test_optimizer_impl_matches_pytorch_defaults():
+    params = list(nn.Linear(4, 4).parameters())
+    assert optimizer_impl(torch.optim.SGD(params, lr=0.1)) == "for-loop"  # CPU parameters: no foreach default
+    assert optimizer_impl(torch.optim.SGD(params, lr=0.1, foreach=True)) == "foreach"
+    assert optimizer_impl(torch.optim.SGD(params, lr=0.1, fused=True)) == "fused"
 
 
 def test_dataloader_check_resolve_apply(a100):
@@ -363,11 +367,11 @@ def test_inference_mode_for_inference_models_only():
 
 def test_inspect_prefers_loader_facts_and_builds_missing_ones():
     w = cnn_train(facts={"model.conv2d_count": 0})
-    facts = inspect_workload(w)
+    facts = workload_facts(w)
     assert facts["model.conv2d_count"] == 0  # autoopt.workload.load's value wins
     assert facts["workload.optimizer"] == "SGD"
     assert facts["_dataloader"]["num_workers"] == 0
-    assert inspect_workload(w) is facts  # cached per workload
+    assert workload_facts(w) is facts  # cached per workload
 
 
 # ---------------------------------------------------------------------------- activation checkpointing

@@ -36,15 +36,20 @@ proves it per pair and rejects the library otherwise.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import string
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+from autoopt.catalog import CATALOG, rule_transform_names
 from autoopt.diagnosis import predicted_gain as gain_mod
+from autoopt.diagnosis.conditions import Condition, ConditionError, parse_condition, satisfiable
 from autoopt.errors import UserError
 from autoopt.facts import FACTS
 from autoopt.types import SAFETY_LEVELS, Finding
@@ -61,22 +66,11 @@ FAMILIES: dict[str, str] = {
     "9": "environment",
 }
 
-TRANSFORMS: tuple[str, ...] = (
-    "amp",
-    "channels_last",
-    "compile",
-    "batch_size",
-    "tf32",
-    "cudnn_benchmark",
-    "fused_optimizer",
-    "dataloader",
-    "cuda_graphs",
-    "activation_checkpointing",
-    "grad_accumulation",
-)
+# The transforms a rule may propose (autoopt.catalog, the one list of transforms).
+TRANSFORMS: tuple[str, ...] = rule_transform_names()
 
 # Transforms that change training semantics: their rules must say safety = "manual".
-SEMANTIC_TRANSFORMS = frozenset({"batch_size", "grad_accumulation"})
+SEMANTIC_TRANSFORMS = frozenset(n for n in TRANSFORMS if CATALOG[n].changes_training)
 
 # Optional lists of source locations ("path:line op") that the trace analysis may add to the
 # facts next to the registry's scalar facts. A rule names one with `locations = "..."`; when
@@ -94,9 +88,6 @@ SECTIONS: tuple[str, ...] = (
     "## Fix safety",
 )
 
-OPS: tuple[str, ...] = ("==", "!=", "<=", ">=", "<", ">")
-_NEGATE = {"==": "!=", "!=": "==", "<": ">=", ">=": "<", ">": "<=", "<=": ">"}
-
 REQUIRED_KEYS = ("code", "name", "title", "when", "safety")
 ALLOWED_KEYS = frozenset(
     REQUIRED_KEYS + ("transform", "params", "unless", "message", "gain", "family", "locations")
@@ -105,189 +96,6 @@ ALLOWED_KEYS = frozenset(
 _FILE_RE = re.compile(r"^(AO\d{3})-([a-z0-9]+(?:-[a-z0-9]+)*)\.md$")
 _CODE_RE = re.compile(r"^AO[1-9]\d{2}$")
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
-
-
-# --------------------------------------------------------------------------- conditions
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One `field op literal` condition, already type-checked against the fact registry."""
-
-    field: str
-    op: str
-    value: Any
-    text: str
-
-    def holds(self, facts: dict[str, Any]) -> bool:
-        """True when the fact is known and the comparison holds. A missing or None fact, or
-        a value of the wrong type (a producer bug), makes the condition false."""
-        actual = facts.get(self.field)
-        if actual is None:
-            return False
-        return _compare(actual, self.op, self.value, FACTS[self.field][0])
-
-    def negated(self) -> "Condition":
-        return Condition(self.field, _NEGATE[self.op], self.value, f"not ({self.text})")
-
-    def __str__(self) -> str:
-        return f"{self.field} {self.op} {_literal_text(self.value)}"
-
-
-def _literal_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    return repr(value)
-
-
-def _compare(actual: Any, op: str, literal: Any, kind: str) -> bool:
-    if kind == "bool":
-        if not isinstance(actual, bool):
-            return False
-    elif kind == "number":
-        if isinstance(actual, bool) or not isinstance(actual, (int, float)):
-            return False
-        if isinstance(actual, float) and math.isnan(actual):
-            return False
-    elif kind == "string":
-        if not isinstance(actual, str):
-            return False
-    if op == "==":
-        return actual == literal
-    if op == "!=":
-        return actual != literal
-    if op == "<":
-        return actual < literal
-    if op == "<=":
-        return actual <= literal
-    if op == ">":
-        return actual > literal
-    if op == ">=":
-        return actual >= literal
-    raise AssertionError(op)  # pragma: no cover - ops are validated when parsed
-
-
-class ConditionError(ValueError):
-    """A condition that does not parse or type-check; `fix` says how to correct it."""
-
-    def __init__(self, problem: str, fix: str):
-        super().__init__(problem)
-        self.problem = problem
-        self.fix = fix
-
-
-_TOKEN_RE = re.compile(
-    r"""
-    (?P<ws>\s+)
-  | (?P<op>==|!=|<=|>=|<|>)
-  | (?P<number>[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?)
-  | (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
-  | (?P<string>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
-    """,
-    re.VERBOSE,
-)
-
-
-def tokenize(text: str) -> list[tuple[str, str]]:
-    """Split a condition into (kind, text) tokens: op, number, name, string."""
-    tokens: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN_RE.match(text, pos)
-        if m is None:
-            ch = text[pos]
-            if ch in "'\"":
-                raise ConditionError(
-                    f"the string starting at column {pos + 1} is not closed",
-                    f"close it with a matching {ch}",
-                )
-            if ch == "=":
-                raise ConditionError(
-                    f"'=' at column {pos + 1} is not an operator",
-                    "compare with one of == != < <= > >=",
-                )
-            raise ConditionError(
-                f"unexpected character {ch!r} at column {pos + 1}",
-                "write `field op literal`, e.g. \"metrics.idle_fraction >= 0.3\"",
-            )
-        kind = m.lastgroup
-        assert kind is not None
-        if kind != "ws":
-            tokens.append((kind, m.group()))
-        pos = m.end()
-    return tokens
-
-
-def _unquote(tok: str) -> str:
-    body = tok[1:-1]
-    return re.sub(r"\\(.)", r"\1", body)
-
-
-def parse_condition(text: str) -> Condition:
-    """Parse and type-check one condition; raises ConditionError with a fix."""
-    if not isinstance(text, str):
-        raise ConditionError(
-            f"a condition must be a string, not {type(text).__name__}",
-            "quote the whole condition, e.g. \"device.type == 'cuda'\"",
-        )
-    tokens = tokenize(text)
-    shape = " ".join(kind for kind, _ in tokens)
-    if not tokens:
-        raise ConditionError("the condition is empty", "write `field op literal` or remove the entry")
-    if tokens[0][0] != "name" or tokens[0][1] in ("true", "false"):
-        raise ConditionError(
-            f"it starts with {tokens[0][1]!r}, not a fact name",
-            "put the fact first: `field op literal`, e.g. \"metrics.idle_fraction >= 0.3\"",
-        )
-    fld = tokens[0][1]
-    if fld not in FACTS:
-        close = difflib.get_close_matches(fld, list(FACTS), n=3, cutoff=0.8)
-        hint = (f"did you mean {' or '.join(close)}? " if close else "") + "See autoopt/facts.py for the documented names"
-        raise ConditionError(f"{fld!r} is not a documented fact", hint)
-    if len(tokens) < 2 or tokens[1][0] != "op":
-        raise ConditionError(
-            f"no comparison operator after {fld!r}" + (f" (found {tokens[1][1]!r})" if len(tokens) > 1 else ""),
-            "use one of == != < <= > >=",
-        )
-    op = tokens[1][1]
-    if len(tokens) < 3:
-        raise ConditionError(f"nothing to compare {fld!r} with", "add a literal: a number, a quoted string, true or false")
-    if len(tokens) > 3:
-        raise ConditionError(
-            f"extra tokens after the literal ({shape})",
-            "write exactly one `field op literal` per list entry; list several conditions as separate strings",
-        )
-    kind, tok = tokens[2]
-    if kind == "number":
-        value: Any = float(tok) if any(c in tok for c in ".eE") else int(tok)
-    elif kind == "string":
-        value = _unquote(tok)
-    elif kind == "name" and tok in ("true", "false"):
-        value = tok == "true"
-    elif kind == "name":
-        raise ConditionError(
-            f"{tok!r} is not a literal (comparing two facts is not supported)",
-            f"quote it if it is a string: '{tok}', or compare with a number, true or false",
-        )
-    else:
-        raise ConditionError(f"{tok!r} cannot be a literal", "use a number, a quoted string, true or false")
-
-    fact_type = FACTS[fld][0]
-    literal_type = "bool" if isinstance(value, bool) else "string" if isinstance(value, str) else "number"
-    if literal_type != fact_type:
-        example = {"bool": "true or false", "number": "a number such as 0.3", "string": "a quoted string such as 'cuda'"}
-        raise ConditionError(
-            f"{fld} is a {fact_type} fact but the literal {tok} is a {literal_type}",
-            f"compare {fld} with {example[fact_type]}",
-        )
-    if fact_type in ("bool", "string") and op not in ("==", "!="):
-        raise ConditionError(
-            f"{op} does not order {fact_type} values",
-            f"compare {fld} with == or !=",
-        )
-    return Condition(fld, op, value, text.strip())
 
 
 # --------------------------------------------------------------------------- rules
@@ -399,6 +207,33 @@ def parse_rule(path: Path, text: Optional[str] = None) -> Rule:
             "the file name does not follow AO###-slug.md",
             "name it after the rule's code and name, e.g. AO101-enable-bf16-autocast.md",
         )
+    meta, body = _read_meta(path, text)
+    code, name, family = _check_identity(path, meta, m)
+    transform, params = _check_transform(path, meta)
+    conditions = _parse_conditions(path, meta["when"], "when", required=True)
+    unless = _parse_conditions(path, meta.get("unless", []), "unless", required=False)
+    message = meta.get("message", meta["title"])
+    if not isinstance(message, str):
+        raise _rule_error(path, "message must be a string", "write message = \"...\"")
+    _check_message(path, message)
+    gain_spec = meta.get("gain", {})
+    try:
+        gain_mod.validate(gain_spec)
+    except ValueError as exc:
+        raise _rule_error(path, f"the gain spec is invalid: {exc}", gain_mod.SPEC_HELP)
+    locations = meta.get("locations")
+    if locations is not None and locations not in LOCATION_FACTS:
+        raise _rule_error(path, f"locations {locations!r} is not a known list of source lines",
+                          f"use one of {', '.join(LOCATION_FACTS)}")
+    doc = body.strip("\n")
+    _check_sections(path, doc)
+    return Rule(code=code, name=name, title=meta["title"].strip(), family=family, conditions=conditions,
+                transform=transform, params=dict(params), safety=meta["safety"], doc=doc, path=path, unless=unless,
+                message=message, gain=dict(gain_spec), locations=locations)
+
+
+def _read_meta(path: Path, text: Optional[str]) -> tuple[dict[str, Any], str]:
+    """The TOML front matter (required keys present, no unknown ones) and the documentation."""
     if text is None:
         try:
             text = path.read_text(encoding="utf-8")
@@ -408,11 +243,12 @@ def parse_rule(path: Path, text: Optional[str] = None) -> Rule:
     try:
         meta = tomllib.loads(front)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"Rule file {path}: the front matter is not valid TOML ({exc}). Fix: correct the TOML between the '+++' lines.", cause=exc)
-
+        raise UserError(f"Rule file {path}: the front matter is not valid TOML ({exc}). Fix: correct the TOML "
+                        "between the '+++' lines.", cause=exc)
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise _rule_error(path, f"the front matter lacks {', '.join(missing)}", f"add {' and '.join(missing)} (see DESIGN.md, Rules)")
+        raise _rule_error(path, f"the front matter lacks {', '.join(missing)}",
+                          f"add {' and '.join(missing)} (see the Rules section of README.md)")
     unknown = sorted(set(meta) - ALLOWED_KEYS)
     if unknown:
         hints = []
@@ -423,71 +259,46 @@ def parse_rule(path: Path, text: Optional[str] = None) -> Rule:
     for key in ("code", "name", "title", "safety"):
         if not isinstance(meta[key], str) or not meta[key].strip():
             raise _rule_error(path, f"{key} must be a non-empty string", f"write {key} = \"...\"")
+    return meta, body
 
+
+def _check_identity(path: Path, meta: dict[str, Any], m: re.Match) -> tuple[str, str, str]:
+    """(code, name, family): the code's range, the name's form, the file name, the safety level."""
     code, name = meta["code"], meta["name"]
     if not _CODE_RE.match(code):
-        raise _rule_error(path, f"code {code!r} is not AO followed by three digits in AO100..AO999", "use a code like AO101; the first digit is the family (1 precision ... 9 environment)")
+        raise _rule_error(path, f"code {code!r} is not AO followed by three digits in AO100..AO999",
+                          "use a code like AO101; the first digit is the family (1 precision ... 9 environment)")
     if not _NAME_RE.match(name):
         raise _rule_error(path, f"name {name!r} is not lowercase words joined by hyphens", "write it like enable-bf16-autocast")
     if m.group(1) != code or m.group(2) != name:
         raise _rule_error(path, f"the file name does not match code {code!r} and name {name!r}", f"rename the file to {code}-{name}.md")
     family = FAMILIES[code[2]]
     if "family" in meta and meta["family"] != family:
-        raise _rule_error(path, f"family {meta['family']!r} does not match the code range {code[:3]}xx ({family})", f"set family = \"{family}\" or move the rule to the right code range")
-
+        raise _rule_error(path, f"family {meta['family']!r} does not match the code range {code[:3]}xx ({family})",
+                          f"set family = \"{family}\" or move the rule to the right code range")
     if meta["safety"] not in SAFETY_LEVELS:
-        raise _rule_error(path, f"safety {meta['safety']!r} is not one of {', '.join(SAFETY_LEVELS)}", "pick safe (same results to fp32 tolerance), unsafe (changes numerics) or manual (changes training semantics)")
+        raise _rule_error(path, f"safety {meta['safety']!r} is not one of {', '.join(SAFETY_LEVELS)}",
+                          "pick safe (same results to fp32 tolerance), unsafe (changes numerics) or manual "
+                          "(changes training semantics)")
+    return code, name, family
 
+
+def _check_transform(path: Path, meta: dict[str, Any]) -> tuple[Optional[str], dict]:
+    """The proposed transform (a catalog name, or None for advice) and its params."""
     transform = meta.get("transform") or None
     if transform is not None and transform not in TRANSFORMS:
         close = difflib.get_close_matches(str(transform), TRANSFORMS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(TRANSFORMS)}"
         raise _rule_error(path, f"transform {transform!r} is unknown", f"{hint} (or leave transform out for an advice-only rule)")
     if transform in SEMANTIC_TRANSFORMS and meta["safety"] != "manual":
-        raise _rule_error(path, f"transform {transform!r} changes training semantics but safety is {meta['safety']!r}", "set safety = \"manual\"")
+        raise _rule_error(path, f"transform {transform!r} changes training semantics but safety is {meta['safety']!r}",
+                          "set safety = \"manual\"")
     params = meta.get("params", {})
     if not isinstance(params, dict):
         raise _rule_error(path, "params must be a table", "write params = { key = value }")
     if params and transform is None:
         raise _rule_error(path, "params are given for an advice-only rule", "add a transform or remove params")
-
-    conditions = _parse_conditions(path, meta["when"], "when", required=True)
-    unless = _parse_conditions(path, meta.get("unless", []), "unless", required=False)
-
-    message = meta.get("message", meta["title"])
-    if not isinstance(message, str):
-        raise _rule_error(path, "message must be a string", "write message = \"...\"")
-    _check_message(path, message)
-
-    gain_spec = meta.get("gain", {})
-    try:
-        gain_mod.validate(gain_spec)
-    except ValueError as exc:
-        raise _rule_error(path, f"the gain spec is invalid: {exc}", gain_mod.SPEC_HELP)
-
-    locations = meta.get("locations")
-    if locations is not None and locations not in LOCATION_FACTS:
-        raise _rule_error(path, f"locations {locations!r} is not a known list of source lines", f"use one of {', '.join(LOCATION_FACTS)}")
-
-    doc = body.strip("\n")
-    _check_sections(path, doc)
-
-    return Rule(
-        code=code,
-        name=name,
-        title=meta["title"].strip(),
-        family=family,
-        conditions=conditions,
-        transform=transform,
-        params=dict(params),
-        safety=meta["safety"],
-        doc=doc,
-        path=path,
-        unless=unless,
-        message=message,
-        gain=dict(gain_spec),
-        locations=locations,
-    )
+    return transform, params
 
 
 def _parse_conditions(path: Path, raw: Any, key: str, required: bool) -> list[Condition]:
@@ -526,23 +337,6 @@ def _check_sections(path: Path, doc: str) -> None:
 # --------------------------------------------------------------------------- exclusivity
 
 
-def _satisfiable(kind: str, conds: list[Condition]) -> bool:
-    """Whether one value of a fact of this kind satisfies all conditions."""
-    if kind == "bool":
-        candidates: list[Any] = [True, False]
-    elif kind == "string":
-        candidates = [c.value for c in conds] + ["\x00 none of the literals"]
-    else:
-        lits = sorted({float(c.value) for c in conds})
-        candidates = list(lits)
-        if lits:
-            candidates += [lits[0] - 1.0, lits[-1] + 1.0]
-            candidates += [(a + b) / 2 for a, b in zip(lits, lits[1:])]
-        else:
-            candidates = [0.0]
-    return any(all(_compare(v, c.op, c.value, kind) for c in conds) for v in candidates)
-
-
 def mutually_exclusive(a: Rule, b: Rule) -> bool:
     """True when no fact dict can make both rules fire: some fact that a `when` condition of
     either rule requires to be known cannot satisfy both rules' constraints at once (an
@@ -551,7 +345,7 @@ def mutually_exclusive(a: Rule, b: Rule) -> bool:
     for f in known:
         conds = [c for c in a.conditions + b.conditions if c.field == f]
         conds += [c.negated() for c in a.unless + b.unless if c.field == f]
-        if not _satisfiable(FACTS[f][0], conds):
+        if not satisfiable(FACTS[f][0], conds):
             return True
     return False
 
@@ -633,43 +427,6 @@ def get_rule(code: str, rules: Optional[list[Rule]] = None) -> Rule:
 
 # --------------------------------------------------------------------------- evaluation
 
-_DATA_DEPENDENT_OPS = ("nonzero", "masked_select", "unique", "repeat_interleave", "index_put", "argwhere", "masked_scatter")
-
-
-def facts_from_analysis(analysis: dict[str, Any]) -> dict[str, Any]:
-    """Rule facts from an `autoopt.analyze.analyze_paths` result: its `device_facts` as they
-    are, its `metrics` under their registry names (`gpu_utilization` -> `metrics.gpu_utilization`),
-    and, where the trace had stacks, the source lines of synchronisations
-    (`metrics.sync_sites`) and of data-dependent operations (`metrics.data_dependent_sites`)
-    as "path:line op" strings. Keys that are not registry facts are left out."""
-    facts: dict[str, Any] = {}
-    for k, v in (analysis.get("device_facts") or {}).items():
-        if k in FACTS:
-            facts[k] = v
-    for k, v in (analysis.get("metrics") or {}).items():
-        name = k if k in FACTS else f"metrics.{k}"
-        if name in FACTS:
-            facts[name] = v
-    sync_sites: list[str] = []
-    dd_sites: list[str] = []
-    for row in analysis.get("traces") or []:
-        for site in ((row.get("syncs") or {}).get("sites") or []):
-            src, op = site.get("source"), site.get("name") or ""
-            if not src:
-                continue
-            text = f"{src} {op}".strip()
-            if text not in sync_sites:
-                sync_sites.append(text)
-            if any(d in op for d in _DATA_DEPENDENT_OPS) and text not in dd_sites:
-                dd_sites.append(text)
-    if sync_sites:
-        facts["metrics.sync_sites"] = sync_sites
-    if dd_sites:
-        facts["metrics.data_dependent_sites"] = dd_sites
-    return facts
-
-
-
 def _format_message(rule: Rule, facts: dict[str, Any]) -> str:
     out = []
     for literal, fname, spec, _ in string.Formatter().parse(rule.message):
@@ -731,48 +488,3 @@ def evaluate(rules: list[Rule], facts: dict[str, Any]) -> list[Finding]:
             )
         )
     return findings
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def _params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_literal_text(v) if not isinstance(v, str) else v}" for k, v in params.items())
-
-
-def render_rules_table(rules: list[Rule]) -> str:
-    """A plain-text table of every rule: code, name, transform, safety, title."""
-    header = ("CODE", "NAME", "TRANSFORM", "SAFETY", "TITLE")
-    rows = [(r.code, r.name, r.transform or "(advice)", r.safety, r.title) for r in rules]
-    widths = [max(len(row[i]) for row in rows + [header]) for i in range(4)]
-    lines = []
-    last_family = None
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-    lines.append(fmt.format(*header))
-    for r, row in zip(rules, rows):
-        if r.family != last_family:
-            lines.append("")
-            lines.append(f"{r.code[:3]}xx {r.family}")
-            last_family = r.family
-        lines.append(fmt.format(*row))
-    families = len({r.family for r in rules})
-    lines.append("")
-    lines.append(f"{len(rules)} rules in {families} families. `autoopt explain CODE` prints a rule's documentation.")
-    return "\n".join(lines)
-
-
-def render_explain(rule: Rule) -> str:
-    """The documentation `autoopt explain CODE` prints: a header, when the rule fires, the
-    fix and its safety, then the rule file's Markdown (the five sections)."""
-    lines = [f"# {rule.name} ({rule.code})", "", rule.title, "", f"Family: {rule.family} ({rule.code[:3]}xx)"]
-    if rule.transform:
-        p = f" ({_params_text(rule.params)})" if rule.params else ""
-        lines.append(f"Fix: transform `{rule.transform}`{p}, safety {rule.safety}")
-    else:
-        lines.append(f"Fix: none automatic (advice only), safety {rule.safety}")
-    lines.append("Fires when all hold: " + "; ".join(f"`{c}`" for c in rule.conditions))
-    if rule.unless:
-        lines.append("Silent when any holds: " + "; ".join(f"`{c}`" for c in rule.unless))
-    lines.append("")
-    lines.append(rule.doc)
-    return "\n".join(lines).rstrip() + "\n"

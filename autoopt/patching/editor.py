@@ -19,21 +19,15 @@ the user's formatting and comments everywhere it does not touch:
 (a/ and b/ paths, so `patch -p1` applies it next to the file).
 
 A transform that cannot express itself in the file raises `PatchError(reason)`;
-`build_patch` records that as a value (`PatchResult.skipped`) and goes on with the rest,
-as LibCST codemods do.
+autoopt.transforms.patch.build_patch records that as a value and goes on with the rest,
+as LibCST codemods do. This module imports nothing else of autoopt.
 """
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
 
 import libcst as cst
-
-if TYPE_CHECKING:  # pragma: no cover
-    from autoopt.transforms import Transform
-    from autoopt.types import Workload
 
 _PLACEHOLDER = "__autoopt_expr__"
 
@@ -531,47 +525,3 @@ def unified_diff(original: str, new: str, filename: str) -> str:
             line += "\n\\ No newline at end of file\n"
         out.append(line)
     return "".join(out)
-
-
-@dataclass
-class PatchResult:
-    diff: str
-    new_source: str
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (transform name, reason)
-    applied: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {"applied": self.applied, "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
-
-
-def build_patch(path, transforms: list[tuple["Transform", dict]], workload: "Workload") -> PatchResult:
-    """Patch the model file at `path` with each (transform, resolved params), in the
-    canonical transform order. A transform that cannot patch (PatchError) or whose edit
-    would not compile is skipped with its reason; the others still apply."""
-    from autoopt.transforms import ordered
-
-    path = Path(path)
-    original = path.read_text(encoding="utf-8")
-    filename = path.name
-    try:
-        editor = SourceEditor(original, filename)
-    except PatchError as exc:
-        return PatchResult("", original, [(t.name, exc.reason) for t, _ in transforms], [])
-    skipped: list[tuple[str, str]] = []
-    applied: list[str] = []
-    for t, params in ordered(transforms):
-        saved = (editor.module, list(editor._added_after_imports), list(editor._added_functions))
-        try:
-            t.patch(editor, dict(params), workload)
-            compile(editor.code, filename, "exec")
-        except PatchError as exc:
-            editor.module, editor._added_after_imports, editor._added_functions = saved
-            skipped.append((t.name, exc.reason))
-            continue
-        except SyntaxError as exc:
-            editor.module, editor._added_after_imports, editor._added_functions = saved
-            skipped.append((t.name, f"the edit would not compile ({exc.msg}, line {exc.lineno})"))
-            continue
-        applied.append(t.name)
-    new = editor.code
-    return PatchResult(unified_diff(original, new, filename), new, skipped, applied)

@@ -6,9 +6,14 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from autoopt.run.measure import MeasureSettings, count_flops, measure
-from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
+from autoopt.diagnosis.facts_builder import build_facts, diagnose
+from autoopt.errors import UserError
+from autoopt.results import ProfileResult
+from autoopt.run.measure import count_flops, measure
 from autoopt.run.session import Session
+from autoopt.run.trace import new_run_dir, trace_session
+from autoopt.settings import MeasureSettings, ProfileSettings
+from autoopt.types import Capabilities
 
 
 def profile_model(
@@ -22,17 +27,15 @@ def profile_model(
     with_stack: bool = False,
     measure_settings: Optional[MeasureSettings] = None,
     progress: Callable[..., None] = lambda *a, **k: None,
-    caps=None,
+    caps: Optional[Capabilities] = None,
 ) -> dict[str, Any]:
+    """`autoopt profile --json`'s object. `caps` replaces the detected device's capabilities
+    (tests judge a CPU run as a given CPU would be judged)."""
     from autoopt.analyze import analyze_paths
     from autoopt.env import detect_capabilities
     from autoopt.workload.load import build_workload, load_model_file
-    from autoopt.pipelines.optimize import collect_facts
-    from autoopt.diagnosis.rules import evaluate, load_rules
 
     if steps < 1:
-        from autoopt.errors import UserError
-
         raise UserError(f"--steps must be at least 1 (got {steps}).")
     progress("load", f"loading {model_path}")
     spec = load_model_file(model_path)
@@ -50,15 +53,6 @@ def profile_model(
                             ProfileSettings(active=steps, with_stack=with_stack))
     progress("analyze", "analyzing the trace")
     result = analyze_paths([str(run.run_dir)])
-    facts = collect_facts(wl, result, m)
-    findings = evaluate(load_rules(), facts)
-    result.update({
-        "model": spec.name,
-        "model_path": str(spec.path),
-        "mode": wl.mode,
-        "device": caps.to_json(),
-        "measurement": m.to_json(),
-        "logdir": str(run.run_dir.resolve()),
-        "findings": [f.to_json() for f in findings],
-    })
-    return result
+    facts = build_facts(analysis=result, device=caps, live=True, workload=wl.facts, config=cfg, measurement=m)
+    return ProfileResult(result, spec.name, str(spec.path), wl.mode, caps.to_json(), m.to_json(),
+                         str(run.run_dir.resolve()), diagnose(facts, result)).to_json()

@@ -550,9 +550,9 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
         facts["metrics.data_dependent_sites"] = sources["data_dependent"]
     if not model_found:
         notes.append("no torch.nn.Module call was seen: the model.* facts are unknown and rules on them stay silent")
-    from autoopt.diagnosis.rules import evaluate, load_rules
+    from autoopt.diagnosis.facts_builder import diagnose
 
-    findings = evaluate(load_rules(), facts)
+    findings = diagnose(facts, result)
     fjson = [_with_sources(f, sources) for f in findings]
     result.setdefault("notes", [])
     result["notes"] = list(result["notes"]) + notes
@@ -594,11 +594,12 @@ def _device_json(probe: _Probe) -> dict:
 
 
 def _facts(result: dict, probe: _Probe) -> tuple[dict, bool]:
-    from autoopt.env import detect_capabilities
+    """The rules' facts of a script run (autoopt.diagnosis.facts_builder): the trace analysis,
+    the device the script's model ran on, the torch settings the script ran with, and the
+    workload facts its model, optimizer, loader and batches show; and whether a model was seen."""
+    from autoopt.diagnosis.facts_builder import build_facts
+    from autoopt.env import available_cpus, detect_capabilities
 
-    from autoopt.distributed.launch import analysis_facts
-
-    facts: dict[str, Any] = analysis_facts(result)
     info = probe.model_info()
     model = info["module"] if info else None
     kind = "cpu"
@@ -609,41 +610,47 @@ def _facts(result: dict, probe: _Probe) -> tuple[dict, bool]:
         caps = detect_capabilities("cuda" if kind == "cuda" else "cpu")
     except UserError:
         caps = detect_capabilities("cpu")
-    facts.update(caps.facts())
-    facts.update(probe.env_facts)
-    facts.update(probe.loader_facts)
-    from autoopt.transforms import available_cpus
-
-    facts["workload.cpu_count"] = available_cpus()
-    if probe.pacer is not None:
-        o = probe.optimizers[probe.pacer]
-        facts["workload.mode"] = "train"
-        facts["workload.optimizer"] = o["type"]
-        if o["impl"]:
-            facts["workload.optimizer_impl"] = o["impl"]
-    else:
-        facts["workload.mode"] = "infer"
+    wf: dict[str, Any] = dict(probe.loader_facts)
+    wf["workload.cpu_count"] = available_cpus()
+    wf.update(_optimizer_facts(probe))
     if model is not None:
-        from autoopt.workload.load import model_facts
-
-        try:
-            facts.update(model_facts(model))
-        except Exception:  # noqa: BLE001
-            pass
-        b = info.get("batch") or {}
-        if b.get("batch_size") is not None:
-            facts["workload.batch_size"] = b["batch_size"]
-        facts["workload.input_is_4d"] = bool(b.get("input_is_4d"))
-        facts["workload.autocast"] = bool(info.get("autocast"))
-        import torch
-
-        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-        facts["workload.channels_last"] = bool(b.get("channels_last_input")) or any(
-            m.weight.dim() == 4 and m.weight.is_contiguous(memory_format=torch.channels_last)
-            and not m.weight.is_contiguous() for m in convs)
-        facts["workload.compiled"] = type(model).__name__ == "OptimizedModule"
+        wf.update(_model_facts(model, info))
+    facts = build_facts(analysis=result, device=caps, env=probe.env_facts, workload=wf)
     # the trace's own step time is all there is for a script (no separate timed run)
     return facts, model is not None
+
+
+def _optimizer_facts(probe: _Probe) -> dict[str, Any]:
+    if probe.pacer is None:
+        return {"workload.mode": "infer"}
+    o = probe.optimizers[probe.pacer]
+    out = {"workload.mode": "train", "workload.optimizer": o["type"]}
+    if o["impl"]:
+        out["workload.optimizer_impl"] = o["impl"]
+    return out
+
+
+def _model_facts(model, info: dict) -> dict[str, Any]:
+    import torch
+
+    from autoopt.workload.load import model_facts
+
+    out: dict[str, Any] = {}
+    try:
+        out.update(model_facts(model))
+    except Exception:  # noqa: BLE001 - a model autoopt cannot inspect still gets its trace's findings
+        pass
+    b = info.get("batch") or {}
+    if b.get("batch_size") is not None:
+        out["workload.batch_size"] = b["batch_size"]
+    out["workload.input_is_4d"] = bool(b.get("input_is_4d"))
+    out["workload.autocast"] = bool(info.get("autocast"))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    out["workload.channels_last"] = bool(b.get("channels_last_input")) or any(
+        m.weight.dim() == 4 and m.weight.is_contiguous(memory_format=torch.channels_last)
+        and not m.weight.is_contiguous() for m in convs)
+    out["workload.compiled"] = type(model).__name__ == "OptimizedModule"
+    return out
 
 
 # rule family -> the source lines a finding of that family points at

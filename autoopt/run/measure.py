@@ -18,23 +18,13 @@ from typing import Callable, Optional
 
 import torch
 
-from autoopt.run.session import Session
+from autoopt.run.session import Session, free_memory, is_oom
+from autoopt.settings import APART_FLOOR, SIDE_BY_SIDE_FLOOR, MeasureSettings
 from autoopt.types import Capabilities, Measurement, Stats
 
-
-@dataclass
-class MeasureSettings:
-    warmup_steps: int = 3
-    warmup_min_s: float = 0.3
-    min_steps: int = 10
-    max_steps: int = 200
-    min_time_s: float = 1.5
-    max_time_s: float = 20.0
-
-    @classmethod
-    def quick(cls) -> "MeasureSettings":
-        """For tests: few steps; the numbers are real but noisy."""
-        return cls(warmup_steps=2, warmup_min_s=0.0, min_steps=5, max_steps=20, min_time_s=0.2, max_time_s=5.0)
+# How the ranks of a distributed job agree on one round: each rank's medians (anchor,
+# candidate) of the round in, the job's out (the slowest rank's). None in one process.
+RoundReducer = Callable[[float, float], tuple[float, float]]
 
 
 # ---------------------------------------------------------------- memory
@@ -84,7 +74,7 @@ def count_flops(session: Session) -> Optional[float]:
     counted on the eager model (the math a compiled model does is the same)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = session._next_batch()
+    batch = session.next_batch()
     model = session.eager_model
     try:
         with FlopCounterMode(display=False) as counter:
@@ -205,13 +195,6 @@ def measure(
                         flops_per_step=flops_per_step, compile_time=compile_time, warmup=w)
 
 
-def _round_share(s: MeasureSettings, rounds: int) -> MeasureSettings:
-    """One round's share of a measurement taken in `rounds` alternating rounds (no warm-up)."""
-    return MeasureSettings(warmup_steps=0, warmup_min_s=0.0, min_steps=max(1, s.min_steps // rounds),
-                           max_steps=max(1, s.max_steps // rounds), min_time_s=s.min_time_s / rounds,
-                           max_time_s=s.max_time_s / rounds)
-
-
 def measure_side_by_side(
     a: Session,
     b: Session,
@@ -228,7 +211,7 @@ def measure_side_by_side(
     process's resident set then holds both models, so callers that need each one's own peak
     take it from a separate measurement."""
     s = settings or MeasureSettings()
-    share = _round_share(s, rounds)
+    share = s.round_share(rounds)
     reset_peak_memory(a.device)
     a.activate()
     wa, ca = _warm_up(a, s)
@@ -268,13 +251,13 @@ class Paired:
     round); the ratio is their geometric mean, and its noise the half-width of a 95 %
     t-interval over the rounds — the spread *between* rounds, where the slow swings of a
     shared machine show, not the step-to-step spread within one (steps in a row are not
-    independent), and at least SIDE_BY_SIDE_MIN_GAIN. `anchor` is None when the anchor did not
+    independent), and at least `floor` (autoopt.settings.SIDE_BY_SIDE_FLOOR). `anchor` is None when the anchor did not
     fit beside the candidate; then only `measurement` is known."""
 
     anchor: Optional[Measurement]
     measurement: Measurement
     round_ratios: list[float]
-    floor: float = 0.02
+    floor: float = SIDE_BY_SIDE_FLOOR
 
     @property
     def ratio(self) -> Optional[float]:
@@ -317,49 +300,34 @@ def measure_against(
     max_rounds: int = 18,
     flops_per_step: Optional[float] = None,
     anchor_flops: Optional[float] = None,
+    reduce: Optional[RoundReducer] = None,
 ) -> Paired:
-    """`session` measured beside an anchor configuration (the current best) in alternating
+    """`session` measured beside an anchor configuration (the one it must beat) in alternating
     rounds, so that their ratio is free of the machine's drift between measurements taken
     apart (see Paired for the ratio and its noise). Each configuration gets the settings'
     measuring time over `rounds` rounds; while the call is not settled (Paired.settled), three
     more rounds at a time, up to `max_rounds`. `open_anchor()` builds the anchor's Session (a
     context manager); it is built only after `session` has been warmed up alone, so
     `session`'s peak memory and compile time are its own. If the anchor does not fit beside it
-    (out of memory with both held), `session` is timed alone and the anchor is None."""
-    from autoopt.run.session import free_memory, is_oom
+    (out of memory with both held), `session` is timed alone and the anchor is None.
 
+    In a distributed job `reduce` turns each rank's round medians into the job's, so every
+    rank computes the same ratios and takes the same number of rounds; there, running out of
+    memory is not survivable (the other ranks would wait in a collective) and propagates."""
     s = settings or MeasureSettings()
     reset_peak_memory(session.device)
     session.activate()
     w, compile_time = _warm_up(session, s)
     peak = peak_memory_mb(session.device)
-    share = _round_share(s, rounds)
     anchor_m: Optional[Measurement] = None
     sb: list[float] = []
     ratios: list[float] = []
     try:
         with open_anchor() as a:
-            a.activate()
-            wa, ca = _warm_up(a, s)
-            sa: list[float] = []
-
-            def one_round() -> None:
-                i, j = len(sa), len(sb)
-                a.activate()
-                _timed_steps(a, share, samples=sa)
-                session.activate()
-                _timed_steps(session, share, samples=sb)
-                ta, tb = statistics.median(sa[i:]), statistics.median(sb[j:])
-                ratios.append((session.samples_per_step * ta) / (a.samples_per_step * tb))
-
-            for _ in range(rounds):
-                one_round()
-            while len(ratios) < max_rounds and not Paired(None, None, ratios, SIDE_BY_SIDE_MIN_GAIN).settled:
-                for _ in range(3):
-                    one_round()
-            anchor_m = _measurement(a, caps, sa, peak=None, flops_per_step=anchor_flops, compile_time=ca, warmup=wa)
+            anchor_m = _alternate(session, a, caps, s, sb, ratios, rounds=rounds, max_rounds=max_rounds,
+                                  anchor_flops=anchor_flops, reduce=reduce)
     except BaseException as exc:  # noqa: BLE001 - only out of memory is survivable here
-        if not is_oom(exc):
+        if reduce is not None or not is_oom(exc):
             raise
         anchor_m, sb, ratios = None, [], []
         free_memory()
@@ -367,7 +335,37 @@ def measure_against(
     if anchor_m is None:
         sb = _timed_steps(session, s)
     m = _measurement(session, caps, sb, peak=peak, flops_per_step=flops_per_step, compile_time=compile_time, warmup=w)
-    return Paired(anchor_m, m, ratios, SIDE_BY_SIDE_MIN_GAIN)
+    return Paired(anchor_m, m, ratios, SIDE_BY_SIDE_FLOOR)
+
+
+def _alternate(session: Session, a: Session, caps: Capabilities, s: MeasureSettings, sb: list[float],
+               ratios: list[float], *, rounds: int, max_rounds: int, anchor_flops: Optional[float],
+               reduce: Optional[RoundReducer]) -> Measurement:
+    """The alternating rounds of measure_against, anchor first in each; appends the
+    candidate's samples to `sb` and each round's ratio to `ratios`; returns the anchor's
+    measurement."""
+    share = s.round_share(rounds)
+    a.activate()
+    wa, ca = _warm_up(a, s)
+    sa: list[float] = []
+
+    def one_round() -> None:
+        i, j = len(sa), len(sb)
+        a.activate()
+        _timed_steps(a, share, samples=sa)
+        session.activate()
+        _timed_steps(session, share, samples=sb)
+        ta, tb = statistics.median(sa[i:]), statistics.median(sb[j:])
+        if reduce is not None:
+            ta, tb = reduce(ta, tb)
+        ratios.append((session.samples_per_step * ta) / (a.samples_per_step * tb))
+
+    for _ in range(rounds):
+        one_round()
+    while len(ratios) < max_rounds and not Paired(None, None, ratios, SIDE_BY_SIDE_FLOOR).settled:
+        for _ in range(3):
+            one_round()
+    return _measurement(a, caps, sa, peak=None, flops_per_step=anchor_flops, compile_time=ca, warmup=wa)
 
 
 def _done(samples: list[float], start: float, s: MeasureSettings) -> bool:
@@ -386,13 +384,7 @@ def median_rel_error(st: Stats) -> float:
     return 1.2533 * ((st.p75 - st.p25) / 1.349) / st.median / math.sqrt(st.n)
 
 
-# A gain measured side by side must still be at least 2 %: alternating rounds take the
-# machine's drift out of the comparison (so the floor can be below noise_between's usual 3 %
-# for measurements taken apart), not the measurement's own spread (still two standard errors).
-SIDE_BY_SIDE_MIN_GAIN = 0.02
-
-
-def noise_between(a: Measurement, b: Measurement, floor: float = 0.03) -> float:
+def noise_between(a: Measurement, b: Measurement, floor: float = APART_FLOOR) -> float:
     """The relative difference two medians must exceed to count as real: two combined
     standard errors (about 95 %), and never less than `floor` — drift of a shared machine
     between two measurements is not in their own spread."""

@@ -1,31 +1,48 @@
-"""Turns a Workload and an ExecConfig into a runnable step.
+"""A Session: one configuration of one workload, built through the applier and ready to step.
 
-This is the single place where an ExecConfig's fields take effect, in this order: seed,
-build_model, .to(device), weights dtype, channels_last, activation checkpointing,
-build_optimizer, optimizer implementation, TF32 / cuDNN flags, torch.compile, and in the
-step: autocast around forward and loss only, GradScaler, gradient accumulation,
-inference_mode. Global torch settings changed by a Session are restored when it closes,
-so variants measured one after another in the same process do not leak into each other.
+The Session seeds torch, calls the model file's functions (build_model, build_optimizer,
+build_dataloader) and hands what they return to autoopt.run.apply, which turns the
+ExecConfig into torch. In a distributed job (`dist`), the model is wrapped in
+DistributedDataParallel and every rank draws its own batches.
+
+Process-wide settings a Session changes are restored when it closes. Sessions can be open
+side by side (alternating-round measurement): each takes the settings from before any
+session as its defaults, `activate()` puts its own in force before it steps, and closing one
+puts the other's back.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from autoopt.workload import contract
+from autoopt.run import apply
 from autoopt.types import ExecConfig, Workload
+from autoopt.workload import contract
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-
-def seeded_batch(workload: Workload, batch_size: int, index: int):
-    """The index-th verification/timing batch: make_batch under a seed derived from the run's
-    seed, so the baseline and every variant see exactly the same data."""
-    torch.manual_seed(workload.seed + 1000 + index)
+def seeded_batch(workload: Workload, batch_size: int, index: int, rank: int = 0):
+    """The index-th verification/timing batch of a rank: make_batch under a seed derived from
+    the run's seed (and the rank), so the baseline and every variant see exactly the same
+    data. Rank 0's batches are the single-process ones."""
+    torch.manual_seed(workload.seed + 1000 + index + 7919 * rank)
     return workload.spec.make_batch(batch_size)
+
+
+def split_batch(batch, k: int) -> list:
+    """k equal micro-batches of a batch (tensors split along dim 0)."""
+    n = contract.batch_len(batch)
+    if k <= 1 or n is None:
+        return [batch]
+    m = n // k
+
+    def part(j):
+        return contract.map_tensors(batch, lambda t: t[j * m:(j + 1) * m] if t.dim() > 0 and t.shape[0] == n else t)
+
+    return [part(j) for j in range(k)]
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
@@ -54,30 +71,37 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-# Sessions open at the moment, oldest first: a Session built while another is open (side-by-side
-# measurement) must take the process's own settings as its defaults, not the other one's.
+@dataclass
+class DistContext:
+    """This process's place in a distributed job (the process group is initialised)."""
+
+    rank: int
+    device_ids: Optional[list[int]] = None
+    before_step: Optional[Callable[[], None]] = None  # e.g. stop when the launcher asked to
+
+
+# Sessions open at the moment, oldest first (see the module docstring).
 _OPEN: list["Session"] = []
 
 
 class Session:
-    """One configuration of one workload, built and ready to step.
+    """One configuration of one workload, built and ready to step. A context manager."""
 
-    Use as a context manager: global settings (matmul precision, cuDNN flags, thread count)
-    are restored on exit and DataLoader workers are shut down.
-    """
-
-    def __init__(self, workload: Workload, cfg: ExecConfig, *, build_loader: bool = True):
+    def __init__(self, workload: Workload, cfg: ExecConfig, *, build_loader: bool = True,
+                 dist: Optional[DistContext] = None):
         self.workload = workload
         self.cfg = cfg
         self.spec = workload.spec
         self.device = cfg.device
         self.train = workload.mode == "train"
-        self._saved: dict[str, Any] = {}
+        self.dist = dist
+        self.rank = dist.rank if dist else 0
+        self._defaults: dict[str, Any] = {}
         self._loader = None
         self._loader_iter: Optional[Iterator] = None
-        self.compiled = False
-        self.checkpointed_blocks = 0
-        self.notes: list[str] = []
+        self._fixed: list[Any] = []
+        self._fixed_i = 0
+        self.ddp = None
         try:
             self._build(build_loader)
         except BaseException:
@@ -85,96 +109,48 @@ class Session:
             raise
 
     # ------------------------------------------------------------------ build
-    def _save_globals(self) -> None:
-        if _OPEN:
-            self._saved = dict(_OPEN[0]._saved)  # the settings from before any session
-            _OPEN.append(self)
-            return
+    def _open(self) -> None:
+        self._defaults = dict(_OPEN[0]._defaults) if _OPEN else apply.read_process_settings()
         _OPEN.append(self)
-        self._saved = {
-            "matmul_precision": torch.get_float32_matmul_precision(),
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "num_threads": torch.get_num_threads(),
-        }
 
     def _build(self, build_loader: bool) -> None:
         cfg, spec = self.cfg, self.spec
-        self._save_globals()
+        self._open()
         torch.manual_seed(self.workload.seed)
         model = spec.build_model()
         self.initial_checksum = weights_checksum(model)
-        model = model.to(cfg.device)
-        if cfg.weights_dtype and not self.train:
-            model = model.to(DTYPES[cfg.weights_dtype])
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.activation_checkpointing:
-            from autoopt.transforms.activation_checkpointing import apply_checkpointing
-
-            self.checkpointed_blocks = apply_checkpointing(model)
-        if self.train:
-            model.train()
-            self.optimizer = spec.build_optimizer(model)
-            if cfg.optimizer_impl:
-                from autoopt.transforms.fused_optimizer import rebuild_optimizer
-
-                self.optimizer = rebuild_optimizer(self.optimizer, cfg.optimizer_impl, cfg.device)
-        else:
-            model.eval()
-            self.optimizer = None
+        model, self.checkpointed_blocks = apply.place_model(model, cfg, train=self.train)
+        model.train(self.train)
+        self.optimizer = apply.prepare_optimizer(spec.build_optimizer(model), cfg) if self.train else None
         self.activate()
         self.eager_model = model
-        if cfg.compile_mode or cfg.cuda_graphs:
-            mode = "reduce-overhead" if cfg.cuda_graphs else cfg.compile_mode
-            mode = None if mode == "default" else mode
-            model = torch.compile(model, mode=mode, backend=cfg.compile_backend)
-            self.compiled = True
-        self.model = model
-        scaler = getattr(spec.module, "GRAD_SCALER", None)
-        if self.train and cfg.grad_scaler and scaler is None:
-            scaler = torch.amp.GradScaler(cfg.device)
-        self.scaler = scaler if self.train else None
-        self.accum = max(1, int(cfg.grad_accum_steps))
+        if self.dist is not None and self.train:
+            self.ddp = model = apply.wrap_ddp(model, cfg, self.dist.device_ids)
+        self.model, self.compiled = apply.compile_model(model, cfg)
+        self.scaler = apply.make_scaler(cfg, train=self.train, existing=getattr(spec.module, "GRAD_SCALER", None))
+        self.accum = max(1, int(cfg.grad_accum_steps)) if self.train else 1
+        self.training_step = apply.TrainingStep(spec, self.model, self.optimizer, cfg, scaler=self.scaler,
+                                                ddp=self.ddp) if self.train else None
         if build_loader and spec.build_dataloader is not None:
             torch.manual_seed(self.workload.seed)
-            loader = spec.build_dataloader(cfg.batch_size)
-            if cfg.dataloader:
-                from autoopt.transforms.dataloader import rebuild_dataloader
-
-                loader = rebuild_dataloader(loader, cfg.dataloader)
-            self._loader = loader
-        self._pin = bool(getattr(self._loader, "pin_memory", False)) and cfg.device == "cuda"
-        self._fixed: list[Any] = []
+            self._loader = apply.prepare_loader(spec.build_dataloader(cfg.batch_size), cfg)
+        self._non_blocking = apply.copies_non_blocking(cfg, self._loader)
 
     def activate(self) -> None:
         """Put this configuration's process-wide settings in force (TF32 / cuDNN flags, the
         intra-op thread count). Called at build time, and again before stepping when two
-        sessions take turns in one process (side-by-side measurement)."""
-        cfg = self.cfg
-        saved = self._saved
-        torch.set_float32_matmul_precision(cfg.matmul_precision or saved["matmul_precision"])
-        if cfg.device == "cuda":
-            torch.backends.cudnn.allow_tf32 = (
-                cfg.matmul_precision != "highest" if cfg.matmul_precision else saved["cudnn_allow_tf32"])
-        torch.backends.cudnn.benchmark = (
-            cfg.cudnn_benchmark if cfg.cudnn_benchmark is not None else saved["cudnn_benchmark"])
-        threads = (cfg.dataloader or {}).get("intra_op_threads")
-        torch.set_num_threads(int(threads) if threads else saved["num_threads"])
+        sessions take turns in one process."""
+        apply.write_process_settings(apply.process_settings_for(self.cfg, self._defaults))
 
     # ------------------------------------------------------------------ batches
     def prepare(self, batch):
         """Move a CPU batch to the device in this configuration's layout and dtype."""
-        batch = contract.to_device(
-            batch, self.device, non_blocking=self._pin, channels_last=self.cfg.channels_last
-        )
-        if self.cfg.weights_dtype and not self.train:
-            dt = DTYPES[self.cfg.weights_dtype]
-            batch = contract.map_tensors(batch, lambda t: t.to(dt) if t.is_floating_point() else t)
-        return batch
+        return apply.prepare_batch(batch, self.cfg, train=self.train, non_blocking=self._non_blocking)
 
-    def _next_batch(self):
+    def next_batch(self):
+        """The next batch of the step: from the model file's DataLoader when it has one, else
+        one of two fixed batches made once (already on the device: the step measures the
+        model, not make_batch)."""
         if self._loader is not None:
             if self._loader_iter is None:
                 self._loader_iter = iter(self._loader)
@@ -184,63 +160,35 @@ class Session:
                 self._loader_iter = iter(self._loader)
                 return self.prepare(next(self._loader_iter))
         if not self._fixed:
-            # A few distinct batches, made once, already on the device: the step measures
-            # the model, not make_batch.
-            self._fixed = [self.prepare(seeded_batch(self.workload, self.cfg.batch_size, i)) for i in range(2)]
-            self._fixed_i = 0
+            self._fixed = [self.prepare(seeded_batch(self.workload, self.cfg.batch_size, i, self.rank))
+                           for i in range(2)]
         b = self._fixed[self._fixed_i % len(self._fixed)]
         self._fixed_i += 1
         return b
 
     # ------------------------------------------------------------------ steps
     def autocast(self):
-        if self.cfg.amp_dtype:
-            return torch.autocast(device_type=self.device, dtype=DTYPES[self.cfg.amp_dtype])
-        return contextlib.nullcontext()
+        return apply.autocast(self.cfg)
 
     def forward(self, batch):
         with self.autocast():
             return contract.call_forward(self.spec, self.model, batch)
 
-    def micro_batch_context(self, index: int, count: int):
-        """Around the forward and backward of micro-batch `index` of `count` (DDP's no_sync
-        for all but the last, in a distributed session)."""
-        return contextlib.nullcontext()
-
-    def train_on(self, batches: list) -> torch.Tensor:
+    def train_on(self, batches: list, **kw) -> torch.Tensor:
         """One optimizer step over len(batches) micro-batches (gradient accumulation)."""
-        loss_total = None
-        n = len(batches)
-        for j, b in enumerate(batches):
-            with self.micro_batch_context(j, n):
-                with self.autocast():
-                    out = contract.call_forward(self.spec, self.model, b)
-                    loss = contract.extract_loss(out)
-                    if n > 1:
-                        loss = loss / n
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_total
+        return self.training_step(batches, **kw)
 
     def infer_on(self, batch):
-        ctx = torch.inference_mode() if self.cfg.inference_mode else contextlib.nullcontext()
-        with ctx:
-            return self.forward(batch)
+        with apply.inference_context(self.cfg):
+            return contract.call_forward(self.spec, self.model, batch)
 
     def step(self):
         """One timed unit of work: a training step (with its micro-batches), or one inference forward."""
+        if self.dist is not None and self.dist.before_step is not None:
+            self.dist.before_step()
         if self.train:
-            return self.train_on([self._next_batch() for _ in range(self.accum)])
-        return self.infer_on(self._next_batch())
+            return self.train_on([self.next_batch() for _ in range(self.accum)])
+        return self.infer_on(self.next_batch())
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -248,7 +196,7 @@ class Session:
 
     @property
     def samples_per_step(self) -> int:
-        return self.cfg.batch_size * (self.accum if self.train else 1)
+        return self.cfg.batch_size * self.accum
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -260,19 +208,13 @@ class Session:
         if self in _OPEN:
             _OPEN.remove(self)
             if _OPEN:  # another session is still open: its settings are in force again
-                self._saved = {}
                 _OPEN[-1].activate()
-        if self._saved:
-            torch.set_float32_matmul_precision(self._saved["matmul_precision"])
-            torch.backends.cudnn.benchmark = self._saved["cudnn_benchmark"]
-            torch.backends.cudnn.allow_tf32 = self._saved["cudnn_allow_tf32"]
-            torch.backends.cuda.matmul.allow_tf32 = self._saved["cuda_matmul_allow_tf32"]
-            torch.set_num_threads(self._saved["num_threads"])
-            self._saved = {}
+            else:
+                apply.write_process_settings(self._defaults)
+        self._defaults = {}
 
     def __enter__(self) -> "Session":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-

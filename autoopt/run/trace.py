@@ -19,16 +19,7 @@ from typing import Optional
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
 from autoopt.run.session import Session
-
-
-@dataclass
-class ProfileSettings:
-    wait: int = 1
-    warmup: int = 2
-    active: int = 3
-    record_shapes: bool = True
-    profile_memory: bool = True
-    with_stack: bool = False  # stacks point findings at source lines; they make traces larger
+from autoopt.settings import ProfileSettings
 
 
 @dataclass

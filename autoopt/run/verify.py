@@ -1,13 +1,18 @@
 """Numerical verification of a variant against the baseline.
 
 Both start from the same seed, so from the same initial weights (checked by checksum), and
-run on the same batches (autoopt.run.session.seeded_batch). Compared:
-- the outputs of the first forward pass: max absolute error, and the relative error
-  max|variant - baseline| / max|baseline| per output tensor (norm-wise, so outputs near zero
-  do not blow the ratio up);
-- in training, the loss over several optimizer steps: each step's relative difference must
-  stay within the tolerance, which widens by half of itself per step (trajectories of two
-  correct implementations drift apart slowly through rounding);
+run on the same batches (autoopt.run.session.seeded_batch, per rank in a distributed job).
+In training, each verification step is one optimizer step of the session's own training
+step (autoopt.run.apply.TrainingStep) on the baseline's batch, split into the variant's
+micro-batches when it accumulates gradients. Compared:
+- the outputs of the first forward pass (when both ran it on the same inputs): max absolute
+  error, and the relative error max|variant - baseline| / max|baseline| per output tensor
+  (norm-wise, so outputs near zero do not blow the ratio up);
+- in training, the loss of every step: each step's relative difference must stay within
+  the tolerance, which widens by half of itself per step (trajectories of two correct
+  implementations drift apart slowly through rounding);
+- where recorded (a distributed job), the parameters after the last step, within the
+  tolerance widened to the last step;
 - no inf or NaN anywhere.
 
 Batch size and gradient accumulation change training semantics, not numerics: they are
@@ -17,12 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-from autoopt.workload import contract
-from autoopt.run.session import Session, seeded_batch
+from autoopt.run.session import Session, seeded_batch, split_batch
 from autoopt.types import Verification
+from autoopt.workload import contract
 
 DEFAULT_STEPS = 4
 # Relative tolerance of fp32 reference against fp32 rounding noise when no transform says more.
@@ -35,51 +41,87 @@ class RunRecord:
     losses: list[float] = field(default_factory=list)
     checksum: str = ""
     scaler_skips: int = 0
+    params: Optional[list[torch.Tensor]] = None  # after the last step, when asked for
 
 
-def record_run(s: Session, steps: int = DEFAULT_STEPS) -> RunRecord:
+def record_run(s: Session, steps: int = DEFAULT_STEPS, *, keep_params: bool = False) -> RunRecord:
     """Run a freshly built session on the verification batches and record what it computes.
     Call it before anything else steps the session, so it starts from the initial weights."""
     workload = s.workload
-    bs = workload.batch_size
     rec = RunRecord(outputs=[], checksum=s.initial_checksum)
-    if s.train:
-        for i in range(steps):
-            b = s.prepare(seeded_batch(workload, bs, i))
-            with s.autocast():
-                out = contract.call_forward(s.spec, s.model, b)
-                loss = contract.extract_loss(out)
-            if i == 0:
-                rec.outputs = contract.output_tensors(out)
-            rec.losses.append(float(loss.detach().float().cpu()))
-            if s.scaler is not None:
-                scale_before = s.scaler.get_scale()
-                s.scaler.scale(loss).backward()
-                s.scaler.step(s.optimizer)
-                s.scaler.update()
-                if s.scaler.get_scale() < scale_before:
-                    rec.scaler_skips += 1
-            else:
-                loss.backward()
-                s.optimizer.step()
-            s.optimizer.zero_grad(set_to_none=True)
+    if not s.train:
+        for i in range(2):
+            out = s.infer_on(s.prepare(seeded_batch(workload, workload.batch_size, i, s.rank)))
+            rec.outputs.extend(contract.output_tensors(out))
         return rec
-    for i in range(2):
-        out = s.infer_on(s.prepare(seeded_batch(workload, bs, i)))
-        rec.outputs.extend(contract.output_tensors(out))
+    step = s.training_step
+    step.count_skips = True
+    # the baseline's effective batch; a variant that accumulates runs it as its micro-batches
+    effective = workload.batch_size if s.accum == 1 else s.cfg.batch_size * s.accum
+    try:
+        for i in range(steps):
+            micro = split_batch(seeded_batch(workload, effective, i, s.rank), s.accum)
+            keep = (lambda out: rec.outputs.extend(contract.output_tensors(out))) if i == 0 and s.accum == 1 else None
+            loss = s.train_on([s.prepare(b) for b in micro], on_outputs=keep)
+            rec.losses.append(float(loss.detach().float().cpu()))
+    finally:
+        step.count_skips = False
+    rec.scaler_skips = step.skipped_steps
+    if keep_params:
+        rec.params = [p.detach().float().cpu().clone() for p in s.eager_model.parameters()]
+    s.sync()
     return rec
 
 
 def _nonfinite(rec: RunRecord) -> bool:
     if any(not math.isfinite(x) for x in rec.losses):
         return True
+    if rec.params is not None and any(not bool(p.isfinite().all()) for p in rec.params):
+        return True
     return any(not torch.isfinite(t).all() for t in rec.outputs)
+
+
+def _max_errors(var: list[torch.Tensor], base: list[torch.Tensor]) -> tuple[float, float, Optional[str]]:
+    """(max absolute error, max relative error, a shape problem or None) over paired tensors."""
+    max_abs = max_rel = 0.0
+    for a, b in zip(var, base):
+        if a.shape != b.shape:
+            return 0.0, 0.0, f"output shape changed: {tuple(b.shape)} -> {tuple(a.shape)}"
+        if a.numel() == 0:
+            continue
+        diff = (a - b).abs().max().item()
+        scale = b.abs().max().item()
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+    return max_abs, max_rel, None
+
+
+def _structural_problem(base: RunRecord, var: RunRecord) -> Optional[str]:
+    if base.checksum and var.checksum and base.checksum != var.checksum:
+        return "the variant did not start from the baseline's weights"
+    if base.outputs and var.outputs and len(base.outputs) != len(var.outputs):
+        return "the variant returned a different number of outputs"
+    if base.params is not None and var.params is not None and len(base.params) != len(var.params):
+        return "the variant has a different number of parameters"
+    return None
+
+
+def _loss_divergence(base: RunRecord, var: RunRecord, tol: float) -> tuple[list[float], str]:
+    """Per-step relative loss differences, and why they fail (empty when they do not)."""
+    rel = [abs(lv - lb) / max(abs(lb), 1e-12) for lb, lv in zip(base.losses, var.losses)]
+    for i, r in enumerate(rel):
+        allowed = tol * (1 + 0.5 * i)
+        if r > allowed:
+            return rel, (f"training loss diverged from the baseline at step {i + 1}: {var.losses[i]:.6g} vs "
+                         f"{base.losses[i]:.6g} ({r:.2e} relative, allowed {allowed:.1e})")
+    return rel, ""
 
 
 def compare(base: RunRecord, var: RunRecord, tolerance: float) -> Verification:
     tol = max(tolerance, FP32_TOLERANCE)
-    if base.checksum and var.checksum and base.checksum != var.checksum:
-        return Verification(False, None, None, tol, "the variant did not start from the baseline's weights")
+    problem = _structural_problem(base, var)
+    if problem:
+        return Verification(False, None, None, tol, problem)
     if _nonfinite(var):
         return Verification(
             False, None, None, tol,
@@ -87,43 +129,20 @@ def compare(base: RunRecord, var: RunRecord, tolerance: float) -> Verification:
             + " — reduced precision overflowed",
             losses_baseline=base.losses, losses_variant=var.losses,
         )
-    if len(base.outputs) != len(var.outputs):
-        return Verification(False, None, None, tol, "the variant returned a different number of outputs")
-    max_abs = 0.0
-    max_rel = 0.0
-    for a, b in zip(var.outputs, base.outputs):
-        if a.shape != b.shape:
-            return Verification(False, None, None, tol, f"output shape changed: {tuple(b.shape)} -> {tuple(a.shape)}")
-        if a.numel() == 0:
-            continue
-        diff = (a - b).abs().max().item()
-        scale = b.abs().max().item()
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
-    loss_rel = []
-    for i, (lb, lv) in enumerate(zip(base.losses, var.losses)):
-        loss_rel.append(abs(lv - lb) / max(abs(lb), 1e-12))
-    ok = max_rel <= tol
-    reason = ""
-    if not ok:
+    paired = bool(base.outputs) and bool(var.outputs)
+    max_abs, max_rel, shape = _max_errors(var.outputs, base.outputs) if paired else (0.0, 0.0, None)
+    if shape:
+        return Verification(False, None, None, tol, shape)
+    loss_rel, reason = _loss_divergence(base, var, tol)
+    if max_rel > tol:
         reason = f"outputs differ by {max_rel:.2e} relative (tolerance {tol:.1e})"
-    else:
-        for i, r in enumerate(loss_rel):
-            allowed = tol * (1 + 0.5 * i)
-            if r > allowed:
-                ok = False
-                reason = (
-                    f"training loss diverged from the baseline at step {i + 1}: {var.losses[i]:.6g} vs "
-                    f"{base.losses[i]:.6g} ({r:.2e} relative, allowed {allowed:.1e})"
-                )
-                break
-    worst = max([max_rel] + loss_rel[:1]) if loss_rel else max_rel
-    return Verification(
-        ok=ok,
-        max_abs_error=float(f"{max_abs:.6g}"),
-        max_rel_error=float(f"{worst:.6g}"),
-        tolerance=tol,
-        reason=reason,
-        losses_baseline=base.losses,
-        losses_variant=var.losses,
-    )
+    worst = max([max_rel] + (loss_rel[:1] if paired else loss_rel))
+    if not reason and base.params is not None and var.params is not None:
+        p_abs, p_rel, _ = _max_errors(var.params, base.params)
+        allowed = tol * (1 + 0.5 * max(len(base.losses) - 1, 0))
+        max_abs, worst = max(max_abs, p_abs), max(worst, p_rel)
+        if p_rel > allowed:
+            reason = (f"parameters after {len(base.losses)} steps differ from the baseline's by {p_rel:.2e} "
+                      f"relative (allowed {allowed:.1e})")
+    return Verification(ok=not reason, max_abs_error=float(f"{max_abs:.6g}"), max_rel_error=float(f"{worst:.6g}"),
+                        tolerance=tol, reason=reason, losses_baseline=base.losses, losses_variant=var.losses)

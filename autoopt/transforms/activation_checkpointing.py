@@ -10,10 +10,10 @@ The repeated blocks are the longest run of same-type children in any
 ModuleList / Sequential (transformer layers, residual blocks). The module tree and
 state_dict keys stay the same: only the blocks' `forward` is replaced.
 
-Params: none. Config: `ExecConfig.activation_checkpointing`; the runner calls
-`apply_checkpointing(model)` after `.to(device)`.
+Params: none. Config: `ExecConfig.activation_checkpointing`; the applier
+(autoopt.run.apply.place_model) checkpoints the blocks after `.to(device)`.
 
-Patch: a plain-PyTorch helper `_autoopt_checkpoint_blocks` (the same code the runner
+Patch: a plain-PyTorch helper `_autoopt_checkpoint_blocks` (the same code the applier
 uses) is added to the file and `build_model` returns `_autoopt_checkpoint_blocks(<model>)`.
 
 Safety: safe. Tolerance 1e-4 relative: the recomputation runs the same kernels on the
@@ -25,34 +25,20 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
-from autoopt.transforms import Transform, inspect_workload, register
-from autoopt.run.torch_helpers import _autoopt_checkpoint_blocks, _autoopt_repeated_blocks
+from autoopt.transforms.base import Transform
+from autoopt.workload.facts import workload_facts
+from autoopt.torch_helpers import _autoopt_checkpoint_blocks, _autoopt_repeated_blocks
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 
-def apply_checkpointing(model) -> int:
-    """Checkpoint the model's repeated blocks in place; the number wrapped (0: none)."""
-    inner = getattr(model, "_orig_mod", model)
-    blocks = _autoopt_repeated_blocks(inner)
-    todo = [b for b in blocks if not getattr(b, "_autoopt_checkpointed", False)]
-    _autoopt_checkpoint_blocks(inner)
-    return len(todo)
-
-
-@register
 class ActivationCheckpointing(Transform):
     name = "activation_checkpointing"
-    safety = "safe"
-    tolerance = 1e-4
-    summary = "Recompute repeated blocks' activations in backward (less memory, more time) to fit a larger batch"
-    modes = ("train",)
-    order = 45
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
         reason = super().check(workload, caps, params)
         if reason:
             return reason
-        n = inspect_workload(workload).get("model.repeated_block_count") or 0
+        n = workload_facts(workload).get("model.repeated_block_count") or 0
         if n < 2:
             return "the model has no repeated blocks (a ModuleList/Sequential run of same-type layers) to checkpoint"
         return None

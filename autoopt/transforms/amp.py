@@ -14,7 +14,7 @@ Patch: the body of `forward(model, batch)` is wrapped in
 `with torch.autocast("<device>", dtype=torch.<dtype>):` (a file without `forward` gets
 the default one first). For fp16 training the patch adds a module-level
 `GRAD_SCALER = torch.amp.GradScaler("<device>")` object — a contract extension the
-runner honours: when the model file defines GRAD_SCALER, the training step runs
+applier honours: when the model file defines GRAD_SCALER, the training step runs
 `GRAD_SCALER.scale(loss).backward(); GRAD_SCALER.step(opt); GRAD_SCALER.update()`.
 
 Safety: unsafe (changes numerics). Tolerance (relative, outputs and loss): bf16 5e-2 —
@@ -27,29 +27,25 @@ from __future__ import annotations
 
 from typing import Optional
 
-from autoopt.transforms import Transform, _fmt_dtype, inspect_workload, register
+from autoopt.transforms.base import Transform, fmt_dtype
+from autoopt.workload.facts import workload_facts
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 DTYPES = ("bfloat16", "float16")
 TOLERANCE = {"bfloat16": 5e-2, "float16": 1e-2}
 
 
-@register
 class Amp(Transform):
     name = "amp"
-    safety = "unsafe"
-    tolerance = 5e-2
-    summary = "Run forward and loss under torch.autocast (bf16, or fp16 with a GradScaler in training)"
-    order = 30
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
         reason = super().check(workload, caps, params)
         if reason:
             return reason
         dtype = params.get("dtype")
-        if dtype is not None and _fmt_dtype(dtype) not in DTYPES:
+        if dtype is not None and fmt_dtype(dtype) not in DTYPES:
             return f"amp dtype must be one of {', '.join(DTYPES)}, not {dtype!r}"
-        if inspect_workload(workload).get("workload.autocast"):
+        if workload_facts(workload).get("workload.autocast"):
             return "forward() already runs under torch.autocast"
         if dtype is None:
             if caps.device_type == "cpu" and not caps.bf16:
@@ -68,23 +64,23 @@ class Amp(Transform):
         dtype = params.get("dtype")
         if dtype is None:
             dtype = "bfloat16" if (caps.bf16 or caps.device_type == "cpu") else "float16"
-        dtype = _fmt_dtype(dtype)
+        dtype = fmt_dtype(dtype)
         scaler = params.get("grad_scaler")
         if scaler is None:
             scaler = workload.mode == "train" and dtype == "float16"
         return {"dtype": dtype, "grad_scaler": bool(scaler)}
 
     def tolerance_for(self, params: dict) -> float:
-        return TOLERANCE.get(_fmt_dtype(params.get("dtype") or "bfloat16"), self.tolerance)
+        return TOLERANCE.get(fmt_dtype(params.get("dtype") or "bfloat16"), self.tolerance)
 
     def apply(self, cfg: ExecConfig, params: dict, workload: Optional[Workload] = None) -> ExecConfig:
-        dtype = _fmt_dtype(params.get("dtype") or "bfloat16")
+        dtype = fmt_dtype(params.get("dtype") or "bfloat16")
         if dtype not in DTYPES:
             raise ValueError(f"amp dtype must be one of {DTYPES}, not {dtype!r}")
         return cfg.with_(amp_dtype=dtype, grad_scaler=bool(params.get("grad_scaler", False)))
 
     def patch(self, editor, params: dict, workload: Optional[Workload]) -> None:
-        dtype = _fmt_dtype(params.get("dtype") or "bfloat16")
+        dtype = fmt_dtype(params.get("dtype") or "bfloat16")
         device = workload.device if workload is not None else "cuda"
         editor.ensure_import("torch")
         editor.wrap_body("forward", f'torch.autocast("{device}", dtype=torch.{dtype})')

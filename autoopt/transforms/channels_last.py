@@ -3,7 +3,7 @@
 cuDNN / oneDNN convolutions run natively in NHWC (tensor cores on GPU want it; NCHW
 weights or inputs cost transposes on every call). Only where there are Conv2d modules.
 
-Params: none. Config: `ExecConfig.channels_last` (the runner converts the model after
+Params: none. Config: `ExecConfig.channels_last` (the applier converts the model after
 `.to(device)` and 4-D float inputs in autoopt.workload.contract.to_device).
 
 Patch: `build_model` returns `<model>.to(memory_format=torch.channels_last)`, and
@@ -19,24 +19,20 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
-from autoopt.transforms import Transform, inspect_workload, register
-from autoopt.run.torch_helpers import _autoopt_channels_last
+from autoopt.transforms.base import Transform
+from autoopt.workload.facts import workload_facts
+from autoopt.torch_helpers import _autoopt_channels_last
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 
-@register
 class ChannelsLast(Transform):
     name = "channels_last"
-    safety = "safe"
-    tolerance = 1e-3
-    summary = "Store conv weights and 4-D inputs in channels_last (NHWC) memory format"
-    order = 40
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
         reason = super().check(workload, caps, params)
         if reason:
             return reason
-        facts = inspect_workload(workload)
+        facts = workload_facts(workload)
         if not facts.get("model.conv2d_count"):
             return "the model has no Conv2d layers; channels_last only changes convolutions"
         if facts.get("workload.channels_last"):

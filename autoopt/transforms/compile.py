@@ -2,7 +2,7 @@
 
 Fuses elementwise chains and removes Python overhead; compile time is paid once and is
 reported apart from step time (Measurement.compile_time_s). A compile failure is recorded
-on the variant as `failed` with its message, never fatal (the runner catches it).
+on the variant as `failed` with its message, never fatal (the search records it).
 
 Params: `mode` ("default" | "max-autotune-no-cudagraphs" | "reduce-overhead" |
 "max-autotune"; default "default"), `backend` (default "inductor"; tests use
@@ -28,7 +28,8 @@ import os
 import shutil
 from typing import Optional
 
-from autoopt.transforms import Transform, inspect_workload, register
+from autoopt.transforms.base import Transform
+from autoopt.workload.facts import workload_facts
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
@@ -68,13 +69,8 @@ def patch_compile(editor, mode: str, backend: str) -> None:
     editor.wrap_return("build_model", "torch.compile({}" + extra + ")")
 
 
-@register
 class Compile(Transform):
     name = "compile"
-    safety = "safe"
-    tolerance = 1e-3
-    summary = "torch.compile the model (fused kernels, less Python overhead); compile time reported apart"
-    order = 80
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
         reason = super().check(workload, caps, params)
@@ -85,7 +81,7 @@ class Compile(Transform):
             return f"unknown torch.compile mode {mode!r}; use one of {', '.join(MODES)}"
         if mode in _CUDA_GRAPH_MODES and caps.device_type != "cuda":
             return f"mode {mode!r} captures CUDA graphs, which need a CUDA device"
-        if inspect_workload(workload).get("workload.compiled"):
+        if workload_facts(workload).get("workload.compiled"):
             return "build_model() already returns a torch.compile'd module"
         return compiler_problem(caps, params.get("backend", "inductor"))
 
@@ -97,7 +93,7 @@ class Compile(Transform):
         if "mode" in params or caps.device_type != "cuda":
             return [base]
         modes = ["default", "max-autotune-no-cudagraphs"]
-        if inspect_workload(workload).get("workload.static_shapes") is not False:
+        if workload_facts(workload).get("workload.static_shapes") is not False:
             modes.append("reduce-overhead")
         return [dict(base, mode=m) for m in modes]
 

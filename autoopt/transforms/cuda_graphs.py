@@ -19,18 +19,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from autoopt.transforms import Transform, inspect_workload, register
+from autoopt.transforms.base import Transform
+from autoopt.workload.facts import workload_facts
 from autoopt.transforms.compile import compiler_problem, patch_compile
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 
-@register
 class CudaGraphs(Transform):
     name = "cuda_graphs"
-    safety = "safe"
-    tolerance = 1e-3
-    summary = "Capture the step in CUDA graphs (torch.compile mode='reduce-overhead') to cut launch overhead"
-    order = 85
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
         reason = super().check(workload, caps, params)
@@ -38,7 +34,7 @@ class CudaGraphs(Transform):
             return reason
         if caps.device_type != "cuda":
             return "CUDA graphs need a CUDA device; this run is on the CPU"
-        facts = inspect_workload(workload)
+        facts = workload_facts(workload)
         if facts.get("workload.static_shapes") is False:
             return "batch shapes change between steps; every new shape would be captured again"
         if facts.get("workload.compiled"):

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from autoopt.transforms import Transform, inspect_workload, register
+from autoopt.transforms.base import Transform
+from autoopt.workload.facts import workload_facts
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 
-@register
 class CudnnBenchmark(Transform):
     name = "cudnn_benchmark"
-    safety = "safe"
-    tolerance = 1e-3
-    summary = "Let cuDNN benchmark convolution algorithms per input shape (static shapes)"
-    order = 56
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
         reason = super().check(workload, caps, params)
@@ -32,7 +28,7 @@ class CudnnBenchmark(Transform):
             return reason
         if caps.device_type != "cuda":
             return "cudnn.benchmark tunes cuDNN convolutions on a GPU; this run is on the CPU"
-        facts = inspect_workload(workload)
+        facts = workload_facts(workload)
         if not facts.get("model.conv_count"):
             return "the model has no convolutions for cuDNN to tune"
         if facts.get("workload.static_shapes") is False:

@@ -1,8 +1,8 @@
 """Distributed transforms: how DistributedDataParallel (DDP) synchronises gradients.
 
-An ExecConfig describes one process; these settings belong to the DDP wrapper that
-autoopt's per-rank worker (autoopt.distributed.worker) builds around the model, so they live
-in a separate `ddp` settings dict:
+These settings belong to the DDP wrapper that the applier (autoopt.run.apply.wrap_ddp)
+builds around the model in a --nproc job; they live in the configuration's `ddp` dict
+(ExecConfig.ddp):
 
     {"bucket_cap_mb": 25.0, "gradient_as_bucket_view": False, "static_graph": False,
      "no_sync": False}
@@ -10,7 +10,8 @@ in a separate `ddp` settings dict:
 `default_settings(module)` reads a model file's own choices (module-level constants
 `DDP_BUCKET_CAP_MB`, `DDP_GRADIENT_AS_BUCKET_VIEW`, `DDP_STATIC_GRAPH`, `DDP_NO_SYNC`,
 a contract extension the worker honours, like GRAD_ACCUM_STEPS for accumulation), and
-`ddp_kwargs(settings)` turns the dict into DistributedDataParallel's keyword arguments.
+`ddp_kwargs(settings)` (autoopt.run.apply) turns the dict into DistributedDataParallel's
+keyword arguments.
 
 Four transforms, each with the faces of autoopt.transforms.Transform:
 
@@ -42,10 +43,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from autoopt.transforms import Transform
+from autoopt.run.apply import DEFAULT_BUCKET_CAP_MB, ddp_kwargs, ddp_settings
+from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
-
-DEFAULT_BUCKET_CAP_MB = 25.0  # torch.nn.parallel.DistributedDataParallel's default
 
 SETTINGS_KEYS = ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph", "no_sync")
 
@@ -60,12 +60,7 @@ MODULE_CONSTANTS = {
 
 def default_settings(module: Any = None) -> dict[str, Any]:
     """DDP's defaults, overridden by the model file's DDP_* constants where it sets them."""
-    s: dict[str, Any] = {
-        "bucket_cap_mb": DEFAULT_BUCKET_CAP_MB,
-        "gradient_as_bucket_view": False,
-        "static_graph": False,
-        "no_sync": False,
-    }
+    s: dict[str, Any] = ddp_settings()
     if module is not None:
         for const, key in MODULE_CONSTANTS.items():
             v = getattr(module, const, None)
@@ -82,15 +77,6 @@ def default_settings(module: Any = None) -> dict[str, Any]:
     return s
 
 
-def ddp_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    """DistributedDataParallel keyword arguments for a settings dict."""
-    return {
-        "bucket_cap_mb": float(settings.get("bucket_cap_mb", DEFAULT_BUCKET_CAP_MB)),
-        "gradient_as_bucket_view": bool(settings.get("gradient_as_bucket_view", False)),
-        "static_graph": bool(settings.get("static_graph", False)),
-    }
-
-
 def describe_settings(settings: dict[str, Any]) -> str:
     parts = [f"bucket_cap_mb={settings.get('bucket_cap_mb', DEFAULT_BUCKET_CAP_MB):g}"]
     for k in ("gradient_as_bucket_view", "static_graph", "no_sync"):
@@ -101,15 +87,13 @@ def describe_settings(settings: dict[str, Any]) -> str:
 
 class DDPTransform(Transform):
     """A transform of the DDP wrapper. `apply_ddp(settings, params)` returns a modified
-    copy of the settings dict; `apply(cfg, ...)` changes the ExecConfig only where the
-    transform changes the per-process step too (no_sync's micro-batches)."""
+    copy of a settings dict; `apply(cfg, ...)` puts it into the configuration's `ddp` (and
+    changes the per-process step where the transform does: no_sync's micro-batches)."""
 
-    modes = ("train",)
-    order = 90  # after every single-process transform
     setting: str = ""
 
     def apply(self, cfg: ExecConfig, params: dict, workload: Optional[Workload] = None) -> ExecConfig:
-        return cfg
+        return cfg.with_(ddp=self.apply_ddp(ddp_settings(cfg.ddp), params))
 
     def apply_ddp(self, settings: dict[str, Any], params: dict) -> dict[str, Any]:
         raise NotImplementedError
@@ -128,9 +112,6 @@ class DDPTransform(Transform):
 
 class BucketSize(DDPTransform):
     name = "ddp_bucket_size"
-    safety = "safe"
-    tolerance = 1e-4
-    summary = "Change DDP's gradient bucket size (bucket_cap_mb) to overlap all-reduce with backward better"
     setting = "bucket_cap_mb"
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
@@ -160,9 +141,6 @@ class BucketSize(DDPTransform):
 
 class GradientAsBucketView(DDPTransform):
     name = "ddp_gradient_as_bucket_view"
-    safety = "safe"
-    tolerance = 1e-5
-    summary = "Let DDP's gradients be views into its all-reduce buckets (one copy and one gradient's memory less)"
     setting = "gradient_as_bucket_view"
 
     def apply_ddp(self, settings: dict[str, Any], params: dict) -> dict[str, Any]:
@@ -178,9 +156,6 @@ class GradientAsBucketView(DDPTransform):
 
 class StaticGraph(DDPTransform):
     name = "ddp_static_graph"
-    safety = "safe"
-    tolerance = 1e-4
-    summary = "Declare DDP's graph static (no per-step unused-parameter search; buckets reordered after step 1)"
     setting = "static_graph"
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
@@ -205,9 +180,6 @@ class StaticGraph(DDPTransform):
 
 class NoSync(DDPTransform):
     name = "ddp_no_sync"
-    safety = "safe"  # when the model file already accumulates; see safety_for
-    tolerance = 1e-4
-    summary = "All-reduce gradients once per optimizer step: no_sync() around all but the last micro-batch"
     setting = "no_sync"
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
@@ -235,6 +207,7 @@ class NoSync(DDPTransform):
 
     def apply(self, cfg: ExecConfig, params: dict, workload: Optional[Workload] = None) -> ExecConfig:
         k = int(params.get("steps", 2))
+        cfg = super().apply(cfg, params, workload)
         if params.get("introduces_accumulation"):
             if k < 2 or cfg.batch_size % k:
                 raise ValueError(f"cannot split a batch of {cfg.batch_size} into {k} equal micro-batches")

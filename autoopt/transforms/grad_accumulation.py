@@ -1,7 +1,7 @@
 """`grad_accumulation`: keep the effective batch when the wanted batch does not fit —
 k micro-batches of B/k samples, gradients summed, one optimizer step.
 
-The runner divides each micro-batch loss by k (so the summed gradient is the mean over
+The applier divides each micro-batch loss by k (so the summed gradient is the mean over
 the effective batch, as with one batch of B) and steps every k micro-batches.
 BatchNorm sees micro-batches (its statistics use B/k samples), and anything counting
 optimizer steps sees 1/k as many per sample — so it is `manual`, like batch_size.
@@ -12,7 +12,7 @@ the micro-batch (effective / k, which must divide evenly) and `grad_accum_steps 
 the samples per optimizer step are batch_size x grad_accum_steps.
 
 Patch: `BATCH_SIZE = <micro-batch>` and `GRAD_ACCUM_STEPS = k` at module level — a
-contract extension the runner honours: a model file with GRAD_ACCUM_STEPS runs k
+contract extension the applier honours: a model file with GRAD_ACCUM_STEPS runs k
 micro-batches (loss / k, backward each) per optimizer step.
 
 Safety: manual. Tolerance 1e-3 relative: without batch-dependent layers the accumulated
@@ -23,18 +23,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from autoopt.transforms import Transform, register
+from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 
-@register
 class GradAccumulation(Transform):
     name = "grad_accumulation"
-    safety = "manual"
-    tolerance = 1e-3
-    summary = "Accumulate gradients over k micro-batches to keep the effective batch in less memory"
-    modes = ("train",)
-    order = 20
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
         reason = super().check(workload, caps, params)

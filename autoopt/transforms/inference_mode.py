@@ -3,7 +3,7 @@ bookkeeping, no version counters), optionally with reduced-precision weights.
 
 Params: `weights_dtype` (None | "bfloat16" | "float16"; default None = fp32 weights).
 With a weights dtype the model's floating-point parameters and buffers are cast after
-`.to(device)` and the floating-point inputs are cast to the same dtype (the runner does
+`.to(device)` and the floating-point inputs are cast to the same dtype (the applier does
 that for `ExecConfig.weights_dtype`; the patch adds it to forward).
 
 Config: `ExecConfig.inference_mode = True`, `ExecConfig.weights_dtype`.
@@ -23,39 +23,33 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
-from autoopt.transforms import Transform, _fmt_dtype, register
-from autoopt.run.torch_helpers import _autoopt_cast_floats
+from autoopt.transforms.base import Transform, fmt_dtype
+from autoopt.torch_helpers import _autoopt_cast_floats
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 WEIGHT_DTYPES = ("bfloat16", "float16")
 TOLERANCE = {None: 1e-5, "bfloat16": 5e-2, "float16": 1e-2}
 
 
-@register
 class InferenceMode(Transform):
     name = "inference_mode"
-    safety = "safe"
-    tolerance = 1e-5
-    summary = "Run inference under torch.inference_mode(), optionally with bf16/fp16 weights"
-    modes = ("infer",)
-    order = 25
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
         reason = super().check(workload, caps, params)
         if reason:
             return "training needs autograd; inference_mode only applies to inference-only models"
         wd = params.get("weights_dtype")
-        if wd is not None and _fmt_dtype(wd) not in WEIGHT_DTYPES:
+        if wd is not None and fmt_dtype(wd) not in WEIGHT_DTYPES:
             return f"weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, not {wd!r}"
         return None
 
     def resolve_params(self, workload: Workload, caps: Capabilities, params: dict) -> dict:
         wd = params.get("weights_dtype")
-        return {"weights_dtype": _fmt_dtype(wd) if wd else None}
+        return {"weights_dtype": fmt_dtype(wd) if wd else None}
 
     def tolerance_for(self, params: dict) -> float:
         wd = params.get("weights_dtype")
-        return TOLERANCE.get(_fmt_dtype(wd) if wd else None, self.tolerance)
+        return TOLERANCE.get(fmt_dtype(wd) if wd else None, self.tolerance)
 
     def safety_for(self, params: dict) -> str:
         return "unsafe" if params.get("weights_dtype") else "safe"
@@ -66,7 +60,7 @@ class InferenceMode(Transform):
 
     def apply(self, cfg: ExecConfig, params: dict, workload: Optional[Workload] = None) -> ExecConfig:
         wd = params.get("weights_dtype")
-        wd = _fmt_dtype(wd) if wd else None
+        wd = fmt_dtype(wd) if wd else None
         if wd is not None and wd not in WEIGHT_DTYPES:
             raise ValueError(f"weights_dtype must be one of {WEIGHT_DTYPES}, not {wd!r}")
         return cfg.with_(inference_mode=True, weights_dtype=wd)
@@ -76,7 +70,7 @@ class InferenceMode(Transform):
         wd = params.get("weights_dtype")
         editor.wrap_body("forward", "torch.inference_mode()")
         if wd:
-            wd = _fmt_dtype(wd)
+            wd = fmt_dtype(wd)
             editor.wrap_return("build_model", "{}.to(torch." + wd + ")")
             editor.add_function(inspect.getsource(_autoopt_cast_floats))
             _, batch = editor.forward_params()

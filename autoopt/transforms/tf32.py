@@ -2,7 +2,7 @@
 `torch.set_float32_matmul_precision("high")` and `torch.backends.cudnn.allow_tf32 = True`.
 
 Params: none (`precision`: "high" or "medium", default "high").
-Config: `ExecConfig.matmul_precision` (the runner also sets cuDNN allow_tf32 on cuda).
+Config: `ExecConfig.matmul_precision` (the applier also sets cuDNN allow_tf32 on cuda).
 
 Patch: those two statements at module level, after the imports (they take effect when
 the model file is imported).
@@ -16,17 +16,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from autoopt.transforms import Transform, inspect_workload, register
+from autoopt.transforms.base import Transform
+from autoopt.workload.facts import workload_facts
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 
-@register
 class TF32(Transform):
     name = "tf32"
-    safety = "unsafe"
-    tolerance = 1e-2
-    summary = "Allow TF32 tensor-core math for fp32 matmuls and convolutions (Ampere+)"
-    order = 55
 
     def check(self, workload: Workload, caps: Capabilities, params: dict) -> Optional[str]:
         reason = super().check(workload, caps, params)
@@ -39,7 +35,7 @@ class TF32(Transform):
         if not caps.tf32:
             cc = caps.compute_capability_float
             return f"{caps.name or 'this GPU'} (compute capability {cc}) has no TF32 tensor cores; they start at 8.0"
-        current = inspect_workload(workload).get("env.matmul_precision")
+        current = workload_facts(workload).get("env.matmul_precision")
         if current in ("high", "medium"):
             return f"float32 matmul precision is already {current!r}"
         return None

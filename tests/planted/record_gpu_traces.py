@@ -9,7 +9,7 @@ torch.profiler — and writes, per model, into OUT_DIR/<model>-b<batch size>/:
 - `<model>.pt.trace.json.gz`: the Kineto trace as torch.profiler wrote it;
 - `facts.json`: what the live run knew besides the trace (device capabilities, torch
   settings, the model file's workload and model facts, the timed measurement), i.e.
-  `autoopt.pipelines.optimize.collect_facts(workload, None, measurement)`, plus the torch version
+  `autoopt.diagnosis.facts_builder.build_facts(device=caps, live=True, workload=..., measurement=...)`, plus the torch version
   and the device name.
 
 The test combines the two exactly as `autoopt profile` does (trace facts first, live facts
@@ -41,7 +41,7 @@ def record(model: Path, out: Path, batch_scale: int) -> dict:
     from autoopt.env import detect_capabilities
     from autoopt.workload.load import build_workload, load_model_file
     from autoopt.run.measure import MeasureSettings, measure
-    from autoopt.pipelines.optimize import collect_facts
+    from autoopt.diagnosis.facts_builder import build_facts
     from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
     from autoopt.run.session import Session
 
@@ -58,7 +58,7 @@ def record(model: Path, out: Path, batch_scale: int) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     (trace,) = run.trace_files
     shutil.copy(trace, dest / f"{spec.name}.pt.trace.json.gz")
-    facts = collect_facts(wl, None, m)
+    facts = build_facts(device=wl.caps, live=True, workload=wl.facts, measurement=m)
     record = {"model": spec.name, "torch_version": torch.__version__, "device": caps.name,
               "batch_size": bs, "facts": facts}
     (dest / "facts.json").write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,272 @@
+"""The search engine: trials of configurations, judged side by side, recorded as variants.
+
+Every keep decision compares two configurations measured side by side, in alternating
+rounds (autoopt.run.measure.measure_against): a transform alone against the baseline, a
+combination against the current best, a larger batch against the best batch so far. Two
+measurements taken apart differ by the machine's drift, 10-30 % on a shared machine, more
+than most gains worth keeping. Where the two could not be held together (out of memory),
+the candidate's own measurement is compared with the anchor's earlier one, beyond two
+standard errors of the two medians and at least 3 % (autoopt.settings.APART_FLOOR).
+
+A strategy (autoopt.search.strategies) decides which trials to run; `Search.run` runs it,
+then, when the pipeline gives a `rediagnose` hook, follows the diagnosis: the rules run again
+on the trace of the best configuration, and what they newly propose is tried on top of it,
+until nothing new appears.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+from autoopt.results import Decision, Variant
+from autoopt.run.measure import Paired, noise_between, speedup
+from autoopt.search.batch import search_batch_size
+from autoopt.search.evaluator import Evaluator
+from autoopt.search.trial import Candidate, Outcome, Point
+from autoopt.settings import APART_FLOOR, SearchSettings
+from autoopt.transforms import apply_transforms
+from autoopt.types import Measurement, Status
+
+Progress = Callable[..., None]
+Rediagnose = Callable[[Point], list[Candidate]]
+
+BATCH = "batch_size"
+
+
+def _noop(*_a, **_k) -> None:
+    pass
+
+
+def judge(pair: Optional[Paired], anchor: Point, m: Measurement, anchor_name: str) -> Decision:
+    """Whether m beats the anchor beyond the noise: by the ratio of the rounds measured side
+    by side when there are some, else against the anchor's earlier measurement."""
+    if pair is not None and pair.anchor is not None:
+        return Decision(pair.better, pair.ratio, pair.noise, anchor_name, rounds=len(pair.round_ratios))
+    ratio, _, _ = speedup(anchor.measurement, m)
+    noise = noise_between(anchor.measurement, m, APART_FLOOR)
+    return Decision(ratio > 1 + noise, ratio, noise, anchor_name)
+
+
+class Search:
+    """One search over the candidates of a workload; its variants are the report's."""
+
+    def __init__(self, evaluator: Evaluator, settings: SearchSettings, *, progress: Progress = _noop,
+                 rediagnose: Optional[Rediagnose] = None, variants: Optional[list[Variant]] = None):
+        self.ev = evaluator
+        self.settings = settings
+        self.progress = progress
+        self.rediagnose = rediagnose
+        self.variants: list[Variant] = variants if variants is not None else []  # shared with the pipeline
+        self.notes: list[str] = []
+        self.batch_tables: dict[str, list[dict]] = {}  # per searched configuration (its codes)
+        self.variants_tried = 0
+        self.started: Optional[float] = None
+        self.time_s: Optional[float] = None
+        self.base: Optional[Point] = None
+
+    # ------------------------------------------------------------------ running
+    def run(self, strategy, candidates: list[Candidate], base: Point) -> Point:
+        """The strategy's best configuration, then the diagnosis followed from it."""
+        self.base = base
+        self.started = time.perf_counter()
+        try:
+            best = strategy.run(self, candidates, base)
+            if self.rediagnose is not None and self.settings.follow_diagnosis:
+                best = self.follow(best)
+            self.mark_superseded(best)
+            return best
+        finally:
+            self.time_s = time.perf_counter() - self.started
+
+    def elapsed(self) -> float:
+        if self.time_s is not None:
+            return self.time_s
+        return time.perf_counter() - self.started if self.started else 0.0
+
+    def anchor_name(self, anchor: Point) -> str:
+        return "the baseline" if anchor is self.base else "the current best"
+
+    # ------------------------------------------------------------------ trials
+    def evaluate(self, combo: list[Candidate], anchor: Point, *, name: Optional[str] = None) -> tuple[Variant, Optional[Point]]:
+        """One combination: applied to the baseline's configuration, verified, measured beside
+        `anchor` and traced. Returns its variant and, when it was verified and measured, the
+        point it reached (kept or not: a solo's point is what greedy orders by)."""
+        cfg = apply_transforms(self.base.config, [(c.transform, c.params) for c in combo], self.ev.workload)
+        name = name or "+".join(c.code for c in combo)
+        tol = max(c.transform.tolerance_for(c.params) for c in combo)
+        self.variants_tried += 1
+        out = self.ev.trial(name, cfg, tolerance=tol, anchor=anchor)
+        v = Variant(name=name, codes=[c.code for c in combo], transforms=[c.transform_json() for c in combo],
+                    accepted=True, status=Status.FAILED, config=cfg, measurement=out.measurement,
+                    verification=out.verification, logdir=out.logdir, expected_speedup=self.expected(combo),
+                    safety=self.safety(combo), failure=out.failure)
+        point = self._judge_variant(v, out, anchor, combo)
+        self.variants.append(v)
+        return v, point
+
+    def _judge_variant(self, v: Variant, out: Outcome, anchor: Point, combo: list[Candidate]) -> Optional[Point]:
+        if out.failure is not None:
+            v.reason = out.failure.summary
+            return None
+        if not out.verified:
+            v.status, v.reason = Status.REJECTED, out.verification.reason
+            return None
+        d = judge(out.pair, anchor, out.measurement, self.anchor_name(anchor))
+        v.decision, v.speedup = d, d.ratio * anchor.speedup
+        v.status = Status.KEPT if d.better else Status.REJECTED
+        v.reason = (f"verified; {d.ratio:.2f}x {d.anchor}, {d.how} (noise {d.noise:.0%})" if d.better else
+                    f"verified but not faster beyond noise: {d.ratio:.2f}x {d.anchor}, {d.how} (noise {d.noise:.0%})")
+        return Point(v.config, list(combo), out.measurement, v.speedup, out.logdir)
+
+    def solo(self, c: Candidate) -> tuple[Variant, Optional[Point]]:
+        """A transform alone against the baseline; where it has several parameter sets worth
+        measuring, each is measured and the fastest verified one wins (and becomes c.params)."""
+        options = c.all_options
+        modes = self.settings.compile_modes
+        if modes and c.transform.name == "compile":
+            options = [p for p in options if p.get("mode", "default") in modes] or options[:1]
+        if len(options) <= 1:
+            return self.evaluate([c], self.base)
+        results = []
+        for params in options:
+            trial = c.with_params(params)
+            label = f"{c.code}[{','.join(f'{v}' for v in params.values())}]"
+            results.append((trial, *self.evaluate([trial], self.base, name=label)))
+        good = [r for r in results if r[2] is not None]
+        if not good:
+            return results[0][1], None
+        trial, v, point = max(good, key=lambda r: r[2].speedup)
+        c.params = trial.params
+        point.chosen = [c]
+        return v, point
+
+    def extend(self, best: Point, c: Candidate, options: Optional[list[dict]] = None) -> Optional[Point]:
+        """best + c, measured beside best (with c.params, or each of `options`); the fastest
+        kept one, or None."""
+        options = options or [c.params]
+        kept = []
+        for params in options:
+            trial = c.with_params(params)
+            name = "+".join(best.codes + [c.code]) + (f"[{','.join(map(str, params.values()))}]"
+                                                      if len(options) > 1 else "")
+            v, point = self.evaluate(best.chosen + [trial], best, name=name)
+            if v.status == Status.KEPT:
+                kept.append((trial, point))
+        if not kept:
+            return None
+        trial, point = max(kept, key=lambda tp: tp[1].speedup)
+        c.params = trial.params
+        point.chosen = best.chosen + [c]
+        return point
+
+    # ------------------------------------------------------------------ batch size
+    def batch(self, c: Candidate, start: Point, best: Point) -> Optional[Point]:
+        """The batch size searched by throughput on `start`, each larger size measured beside
+        the best size so far; the size found is kept when it beats `best` (measured beside it
+        when start is not best). Returns the new point, or None when no larger batch was kept."""
+        result = search_batch_size(
+            start.config, self._measure_batch(start), against=self._batch_pair,
+            memory_budget_mb=self.ev.memory_budget_mb(self.settings.memory_budget_fraction),
+            max_batch=self.settings.max_batch)
+        self.batch_tables[start.label] = result.table
+        params = dict(c.params, batch_size=result.batch_size, previous=start.config.batch_size)
+        name = "+".join(start.codes + [c.code])
+        v = Variant(name=name, codes=start.codes + [c.code],
+                    transforms=[x.transform_json() for x in start.chosen] + [{"name": BATCH, "params": params}],
+                    accepted=True, status=Status.REJECTED, expected_speedup=c.finding.expected_speedup,
+                    safety=self.safety(start.chosen + [c]))
+        self.variants.append(v)
+        if not result.batch_size or result.batch_size == start.config.batch_size:
+            v.reason = f"no batch size beat {start.config.batch_size} on throughput beyond noise" + (
+                f" ({result.reason})" if result.reason else "")
+            return None
+        cfg = c.transform.apply(start.config, params, self.ev.workload)
+        # Searched from the current best itself, each doubling was measured beside the size before
+        # and beat it beyond the noise: the search's chained ratio decides, this trial only
+        # measures and traces the result. From another configuration (nothing was kept; the
+        # fastest transform alone was the start), the result must beat the current best beside it.
+        from_best = start is best
+        out = self.ev.trial(name, cfg, tolerance=0.0, anchor=None if from_best else best, verify=False)
+        v.config, v.measurement, v.logdir, v.failure = cfg, out.measurement, out.logdir, out.failure
+        if out.failure is not None or out.measurement is None:
+            v.status, v.reason = Status.FAILED, out.failure.summary if out.failure else "no measurement"
+            return None
+        better = self._batch_verdict(v, c, params, result.relative, start, best, out, from_best)
+        if not better:
+            return None
+        return Point(cfg, start.chosen + [c.with_params(params)], out.measurement, v.speedup, out.logdir)
+
+    def _measure_batch(self, start: Point):
+        def measure(cfg):
+            if cfg.batch_size == start.config.batch_size:
+                return start.measurement
+            self.progress("batch", f"batch search: batch size {cfg.batch_size}", batch_size=cfg.batch_size)
+            self.variants_tried += 1
+            return self.ev.measure_alone(cfg)
+        return measure
+
+    def _batch_pair(self, cur, new) -> Paired:
+        self.progress("batch", f"batch search: batch size {new.batch_size}, in alternating rounds with "
+                      f"{cur.batch_size} (doubling while samples/s improves)", batch_size=new.batch_size)
+        self.variants_tried += 1
+        return self.ev.measure_pair(cur, new)
+
+    def _batch_verdict(self, v: Variant, c: Candidate, params: dict, relative: float, start: Point, best: Point,
+                       out: Outcome, from_best: bool) -> bool:
+        if from_best:
+            ratio = relative
+            verdict = (f"{ratio:.2f}x the throughput at batch {start.config.batch_size}, each doubling measured "
+                       "beside the size before and faster beyond the noise; ")
+            better = ratio * best.speedup > 1.0  # an exhaustive start can be slower than the baseline
+            if not better:
+                verdict += f"still slower than the baseline ({ratio * best.speedup:.2f}x); "
+        else:
+            d = judge(out.pair, best, out.measurement, self.anchor_name(best))
+            v.decision, ratio, better = d, d.ratio, d.better
+            verdict = (f"{ratio:.2f}x the throughput of {d.anchor}, {d.how} (noise {d.noise:.0%}); " if better
+                       else f"not faster than {d.anchor} beyond noise ({ratio:.2f}x, {d.how}, noise {d.noise:.0%}); ")
+        v.speedup = ratio * best.speedup
+        v.status = Status.KEPT if better else Status.REJECTED
+        verified = f"numerics verified at batch {self.base.config.batch_size}; " if self.ev.workload.mode == "train" else ""
+        v.reason = verdict + verified + c.transform.caveat(params, self.ev.workload.mode)
+        return better
+
+    # ------------------------------------------------------------------ diagnosis that follows the search
+    def follow(self, best: Point) -> Point:
+        """Re-run the rules on the best configuration's trace; try what they newly propose on
+        top of it (a larger batch last), until no new finding appears."""
+        for _ in range(self.settings.max_diagnosis_rounds):
+            fresh = self.rediagnose(best)
+            if not fresh:
+                break
+            for c in [x for x in fresh if x.transform.name != BATCH]:
+                best = self.extend(best, c, c.all_options) or best
+            batch = [x for x in fresh if x.transform.name == BATCH]
+            if batch and not any(x.transform.name == BATCH for x in best.chosen):
+                best = self.batch(batch[0], best, best) or best
+        return best
+
+    # ------------------------------------------------------------------ bookkeeping
+    def mark_superseded(self, best: Point) -> None:
+        for v in self.variants:
+            if v.status == Status.KEPT and v.name != "baseline" and v.codes != best.codes:
+                v.reason += "; superseded in the search"
+
+    @staticmethod
+    def expected(combo: list[Candidate]) -> Optional[float]:
+        """The rules' predicted speedup of a combination: the product of its findings' gains
+        (None when any finding has no estimate)."""
+        prod = 1.0
+        for c in combo:
+            if c.finding.expected_speedup is None:
+                return None
+            prod *= c.finding.expected_speedup
+        return prod
+
+    @staticmethod
+    def safety(combo: list[Candidate]) -> str:
+        levels = [str(c.transform.safety_for(c.params)) for c in combo]
+        for level in ("manual", "unsafe"):
+            if level in levels:
+                return level
+        return "safe"

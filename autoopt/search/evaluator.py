@@ -1,0 +1,48 @@
+"""The evaluator interface: how the search has a configuration built, verified, measured and
+traced, without knowing where it runs. One process (autoopt.search.local.LocalEvaluator) and
+every rank of a distributed job (autoopt.distributed.evaluator.DistributedEvaluator) implement
+it; the strategies and their keep decisions are the same on both."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+from autoopt.run.measure import Paired
+from autoopt.search.trial import Outcome, Point
+from autoopt.types import Capabilities, ExecConfig, Measurement, Workload
+
+
+@dataclass
+class FinalMeasurement:
+    """Baseline and final configuration re-measured in alternating rounds."""
+
+    baseline: Measurement
+    final: Measurement
+    logdir: Optional[str] = None
+
+
+class Evaluator(Protocol):
+    workload: Workload
+    caps: Capabilities
+
+    def baseline(self, cfg: ExecConfig) -> Point:
+        """Build the model file as written: record the reference run every variant is verified
+        against, trace it, count its FLOPs and measure it."""
+
+    def trial(self, name: str, cfg: ExecConfig, *, tolerance: float, anchor: Optional[Point],
+              verify: bool = True, trace: bool = True) -> Outcome:
+        """One configuration: verified against the reference (when `verify`), measured beside
+        `anchor` in alternating rounds (alone when None), traced (when `trace`). A failure is
+        returned as a value."""
+
+    def measure_alone(self, cfg: ExecConfig) -> Measurement:
+        """One configuration timed on its own (may raise out of memory)."""
+
+    def measure_pair(self, anchor: ExecConfig, cfg: ExecConfig) -> Paired:
+        """`cfg` measured beside `anchor` in alternating rounds (may raise out of memory)."""
+
+    def memory_budget_mb(self, fraction: float) -> Optional[float]:
+        """The memory a configuration may use: `fraction` of the device's (or host's)."""
+
+    def final(self, baseline: ExecConfig, best: Point) -> FinalMeasurement:
+        """Baseline and best re-measured side by side, and the best traced."""
