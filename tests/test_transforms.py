@@ -24,7 +24,7 @@ from autoopt.transforms.dataloader import choose_settings, rebuild_dataloader
 from autoopt.transforms.fused_optimizer import current_impl, rebuild_optimizer
 from autoopt.types import Capabilities, ExecConfig, Measurement, ModelSpec, Stats, Workload
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parent / "data" / "traces" / "real"
 
 EXPECTED_NAMES = {
     "amp", "channels_last", "compile", "batch_size", "tf32", "cudnn_benchmark", "fused_optimizer",
