@@ -33,11 +33,11 @@ from pathlib import Path
 import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "traces"
-REAL = [SHARED / "kineto" / "resnet50_v100_num_workers_0.pt.trace.json.gz",
-        SHARED / "param" / "resnet_rtx2080ti_no_profiler_step.json.gz",
-        SHARED / "hta" / "v100_gpu_bound_ns_resolution_2024.pt.trace.json.gz"]
-BIG_SOURCE = SHARED / "kineto" / "resnet50_v100_num_workers_0.pt.trace.json.gz"
+TRACES = ROOT / "tests" / "data" / "traces" / "real"
+REAL = [TRACES / "kineto" / "resnet50_v100_num_workers_0.pt.trace.json.gz",
+        TRACES / "param" / "resnet_rtx2080ti_no_profiler_step.json.gz",
+        TRACES / "hta" / "v100_gpu_bound_ns_resolution_2024.pt.trace.json.gz"]
+BIG_SOURCE = TRACES / "kineto" / "resnet50_v100_num_workers_0.pt.trace.json.gz"
 WORK = Path(tempfile.gettempdir()) / "autoopt_analyze_bench"
 # every tool runs as it would once installed: with compiled bytecode (pip compiles site-packages;
 # this sandbox sets PYTHONDONTWRITEBYTECODE, so a cache directory under /tmp stands in for it)

@@ -15,11 +15,9 @@ from autoopt.analyze import analyze_paths, analyze_trace, load_trace, render_tex
 from autoopt.errors import TraceError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "traces"
 DATA = ROOT / "tests" / "data" / "traces"
-EXPECTED = SHARED / "kineto" / "tb_profiler_expected_results.txt"
-
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/traces is not beside the checkout")
+TRACES = DATA / "real"  # real GPU traces from kineto, HTA and param (README.md there)
+EXPECTED = TRACES / "kineto" / "tb_profiler_expected_results.txt"
 
 
 def _raw(path: Path):
@@ -44,11 +42,10 @@ _COLS = ["kernel", "memcpy", "memset", "runtime", "dataloader", "cpu_exec", "oth
 @pytest.fixture(scope="module", params=TB_RUNS, ids=["workers0", "workers4"])
 def tb_case(request):
     run, name = request.param
-    result = analyze_paths([SHARED / "kineto" / name], top_n=200)
+    result = analyze_paths([TRACES / "kineto" / name], top_n=200)
     return _expected(run), result
 
 
-@needs_shared
 def test_tb_per_step_breakdown_matches(tb_case):
     exp, result = tb_case
     t = result["traces"][0]
@@ -67,7 +64,6 @@ def test_tb_per_step_breakdown_matches(tb_case):
                                          ("sm_efficiency", "Est. SM Efficiency"),
                                          ("achieved_occupancy", "Est. Achieved Occupancy"),
                                          ("tensor_core_kernel_ratio", "Kernel Time using Tensor Cores")])
-@needs_shared
 def test_tb_gpu_metrics_within_half_a_point(tb_case, field, title):
     exp, result = tb_case
     data = {d["title"]: d["value"] for d in exp[0]["gpu_metrics"]["data"]}
@@ -77,7 +73,6 @@ def test_tb_gpu_metrics_within_half_a_point(tb_case, field, title):
     assert round(100 * result["traces"][0][field], 2) == pytest.approx(want, abs=0.011)
 
 
-@needs_shared
 def test_tb_average_step_and_device_info(tb_case):
     exp, result = tb_case
     perf = exp[0]["performance"][0]
@@ -89,7 +84,6 @@ def test_tb_average_step_and_device_info(tb_case):
     assert result["device_facts"]["device.tensor_cores"] is True
 
 
-@needs_shared
 def test_tb_operator_and_kernel_tables(tb_case):
     exp, result = tb_case
     t = result["traces"][0]
@@ -111,7 +105,7 @@ def test_tb_operator_and_kernel_tables(tb_case):
 
 
 # ------------------------------------------------------------------------------------------------
-# every shared trace, checked against a plain-Python recomputation from the raw JSON
+# every real trace, checked against a plain-Python recomputation from the raw JSON
 # ------------------------------------------------------------------------------------------------
 def _plain_gpu_util(raw, lo_us: float, hi_us: float) -> float:
     """Union of kernel intervals inside [lo, hi] over (hi - lo), with plain Python."""
@@ -134,14 +128,13 @@ def _plain_gpu_util(raw, lo_us: float, hi_us: float) -> float:
     return busy / (hi_us - lo_us)
 
 
-ALL_SHARED = sorted(p.relative_to(SHARED).as_posix() for p in SHARED.glob("*/*.json*")
-                    if "expected" not in p.name) if SHARED.is_dir() else []
+ALL_REAL = sorted(p.relative_to(TRACES).as_posix() for p in TRACES.glob("*/*.json*")
+                  if "expected" not in p.name)
 
 
-@needs_shared
-@pytest.mark.parametrize("rel", ALL_SHARED)
+@pytest.mark.parametrize("rel", ALL_REAL)
 def test_every_shared_trace(rel):
-    path = SHARED / rel
+    path = TRACES / rel
     tr = load_trace(path)
     t = analyze_trace(tr)
     raw = _raw(path)
@@ -166,9 +159,8 @@ def _window(tr):
     return lo + tr.t0_us, hi + tr.t0_us
 
 
-@needs_shared
 def test_gpu_user_annotations_are_not_gpu_work():
-    path = SHARED / "hta" / "a100_ddp_rank0_2024.json.gz"
+    path = TRACES / "hta" / "a100_ddp_rank0_2024.json.gz"
     tr = load_trace(path)
     t = analyze_trace(tr)
     raw = _raw(path)
@@ -181,30 +173,28 @@ def test_gpu_user_annotations_are_not_gpu_work():
     assert t["metrics"]["tensor_core_kernel_ratio"] > 0  # A100 run with sm80 / xmma GEMMs
 
 
-@needs_shared
 def test_schema_eras_and_vendors():
-    amd = analyze_paths([SHARED / "hta" / "amd_mi250_rocm.json.gz"])
+    amd = analyze_paths([TRACES / "hta" / "amd_mi250_rocm.json.gz"])
     assert amd["device_facts"]["device.vendor"] == "amd"
     assert amd["traces"][0]["breakdown_ms"]["runtime"] > 0  # hip* runtime calls
-    cpu = analyze_paths([SHARED / "hta" / "cpu_only.pt.trace.json.gz"])
+    cpu = analyze_paths([TRACES / "hta" / "cpu_only.pt.trace.json.gz"])
     assert cpu["device_facts"]["device.type"] == "cpu"
     assert cpu["metrics"]["gpu_utilization"] is None
-    h100 = analyze_paths([SHARED / "kineto" / "h100_one_kernel_after.json"])
+    h100 = analyze_paths([TRACES / "kineto" / "h100_one_kernel_after.json"])
     assert h100["device_facts"]["device.compute_capability"] == 9.0
     assert h100["device_facts"]["device.bf16"] is True and h100["device_facts"]["device.tf32"] is True
-    nostep = analyze_paths([SHARED / "param" / "resnet_rtx2080ti_no_profiler_step.json.gz"])
+    nostep = analyze_paths([TRACES / "param" / "resnet_rtx2080ti_no_profiler_step.json.gz"])
     assert nostep["metrics"]["steps"] == 0
     assert any("no ProfilerStep" in n for n in nostep["traces"][0]["notes"])
-    old = analyze_paths([SHARED / "kineto" / "gpu_metrics_input.json"])  # computeProperties, 2021 categories
+    old = analyze_paths([TRACES / "kineto" / "gpu_metrics_input.json"])  # computeProperties, 2021 categories
     assert old["traces"][0]["device"]["sm_count"] == 80
-    ns = analyze_paths([SHARED / "hta" / "v100_gpu_bound_ns_resolution_2024.pt.trace.json.gz"])
+    ns = analyze_paths([TRACES / "hta" / "v100_gpu_bound_ns_resolution_2024.pt.trace.json.gz"])
     assert ns["metrics"]["steps"] >= 4 and ns["metrics"]["gpu_utilization"] > 0.9  # a GPU-bound run
 
 
-@needs_shared
 def test_small_blocks_give_the_same_result():
     """Chunk boundaries (candidate cuts and the exact scanner) must not change anything."""
-    path = SHARED / "hta" / "gp100_gpu_user_annotation.json.gz"
+    path = TRACES / "hta" / "gp100_gpu_user_annotation.json.gz"
     a = analyze_trace(load_trace(path))
     b = analyze_trace(load_trace(path, block=4096))
     a.pop("path"), b.pop("path")

@@ -26,7 +26,7 @@ BF16_NVJET = "nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT"
 
 
 # ------------------------------------------------------------------------------------------------
-# kernel names (all seen in the H200 traces, or in the A100 trace of ../shared/traces)
+# kernel names (all seen in the H200 traces, or in the A100 trace of tests/data/traces/real)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,tc,tb,precision", [
     # cuBLAS SIMT fp32 GEMMs in the xmma family: FFMA on CUDA cores; tb's list says tensor cores ("xmma_gemm")

@@ -13,7 +13,7 @@ from autoopt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "tests" / "models"
-TRACES = ROOT.parent / "shared" / "traces"
+TRACES = ROOT / "tests" / "data" / "traces" / "real"
 
 MALFORMED = sorted(
     p for p in MODELS.iterdir() if p.name.startswith("bad_")

@@ -26,7 +26,7 @@ from autoopt.errors import UserError
 from autoopt.facts import FACTS
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = ROOT.parent / "shared" / "traces"
+TRACES = ROOT / "tests" / "data" / "traces" / "real"
 
 
 def _device_props(rel: str) -> dict:

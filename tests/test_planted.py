@@ -14,7 +14,7 @@ Families whose rules need a GPU fact are tested in two honest ways:
   bf16 (passed in, whatever this machine has), so the CPU rule AO104 must stay silent there
   (and fires where the CPU has AVX-512 BF16 / AMX). The GPU rules are checked on the
   fp32-GEMM model's real CPU-trace facts with the device facts replaced by a real GPU's
-  capabilities, taken from the deviceProperties of the real traces in ../shared/traces
+  capabilities, taken from the deviceProperties of the real traces in tests/data/traces/real
   (A100 and H100: bf16 + TF32; V100: fp16 with GradScaler, never bf16). The matmul shares
   come from the CPU trace, which is where this model spends its time.
 - Every family, AO6 (host-device synchronisation, which has no CPU rule: on a CPU
@@ -41,7 +41,7 @@ from autoopt.diagnosis.facts_builder import from_analysis
 HERE = Path(__file__).resolve().parent
 PLANTED = HERE / "planted"
 GPU_TRACES = PLANTED / "gpu_traces"
-SHARED = HERE.parents[0].parent / "shared" / "traces"
+TRACES = HERE / "data" / "traces" / "real"
 RULES = R.load_rules()
 
 MODEL_FAMILIES = tuple(f"AO{i}" for i in range(1, 9))
@@ -87,7 +87,7 @@ def gpu_facts(rel: str) -> dict[str, Any]:
     """device.* facts from a real GPU trace's deviceProperties (autoopt.env.capabilities_for)."""
     from autoopt.env import capabilities_for
 
-    p = SHARED / rel
+    p = TRACES / rel
     if not p.exists():
         pytest.skip(f"{p} is not available")
     opener = gzip.open if p.suffix == ".gz" else open

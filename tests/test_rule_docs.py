@@ -464,7 +464,7 @@ def test_facts_from_analysis_prefixes_and_sites():
 
 # --------------------------------------------------------------------------- real GPU traces
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parent / "data" / "traces" / "real"
 
 
 def _trace_findings(rel: str):

@@ -27,7 +27,7 @@ from autoopt.workload.facts import workload_facts
 from autoopt.workload.load import optimizer_impl
 from autoopt.types import Capabilities, ExecConfig, Measurement, ModelSpec, Stats, Workload
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parent / "data" / "traces" / "real"
 
 EXPECTED_NAMES = {
     "amp", "channels_last", "compile", "batch_size", "tf32", "cudnn_benchmark", "fused_optimizer",
