@@ -382,5 +382,11 @@ def test_optimize_distributed_measures_and_verifies_ddp_transforms_side_by_side(
     assert saved["variants"] == json.loads(json.dumps(rep["variants"]))
     plan = json.loads(Path(rep["artifacts"]["plan"]).read_text())
     assert plan["ddp"]["nproc"] == 2 and plan["transforms"] == []
+    from test_report_schema import check_report
+
+    check_report(rep, plan)
+    # every judged variant was decided side by side with its anchor, on every rank alike
+    judged = [v for v in rep["variants"] if v["decision"] is not None]
+    assert judged and all("side by side in" in v["reason"] and v["decision"]["rounds"] >= 6 for v in judged)
     if f["transforms"]:
         assert "DDP_" in Path(rep["artifacts"]["patch"]).read_text()

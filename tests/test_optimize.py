@@ -47,6 +47,9 @@ def test_optimize_yes_json_prints_one_document_and_writes_every_artifact(bundled
     assert "baseline" in runs
     assert report["baseline"]["step_time_ms"]["n"] >= 5
     assert report["search"]["variants_tried"] >= 1
+    from test_report_schema import check_report
+
+    check_report(report, json.loads((out / "plan.json").read_text()))
 
 
 @pytest.mark.slow

@@ -213,7 +213,7 @@ class Worker:
         self.rec["gradient_mb"] = round(grad_mb, 4)
         search = Search(ev, self.settings.search, variants=variants)
         best = search.run(strategy(self.settings.search.strategy), candidates, base)
-        final = self._final(ev, base, best, variants)
+        final = self._final(ev, search, base, best, variants)
         self.rec.update({
             "measurement": next(r for r in ev.baseline_per_rank if r["rank"] == self.rank),
             "baseline_per_rank": ev.baseline_per_rank, "baseline": base.measurement.to_json(),
@@ -226,7 +226,7 @@ class Worker:
         if self.rank == 0 and best.chosen:
             self.rec["patch"] = self._patch(best)
 
-    def _final(self, ev, base, best, variants) -> dict:
+    def _final(self, ev, search, base, best, variants) -> dict:
         """The final configuration re-measured beside the baseline (or the baseline, when no
         DDP transform was kept); its JSON with the measurement for the parent."""
         from autoopt.results import FinalResult, Variant
@@ -245,7 +245,7 @@ class Worker:
             variants.append(Variant(name="final", codes=best.codes, transforms=transforms, accepted=True,
                                     status=Status.KEPT, reason="re-measured side by side with the baseline",
                                     config=best.config, measurement=fm.final, speedup=mid, logdir=fm.logdir,
-                                    safety=Search.safety(best.chosen)))
+                                    safety=Search.safety(best.chosen), verification=search.verification_of(best)))
             f = FinalResult(best.codes, transforms, mid, low, high, fm.final, baseline_remeasured=fm.baseline,
                             ddp=best.config.ddp)
         return dict(f.to_json(), measurement=f.measurement.to_json())

@@ -159,7 +159,8 @@ class OptimizeRun:
         self.variants.append(Variant(name="final", codes=best.codes, transforms=transforms, accepted=True,
                                      status=Status.KEPT, reason="re-measured side by side with the baseline",
                                      config=best.config, measurement=fm.final, speedup=mid, logdir=fm.logdir,
-                                     safety=Search.safety(best.chosen)))
+                                     safety=Search.safety(best.chosen),
+                                     verification=self.search.verification_of(best)))
         self.final = FinalResult(best.codes, transforms, mid, low, high, fm.final, baseline_remeasured=fm.baseline)
         if fm.logdir:
             self.analysis["final"] = _first_trace(analyze_run(fm.logdir))

@@ -252,6 +252,17 @@ class Search:
             if v.status == Status.KEPT and v.name != "baseline" and v.codes != best.codes:
                 v.reason += "; superseded in the search"
 
+    def verification_of(self, best: Point):
+        """The verification behind a point: its own trial's, or, for a larger batch (measured,
+        not re-verified), that of the configuration the batch search started from."""
+        codes = best.codes
+        while codes:
+            for v in reversed(self.variants):
+                if v.codes == codes and v.verification is not None and v.verification.ok:
+                    return v.verification
+            codes = codes[:-1]
+        return None
+
     @staticmethod
     def expected(combo: list[Candidate]) -> Optional[float]:
         """The rules' predicted speedup of a combination: the product of its findings' gains
