@@ -245,10 +245,12 @@ def test_html_speedup_plot_has_one_bar_and_error_bar_per_measured_variant(rep):
 def test_html_batch_search_plot_marks_points_and_misses(rep):
     svg = re.search(r'<svg[^>]*data-plot="batch_search".*?</svg>', R.render_html(rep), re.S).group(0)
     ok = [b for b in rep["batch_search"] if b["throughput_per_s"] is not None]
-    assert svg.count("<circle") == len(ok)
+    # one group per point (class "pt", or "pt hl"), each holding matplotlib's marker <use>
+    assert len(re.findall(r'<g class="pt(?: hl)?">', svg)) == len(ok)
     assert svg.count('class="miss"') == len(rep["batch_search"]) - len(ok)
     assert svg.count('class="pt hl"') == 1  # the batch size AO401 proposes
-    ys = [float(y) for y in re.findall(r'<circle class="pt[^"]*" cx="[^"]+" cy="([^"]+)"', svg)]
+    ys = [float(y) for y in re.findall(r'<g class="pt[^"]*">.*?<use [^>]*\by="([^"]+)"', svg, re.S)]
+    assert len(ys) == len(ok)
     tputs = [b["throughput_per_s"] for b in ok]
     # higher throughput is drawn higher (smaller y)
     assert sorted(range(len(ys)), key=lambda i: ys[i]) == sorted(range(len(tputs)), key=lambda i: -tputs[i])
@@ -376,7 +378,7 @@ def test_notes_interrupted_and_chosen_batch_are_shown(rep):
     assert "**Interrupted:**" in md and 'class="banner"' in page
     chosen = next(b["batch_size"] for b in rep["batch_search"] if b["status"] == "chosen")
     svg = re.search(r'<svg[^>]*data-plot="batch_search".*?</svg>', page, re.S).group(0)
-    hl = re.search(r'<circle class="pt hl"[^>]*><title>([^<]*)</title>', svg).group(1)
+    hl = re.search(r'<g class="pt hl"[^>]*><title>([^<]*)</title>', svg).group(1)
     assert hl.startswith(f"batch {chosen}:")
 
 

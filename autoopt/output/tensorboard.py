@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from autoopt.output import data as D, format as F
+from autoopt.output import data as D, format as F, plots as P
 from autoopt.output.terminal import final_table_rows
 
 EVENT_SUFFIX = ".autoopt"
@@ -196,33 +196,9 @@ def _findings_text(report: dict) -> str:
 
 
 def breakdown_image(bars: list[tuple[str, dict[str, float]]], title: str):
-    """An RGB uint8 array (H, W, 3) of stacked horizontal bars, ms per step by category."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cats = [k for k in D.BREAKDOWN_KEYS if any(b.get(k, 0) > 0 for _, b in bars)]
-    fig = Figure(figsize=(8, 1.2 + 0.6 * len(bars)), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    labels = [lbl for lbl, _ in bars]
-    left = [0.0] * len(bars)
-    for k in cats:
-        vals = [b.get(k, 0.0) for _, b in bars]
-        ax.barh(labels, vals, left=left, color=D.BREAKDOWN_COLORS[k], label=D.BREAKDOWN_LABELS[k])
-        left = [a + b for a, b in zip(left, vals)]
-    for i, total in enumerate(left):
-        ax.text(total, i, f" {F.fmt_ms(total)} ms", va="center", fontsize=9)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per step")
-    ax.set_title(title, fontsize=11)
-    ax.set_xlim(0, max(left + [1e-9]) * 1.18)
-    if cats:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=min(4, len(cats)), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())
-    return np.ascontiguousarray(rgba[..., :3])
+    """An RGB uint8 array (H, W, 3) of stacked horizontal bars, ms per step by category
+    (the report's breakdown plot, rasterized)."""
+    return P.rgb_array(P.breakdown_plot(bars, title))
 
 
 def _add_text(w, tag: str, text: str, step: int = 0) -> None:
