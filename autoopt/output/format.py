@@ -7,10 +7,11 @@ non-finite number shows as "—".
 """
 from __future__ import annotations
 
-import html
 import math
 import re
 from typing import Any, Optional
+
+import markupsafe
 
 DASH = "—"
 
@@ -157,8 +158,8 @@ def printable(s: Any) -> str:
 
 
 def esc(s: Any) -> str:
-    """Text for HTML, quotes included."""
-    return html.escape(str(s), quote=True)
+    """Text for HTML, quotes included: the same escape the report's templates apply."""
+    return str(markupsafe.escape(str(s)))
 
 
 # Markdown punctuation that can start markup mid-line; "<" only where it could open an HTML
