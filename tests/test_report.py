@@ -356,6 +356,63 @@ def test_top_entries_reads_both_operator_layouts(rep):
     assert R.top_entries(gpu)[1] == [("aten::mm", 7.0, 2), ("aten::copy_", 3.0, 9)]
 
 
+def _distributed(rep: dict) -> dict:
+    """The sample as the distributed path writes it (autoopt.distributed.launch): two ranks."""
+    rep.update(distributed=True, nproc=2, world_size=2, backend="gloo", batch_size=16, global_batch_size=32,
+               ddp_snippet='torch.distributed.init_process_group("nccl")\n```\nmodel = DistributedDataParallel(model)\n')
+    rep["per_rank"] = [
+        {"rank": 0, "host": "node-a", "measured_step_time_ms": 2.857, "busy_ms_per_step": 0.7526,
+         "collective_wait_ms_per_step": 0.4218},
+        {"rank": 1, "host": "node-b", "measured_step_time_ms": 2.6922, "busy_ms_per_step": 0.5409,
+         "collective_wait_ms_per_step": None},
+    ]
+    return rep
+
+
+def test_distributed_section_in_markdown_and_html(rep):
+    assert "Distributed (DDP)" not in R.render_markdown(rep) + R.render_html(rep)
+    rep = _distributed(rep)
+    md = R.render_markdown(rep)
+    assert "## Distributed (DDP)" in md
+    assert "2 processes per node, backend gloo, world size 2, per-rank batch 16 (global 32)" in md
+    ranks = next(t for t in _md_tables(md) if t[0][0] == "Rank")
+    assert ranks[2:] == [["0", "node-a", "2.86", "0.753", "0.422"], ["1", "node-b", "2.69", "0.541", "—"]]
+    # the snippet verbatim, in a fence longer than its own backticks
+    assert "````python\n" + rep["ddp_snippet"].rstrip("\n") + "\n````" in md
+    page = R.render_html(rep)
+    section = page.split('<section id="distributed">')[1].split("</section>")[0]
+    text = " ".join(_parse(section).text)
+    assert "Distributed (DDP)" in text and "world size 2" in text and "global 32" in text
+    rows = re.findall(r"<tr>(.*?)</tr>", section.split("<tbody>")[1], re.S)
+    assert [re.findall(r"<td[^>]*>(?:<code>)?([^<]*)", r) for r in rows] == [
+        ["0", "node-a", "2.86", "0.753", "0.422"], ["1", "node-b", "2.69", "0.541", "—"]]
+    assert rep["ddp_snippet"].rstrip("\n") in "".join(_parse(section).text)  # verbatim, escaped
+    assert R.esc(rep["ddp_snippet"].rstrip("\n")) in section
+
+
+def test_distributed_section_keeps_hostile_hosts_inert(rep):
+    rep = _distributed(_poison(rep))
+    rep["per_rank"][0]["host"] += EVIL
+    rep["ddp_snippet"] += EVIL
+    md = R.render_markdown(rep)
+    html_out = _github_html(md)
+    assert not [t for t, _ in _parse(html_out).tags if t in ("img", "script")]
+    page = R.render_html(rep)
+    doc = _parse(page)
+    assert "img" not in [t for t, _ in doc.tags] and "script" not in [t for t, _ in doc.tags]
+    assert "node-a" + EVIL in "".join(doc.text)
+    rep["per_rank"] = [None, "x", {"rank": {"a": 1}}]
+    rep["nproc"] = None
+    assert "## Distributed (DDP)" in R.render_markdown(rep) and 'id="distributed"' in R.render_html(rep)
+
+
+def _github_html(md: str) -> str:
+    """Markdown rendered as GitHub does: raw HTML allowed, tables on."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": True}).enable("table").render(md)
+
+
 def test_summary_compares_with_the_side_by_side_baseline(rep):
     before, after = R.before_after(rep)
     assert before is rep["final"]["baseline_remeasured"] and after is rep["final"]

@@ -135,6 +135,19 @@ def variants(r: dict) -> list[dict]:
     return [_variant_row(r, v) for v in D.variants(r)]
 
 
+def distributed(r: dict) -> Optional[dict]:
+    """A distributed run's set-up, its per-rank table and the DDP snippet; None for a
+    single-process run."""
+    if r.get("distributed") is not True:
+        return None
+    ranks = [{"rank": text_or_dash(p.get("rank")), "host": text_or_dash(p.get("host")),
+              "cells": [fmt_ms(p.get("measured_step_time_ms")), fmt_ms(p.get("busy_ms_per_step")),
+                        fmt_ms(p.get("collective_wait_ms_per_step"))]} for p in D.per_rank(r)]
+    snippet = r.get("ddp_snippet")
+    return {"text": D.distributed_text(r), "ranks": ranks,
+            "snippet": snippet.rstrip("\n") if isinstance(snippet, str) and snippet.strip() else None}
+
+
 # ---------------------------------------------------------------------------------------
 # plots
 
@@ -283,6 +296,6 @@ def render_html(report: dict) -> str:
     """report.html for a report dict."""
     r = as_dict(report)
     return environment().get_template("report.html.j2").render(
-        head=header(r), summary=summary(r), variants=variants(r), plots=plots(r),
+        head=header(r), summary=summary(r), variants=variants(r), distributed=distributed(r), plots=plots(r),
         batch_search=batch_search(r), top=top_tables(r), findings=findings(r), patch=patch(r),
         artifacts=artifacts(r))

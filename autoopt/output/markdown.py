@@ -135,6 +135,24 @@ def final(r: dict) -> list[str]:
             ""]
 
 
+def distributed(r: dict) -> list[str]:
+    """A distributed run's set-up, one row per rank, and the DDP snippet for a torchrun script."""
+    if r.get("distributed") is not True:
+        return []
+    out = ["## Distributed (DDP)", "", md_text(D.distributed_text(r)), ""]
+    rows = [[md_text(text_or_dash(p.get("rank"))), md_text(text_or_dash(p.get("host"))),
+             fmt_ms(p.get("measured_step_time_ms")), fmt_ms(p.get("busy_ms_per_step")),
+             fmt_ms(p.get("collective_wait_ms_per_step"))] for p in D.per_rank(r)]
+    if rows:
+        out += md_table(["Rank", "Host", "Measured step (ms)", "Busy (ms/step)", "Collective wait (ms/step)"], rows)
+    else:
+        out += ["No per-rank measurement.", ""]
+    snippet = r.get("ddp_snippet")
+    if isinstance(snippet, str) and snippet.strip():
+        out += ["For your own torchrun script:", ""] + fence(snippet, "python")
+    return out
+
+
 def search(r: dict) -> list[str]:
     """How the variants were searched: strategy, variants tried, time."""
     s = as_dict(r.get("search"))
@@ -222,7 +240,7 @@ def artifacts(r: dict) -> list[str]:
     return out
 
 
-SECTIONS = (header, result, notes, baseline, variants, final, search, batch_search, trace_analysis,
+SECTIONS = (header, result, notes, baseline, variants, final, distributed, search, batch_search, trace_analysis,
             findings, patch, artifacts)
 
 

@@ -11,7 +11,7 @@ This module is the facade the rest of autoopt imports; the work is done per outp
 Every function reads the report dict, which is exactly report.json (DESIGN.md's `autoopt
 optimize --json` keys plus extras). Any optional part may be null or missing (a failed
 run, a CPU run without kernels, no batch search): each section renders what is there and
-says plainly what is not.
+says plainly what is not. A distributed report ("distributed": true) gets its own section.
 
 report.html is one self-contained file: inline CSS and inline SVG plots, no script, and a
 Content-Security-Policy that forbids every network load, so it renders the same from
