@@ -325,6 +325,24 @@ def test_non_finite_numbers_render_as_dashes(rep):
     assert "nan" not in row and "inf" not in row
 
 
+def test_a_plot_matplotlib_cannot_draw_is_a_note_not_a_failure(rep, monkeypatch):
+    from autoopt.output import plots
+
+    real = plots.svg_markup
+
+    def fail_speedup(plot, kind, label):
+        if kind == "speedup":
+            raise ValueError("Axis limits cannot be NaN or Inf")
+        return real(plot, kind, label)
+
+    monkeypatch.setattr(plots, "svg_markup", fail_speedup)
+    page = R.render_html(rep)
+    assert [a["data-plot"] for t, a in _parse(page).tags if t == "svg"] == [
+        "breakdown", "batch_search", "top_baseline", "top_final"]
+    assert "The speedup plot could not be drawn: ValueError: Axis limits cannot be NaN or Inf" in page
+    assert 'id="patch"' in page
+
+
 def test_doc_markdown_renders_safely():
     out = R.render_doc_markdown("## Why\n\nUse `x`.\n\n<b>raw</b>\n\n[ok](https://pytorch.org) [bad](javascript:x)\n")
     assert "<h4>Why</h4>" in out and "<code>x</code>" in out

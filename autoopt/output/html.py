@@ -201,15 +201,16 @@ def _top_plot(label: str, a: Any) -> Optional[P.Plot]:
 
 
 def _figure(kind: str, build: Callable[[], Optional[P.Plot]]) -> Optional[dict]:
-    """{"svg": markup} of one plot, {"error": why} where matplotlib failed on this data,
-    None where the report has nothing to plot."""
+    """{"svg": markup, "error": None} of one plot, {"svg": None, "error": why} where
+    matplotlib failed on this data, None where the report has nothing to plot."""
     try:
         plot = build()
         if plot is None:
             return None
-        return {"svg": Markup(P.svg_markup(plot, kind, plot.title))}
+        return {"svg": Markup(P.svg_markup(plot, kind, plot.title)), "error": None}
     except Exception as e:  # noqa: BLE001 - one odd value must not cost the whole report
-        return {"error": f"The {kind.replace('_', ' ')} plot could not be drawn: {type(e).__name__}: {e}"}
+        return {"svg": None,
+                "error": f"The {kind.replace('_', ' ')} plot could not be drawn: {type(e).__name__}: {e}"}
 
 
 def plots(r: dict) -> list[dict]:
