@@ -9,8 +9,10 @@ figure as inline SVG for report.html and `rgb_array` rasterizes it for TensorBoa
 The SVG is post-processed with xml.etree, as matplotlib documents for interactive SVG:
 every marked artist's group gets its class ("bar", "errbar", "ref", "pt", "pt hl", "miss")
 and a <title> tooltip; ids are prefixed with the plot's kind so several plots share a page;
-matplotlib's metadata and global <style> are dropped. Text stays text (svg.fonttype
-"none"), so the SVG is small, searchable and deterministic (a fixed hash salt, no date).
+matplotlib's metadata, global <style> and clip paths are dropped and coordinates rounded.
+Text stays text (svg.fonttype "none"), so the SVG is small, searchable and deterministic
+(a fixed hash salt, no date). matplotlib's settings apply only inside a style context that
+restores them, so nothing leaks into the caller's rcParams.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ INK, MUTED, GRID = "#1d2330", "#5b6475", "#e6e9ef"
 LINE_COLOR, HIGHLIGHT, MISS = "#4c78a8", "#2e7d32", "#c62828"
 FONT_FAMILY = "system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', Helvetica, Arial, sans-serif"
 
-# matplotlib settings for the duration of one figure (rc_context restores them): text as
-# text, a fixed hash salt for the marker ids, and the style the page uses
+# matplotlib settings while a figure is built or saved (over matplotlib's defaults, so a
+# user's matplotlibrc changes nothing): text as text, a fixed hash salt for the marker ids,
+# and the look of the page
 _RC = {
     "svg.fonttype": "none",
     "svg.hashsalt": "autoopt",
