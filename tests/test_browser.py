@@ -436,8 +436,8 @@ def test_report_html_renders_tables_and_plots_offline(browser, tmp_path):
         for (const s of document.querySelectorAll('svg.plot')) {
             const b = s.getBoundingClientRect();
             plots[s.dataset.plot] = {w: b.width, h: b.height,
-                bars: [...s.querySelectorAll('rect.bar')].filter(r => r.getBoundingClientRect().width > 0).length,
-                points: s.querySelectorAll('circle.pt').length, misses: s.querySelectorAll('g.miss').length,
+                bars: [...s.querySelectorAll('g.bar')].filter(r => r.getBoundingClientRect().width > 0).length,
+                points: s.querySelectorAll('g.pt').length, misses: s.querySelectorAll('g.miss').length,
                 errbars: s.querySelectorAll('g.errbar').length};
         }
         return {rows, plots, title: document.title,

@@ -245,10 +245,12 @@ def test_html_speedup_plot_has_one_bar_and_error_bar_per_measured_variant(rep):
 def test_html_batch_search_plot_marks_points_and_misses(rep):
     svg = re.search(r'<svg[^>]*data-plot="batch_search".*?</svg>', R.render_html(rep), re.S).group(0)
     ok = [b for b in rep["batch_search"] if b["throughput_per_s"] is not None]
-    assert svg.count("<circle") == len(ok)
+    # one group per point (class "pt", or "pt hl"), each holding matplotlib's marker <use>
+    assert len(re.findall(r'<g class="pt(?: hl)?">', svg)) == len(ok)
     assert svg.count('class="miss"') == len(rep["batch_search"]) - len(ok)
     assert svg.count('class="pt hl"') == 1  # the batch size AO401 proposes
-    ys = [float(y) for y in re.findall(r'<circle class="pt[^"]*" cx="[^"]+" cy="([^"]+)"', svg)]
+    ys = [float(y) for y in re.findall(r'<g class="pt[^"]*">.*?<use [^>]*\by="([^"]+)"', svg, re.S)]
+    assert len(ys) == len(ok)
     tputs = [b["throughput_per_s"] for b in ok]
     # higher throughput is drawn higher (smaller y)
     assert sorted(range(len(ys)), key=lambda i: ys[i]) == sorted(range(len(tputs)), key=lambda i: -tputs[i])
@@ -323,6 +325,24 @@ def test_non_finite_numbers_render_as_dashes(rep):
     assert "nan" not in row and "inf" not in row
 
 
+def test_a_plot_matplotlib_cannot_draw_is_a_note_not_a_failure(rep, monkeypatch):
+    from autoopt.output import plots
+
+    real = plots.svg_markup
+
+    def fail_speedup(plot, kind, label):
+        if kind == "speedup":
+            raise ValueError("Axis limits cannot be NaN or Inf")
+        return real(plot, kind, label)
+
+    monkeypatch.setattr(plots, "svg_markup", fail_speedup)
+    page = R.render_html(rep)
+    assert [a["data-plot"] for t, a in _parse(page).tags if t == "svg"] == [
+        "breakdown", "batch_search", "top_baseline", "top_final"]
+    assert "The speedup plot could not be drawn: ValueError: Axis limits cannot be NaN or Inf" in page
+    assert 'id="patch"' in page
+
+
 def test_doc_markdown_renders_safely():
     out = R.render_doc_markdown("## Why\n\nUse `x`.\n\n<b>raw</b>\n\n[ok](https://pytorch.org) [bad](javascript:x)\n")
     assert "<h4>Why</h4>" in out and "<code>x</code>" in out
@@ -354,6 +374,63 @@ def test_top_entries_reads_both_operator_layouts(rep):
     assert R.top_entries(gpu)[1] == [("aten::mm", 7.0, 2), ("aten::copy_", 3.0, 9)]
 
 
+def _distributed(rep: dict) -> dict:
+    """The sample as the distributed path writes it (autoopt.distributed.launch): two ranks."""
+    rep.update(distributed=True, nproc=2, world_size=2, backend="gloo", batch_size=16, global_batch_size=32,
+               ddp_snippet='torch.distributed.init_process_group("nccl")\n```\nmodel = DistributedDataParallel(model)\n')
+    rep["per_rank"] = [
+        {"rank": 0, "host": "node-a", "measured_step_time_ms": 2.857, "busy_ms_per_step": 0.7526,
+         "collective_wait_ms_per_step": 0.4218},
+        {"rank": 1, "host": "node-b", "measured_step_time_ms": 2.6922, "busy_ms_per_step": 0.5409,
+         "collective_wait_ms_per_step": None},
+    ]
+    return rep
+
+
+def test_distributed_section_in_markdown_and_html(rep):
+    assert "Distributed (DDP)" not in R.render_markdown(rep) + R.render_html(rep)
+    rep = _distributed(rep)
+    md = R.render_markdown(rep)
+    assert "## Distributed (DDP)" in md
+    assert "2 processes per node, backend gloo, world size 2, per-rank batch 16 (global 32)" in md
+    ranks = next(t for t in _md_tables(md) if t[0][0] == "Rank")
+    assert ranks[2:] == [["0", "node-a", "2.86", "0.753", "0.422"], ["1", "node-b", "2.69", "0.541", "—"]]
+    # the snippet verbatim, in a fence longer than its own backticks
+    assert "````python\n" + rep["ddp_snippet"].rstrip("\n") + "\n````" in md
+    page = R.render_html(rep)
+    section = page.split('<section id="distributed">')[1].split("</section>")[0]
+    text = " ".join(_parse(section).text)
+    assert "Distributed (DDP)" in text and "world size 2" in text and "global 32" in text
+    rows = re.findall(r"<tr>(.*?)</tr>", section.split("<tbody>")[1], re.S)
+    assert [re.findall(r"<td[^>]*>(?:<code>)?([^<]*)", r) for r in rows] == [
+        ["0", "node-a", "2.86", "0.753", "0.422"], ["1", "node-b", "2.69", "0.541", "—"]]
+    assert rep["ddp_snippet"].rstrip("\n") in "".join(_parse(section).text)  # verbatim, escaped
+    assert R.esc(rep["ddp_snippet"].rstrip("\n")) in section
+
+
+def test_distributed_section_keeps_hostile_hosts_inert(rep):
+    rep = _distributed(_poison(rep))
+    rep["per_rank"][0]["host"] += EVIL
+    rep["ddp_snippet"] += EVIL
+    md = R.render_markdown(rep)
+    html_out = _github_html(md)
+    assert not [t for t, _ in _parse(html_out).tags if t in ("img", "script")]
+    page = R.render_html(rep)
+    doc = _parse(page)
+    assert "img" not in [t for t, _ in doc.tags] and "script" not in [t for t, _ in doc.tags]
+    assert "node-a" + EVIL in "".join(doc.text)
+    rep["per_rank"] = [None, "x", {"rank": {"a": 1}}]
+    rep["nproc"] = None
+    assert "## Distributed (DDP)" in R.render_markdown(rep) and 'id="distributed"' in R.render_html(rep)
+
+
+def _github_html(md: str) -> str:
+    """Markdown rendered as GitHub does: raw HTML allowed, tables on."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": True}).enable("table").render(md)
+
+
 def test_summary_compares_with_the_side_by_side_baseline(rep):
     before, after = R.before_after(rep)
     assert before is rep["final"]["baseline_remeasured"] and after is rep["final"]
@@ -376,7 +453,7 @@ def test_notes_interrupted_and_chosen_batch_are_shown(rep):
     assert "**Interrupted:**" in md and 'class="banner"' in page
     chosen = next(b["batch_size"] for b in rep["batch_search"] if b["status"] == "chosen")
     svg = re.search(r'<svg[^>]*data-plot="batch_search".*?</svg>', page, re.S).group(0)
-    hl = re.search(r'<circle class="pt hl"[^>]*><title>([^<]*)</title>', svg).group(1)
+    hl = re.search(r'<g class="pt hl"[^>]*><title>([^<]*)</title>', svg).group(1)
     assert hl.startswith(f"batch {chosen}:")
 
 

@@ -26,22 +26,23 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from autoopt.output import report as R
+from autoopt.output import data as D, format as F, plots as P
+from autoopt.output.terminal import final_table_rows
 
 EVENT_SUFFIX = ".autoopt"
 SUMMARY_RUN_FALLBACK = "autoopt"
 
 # scalar tag -> how to read it from a variant dict
 METRIC_TAGS = {
-    "autoopt/step_time_ms": lambda v: R.stat(v.get("step_time_ms"), "median"),
-    "autoopt/step_time_ms_p25": lambda v: R.stat(v.get("step_time_ms"), "p25"),
-    "autoopt/step_time_ms_p75": lambda v: R.stat(v.get("step_time_ms"), "p75"),
-    "autoopt/throughput_per_s": lambda v: R.num(v.get("throughput_per_s")),
-    "autoopt/peak_memory_mb": lambda v: R.num(v.get("peak_memory_mb")),
-    "autoopt/speedup": lambda v: R.num(v.get("speedup")),
-    "autoopt/mfu": lambda v: R.num(v.get("mfu")),
-    "autoopt/max_rel_error": lambda v: R.num(v.get("max_rel_error")),
-    "autoopt/compile_time_s": lambda v: R.num(v.get("compile_time_s")),
+    "autoopt/step_time_ms": lambda v: F.stat(v.get("step_time_ms"), "median"),
+    "autoopt/step_time_ms_p25": lambda v: F.stat(v.get("step_time_ms"), "p25"),
+    "autoopt/step_time_ms_p75": lambda v: F.stat(v.get("step_time_ms"), "p75"),
+    "autoopt/throughput_per_s": lambda v: F.num(v.get("throughput_per_s")),
+    "autoopt/peak_memory_mb": lambda v: F.num(v.get("peak_memory_mb")),
+    "autoopt/speedup": lambda v: F.num(v.get("speedup")),
+    "autoopt/mfu": lambda v: F.num(v.get("mfu")),
+    "autoopt/max_rel_error": lambda v: F.num(v.get("max_rel_error")),
+    "autoopt/compile_time_s": lambda v: F.num(v.get("compile_time_s")),
 }
 # the metrics shown as columns of the HParams table
 HPARAM_METRICS = (
@@ -66,7 +67,7 @@ def run_dirs(report: dict, tb_dir: Path) -> dict[str, Path]:
     tb_dir = Path(tb_dir)
     root = tb_dir.resolve()
     out: dict[str, Path] = {}
-    for v in R.variants(report):
+    for v in D.variants(report):
         name = str(v.get("name", ""))
         d: Optional[Path] = None
         if v.get("logdir"):
@@ -86,8 +87,8 @@ def run_dirs(report: dict, tb_dir: Path) -> dict[str, Path]:
 
 def _transform_hparams(report: dict) -> list[str]:
     names: list[str] = []
-    for v in R.variants(report):
-        for t in R._l(v.get("transforms")):
+    for v in D.variants(report):
+        for t in F.as_list(v.get("transforms")):
             n = str(t.get("name")) if isinstance(t, dict) else str(t)
             if n and n not in names:
                 names.append(n)
@@ -101,128 +102,103 @@ def variant_hparams(report: dict, v: dict, transform_names: list[str]) -> dict[s
     hp: dict[str, Any] = {
         "variant": str(v.get("name", "?")),
         "status": str(v.get("status", "?")),
-        "codes": R.codes_text(v.get("codes"), "+") or "none",
+        "codes": F.codes_text(v.get("codes"), "+") or "none",
     }
     used = {}
-    for t in R._l(v.get("transforms")):
+    for t in F.as_list(v.get("transforms")):
         if isinstance(t, dict):
-            params = R._d(t.get("params"))
+            params = F.as_dict(t.get("params"))
             used[str(t.get("name"))] = ", ".join(f"{k}={val}" for k, val in params.items()) or "on"
     for n in transform_names:
         hp[f"transform.{n}"] = used.get(n, "off")
-    bs = R.num(v.get("batch_size"))
+    bs = F.num(v.get("batch_size"))
     if bs is None and v.get("name") == "baseline":
-        bs = R.num(report.get("batch_size"))
+        bs = F.num(report.get("batch_size"))
     hp["batch_size"] = bs
     return hp
 
 
 def _variant_text(report: dict, v: dict) -> str:
     st = v.get("step_time_ms")
-    iv = R.speedup_interval(report, v)
+    iv = D.speedup_interval(report, v)
     rows = [
-        ("status", R.md_text(v.get("status", "?"))),
-        ("reason", R.md_text(v.get("reason") or "—")),
-        ("codes", R.md_text(R.codes_text(v.get("codes"), ", ") or "—")),
-        ("transforms", R.md_code(R.transforms_text(v.get("transforms")))),
-        ("step time, median (p25–p75)", f"{R.fmt_ms(R.stat(st, 'median'))} ms ({R.spread_text(st)})"),
-        ("throughput", f"{R.fmt_tput(v.get('throughput_per_s'))} samples/s"),
-        ("batch size", R.md_text(v.get("batch_size") if v.get("batch_size") is not None else "—")),
-        ("peak memory", f"{R.fmt_mb(v.get('peak_memory_mb'))} MB"),
-        ("speedup", R.fmt_x(v.get("speedup")) + (f" ({R.fmt_x(iv[0])}–{R.fmt_x(iv[1])})" if iv else "")),
-        ("max rel. error", R.md_text(R.error_text(v))),
+        ("status", F.md_text(v.get("status", "?"))),
+        ("reason", F.md_text(v.get("reason") or "—")),
+        ("codes", F.md_text(F.codes_text(v.get("codes"), ", ") or "—")),
+        ("transforms", F.md_code(F.transforms_text(v.get("transforms")))),
+        ("step time, median (p25–p75)", f"{F.fmt_ms(F.stat(st, 'median'))} ms ({F.spread_text(st)})"),
+        ("throughput", f"{F.fmt_tput(v.get('throughput_per_s'))} samples/s"),
+        ("batch size", F.md_text(v.get("batch_size") if v.get("batch_size") is not None else "—")),
+        ("peak memory", f"{F.fmt_mb(v.get('peak_memory_mb'))} MB"),
+        ("speedup", F.fmt_x(v.get("speedup")) + (f" ({F.fmt_x(iv[0])}–{F.fmt_x(iv[1])})" if iv else "")),
+        ("max rel. error", F.md_text(F.error_text(v))),
     ]
-    return "\n".join([f"### {R.md_text(v.get('name', '?'))}", "", "| | |", "|---|---|"]
+    return "\n".join([f"### {F.md_text(v.get('name', '?'))}", "", "| | |", "|---|---|"]
                      + [f"| {k} | {val} |" for k, val in rows])
 
 
 def _variants_table(report: dict) -> str:
-    rows = R.final_table_rows(report)
+    rows = final_table_rows(report)
     header, body = rows[0], rows[1:]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(R.md_text(c) for c in r) + " |" for r in body]
+    lines += ["| " + " | ".join(F.md_text(c) for c in r) + " |" for r in body]
     return "\n".join(lines)
 
 
 def _summary_text(report: dict) -> str:
-    before, after = R.before_after(report)
-    fin = R._d(report.get("final"))
-    bst, fst = R._d(before.get("step_time_ms")), R._d(after.get("step_time_ms"))
+    before, after = D.before_after(report)
+    fin = F.as_dict(report.get("final"))
+    bst, fst = F.as_dict(before.get("step_time_ms")), F.as_dict(after.get("step_time_ms"))
     lines = [
-        f"## autoopt: {R.md_text(R.model_label(report))}",
+        f"## autoopt: {F.md_text(D.model_label(report))}",
         "",
-        f"- **device:** {R.md_text(R.device_text(report))}",
-        f"- **mode:** {R.md_text(report.get('mode') or '—')}, batch size {R.md_text(report.get('batch_size', '—'))}",
-        f"- **final speedup:** {R.md_text(R.speedup_text(report))}",
-        f"- **throughput:** {R.fmt_tput(before.get('throughput_per_s'))} → "
-        f"{R.fmt_tput(after.get('throughput_per_s'))} samples/s",
-        f"- **step time (median):** {R.fmt_ms(R.stat(bst, 'median'))} ms ({R.md_text(R.batch_label(before) or '?')})"
-        f" → {R.fmt_ms(R.stat(fst, 'median'))} ms ({R.md_text(R.batch_label(after) or '?')})",
-        f"- **kept:** {R.md_text(R.codes_text(fin.get('codes'), ', ') or 'nothing')} "
-        f"({R.md_code(R.transforms_text(fin.get('transforms')))})",
+        f"- **device:** {F.md_text(D.device_text(report))}",
+        f"- **mode:** {F.md_text(report.get('mode') or '—')}, batch size {F.md_text(report.get('batch_size', '—'))}",
+        f"- **final speedup:** {F.md_text(D.speedup_text(report))}",
+        f"- **throughput:** {F.fmt_tput(before.get('throughput_per_s'))} → "
+        f"{F.fmt_tput(after.get('throughput_per_s'))} samples/s",
+        f"- **step time (median):** {F.fmt_ms(F.stat(bst, 'median'))} ms ({F.md_text(D.batch_label(before) or '?')})"
+        f" → {F.fmt_ms(F.stat(fst, 'median'))} ms ({F.md_text(D.batch_label(after) or '?')})",
+        f"- **kept:** {F.md_text(F.codes_text(fin.get('codes'), ', ') or 'nothing')} "
+        f"({F.md_code(F.transforms_text(fin.get('transforms')))})",
     ]
     if report.get("interrupted"):
         lines.insert(2, "**Interrupted:** this holds what was measured until the run was stopped.\n")
-    notes = [n for n in R._l(report.get("notes")) if n]
+    notes = D.notes(report)
     if notes:
-        lines += ["", "**Notes**", ""] + [f"- {R.md_text(n)}" for n in notes]
+        lines += ["", "**Notes**", ""] + [f"- {F.md_text(n)}" for n in notes]
     return "\n".join(lines)
 
 
 def _findings_text(report: dict) -> str:
-    fs = R.findings(report)
+    fs = D.findings(report)
     if not fs:
         return "No rule fired."
     out = []
     for f in fs:
-        acc = f.get("accepted")
         out += [
-            f"### {R.md_text(f.get('code', '?'))} {R.md_text(f.get('name', ''))}",
+            f"### {F.md_text(f.get('code', '?'))} {F.md_text(f.get('name', ''))}",
             "",
-            f"**{R.md_text(f.get('title', ''))}**",
+            f"**{F.md_text(f.get('title', ''))}**",
             "",
-            R.md_text(f.get("message", "")),
+            F.md_text(f.get("message", "")),
             "",
-            f"safety: **{R.md_text(f.get('safety', '?'))}** · transform: "
-            f"{R.md_code(R.transforms_text([{'name': f.get('transform') or 'none', 'params': f.get('params')}]))}"
-            f" · expected speedup: {R.fmt_x(f.get('expected_speedup'))} · accepted: "
-            f"{'yes' if acc else 'no' if acc is not None else '—'}",
+            f"safety: **{F.md_text(f.get('safety', '?'))}** · transform: "
+            f"{F.md_code(F.transforms_text([{'name': f.get('transform') or 'none', 'params': f.get('params')}]))}"
+            f" · expected speedup: {F.fmt_x(f.get('expected_speedup'))} · accepted: "
+            f"{F.accepted_text(f.get('accepted'))}",
             "",
         ]
-        ev = R._d(f.get("evidence"))
+        ev = F.as_dict(f.get("evidence"))
         if ev:
-            out += ["evidence: " + ", ".join(f"{R.md_code(k)} = {R.md_code(val)}" for k, val in ev.items()), ""]
+            out += ["evidence: " + ", ".join(f"{F.md_code(k)} = {F.md_code(val)}" for k, val in ev.items()), ""]
     return "\n".join(out).rstrip()
 
 
 def breakdown_image(bars: list[tuple[str, dict[str, float]]], title: str):
-    """An RGB uint8 array (H, W, 3) of stacked horizontal bars, ms per step by category."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cats = [k for k in R.BREAKDOWN_KEYS if any(b.get(k, 0) > 0 for _, b in bars)]
-    fig = Figure(figsize=(8, 1.2 + 0.6 * len(bars)), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    labels = [lbl for lbl, _ in bars]
-    left = [0.0] * len(bars)
-    for k in cats:
-        vals = [b.get(k, 0.0) for _, b in bars]
-        ax.barh(labels, vals, left=left, color=R.BREAKDOWN_COLORS[k], label=R.BREAKDOWN_LABELS[k])
-        left = [a + b for a, b in zip(left, vals)]
-    for i, total in enumerate(left):
-        ax.text(total, i, f" {R.fmt_ms(total)} ms", va="center", fontsize=9)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per step")
-    ax.set_title(title, fontsize=11)
-    ax.set_xlim(0, max(left + [1e-9]) * 1.18)
-    if cats:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=min(4, len(cats)), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())
-    return np.ascontiguousarray(rgba[..., :3])
+    """An RGB uint8 array (H, W, 3) of stacked horizontal bars, ms per step by category
+    (the report's breakdown plot, rasterized)."""
+    return P.rgb_array(P.breakdown_plot(bars, title))
 
 
 def _add_text(w, tag: str, text: str, step: int = 0) -> None:
@@ -251,7 +227,7 @@ def write_summaries(report: dict, tb_dir) -> dict[str, Path]:
     tb_dir = Path(tb_dir)
     tb_dir.mkdir(parents=True, exist_ok=True)
     dirs = run_dirs(report, tb_dir)
-    vs = R.variants(report)
+    vs = D.variants(report)
     names = [str(v.get("name", "")) for v in vs]
     summary_name = "baseline" if "baseline" in names else (names[0] if names else None)
     summary_dir = dirs[summary_name] if summary_name is not None else tb_dir / SUMMARY_RUN_FALLBACK
@@ -272,7 +248,7 @@ def write_summaries(report: dict, tb_dir) -> dict[str, Path]:
                 exp_template[k] = val
     metric_dict = {t: 0.0 for t in HPARAM_METRICS}
 
-    analysis = R._d(report.get("analysis"))
+    analysis = F.as_dict(report.get("analysis"))
     written: dict[str, Path] = {}
     for v, hp in zip(vs, all_hp):
         name = str(v.get("name", ""))
@@ -287,9 +263,9 @@ def write_summaries(report: dict, tb_dir) -> dict[str, Path]:
                     w.add_scalar(tag, val, 0)
             _add_text(w, "autoopt/variant", _variant_text(report, v))
             a = analysis.get(name)
-            if R._d(a):
+            if F.as_dict(a):
                 w.add_image("autoopt/step_time_breakdown_run",
-                            breakdown_image([(name, R.breakdown(a))], f"Step-time breakdown: {name}"), 0,
+                            breakdown_image([(name, D.breakdown(a))], f"Step-time breakdown: {name}"), 0,
                             dataformats="HWC")
             present = {k: val for k, val in hp.items() if val is not None}
             exp, ssi, sei = hparams(present, metric_dict,
@@ -319,21 +295,21 @@ def write_summaries(report: dict, tb_dir) -> dict[str, Path]:
 
 def _write_summary_run(w, report: dict) -> None:
     _add_text(w, "autoopt/summary", _summary_text(report))
-    _add_text(w, "autoopt/report", _variants_table(report) if R.variants(report) else "No variant was measured.")
+    _add_text(w, "autoopt/report", _variants_table(report) if D.variants(report) else "No variant was measured.")
     _add_text(w, "autoopt/findings", _findings_text(report))
-    analysis = R._d(report.get("analysis"))
-    bars = [(lbl, R.breakdown(a)) for lbl, a in (("baseline", analysis.get("baseline")),
-                                                 ("final", analysis.get("final"))) if R._d(a)]
+    analysis = F.as_dict(report.get("analysis"))
+    bars = [(lbl, D.breakdown(a)) for lbl, a in (("baseline", analysis.get("baseline")),
+                                                 ("final", analysis.get("final"))) if F.as_dict(a)]
     if bars:
         w.add_image("autoopt/step_time_breakdown", breakdown_image(bars, "Step-time breakdown, before and after"), 0,
                     dataformats="HWC")
-    for b in R._l(report.get("batch_search")):
+    for b in F.as_list(report.get("batch_search")):
         if not isinstance(b, dict):
             continue
-        bs = R.num(b.get("batch_size"))
+        bs = F.num(b.get("batch_size"))
         if bs is None:
             continue
         for key in ("throughput_per_s", "peak_memory_mb"):
-            val = R.num(b.get(key))
+            val = F.num(b.get(key))
             if val is not None:
                 w.add_scalar(f"autoopt/batch_search/{key}", val, int(bs))

@@ -1,0 +1,241 @@
+"""What the renderers read from a report dict (report.json): the variants, the final speedup
+and its spread, the before/after pair, the device, the trace analyses, the batch search
+and the distributed facts, each read defensively (any part may be null or malformed).
+
+Also the fixed vocabularies of the outputs: the step-time categories with their labels and
+colours, and the colour of each variant status.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from autoopt.output.format import as_dict, as_list, fmt_x, num, stat
+
+BREAKDOWN_KEYS = ("kernel", "memcpy", "memset", "communication", "runtime", "dataloader", "cpu_exec", "other")
+BREAKDOWN_LABELS = {
+    "kernel": "GPU kernels",
+    "memcpy": "memcpy",
+    "memset": "memset",
+    "communication": "communication",
+    "runtime": "CUDA runtime",
+    "dataloader": "data loading",
+    "cpu_exec": "CPU execution",
+    "other": "other",
+}
+BREAKDOWN_COLORS = {
+    "kernel": "#4c78a8",
+    "memcpy": "#f58518",
+    "memset": "#e45756",
+    "communication": "#72b7b2",
+    "runtime": "#eeca3b",
+    "dataloader": "#b279a2",
+    "cpu_exec": "#54a24b",
+    "other": "#9d9da0",
+}
+STATUS_COLORS = {"kept": "#2e7d32", "rejected": "#c62828", "failed": "#6d6d6d", "skipped": "#b0b0b0"}
+DEFAULT_BAR_COLOR = "#4c78a8"
+
+
+def variants(report: dict) -> list[dict]:
+    """The variants that are dicts."""
+    return [v for v in as_list(report.get("variants")) if isinstance(v, dict)]
+
+
+def findings(report: dict) -> list[dict]:
+    """The findings that are dicts."""
+    return [f for f in as_list(report.get("findings")) if isinstance(f, dict)]
+
+
+def notes(report: dict) -> list:
+    """The report's non-empty notes."""
+    return [n for n in as_list(report.get("notes")) if n]
+
+
+def speedup_interval(report: dict, variant: dict) -> Optional[tuple[float, float]]:
+    """The spread of a variant's speedup from the quartiles of its and the baseline's step
+    times: the ratio's low end pairs the fastest quarter of the baseline with the slowest
+    quarter of the variant, the high end the reverse. The final variant uses the report's
+    own speedup_low/high where they are given."""
+    s = num(variant.get("speedup"))
+    if s is None:
+        return None
+    if variant.get("name") == "final":
+        fin = as_dict(report.get("final"))
+        lo, hi = num(fin.get("speedup_low")), num(fin.get("speedup_high"))
+        if lo is not None and hi is not None:
+            return (min(lo, s), max(hi, s))
+    base = as_dict(as_dict(report.get("baseline")).get("step_time_ms"))
+    var = as_dict(variant.get("step_time_ms"))
+    bm, b25, b75 = stat(base, "median"), stat(base, "p25"), stat(base, "p75")
+    vm, v25, v75 = stat(var, "median"), stat(var, "p25"), stat(var, "p75")
+    if None in (bm, b25, b75, vm, v25, v75) or min(bm, b25, vm, v25, v75) <= 0:
+        return None
+    lo = s * (b25 / bm) / (v75 / vm)
+    hi = s * (b75 / bm) / (v25 / vm)
+    return (min(lo, s), max(hi, s))
+
+
+def final_speedup(report: dict) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """(speedup, low, high) of the final configuration; the spread derived from the final
+    variant's quartiles where the report does not give it."""
+    fin = as_dict(report.get("final"))
+    s = num(fin.get("speedup"))
+    lo, hi = num(fin.get("speedup_low")), num(fin.get("speedup_high"))
+    if s is not None and (lo is None or hi is None):
+        for v in variants(report):
+            if v.get("name") == "final":
+                iv = speedup_interval(report, v)
+                if iv:
+                    lo, hi = iv
+    return s, lo, hi
+
+
+def speedup_text(report: dict) -> str:
+    """'1.52× (spread 1.48×–1.57×)', or 'no final measurement'."""
+    s, lo, hi = final_speedup(report)
+    if s is None:
+        return "no final measurement"
+    if lo is not None and hi is not None:
+        return f"{fmt_x(s)} (spread {fmt_x(lo)}–{fmt_x(hi)})"
+    return fmt_x(s)
+
+
+def before_after(report: dict) -> tuple[dict, dict]:
+    """The two measurements behind the final speedup: the baseline as re-measured side by
+    side with the final configuration where the report has it (final.baseline_remeasured),
+    else the first baseline; and the final configuration."""
+    fin = as_dict(report.get("final"))
+    before = as_dict(fin.get("baseline_remeasured")) or as_dict(report.get("baseline"))
+    if "batch_size" not in before and report.get("batch_size") is not None:
+        before = dict(before, batch_size=report.get("batch_size"))
+    return before, fin
+
+
+def remeasured(report: dict) -> bool:
+    """Whether the final speedup compares with a baseline re-measured side by side."""
+    return bool(as_dict(as_dict(report.get("final")).get("baseline_remeasured")))
+
+
+def batch_label(m: dict) -> str:
+    """'batch 32' for a measurement with a batch size, else ''."""
+    bs = m.get("batch_size")
+    return f"batch {bs}" if bs is not None else ""
+
+
+def device_name(report: dict) -> str:
+    """The device's name, else its type, else 'unknown'."""
+    dev = as_dict(report.get("device"))
+    return str(dev.get("name") or dev.get("type") or "unknown")
+
+
+def device_detail(report: dict) -> str:
+    """Type, compute capability and memory of the report's device: 'cuda · sm 8.0 · 40 GiB'."""
+    dev = as_dict(report.get("device"))
+    parts = [str(dev["type"])] if dev.get("type") else []
+    if dev.get("compute_capability"):
+        parts.append(f"sm {dev['compute_capability']}")
+    mem = num(dev.get("total_memory_mb"))
+    if mem:
+        parts.append(f"{mem / 1024:,.0f} GiB")
+    return " · ".join(parts)
+
+
+def device_text(report: dict) -> str:
+    """'NVIDIA A100 (cuda · sm 8.0 · 40 GiB)'."""
+    dev = as_dict(report.get("device"))
+    name = str(dev.get("name") or dev.get("type") or "unknown device")
+    detail = device_detail(report)
+    return f"{name} ({detail})" if detail and detail != name else name
+
+
+def model_label(report: dict) -> str:
+    """The model's name, or 'model'."""
+    return str(report.get("model") or "model")
+
+
+def analyses(report: dict) -> list[tuple[str, Any]]:
+    """[("baseline", analysis), ("final", analysis)]: the two trace analyses, either may be
+    anything (None, malformed)."""
+    a = as_dict(report.get("analysis"))
+    return [("baseline", a.get("baseline")), ("final", a.get("final"))]
+
+
+def _op_ms(o: dict, gpu: bool) -> Optional[float]:
+    """An operator's self time: `self_ms`, or autoopt analyze's device_self_ms (GPU traces,
+    where it is non-zero) / host_self_ms, then the totals."""
+    keys = ("self_ms", "device_self_ms", "host_self_ms") if gpu else ("self_ms", "host_self_ms")
+    for k in keys + ("total_ms", "host_total_ms"):
+        v = num(o.get(k))
+        if v is not None and (v > 0 or k == keys[-1]):
+            return v
+    return None
+
+
+def top_entries(analysis: Any, limit: int = 10) -> tuple[str, list[tuple[str, float, Optional[int]]]]:
+    """('kernels'|'operators', [(name, ms, calls)]) of one trace analysis, totals over the
+    traced steps: kernels where the trace has any (a GPU run), else operators by self time
+    (a CPU run)."""
+    a = as_dict(analysis)
+    out = []
+    for k in as_list(a.get("top_kernels")):
+        if isinstance(k, dict) and num(k.get("total_ms")) is not None:
+            out.append((str(k.get("name", "?")), num(k["total_ms"]), k.get("calls")))
+    if out:
+        out.sort(key=lambda r: -r[1])
+        return "kernels", out[:limit]
+    gpu = as_dict(a.get("device")).get("type") == "cuda"
+    for o in as_list(a.get("top_operators")):
+        if not isinstance(o, dict):
+            continue
+        ms = _op_ms(o, gpu)
+        if ms is not None:
+            out.append((str(o.get("name", "?")), ms, o.get("calls")))
+    out.sort(key=lambda r: -r[1])
+    return "operators", out[:limit]
+
+
+def traced_steps(analysis: Any) -> Optional[int]:
+    """The number of steps a trace analysis covers, or None."""
+    n = as_dict(analysis).get("steps")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def breakdown(analysis: Any) -> dict[str, float]:
+    """ms per step by category (BREAKDOWN_KEYS) of one trace analysis; 0 where missing."""
+    bd = as_dict(as_dict(analysis).get("breakdown_ms"))
+    return {k: num(bd.get(k)) or 0.0 for k in BREAKDOWN_KEYS}
+
+
+def batch_search(report: dict) -> list[dict]:
+    """The batch-search entries that are dicts."""
+    return [b for b in as_list(report.get("batch_search")) if isinstance(b, dict)]
+
+
+def chosen_batch(report: dict) -> Optional[float]:
+    """The batch size the search chose (its "chosen" entry), else the one a batch_size
+    transform of a variant sets."""
+    for b in batch_search(report):
+        if b.get("status") == "chosen" and num(b.get("batch_size")) is not None:
+            return num(b["batch_size"])
+    chosen = None
+    for v in variants(report):
+        for t in as_list(v.get("transforms")):
+            if isinstance(t, dict) and t.get("name") == "batch_size":
+                chosen = num(as_dict(t.get("params")).get("batch_size")) or chosen
+    return chosen
+
+
+def per_rank(report: dict) -> list[dict]:
+    """The per-rank rows of a distributed report."""
+    return [r for r in as_list(report.get("per_rank")) if isinstance(r, dict)]
+
+
+def distributed_text(report: dict) -> str:
+    """One sentence on a distributed run's set-up: processes, backend, world size, batches."""
+    def val(k: str) -> str:
+        v = report.get(k)
+        return "?" if v is None else str(v)
+
+    return (f"{val('nproc')} processes per node, backend {val('backend')}, world size {val('world_size')}, "
+            f"per-rank batch {val('batch_size')} (global {val('global_batch_size')}). "
+            "Step times are the slowest rank's.")

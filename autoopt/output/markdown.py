@@ -1,0 +1,253 @@
+"""report.md: the report as GitHub-flavoured Markdown, one function per section.
+
+Each section function takes the report dict and returns its lines (a trailing blank line
+included), or none where the report has nothing for it. Everything from the run goes
+through md_text / md_code / a fence, so names with Markdown or HTML in them stay text.
+"""
+from __future__ import annotations
+
+import re
+
+from autoopt.output import data as D
+from autoopt.output.format import (DASH, accepted_text, as_dict, codes_text, error_text, fmt_mb, fmt_ms, fmt_num,
+                                   fmt_pct, fmt_tput, fmt_x, md_code, md_text, short, spread_text, stat,
+                                   text_or_dash, transforms_text)
+
+BATCH_SEMANTICS = ("A different batch size changes training semantics: scale the learning rate and re-check "
+                   "convergence.")
+PATCH_NOTE = "A unified diff against the model file; applied, the file itself runs the final configuration."
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A pipe table; cells must already be escaped."""
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def fence(text: str, lang: str = "") -> list[str]:
+    """A fenced code block longer than any backtick run in the text, so it stays verbatim."""
+    longest = max((len(m) for m in re.findall(r"`{3,}", text)), default=0)
+    f = "`" * max(3, longest + 1)
+    return [f + lang, text.rstrip("\n"), f, ""]
+
+
+def header(r: dict) -> list[str]:
+    """The title and the run's facts: model, device, mode, batch size, seed, versions."""
+    meta = [
+        ("Model", md_text(r.get("model_path") or D.model_label(r))),
+        ("Device", md_text(D.device_text(r))),
+        ("Mode", md_text(r.get("mode") or DASH)),
+        ("Batch size", md_text(text_or_dash(r.get("batch_size")))),
+        ("Seed", md_text(text_or_dash(r.get("seed")))),
+        ("Created", md_text(r.get("created_at") or DASH)),
+        ("Versions", md_text(f"autoopt {r.get('autoopt_version') or '?'}, torch {r.get('torch_version') or '?'}")),
+    ]
+    return [f"# autoopt report: {md_text(D.model_label(r))}", ""] + [f"- **{k}:** {v}" for k, v in meta] + [""]
+
+
+def result(r: dict) -> list[str]:
+    """The final speedup with the throughput and step time before and after, and what was kept."""
+    out = ["## Result", ""]
+    if r.get("interrupted"):
+        out += ["**Interrupted:** the run was stopped; this report holds what was measured until then.", ""]
+    fin = as_dict(r.get("final"))
+    if D.final_speedup(r)[0] is None:
+        out += ["No final configuration was measured (the run failed or was interrupted before "
+                "the final measurement); see the variants below for what was measured.", ""]
+        return out + ([md_text(fin["note"]), ""] if fin.get("note") else [])
+    before, after = D.before_after(r)
+    bst, fst = as_dict(before.get("step_time_ms")), as_dict(after.get("step_time_ms"))
+    remeasured = " (the baseline re-measured side by side)" if D.remeasured(r) else ""
+    return out + [
+        f"**{md_text(D.speedup_text(r))}** in throughput{remeasured}: "
+        f"{fmt_tput(before.get('throughput_per_s'))} → {fmt_tput(after.get('throughput_per_s'))} samples/s; "
+        f"{fmt_ms(stat(bst, 'median'))} ms per step at {md_text(D.batch_label(before) or '?')} → "
+        f"{fmt_ms(stat(fst, 'median'))} ms at {md_text(D.batch_label(after) or '?')} (medians).",
+        "",
+        f"Kept: {md_text(codes_text(fin.get('codes'), ', ') or 'nothing')} "
+        f"({md_code(transforms_text(fin.get('transforms')))}).",
+        "",
+    ]
+
+
+def notes(r: dict) -> list[str]:
+    """The run's notes as a list."""
+    ns = D.notes(r)
+    return ["## Notes", ""] + [f"- {md_text(n)}" for n in ns] + [""] if ns else []
+
+
+def baseline(r: dict) -> list[str]:
+    """The baseline measurement: step-time statistics, throughput, memory, MFU, FLOPs."""
+    base = as_dict(r.get("baseline"))
+    if not base:
+        return ["## Baseline", "", "The baseline was not measured.", ""]
+    st = as_dict(base.get("step_time_ms"))
+    mean_sd = f"{fmt_ms(stat(st, 'mean'))} ± {fmt_ms(stat(st, 'stdev'))}" if stat(st, "mean") is not None else DASH
+    return ["## Baseline", ""] + md_table(
+        ["Step time median (ms)", "p25–p75 (ms)", "Mean ± stdev (ms)", "Steps", "Samples/s",
+         "Peak memory (MB)", "MFU", "FLOPs/step", "Batch"],
+        [[fmt_ms(stat(st, "median")), spread_text(st), mean_sd, md_text(st.get("n", DASH)),
+          fmt_tput(base.get("throughput_per_s")), fmt_mb(base.get("peak_memory_mb")), fmt_pct(base.get("mfu")),
+          fmt_num(base.get("flops_per_step")), md_text(base.get("batch_size", r.get("batch_size", DASH)))]],
+    )
+
+
+def _variant_row(r: dict, v: dict) -> list[str]:
+    st = v.get("step_time_ms")
+    iv = D.speedup_interval(r, v)
+    sp = fmt_x(v.get("speedup")) + (f" ({fmt_x(iv[0])}–{fmt_x(iv[1])})" if iv else "")
+    return [
+        md_code(v.get("name", "?")), md_text(codes_text(v.get("codes"), ", ") or DASH),
+        md_code(transforms_text(v.get("transforms"))), f"**{md_text(v.get('status', '?'))}**",
+        fmt_ms(stat(st, "median")), spread_text(st), fmt_tput(v.get("throughput_per_s")),
+        md_text(text_or_dash(v.get("batch_size"))), fmt_mb(v.get("peak_memory_mb")),
+        fmt_x(v.get("expected_speedup")), sp, error_text(v), md_text(v.get("reason") or ""),
+    ]
+
+
+def variants(r: dict) -> list[str]:
+    """One table row per measured (or failed, or skipped) variant."""
+    vs = D.variants(r)
+    if not vs:
+        return ["## Variants", "", "No variant was measured.", ""]
+    return ["## Variants", ""] + md_table(
+        ["Variant", "Codes", "Transforms", "Status", "Median (ms)", "p25–p75 (ms)", "Samples/s", "Batch",
+         "Peak MB", "Predicted", "Speedup (spread)", "Max rel. error", "Reason"],
+        [_variant_row(r, v) for v in vs])
+
+
+def final(r: dict) -> list[str]:
+    """The final configuration: transforms, codes, step time, throughput, memory, speedup."""
+    fin = as_dict(r.get("final"))
+    if not fin:
+        return ["## Final configuration", "", "No final configuration.", ""]
+    fst = as_dict(fin.get("step_time_ms"))
+    return ["## Final configuration", "",
+            f"- **Transforms:** {md_code(transforms_text(fin.get('transforms')))}",
+            f"- **Codes:** {md_text(codes_text(fin.get('codes'), ', ') or 'none')}",
+            f"- **Step time:** {fmt_ms(stat(fst, 'median'))} ms median ({spread_text(fst)} ms p25–p75, "
+            f"n={md_text(fst.get('n', DASH))})",
+            f"- **Throughput:** {fmt_tput(fin.get('throughput_per_s'))} samples/s at batch size "
+            f"{md_text(fin.get('batch_size', r.get('batch_size', DASH)))}",
+            f"- **Peak memory:** {fmt_mb(fin.get('peak_memory_mb'))} MB",
+            f"- **Speedup:** {md_text(D.speedup_text(r))}",
+            ""]
+
+
+def distributed(r: dict) -> list[str]:
+    """A distributed run's set-up, one row per rank, and the DDP snippet for a torchrun script."""
+    if r.get("distributed") is not True:
+        return []
+    out = ["## Distributed (DDP)", "", md_text(D.distributed_text(r)), ""]
+    rows = [[md_text(text_or_dash(p.get("rank"))), md_text(text_or_dash(p.get("host"))),
+             fmt_ms(p.get("measured_step_time_ms")), fmt_ms(p.get("busy_ms_per_step")),
+             fmt_ms(p.get("collective_wait_ms_per_step"))] for p in D.per_rank(r)]
+    if rows:
+        out += md_table(["Rank", "Host", "Measured step (ms)", "Busy (ms/step)", "Collective wait (ms/step)"], rows)
+    else:
+        out += ["No per-rank measurement.", ""]
+    snippet = r.get("ddp_snippet")
+    if isinstance(snippet, str) and snippet.strip():
+        out += ["For your own torchrun script:", ""] + fence(snippet, "python")
+    return out
+
+
+def search(r: dict) -> list[str]:
+    """How the variants were searched: strategy, variants tried, time."""
+    s = as_dict(r.get("search"))
+    if not s:
+        return []
+    return ["## Search", "", f"{md_text(s.get('strategy', '?'))} search, {md_text(s.get('variants_tried', '?'))} "
+            f"variants tried in {fmt_num(s.get('time_s'), 1)} s.", ""]
+
+
+def batch_search(r: dict) -> list[str]:
+    """Each batch size tried, its throughput, memory and outcome."""
+    bs = D.batch_search(r)
+    if not bs:
+        return []
+    return ["## Batch-size search", "", f"Chosen by throughput, within the memory budget. {BATCH_SEMANTICS}",
+            ""] + md_table(["Batch size", "Samples/s", "Peak memory (MB)", "Status"],
+                           [[md_text(b.get("batch_size", "?")), fmt_tput(b.get("throughput_per_s")),
+                             fmt_mb(b.get("peak_memory_mb")), md_text(b.get("status", "?"))] for b in bs])
+
+
+def trace_analysis(r: dict) -> list[str]:
+    """The step-time breakdown of the baseline and final traces, and their top kernels or
+    operators."""
+    (_, ab), (_, af) = D.analyses(r)
+    if not (as_dict(ab) or as_dict(af)):
+        return []
+    bb, bf = D.breakdown(ab), D.breakdown(af)
+    rows = [[D.BREAKDOWN_LABELS[k], fmt_ms(bb[k]) if as_dict(ab) else DASH, fmt_ms(bf[k]) if as_dict(af) else DASH]
+            for k in D.BREAKDOWN_KEYS if bb[k] or bf[k]]
+    before, after = D.before_after(r)
+    head = ["Category", f"Baseline ({D.batch_label(before) or '?'})", f"Final ({D.batch_label(after) or '?'})"]
+    out = ["## Step-time breakdown (ms per step)", ""]
+    out += md_table(head, rows) if rows else ["All categories are zero.", ""]
+    for label, a in D.analyses(r):
+        kind, top = D.top_entries(a)
+        if top:
+            n = D.traced_steps(a)
+            out += [f"### Top {kind}, {label}", "", f"Totals over the {n} traced steps." if n else "", ""]
+            out += md_table(["Name", "Calls", "Time (ms)"], [[md_code(short(name, 120)), md_text(text_or_dash(c)),
+                                                              fmt_ms(ms)] for name, ms, c in top])
+    return out
+
+
+def _finding(f: dict) -> list[str]:
+    out = [f"### {md_text(f.get('code', '?'))} {md_text(f.get('name', ''))}: {md_text(f.get('title', ''))}", ""]
+    if f.get("message"):
+        out += [md_text(f["message"]), ""]
+    transform = transforms_text([{"name": f.get("transform") or "none", "params": f.get("params")}])
+    out.append(f"- **Safety:** {md_text(f.get('safety', '?'))}; **transform:** {md_code(transform)}; "
+               f"**expected speedup:** {fmt_x(f.get('expected_speedup'))}; "
+               f"**accepted:** {accepted_text(f.get('accepted'))}")
+    ev = as_dict(f.get("evidence"))
+    if ev:
+        out.append("- **Evidence:** " + ", ".join(f"{md_code(k)} = {md_code(v)}" for k, v in ev.items()))
+    return out + [f"- Documentation: {md_code('autoopt explain ' + str(f.get('code', '')))}", ""]
+
+
+def findings(r: dict) -> list[str]:
+    """Each rule that fired: message, safety, transform, evidence, where its docs are."""
+    fs = D.findings(r)
+    out = ["## Findings", ""]
+    if not fs:
+        return out + ["No rule fired.", ""]
+    for f in fs:
+        out += _finding(f)
+    return out
+
+
+def patch(r: dict) -> list[str]:
+    """The unified diff against the model file, in a diff fence."""
+    p = r.get("patch")
+    if isinstance(p, str) and p.strip():
+        return ["## Patch", "", PATCH_NOTE, ""] + fence(p, "diff")
+    return ["## Patch", "", "No patch: no transform was kept.", ""]
+
+
+def artifacts(r: dict) -> list[str]:
+    """The files the run wrote, and how to open its TensorBoard logs."""
+    arts = as_dict(r.get("artifacts"))
+    if not arts:
+        return []
+    out = ["## Artifacts", ""] + [f"- {md_text(k)}: {md_code(v)}" for k, v in arts.items() if v] + [""]
+    if arts.get("logdir"):
+        out += [f"View the traces and summaries with {md_code('autoopt view ' + str(arts['logdir']))}.", ""]
+    return out
+
+
+SECTIONS = (header, result, notes, baseline, variants, final, distributed, search, batch_search, trace_analysis,
+            findings, patch, artifacts)
+
+
+def render_markdown(report: dict) -> str:
+    """report.md for a report dict."""
+    r = as_dict(report)
+    lines: list[str] = []
+    for section in SECTIONS:
+        lines += section(r)
+    return "\n".join(lines).rstrip("\n") + "\n"

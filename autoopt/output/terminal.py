@@ -1,0 +1,55 @@
+"""The compact variants table `autoopt optimize` prints in the terminal: plain strings, one
+row per variant, for a renderer (rich) that escapes them."""
+from __future__ import annotations
+
+from autoopt.output.data import speedup_interval, variants
+from autoopt.output.format import (as_dict, error_text, fmt_mb, fmt_ms, fmt_tput, fmt_x, short, spread_text,
+                                   stat)
+
+FINAL_TABLE_HEADER = [
+    "variant",
+    "status",
+    "step ms (median)",
+    "p25-p75 ms",
+    "samples/s",
+    "speedup",
+    "peak MB",
+    "max rel err",
+    "note",
+]
+
+
+def _with_baseline(report: dict) -> list[dict]:
+    """The variants, with the report's baseline first where no variant is named so."""
+    vs = variants(report)
+    b = as_dict(report.get("baseline"))
+    if any(v.get("name") == "baseline" for v in vs) or not b:
+        return vs
+    return [{"name": "baseline", "status": "kept", "step_time_ms": b.get("step_time_ms"),
+             "throughput_per_s": b.get("throughput_per_s"), "peak_memory_mb": b.get("peak_memory_mb"),
+             "speedup": 1.0, "reason": "reference configuration"}] + vs
+
+
+def final_table_rows(report: dict) -> list[list[str]]:
+    """Compact rows for the terminal table: the first row is the header
+    (FINAL_TABLE_HEADER), then one row per variant. Plain strings; a renderer that
+    interprets markup (rich) must escape them."""
+    rows = [list(FINAL_TABLE_HEADER)]
+    for v in _with_baseline(report):
+        st = v.get("step_time_ms")
+        iv = speedup_interval(report, v)
+        sp = fmt_x(v.get("speedup"))
+        if iv and v.get("name") == "final":
+            sp = f"{sp} ({iv[0]:.2f}–{iv[1]:.2f})"
+        rows.append([
+            str(v.get("name", "?")),
+            str(v.get("status", "?")),
+            fmt_ms(stat(st, "median")),
+            spread_text(st),
+            fmt_tput(v.get("throughput_per_s")),
+            sp,
+            fmt_mb(v.get("peak_memory_mb")),
+            error_text(v),
+            short(v.get("reason") or "", 60),
+        ])
+    return rows
