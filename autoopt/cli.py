@@ -116,7 +116,6 @@ def cmd_explain(args) -> int:
 
 def cmd_analyze(args) -> int:
     from autoopt.analyze import analyze_paths, render_text
-
     from autoopt.diagnosis.facts_builder import build_facts, diagnose
 
     result = analyze_paths(args.traces)
@@ -199,7 +198,8 @@ def cmd_profile(args) -> int:
     m = result["measurement"]
     st = m["step_time_ms"]
     out.print(f"{result['model']} on {result['device']['name'] or result['device']['type']}, batch {m['batch_size']}, "
-              f"{result['mode']}: step {st['median']:.2f} ms median (IQR {st['p25']:.2f}-{st['p75']:.2f}, n={st['n']}), "
+              f"{result['mode']}: step {st['median']:.2f} ms median "
+              f"(IQR {st['p25']:.2f}-{st['p75']:.2f}, n={st['n']}), "
               f"{m['throughput_per_s']:.1f} samples/s, peak memory {m['peak_memory_mb'] or 0:.0f} MB"
               + (f", MFU {m['mfu']:.1%}" if m.get("mfu") else ""), markup=False)
     out.print(render_text(result), markup=False)
@@ -327,7 +327,8 @@ def _print_optimize_summary(report: dict) -> None:
     out = _console(stderr=False)
     rows = final_table_rows(report)
     if rows:
-        title = f"autoopt: {report['model']} ({report['mode']}, {report['device'].get('name') or report['device'].get('type')})"
+        device = report["device"].get("name") or report["device"].get("type")
+        title = f"autoopt: {report['model']} ({report['mode']}, {device})"
         t = Table(*rows[0], title=Text(title))
         for r in rows[1:]:
             t.add_row(*[Text(str(x)) for x in r])  # cells are data, never markup

@@ -72,9 +72,7 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 _AMD_BY_CU = {104: "MI250", 110: "MI250X", 304: "MI300X"}
 
 
-def peak_key(name: str, *, sm_count: Optional[int] = None) -> Optional[str]:
-    """The PEAK_TFLOPS entry that a device name denotes, or None when unknown."""
-    n = name.upper().replace("_", " ")
+def _hopper_key(n: str, sm_count: Optional[int]) -> Optional[str]:
     if "H200" in n:
         return "H200-NVL" if "NVL" in n else "H200"
     if "GH200" in n:
@@ -82,31 +80,28 @@ def peak_key(name: str, *, sm_count: Optional[int] = None) -> Optional[str]:
     if "H100" in n:
         if "PCIE" in n or sm_count == 114:
             return "H100-PCIe"
-        if "NVL" in n:
-            return "H100-NVL"
-        return "H100-SXM"
-    if "A100" in n:
-        return "A100"
-    if re.search(r"\bA10\b", n):
-        return "A10"
-    if "L40S" in n:
-        return "L40S"
-    if re.search(r"\bL4\b", n):
-        return "L4"
-    if re.search(r"\bT4\b", n):
-        return "T4"
-    if "V100" in n:
-        return "V100-PCIe" if "PCIE" in n else "V100-SXM2"
-    if re.search(r"RTX 3090(?! TI)\b", n):
-        return "RTX 3090"
-    if re.search(r"RTX 4090(?! D)\b", n):
-        return "RTX 4090"
-    if "MI250X" in n:
-        return "MI250X"
-    if "MI250" in n:
-        return "MI250"
-    if "MI300X" in n:
-        return "MI300X"
+        return "H100-NVL" if "NVL" in n else "H100-SXM"
+    return None
+
+
+# (a pattern in the upper-cased device name, the PEAK_TFLOPS entry), first match wins
+_NAME_PATTERNS = (
+    (r"A100", "A100"), (r"\bA10\b", "A10"), (r"L40S", "L40S"), (r"\bL4\b", "L4"), (r"\bT4\b", "T4"),
+    (r"V100.*PCIE|PCIE.*V100", "V100-PCIe"), (r"V100", "V100-SXM2"),
+    (r"RTX 3090(?! TI)\b", "RTX 3090"), (r"RTX 4090(?! D)\b", "RTX 4090"),
+    (r"MI250X", "MI250X"), (r"MI250", "MI250"), (r"MI300X", "MI300X"),
+)
+
+
+def peak_key(name: str, *, sm_count: Optional[int] = None) -> Optional[str]:
+    """The PEAK_TFLOPS entry that a device name denotes, or None when unknown."""
+    n = name.upper().replace("_", " ")
+    key = _hopper_key(n, sm_count)
+    if key is not None:
+        return key
+    for pattern, entry in _NAME_PATTERNS:
+        if re.search(pattern, n):
+            return entry
     if _looks_amd(n) and sm_count in _AMD_BY_CU:
         return _AMD_BY_CU[sm_count]
     return None
@@ -404,7 +399,8 @@ def _why_no_cuda() -> str:
 def _no_cuda_fix() -> str:
     if not _torch_gpu_build():
         if nvidia_gpu_present():
-            return "install a CUDA build of torch (pytorch.org lists the install command per CUDA version), or run with --device cpu."
+            return ("install a CUDA build of torch (pytorch.org lists the install command per CUDA version), "
+                    "or run with --device cpu.")
         return "run with --device cpu (or --device auto), or run on a machine with a GPU and a CUDA build of torch."
     return "run `autoopt env` to see what is missing, or use --device cpu."
 
@@ -521,14 +517,16 @@ def env_warnings(info: dict[str, Any]) -> list[str]:
         )
     if gpu_build and not info.get("cuda_available"):
         if info.get("cuda_version") and not info.get("nvidia_gpu_present"):
-            w.append(f"torch {torch_v} is a CUDA {info.get('cuda_version')} build, but no NVIDIA GPU is visible: runs use the CPU.")
+            w.append(f"torch {torch_v} is a CUDA {info.get('cuda_version')} build, but no NVIDIA GPU is visible: runs "
+                     f"use the CPU.")
         else:
             w.append(
                 f"torch {torch_v} is a GPU build and a GPU is present, but torch cannot use it "
                 "(check CUDA_VISIBLE_DEVICES and that the driver is installed and new enough)."
             )
     if info.get("nvidia_gpu_present") and gpu_build and info.get("cuda_version") and not info.get("driver_version"):
-        w.append("an NVIDIA GPU is present but no NVIDIA driver was found (no nvidia-smi, no /proc/driver/nvidia/version).")
+        w.append("an NVIDIA GPU is present but no NVIDIA driver was found (no nvidia-smi, no "
+                 "/proc/driver/nvidia/version).")
     drv, cuda_v = info.get("driver_version"), info.get("cuda_version")
     if drv and cuda_v:
         major = _version_tuple(cuda_v)[0]

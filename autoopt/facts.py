@@ -35,7 +35,8 @@ FACTS: dict[str, tuple[str, str]] = {
     "model.rnn_count": ("number", "number of RNN/LSTM/GRU modules"),
     "model.attention_count": ("number", "number of MultiheadAttention modules or scaled_dot_product_attention users"),
     "model.param_dtype": ("string", "dtype of most parameters, e.g. 'float32'"),
-    "model.repeated_block_count": ("number", "length of the longest run of identical child modules (checkpointing candidates)"),
+    "model.repeated_block_count": ("number", "length of the longest run of identical child modules (checkpointing "
+                                             "candidates)"),
     "model.is_data_parallel": ("bool", "the model is wrapped in torch.nn.DataParallel"),
     # --- workload (the model file's contract) ---
     "workload.mode": ("string", "'train' when build_optimizer exists, else 'infer'"),
@@ -64,7 +65,8 @@ FACTS: dict[str, tuple[str, str]] = {
     # --- metrics: timed steps (autoopt.run.measure) ---
     "metrics.step_time_ms": ("number", "median step time in ms (timed run when present, else the trace's steps)"),
     "metrics.throughput_per_s": ("number", "samples per second of the timed run"),
-    "metrics.peak_memory_mb": ("number", "peak memory: allocator peak on GPU, process RSS on CPU, or the trace's memory events"),
+    "metrics.peak_memory_mb": ("number", "peak memory: allocator peak on GPU, process RSS on CPU, or the trace's "
+                                         "memory events"),
     "metrics.memory_fraction": ("number", "peak memory over device memory, 0..1"),
     "metrics.mfu": ("number", "model FLOPs utilization, 0..1, against the device's peak where known"),
     "metrics.step_time_rel_spread": ("number", "interquartile range over median of the timed steps"),
@@ -83,19 +85,26 @@ FACTS: dict[str, tuple[str, str]] = {
     "metrics.cpu_exec_fraction": ("number", "breakdown: CPU execution share of the step"),
     "metrics.other_fraction": ("number", "breakdown: other share of the step"),
     "metrics.matmul_fraction": ("number", "matmul/convolution share of device compute time (CPU op time on CPU)"),
-    "metrics.fp32_matmul_fraction": ("number", "share of matmul/convolution time that runs in fp32 (not tf32/bf16/fp16)"),
+    "metrics.fp32_matmul_fraction": ("number",
+                                     "share of matmul/convolution time that runs in fp32 (not tf32/bf16/fp16)"),
     "metrics.conv_fraction": ("number", "convolution share of device compute time"),
     "metrics.layout_conversion_fraction": ("number", "share of kernel time in NCHW<->NHWC conversion kernels"),
     "metrics.kernels_per_step": ("number", "GPU kernels launched per step"),
-    "metrics.ops_per_step": ("number", "top-level CPU operators per step of the model's forward and backward (operators inside DataLoader fetches and optimizer.step excluded: they have their own rules)"),
+    "metrics.ops_per_step": ("number", "top-level CPU operators per step of the model's forward and backward "
+                                       "(operators inside DataLoader fetches and optimizer.step excluded: they "
+                                       "have their own rules)"),
     "metrics.median_kernel_us": ("number", "median kernel duration in microseconds"),
     "metrics.small_kernel_fraction": ("number", "share of kernels shorter than 10 us"),
     "metrics.idle_fraction": ("number", "GPU idle share of the step, 0..1"),
-    "metrics.host_wait_fraction": ("number", "idle share spent waiting for the host (HTA's host-wait), 0..1 of the step"),
-    "metrics.kernel_wait_fraction": ("number", "idle share between back-to-back launches (HTA's kernel-wait), 0..1 of the step"),
+    "metrics.host_wait_fraction": ("number", "idle share spent waiting for the host (HTA's host-wait), 0..1 of the "
+                                             "step"),
+    "metrics.kernel_wait_fraction": ("number", "idle share between back-to-back launches (HTA's kernel-wait), 0..1 of "
+                                               "the step"),
     "metrics.launch_bound": ("bool", "kernel launch time on the CPU exceeds kernel time on the GPU for most kernels"),
-    "metrics.sync_count_per_step": ("number", "host-device synchronisations per step (synchronize, D2H copies, item())"),
-    "metrics.sync_time_fraction": ("number", "share of the step stalled by host-device synchronisation: the blocking calls plus the GPU idle gap each one leaves before the next work"),
+    "metrics.sync_count_per_step": ("number",
+                                    "host-device synchronisations per step (synchronize, D2H copies, item())"),
+    "metrics.sync_time_fraction": ("number", "share of the step stalled by host-device synchronisation: the blocking "
+                                             "calls plus the GPU idle gap each one leaves before the next work"),
     "metrics.data_dependent_ops_per_step": ("number", "nonzero / masked_select / unique calls per step"),
     "metrics.h2d_copies_per_step": ("number", "host-to-device copies per step"),
     "metrics.pageable_h2d_fraction": ("number", "share of host-to-device copy bytes from pageable memory"),

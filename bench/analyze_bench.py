@@ -107,6 +107,26 @@ def commands(trace: Path) -> dict[str, list[str]]:
     }
 
 
+def _shifted(e: dict, dt: float, did: int, dstep: int) -> dict:
+    """An event of a later copy: its time, flow and correlation ids and step number moved on."""
+    e = dict(e)
+    if isinstance(e.get("ts"), (int, float)):
+        e["ts"] = e["ts"] + dt
+    if e.get("ph") in ("s", "f") and isinstance(e.get("id"), int):
+        e["id"] = e["id"] + did
+    a = e.get("args")
+    if isinstance(a, dict):
+        a = dict(a)
+        for k in ("correlation", "External id", "external id"):
+            if isinstance(a.get(k), int) and a[k] > 0:
+                a[k] = a[k] + did
+        e["args"] = a
+    n = e.get("name")
+    if isinstance(n, str) and n.startswith("ProfilerStep#"):
+        e["name"] = f"ProfilerStep#{int(n.split('#')[1]) + dstep}"
+    return e
+
+
 def synthesize(source: Path, target_bytes: int) -> Path:
     """Repeat a real trace in time until it reaches target_bytes; correlation / External ids and
     ProfilerStep numbers are offset per copy so that every copy stays a consistent trace."""
@@ -140,21 +160,7 @@ def synthesize(source: Path, target_bytes: int) -> Path:
                 if r and e.get("name") in ("Record Window End", "Iteration Start: PyTorch Profiler"):
                     continue
                 if r:
-                    e = dict(e)
-                    if isinstance(e.get("ts"), (int, float)):
-                        e["ts"] = e["ts"] + r * span
-                    if ph in ("s", "f") and isinstance(e.get("id"), int):
-                        e["id"] = e["id"] + r * idspan
-                    a = e.get("args")
-                    if isinstance(a, dict):
-                        a = dict(a)
-                        for k in ("correlation", "External id", "external id"):
-                            if isinstance(a.get(k), int) and a[k] > 0:
-                                a[k] = a[k] + r * idspan
-                        e["args"] = a
-                    n = e.get("name")
-                    if isinstance(n, str) and n.startswith("ProfilerStep#"):
-                        e["name"] = f"ProfilerStep#{int(n.split('#')[1]) + r * stepspan}"
+                    e = _shifted(e, r * span, r * idspan, r * stepspan)
                     if e.get("cat") == "Trace":
                         continue
                 if not first:

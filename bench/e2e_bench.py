@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 def throughput(path: Path, device: str, settings) -> tuple[float, object]:
     from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
     from autoopt.run.measure import measure
     from autoopt.run.session import Session
+    from autoopt.workload.load import build_workload, load_model_file
 
     spec = load_model_file(path)
     caps = detect_capabilities(device)
@@ -49,9 +49,8 @@ def main(argv=None) -> int:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.settings import MeasureSettings
     from autoopt.pipelines.optimize import run_optimize
-    from autoopt.settings import OptimizeSettings, SearchSettings
+    from autoopt.settings import MeasureSettings, OptimizeSettings
 
     caps = detect_capabilities(args.device)
     settings = MeasureSettings(min_steps=15, min_time_s=2.0, max_time_s=10.0)

@@ -39,9 +39,8 @@ def main(argv=None) -> int:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.settings import MeasureSettings
     from autoopt.pipelines.optimize import run_optimize
-    from autoopt.settings import OptimizeSettings, SearchSettings
+    from autoopt.settings import MeasureSettings, OptimizeSettings, SearchSettings
 
     caps = detect_capabilities(args.device)
     card = caps.name or caps.device_type
@@ -70,7 +69,8 @@ def main(argv=None) -> int:
         f"GPU check on **{card}** (torch {torch.__version__}, CUDA {torch.version.cuda}), "
         f"{time.strftime('%Y-%m-%d')}, total {time.perf_counter() - t_start:.0f} s",
         "",
-        "| model | mode | batch | baseline ms (median, IQR) | final ms (median, IQR) | speedup (range) | kept transforms | MFU base → final | wall |",
+        "| model | mode | batch | baseline ms (median, IQR) | final ms (median, IQR) | speedup (range) | kept "
+        "transforms | MFU base → final | wall |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rep, wall in rows:
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         mfu = f"{mfu_b:.1%} → {mfu_f:.1%}" if mfu_b and mfu_f else (f"{mfu_b:.1%}" if mfu_b else "n/a")
         lines.append(
             f"| {name} | {rep['mode']} | {rep['batch_size']}→{fin.get('batch_size', rep['batch_size'])} | "
-            f"{bst['median']:.2f} ({bst['p25']:.2f}–{bst['p75']:.2f}) | {fst['median']:.2f} ({fst['p25']:.2f}–{fst['p75']:.2f}) | "
+            f"{bst['median']:.2f} ({bst['p25']:.2f}–{bst['p75']:.2f}) | {fst['median']:.2f} "
+            f"({fst['p25']:.2f}–{fst['p75']:.2f}) | "
             f"{fin.get('speedup', 1.0):.2f}x ({fin.get('speedup_low', 1.0):.2f}–{fin.get('speedup_high', 1.0):.2f}) | "
             f"{kept} | {mfu} | {wall} |"
         )

@@ -67,10 +67,10 @@ def resolve_models(names: str) -> list[Path]:
 
 
 def bench_settings():
-    from autoopt.settings import MeasureSettings
-    from autoopt.settings import ProfileSettings
+    from autoopt.settings import MeasureSettings, ProfileSettings
 
-    return (MeasureSettings(warmup_steps=2, warmup_min_s=0.0, min_steps=5, max_steps=15, min_time_s=0.3, max_time_s=3.0),
+    return (MeasureSettings(warmup_steps=2, warmup_min_s=0.0, min_steps=5, max_steps=15, min_time_s=0.3,
+                            max_time_s=3.0),
             ProfileSettings(wait=0, warmup=1, active=2))
 
 
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="", help="comma-separated names (examples/ or tests/planted/) or paths")
     ap.add_argument("--with-batch", action="store_true", help="also accept batch-size findings (slow)")
-    ap.add_argument("--budget-s", type=float, default=0.0, help="skip the remaining models past this wall time (0: no limit)")
+    ap.add_argument("--budget-s", type=float, default=0.0, help="skip the remaining models past this wall time (0: no "
+                                                                "limit)")
     ap.add_argument("--out", default="", help="where the optimize reports go (default: a temporary directory)")
     ap.add_argument("--json", default="", help="also write the rows and summary as JSON here")
     ap.add_argument("--markdown", default="", help="also write the table here")
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
 
     from autoopt.env import detect_capabilities
     from autoopt.pipelines.optimize import run_optimize
-    from autoopt.settings import OptimizeSettings, SearchSettings
+    from autoopt.settings import OptimizeSettings
 
     caps = detect_capabilities(args.device)
     measure_s, profile_s = bench_settings()
@@ -198,7 +199,8 @@ def main(argv=None) -> int:
         try:
             rep = run_optimize(opts, decide=decide)
         except Exception as e:  # one model failing must not hide the others
-            failures.append(f"{path.stem}: failed, {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            failures.append(f"{path.stem}: failed, {type(e).__name__}: {first}")
             print(f"[predict_bench] {failures[-1]}", file=sys.stderr, flush=True)
             continue
         rows += rows_of(rep)

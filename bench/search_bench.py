@@ -48,9 +48,9 @@ def same_config_quality(path: str, device: str, greedy: dict, exhaustive: dict,
     if key(greedy) == key(exhaustive):
         return 1.0, 1.0, 1.0, "same configuration"
     from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
     from autoopt.run.measure import MeasureSettings, measure_against
     from autoopt.run.session import Session
+    from autoopt.workload.load import build_workload, load_model_file
 
     caps = detect_capabilities(device)
     wl = build_workload(load_model_file(path), caps, seed=0)
@@ -76,9 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="keep each search's report in this folder (default: a temporary one)")
     args = ap.parse_args(argv)
 
-    from autoopt.settings import MeasureSettings
     from autoopt.pipelines.optimize import run_optimize
-    from autoopt.settings import OptimizeSettings, SearchSettings
+    from autoopt.settings import MeasureSettings, OptimizeSettings, SearchSettings
 
     settings = MeasureSettings.quick() if args.quick else MeasureSettings(min_steps=10, min_time_s=1.0, max_time_s=6.0)
     from autoopt.cli import _parse_try
@@ -94,7 +93,8 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 rep = run_optimize(
                     OptimizeSettings(model_path=str(ROOT / "examples" / f"{name}.py"), device=args.device,
-                                    out_dir=str(Path(tmp) / f"{name}-{strategy}"), search=SearchSettings(strategy=strategy),
+                                    out_dir=str(Path(tmp) / f"{name}-{strategy}"),
+                                    search=SearchSettings(strategy=strategy),
                                     measure=settings,
                                     extra_transforms=extra),
                     decide=lambda f, t: t is not None,

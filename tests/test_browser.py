@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from autoopt.output import report as R
-from autoopt.output import tensorboard as tbsummary, view
+from autoopt.output import tensorboard as tbsummary
+from autoopt.output import view
 
 pytestmark = pytest.mark.slow
 

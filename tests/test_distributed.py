@@ -184,9 +184,9 @@ def test_static_graph_is_skipped_for_changing_shapes():
 
 
 def test_ddp_patch_writes_constants_the_worker_reads_back(tmp_path):
-    from autoopt.workload.load import load_model_file
     from autoopt.patching.editor import SourceEditor
     from autoopt.transforms.ddp import default_settings, get_ddp_transform, snippet_for
+    from autoopt.workload.load import load_model_file
 
     src = (SCRIPTS / "ddp_tiny.py").read_text()
     ed = SourceEditor(src, "ddp_tiny.py")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoopt.output.env_text import render_env
 from autoopt.env import (
     PEAK_TFLOPS,
     capabilities_for,
@@ -24,6 +23,7 @@ from autoopt.env import (
 )
 from autoopt.errors import UserError
 from autoopt.facts import FACTS
+from autoopt.output.env_text import render_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT / "tests" / "data" / "traces" / "real"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoopt.workload.contract import call_forward, extract_loss, output_tensors
 from autoopt.env import detect_capabilities
+from autoopt.workload.contract import call_forward, extract_loss, output_tensors
 from autoopt.workload.load import build_workload, load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ ort = pytest.importorskip("onnxruntime")
 from autoopt.cli import main  # noqa: E402
 from autoopt.errors import UserError  # noqa: E402
 from autoopt.pipelines.export import ExportError, export_onnx, operator_from_error  # noqa: E402
-from autoopt.workload.load import load_model_file  # noqa: E402
 from autoopt.plan import Plan  # noqa: E402
+from autoopt.workload.load import load_model_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoopt.workload.contract import call_forward
-from autoopt.patching.editor import PatchError, SourceEditor, unified_diff
-from autoopt.transforms.patch import build_patch
 from autoopt import torch_helpers as _torch_helpers
+from autoopt.patching.editor import PatchError, SourceEditor, unified_diff
 from autoopt.transforms import get_transform
+from autoopt.transforms.patch import build_patch
 from autoopt.types import Capabilities, ModelSpec, Workload
+from autoopt.workload.contract import call_forward
 
 CPU = Capabilities("cpu")
 

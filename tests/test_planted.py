@@ -63,11 +63,11 @@ def cpu_run(name: str, with_stack: bool = False) -> tuple[dict[str, Any], tuple[
     import tempfile
 
     from autoopt.analyze import analyze_paths
-    from autoopt.workload.load import build_workload, load_model_file
-    from autoopt.run.measure import MeasureSettings, measure
     from autoopt.diagnosis.facts_builder import build_facts
-    from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
+    from autoopt.run.measure import MeasureSettings, measure
     from autoopt.run.session import Session
+    from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
+    from autoopt.workload.load import build_workload, load_model_file
 
     spec = load_model_file(str(PLANTED / f"{name}.py"))
     caps = AVX2_CPU
@@ -193,8 +193,8 @@ def test_nchw_cnn_through_profile_model():
     """The public entry point gives the same diagnosis (profile_model, few steps)."""
     import tempfile
 
-    from autoopt.run.measure import MeasureSettings
     from autoopt.pipelines.profile import profile_model
+    from autoopt.run.measure import MeasureSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         res = profile_model(str(PLANTED / "nchw_cnn.py"), device="cpu", steps=2, logdir=tmp,

@@ -8,8 +8,16 @@ import json
 import os
 from pathlib import Path
 
-from autoopt.results import (Decision, DistributedInfo, Failure, FinalResult, Report, SearchSummary, Variant,
-                             finding_entry)
+from autoopt.results import (
+    Decision,
+    DistributedInfo,
+    Failure,
+    FinalResult,
+    Report,
+    SearchSummary,
+    Variant,
+    finding_entry,
+)
 from autoopt.types import ExecConfig, Finding, Measurement, Stats, Status, Verification
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"

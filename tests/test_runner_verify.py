@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from autoopt.run.measure import MeasureSettings, count_flops, measure, speedup
 from autoopt.run.session import Session, seeded_batch
-from autoopt.types import Capabilities, ExecConfig, ModelSpec, Stats, Workload
 from autoopt.run.verify import compare, record_run
+from autoopt.types import Capabilities, ModelSpec, Stats, Workload
 
 
 class TinyCNN(nn.Module):

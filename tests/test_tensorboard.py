@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from autoopt.output import report as R
-from autoopt.output import tensorboard as tbsummary, view
 from autoopt.errors import UserError
+from autoopt.output import report as R
+from autoopt.output import tensorboard as tbsummary
+from autoopt.output import view
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "report_sample.json"
 

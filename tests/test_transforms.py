@@ -23,9 +23,9 @@ from autoopt.run.optimizers import rebuild_optimizer
 from autoopt.search.batch import BatchSearch, is_oom, search_batch_size
 from autoopt.transforms import TRANSFORMS, apply_transforms, get_transform, ordered
 from autoopt.transforms.dataloader import choose_settings
+from autoopt.types import Capabilities, ExecConfig, Measurement, ModelSpec, Stats, Workload
 from autoopt.workload.facts import workload_facts
 from autoopt.workload.load import optimizer_impl
-from autoopt.types import Capabilities, ExecConfig, Measurement, ModelSpec, Stats, Workload
 
 TRACES = Path(__file__).resolve().parent / "data" / "traces" / "real"
 

@@ -50,7 +50,8 @@ def rank_balance(result: dict) -> dict:
         if apart:
             out["straggler_rank"] = slow["rank"]
             # in a synchronous job the slowest rank is the busiest one, whatever the wall clock says
-            ranks["slowest_rank_wall"], ranks["fastest_rank_wall"] = ranks.get("slowest_rank"), ranks.get("fastest_rank")
+            ranks["slowest_rank_wall"] = ranks.get("slowest_rank")
+            ranks["fastest_rank_wall"] = ranks.get("fastest_rank")
             ranks["slowest_rank"], ranks["fastest_rank"] = slow["rank"], fast["rank"]
             m = result.setdefault("metrics", {})
             wall = m.get("rank_step_skew") or 0.0

@@ -26,8 +26,8 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import orjson
 
-from autoopt.errors import TraceError
 from autoopt.analyze import trace as T
+from autoopt.errors import TraceError
 
 BLOCK = 32 << 10  # bytes of decoded JSON per chunk (small chunks keep the decoded objects in cache)
 _CUT = re.compile(rb"\}\s*,\s*\{")

@@ -127,7 +127,10 @@ def _from_call_stack(stack: str) -> Optional[tuple[str, str]]:
 def sync_stats(tr: T.Trace, tree: OpTree, st: Steps, top_n: int = 10) -> dict:
     nsteps = st.count
     gpu = tr.has_gpu
-    in_step = (lambda ix: ix[st.index_of(tr.ts[ix]) >= 0] if ix.size else ix)
+
+    def in_step(ix):
+        return ix[st.index_of(tr.ts[ix]) >= 0] if ix.size else ix
+
     # blocking runtime calls: synchronize / synchronous copies; the calls that launched a D2H copy into
     # pageable memory (.cpu(), .tolist()); and every D2H copy call under an item op, whatever CUPTI names
     # the destination (PyTorch's _local_scalar_dense reads into a pinned buffer, and its cudaMemcpyAsync

@@ -155,7 +155,8 @@ def parse_condition(text: str) -> Condition:
     fld = tokens[0][1]
     if fld not in FACTS:
         close = difflib.get_close_matches(fld, list(FACTS), n=3, cutoff=0.8)
-        hint = (f"did you mean {' or '.join(close)}? " if close else "") + "See autoopt/facts.py for the documented names"
+        hint = ((f"did you mean {' or '.join(close)}? " if close else "")
+                + "See autoopt/facts.py for the documented names")
         raise ConditionError(f"{fld!r} is not a documented fact", hint)
     if len(tokens) < 2 or tokens[1][0] != "op":
         raise ConditionError(
@@ -164,7 +165,8 @@ def parse_condition(text: str) -> Condition:
         )
     op = tokens[1][1]
     if len(tokens) < 3:
-        raise ConditionError(f"nothing to compare {fld!r} with", "add a literal: a number, a quoted string, true or false")
+        raise ConditionError(f"nothing to compare {fld!r} "
+                             f"with", "add a literal: a number, a quoted string, true or false")
     if len(tokens) > 3:
         raise ConditionError(
             f"extra tokens after the literal ({shape})",
@@ -188,7 +190,8 @@ def parse_condition(text: str) -> Condition:
     fact_type = FACTS[fld][0]
     literal_type = "bool" if isinstance(value, bool) else "string" if isinstance(value, str) else "number"
     if literal_type != fact_type:
-        example = {"bool": "true or false", "number": "a number such as 0.3", "string": "a quoted string such as 'cuda'"}
+        example = {"bool": "true or false", "number": "a number such as "
+                                                      "0.3", "string": "a quoted string such as 'cuda'"}
         raise ConditionError(
             f"{fld} is a {fact_type} fact but the literal {tok} is a {literal_type}",
             f"compare {fld} with {example[fact_type]}",

@@ -52,6 +52,56 @@ def _model(spec: dict[str, Any]) -> Optional[str]:
     return spec.get("model", "shares")
 
 
+def _number_in(v: Any, low: float, high: float, *, open_low: bool = False) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return (low < v if open_low else low <= v) and v <= high
+
+
+def _only(spec: dict, allowed: set[str]) -> None:
+    extra = set(spec) - allowed
+    if extra:
+        raise ValueError(f"unknown keys {', '.join(sorted(extra))}")
+
+
+def _validate_shares(spec: dict) -> None:
+    _only(spec, {"model", "shares", "complements", "removable"})
+    shares = spec.get("shares")
+    if not isinstance(shares, list) or not shares:
+        raise ValueError("shares must be a non-empty list of fraction facts")
+    comps = spec.get("complements", [])
+    if not isinstance(comps, list):
+        raise ValueError("complements must be a list of fraction facts")
+    for name in shares + comps:
+        if not isinstance(name, str) or name not in FACTS:
+            raise ValueError(f"{name!r} is not a documented fact")
+        if FACTS[name][0] != "number":
+            raise ValueError(f"{name} is not a number fact")
+    if not _number_in(spec.get("removable"), 0, 1, open_low=True):
+        raise ValueError("removable must be a number in (0, 1]: the largest fraction of the targeted time the "
+                         "transform removes")
+
+
+def _validate_batch_size(spec: dict) -> None:
+    _only(spec, {"model", "memory_budget"})
+    if not _number_in(spec.get("memory_budget", 0.9), 0, 1, open_low=True):
+        raise ValueError("memory_budget must be a number in (0, 1]")
+
+
+def _validate_launch_overhead(spec: dict) -> None:
+    _only(spec, {"model", "gap_us", "complements"})
+    if not _number_in(spec.get("gap_us", 2.0), 0, 100):
+        raise ValueError("gap_us must be a number of microseconds in [0, 100]")
+    comps = spec.get("complements", [])
+    if not isinstance(comps, list) or any(not isinstance(n, str) or n not in FACTS for n in comps):
+        raise ValueError("complements must be a list of documented fraction facts")
+
+
+_VALIDATORS = {"shares": _validate_shares, "batch_size": _validate_batch_size,
+               "launch_overhead": _validate_launch_overhead,
+               "rank_skew": lambda spec: _only(spec, {"model"})}
+
+
 def validate(spec: Any) -> None:
     """Raise ValueError describing what is wrong with a gain spec."""
     if not isinstance(spec, dict):
@@ -61,46 +111,7 @@ def validate(spec: Any) -> None:
     model = _model(spec)
     if model not in MODELS:
         raise ValueError(f"model {model!r} is not one of {', '.join(MODELS)}")
-    if model == "shares":
-        allowed = {"model", "shares", "complements", "removable"}
-        extra = set(spec) - allowed
-        if extra:
-            raise ValueError(f"unknown keys {', '.join(sorted(extra))}")
-        shares = spec.get("shares")
-        if not isinstance(shares, list) or not shares:
-            raise ValueError("shares must be a non-empty list of fraction facts")
-        comps = spec.get("complements", [])
-        if not isinstance(comps, list):
-            raise ValueError("complements must be a list of fraction facts")
-        for name in shares + comps:
-            if not isinstance(name, str) or name not in FACTS:
-                raise ValueError(f"{name!r} is not a documented fact")
-            if FACTS[name][0] != "number":
-                raise ValueError(f"{name} is not a number fact")
-        r = spec.get("removable")
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
-            raise ValueError("removable must be a number in (0, 1]: the largest fraction of the targeted time the transform removes")
-    elif model == "batch_size":
-        extra = set(spec) - {"model", "memory_budget"}
-        if extra:
-            raise ValueError(f"unknown keys {', '.join(sorted(extra))}")
-        b = spec.get("memory_budget", 0.9)
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-            raise ValueError("memory_budget must be a number in (0, 1]")
-    elif model == "launch_overhead":
-        extra = set(spec) - {"model", "gap_us", "complements"}
-        if extra:
-            raise ValueError(f"unknown keys {', '.join(sorted(extra))}")
-        g = spec.get("gap_us", 2.0)
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 100:
-            raise ValueError("gap_us must be a number of microseconds in [0, 100]")
-        comps = spec.get("complements", [])
-        if not isinstance(comps, list) or any(not isinstance(n, str) or n not in FACTS for n in comps):
-            raise ValueError("complements must be a list of documented fraction facts")
-    else:
-        extra = set(spec) - {"model"}
-        if extra:
-            raise ValueError(f"unknown keys {', '.join(sorted(extra))}")
+    _VALIDATORS[model](spec)
 
 
 def fact_names(spec: dict[str, Any]) -> list[str]:
@@ -132,6 +143,58 @@ def _fraction(facts: dict[str, Any], name: str) -> Optional[float]:
     return v
 
 
+def _scaled(facts: dict[str, Any], value: float, names: list[str], *, complement: bool) -> Optional[float]:
+    """value times each named fraction (or 1 - it), None when one is unknown."""
+    for name in names:
+        f = _fraction(facts, name)
+        if f is None:
+            return None
+        value *= (1.0 - f) if complement else f
+    return value
+
+
+def _predict_shares(spec: dict, facts: dict, step: Optional[float]):
+    saved = _scaled(facts, float(spec["removable"]), spec["shares"], complement=False)
+    saved = None if saved is None else _scaled(facts, saved, spec.get("complements", []), complement=True)
+    if saved is None or saved >= 1.0:
+        return None, None
+    return 1.0 / (1.0 - saved), (step * (1.0 - saved) if step is not None else None)
+
+
+def _predict_batch_size(spec: dict, facts: dict, step: Optional[float]):
+    util = _fraction(facts, "metrics.gpu_utilization")
+    mem = _fraction(facts, "metrics.memory_fraction")
+    if util is None or mem is None or util <= 0 or mem <= 0:
+        return None, None
+    speedup = max(1.0, min(1.0 / util, float(spec.get("memory_budget", 0.9)) / mem))
+    return speedup, (step / speedup if step is not None else None)
+
+
+def _predict_launch_overhead(spec: dict, facts: dict, step: Optional[float]):
+    share = _fraction(facts, "metrics.host_wait_fraction")
+    kernels = _num(facts, "metrics.kernels_per_step")
+    if share is None or kernels is None or step is None:
+        return None, None
+    share = _scaled(facts, share, spec.get("complements", []), complement=True)
+    if share is None:
+        return None, None
+    saved_ms = max(0.0, step * share - kernels * float(spec.get("gap_us", 2.0)) / 1000.0)
+    saved_ms = min(saved_ms, step * 0.999)
+    return step / (step - saved_ms), step - saved_ms
+
+
+def _predict_rank_skew(spec: dict, facts: dict, step: Optional[float]):
+    skew = _num(facts, "metrics.rank_step_skew")
+    if skew is None or skew < 0:
+        return None, None
+    saved = skew / (1.0 + skew)
+    return 1.0 + skew, (step * (1.0 - saved) if step is not None else None)
+
+
+_PREDICTORS = {"shares": _predict_shares, "batch_size": _predict_batch_size,
+               "launch_overhead": _predict_launch_overhead, "rank_skew": _predict_rank_skew}
+
+
 def predict(spec: dict[str, Any], facts: dict[str, Any]) -> tuple[Optional[float], Optional[float]]:
     """(expected_speedup, predicted_step_time_ms) for a finding, or None where the facts do
     not allow an estimate. The speedup is a ratio >= 1 (an upper bound); the step time is
@@ -142,50 +205,4 @@ def predict(spec: dict[str, Any], facts: dict[str, Any]) -> tuple[Optional[float
     step = _num(facts, STEP_FACT)
     if step is not None and step <= 0:
         step = None
-
-    if model == "shares":
-        saved = float(spec["removable"])
-        for name in spec["shares"]:
-            f = _fraction(facts, name)
-            if f is None:
-                return None, None
-            saved *= f
-        for name in spec.get("complements", []):
-            f = _fraction(facts, name)
-            if f is None:
-                return None, None
-            saved *= 1.0 - f
-        if saved >= 1.0:
-            return None, None
-        speedup = 1.0 / (1.0 - saved)
-        return speedup, (step * (1.0 - saved) if step is not None else None)
-
-    if model == "batch_size":
-        util = _fraction(facts, "metrics.gpu_utilization")
-        mem = _fraction(facts, "metrics.memory_fraction")
-        if util is None or mem is None or util <= 0 or mem <= 0:
-            return None, None
-        budget = float(spec.get("memory_budget", 0.9))
-        speedup = max(1.0, min(1.0 / util, budget / mem))
-        return speedup, (step / speedup if step is not None else None)
-
-    if model == "launch_overhead":
-        share = _fraction(facts, "metrics.host_wait_fraction")
-        kernels = _num(facts, "metrics.kernels_per_step")
-        if share is None or kernels is None or step is None:
-            return None, None
-        for name in spec.get("complements", []):
-            f = _fraction(facts, name)
-            if f is None:
-                return None, None
-            share *= 1.0 - f
-        saved_ms = max(0.0, step * share - kernels * float(spec.get("gap_us", 2.0)) / 1000.0)
-        saved_ms = min(saved_ms, step * 0.999)
-        return step / (step - saved_ms), step - saved_ms
-
-    # rank_skew
-    skew = _num(facts, "metrics.rank_step_skew")
-    if skew is None or skew < 0:
-        return None, None
-    saved = skew / (1.0 + skew)
-    return 1.0 + skew, (step * (1.0 - saved) if step is not None else None)
+    return _PREDICTORS[model](spec, facts, step)

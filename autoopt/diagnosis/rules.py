@@ -155,11 +155,13 @@ def _rule_error(path: Path, problem: str, fix: str) -> UserError:
 def _split_front_matter(path: Path, text: str) -> tuple[str, str]:
     lines = text.splitlines(keepends=True)
     if not lines or lines[0].strip() != "+++":
-        raise _rule_error(path, "it does not start with a '+++' line", "open the TOML front matter with '+++' on the first line")
+        raise _rule_error(path, "it does not start with a '+++' line",
+                          "open the TOML front matter with '+++' on the first line")
     for i in range(1, len(lines)):
         if lines[i].strip() == "+++":
             return "".join(lines[1:i]), "".join(lines[i + 1 :])
-    raise _rule_error(path, "the TOML front matter is not closed", "close it with a '+++' line before the documentation")
+    raise _rule_error(path, "the TOML front matter is not closed",
+                      "close it with a '+++' line before the documentation")
 
 
 def _message_fields(template: str) -> list[str]:
@@ -177,7 +179,8 @@ def _check_message(path: Path, template: str) -> None:
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise _rule_error(path, f"the message template does not parse ({exc})", "balance the braces; write a literal brace as {{ or }}")
+        raise _rule_error(path, f"the message template does not parse ({exc})",
+                          "balance the braces; write a literal brace as {{ or }}") from exc
     for _, fname, spec, conv in parts:
         if fname is None:
             continue
@@ -186,7 +189,8 @@ def _check_message(path: Path, template: str) -> None:
             hint = (f"did you mean {' or '.join(close)}? " if close else "") + "Use a name from autoopt/facts.py"
             raise _rule_error(path, f"the message placeholder {{{fname}}} is not a documented fact", hint)
         if conv:
-            raise _rule_error(path, f"the message placeholder {{{fname}!{conv}}} uses a conversion", "drop the !conversion; use a format spec such as :.0%")
+            raise _rule_error(path, f"the message placeholder {{{fname}!{conv}}} uses a conversion",
+                              "drop the !conversion; use a format spec such as :.0%")
         try:
             format(_SAMPLE[FACTS[fname][0]], spec or "")
         except (ValueError, TypeError) as exc:
@@ -194,7 +198,7 @@ def _check_message(path: Path, template: str) -> None:
                 path,
                 f"the format spec {spec!r} of {{{fname}}} does not fit a {FACTS[fname][0]} fact ({exc})",
                 "use a spec for that type, e.g. :.0% or :.1f for numbers, none for strings",
-            )
+            ) from exc
 
 
 def parse_rule(path: Path, text: Optional[str] = None) -> Rule:
@@ -220,7 +224,7 @@ def parse_rule(path: Path, text: Optional[str] = None) -> Rule:
     try:
         gain_mod.validate(gain_spec)
     except ValueError as exc:
-        raise _rule_error(path, f"the gain spec is invalid: {exc}", gain_mod.SPEC_HELP)
+        raise _rule_error(path, f"the gain spec is invalid: {exc}", gain_mod.SPEC_HELP) from exc
     locations = meta.get("locations")
     if locations is not None and locations not in LOCATION_FACTS:
         raise _rule_error(path, f"locations {locations!r} is not a known list of source lines",
@@ -238,13 +242,14 @@ def _read_meta(path: Path, text: Optional[str]) -> tuple[dict[str, Any], str]:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"Rule file {path} cannot be read ({exc}). Fix: make it a readable UTF-8 file.", cause=exc)
+            raise UserError(f"Rule file {path} cannot be read ({exc}). Fix: make it a readable UTF-8 file.",
+                            cause=exc) from exc
     front, body = _split_front_matter(path, text)
     try:
         meta = tomllib.loads(front)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"Rule file {path}: the front matter is not valid TOML ({exc}). Fix: correct the TOML "
-                        "between the '+++' lines.", cause=exc)
+                        "between the '+++' lines.", cause=exc) from exc
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise _rule_error(path, f"the front matter lacks {', '.join(missing)}",
@@ -255,7 +260,8 @@ def _read_meta(path: Path, text: Optional[str]) -> tuple[dict[str, Any], str]:
         for k in unknown:
             close = difflib.get_close_matches(k, sorted(ALLOWED_KEYS), n=1)
             hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
-        raise _rule_error(path, f"unknown front matter key {', '.join(hints)}", f"use only {', '.join(sorted(ALLOWED_KEYS))}")
+        raise _rule_error(path, f"unknown front matter key {', '.join(hints)}",
+                          f"use only {', '.join(sorted(ALLOWED_KEYS))}")
     for key in ("code", "name", "title", "safety"):
         if not isinstance(meta[key], str) or not meta[key].strip():
             raise _rule_error(path, f"{key} must be a non-empty string", f"write {key} = \"...\"")
@@ -269,9 +275,11 @@ def _check_identity(path: Path, meta: dict[str, Any], m: re.Match) -> tuple[str,
         raise _rule_error(path, f"code {code!r} is not AO followed by three digits in AO100..AO999",
                           "use a code like AO101; the first digit is the family (1 precision ... 9 environment)")
     if not _NAME_RE.match(name):
-        raise _rule_error(path, f"name {name!r} is not lowercase words joined by hyphens", "write it like enable-bf16-autocast")
+        raise _rule_error(path, f"name {name!r} is not lowercase words joined by hyphens",
+                          "write it like enable-bf16-autocast")
     if m.group(1) != code or m.group(2) != name:
-        raise _rule_error(path, f"the file name does not match code {code!r} and name {name!r}", f"rename the file to {code}-{name}.md")
+        raise _rule_error(path, f"the file name does not match code {code!r} and name {name!r}",
+                          f"rename the file to {code}-{name}.md")
     family = FAMILIES[code[2]]
     if "family" in meta and meta["family"] != family:
         raise _rule_error(path, f"family {meta['family']!r} does not match the code range {code[:3]}xx ({family})",
@@ -289,7 +297,8 @@ def _check_transform(path: Path, meta: dict[str, Any]) -> tuple[Optional[str], d
     if transform is not None and transform not in TRANSFORMS:
         close = difflib.get_close_matches(str(transform), TRANSFORMS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(TRANSFORMS)}"
-        raise _rule_error(path, f"transform {transform!r} is unknown", f"{hint} (or leave transform out for an advice-only rule)")
+        raise _rule_error(path, f"transform {transform!r} is unknown",
+                          f"{hint} (or leave transform out for an advice-only rule)")
     if transform in SEMANTIC_TRANSFORMS and meta["safety"] != "manual":
         raise _rule_error(path, f"transform {transform!r} changes training semantics but safety is {meta['safety']!r}",
                           "set safety = \"manual\"")
@@ -311,7 +320,7 @@ def _parse_conditions(path: Path, raw: Any, key: str, required: bool) -> list[Co
         try:
             out.append(parse_condition(item))
         except ConditionError as exc:
-            raise _rule_error(path, f"{key} condition {item!r}: {exc.problem}", exc.fix)
+            raise _rule_error(path, f"{key} condition {item!r}: {exc.problem}", exc.fix) from exc
     return out
 
 
@@ -319,7 +328,8 @@ def _check_sections(path: Path, doc: str) -> None:
     headings = [ln.strip() for ln in doc.splitlines() if ln.startswith("## ")]
     missing = [s for s in SECTIONS if s not in headings]
     if missing:
-        raise _rule_error(path, f"the documentation lacks {', '.join(repr(s) for s in missing)}", f"write the five sections in this order: {'; '.join(SECTIONS)}")
+        raise _rule_error(path, f"the documentation lacks {', '.join(repr(s) for s in missing)}",
+                          f"write the five sections in this order: {'; '.join(SECTIONS)}")
     order = [headings.index(s) for s in SECTIONS]
     if order != sorted(order):
         raise _rule_error(path, "the documentation sections are out of order", f"order them: {'; '.join(SECTIONS)}")
@@ -355,9 +365,11 @@ def _check_library(rules: list[Rule]) -> None:
     seen_names: dict[str, Rule] = {}
     for r in rules:
         if r.code in seen_codes:
-            raise _rule_error(r.path, f"code {r.code} is also used by {seen_codes[r.code].path.name}", "give each rule its own code")
+            raise _rule_error(r.path, f"code {r.code} is also used by {seen_codes[r.code].path.name}",
+                              "give each rule its own code")
         if r.name in seen_names:
-            raise _rule_error(r.path, f"name {r.name!r} is also used by {seen_names[r.name].path.name}", "give each rule its own name")
+            raise _rule_error(r.path, f"name {r.name!r} is also used by {seen_names[r.name].path.name}",
+                              "give each rule its own name")
         seen_codes[r.code] = r
         seen_names[r.name] = r
     for i, a in enumerate(rules):
@@ -370,8 +382,10 @@ def _check_library(rules: list[Rule]) -> None:
             if not mutually_exclusive(a, b):
                 raise _rule_error(
                     b.path,
-                    f"{b.code} and {a.code} both propose transform {a.transform!r} with overlapping params and can fire together",
-                    "make their conditions mutually exclusive (e.g. a `when` condition in one that is an `unless` condition in the other)",
+                    f"{b.code} and {a.code} both propose transform {a.transform!r} with overlapping params and can "
+                    f"fire together",
+                    "make their conditions mutually exclusive (e.g. a `when` condition in one that is an `unless` "
+                    "condition in the other)",
                 )
 
 
@@ -418,7 +432,8 @@ def get_rule(code: str, rules: Optional[list[Rule]] = None) -> Rule:
         if r.code.lower() == key.lower() or r.name == key.lower():
             return r
     pool = [r.code for r in rules] + [r.name for r in rules]
-    close = difflib.get_close_matches(key.upper() if key.upper().startswith("AO") else key.lower(), pool, n=3, cutoff=0.5)
+    probe = key.upper() if key.upper().startswith("AO") else key.lower()
+    close = difflib.get_close_matches(probe, pool, n=3, cutoff=0.5)
     if not close and re.match(r"^ao\d", key, re.I):
         close = [r.code for r in rules if r.code.startswith(key.upper()[:3])][:5]
     hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -131,7 +131,7 @@ def run_job(config: dict, *, nproc: int, extra: Sequence[str], timeout_s: float,
                             f"The distributed job ({nproc} processes) did not finish within {timeout_s:.0f} s and was "
                             f"stopped. {_progress_text(recs, nproc)} Fix: check that every rank can reach the "
                             "rendezvous (launcher options), or give it more time (timeout_s); the launcher's output "
-                            f"is in {stderr_p}.")
+                            f"is in {stderr_p}.") from None
         except KeyboardInterrupt:
             _stop_group(proc)
             raise
@@ -167,7 +167,8 @@ def root_cause(recs: list[dict]) -> Optional[dict]:
     return min(pool, key=lambda r: r["error"].get("time") or 0.0)
 
 
-def job_failure(recs: list[dict], rc: int, logs: dict, *, nproc: int, model: str, keep_dirs: Iterable[str]) -> UserError:
+def job_failure(recs: list[dict], rc: int, logs: dict, *, nproc: int, model: str,
+                keep_dirs: Iterable[str]) -> UserError:
     """The UserError for a failed job: the failing rank and its error, and what was kept."""
     traces = sorted({t for r in recs for t in r.get("traces_on_disk") or []})
     for d in keep_dirs:

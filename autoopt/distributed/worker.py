@@ -315,7 +315,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         rec["finished"] = time.time()
         where = cfg.get("run_dir") or cfg.get("tb_dir")
-        rec["traces_on_disk"] = sorted(str(p) for p in Path(where).rglob(f"rank{rank}.*.pt.trace.json*")) if where else []
+        mine = Path(where).rglob(f"rank{rank}.*.pt.trace.json*") if where else []
+        rec["traces_on_disk"] = sorted(str(p) for p in mine)
         _write(out, rec)
         _leave_group(code == 0)
     return code

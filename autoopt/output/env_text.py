@@ -34,20 +34,24 @@ def render_env(info: dict[str, Any]) -> str:
             peak_s = ", ".join(f"{k} {v:g}" for k, v in peak.items()) if peak else "unknown"
             lines += [
                 f"  [{g['index']}] {g['name']}  ({g.get('vendor')})",
-                f"      compute capability {g.get('compute_capability')}, {g.get('total_memory_mb', 0) / 1024:.1f} GiB, "
+                f"      compute capability {g.get('compute_capability')}, "
+                f"{g.get('total_memory_mb', 0) / 1024:.1f} GiB, "
                 f"{g.get('sm_count')} SMs",
-                f"      bf16 {yn(g.get('bf16'))}, TF32 {yn(g.get('tf32'))}, fp16 tensor cores {yn(g.get('tensor_cores'))}",
+                f"      bf16 {yn(g.get('bf16'))}, TF32 {yn(g.get('tf32'))}, fp16 tensor cores "
+                f"{yn(g.get('tensor_cores'))}",
                 f"      peak dense TFLOP/s: {peak_s}",
             ]
     else:
-        lines.append(f"GPUs             none visible to torch (NVIDIA GPU on this machine: {yn(info.get('nvidia_gpu_present'))})")
+        lines.append(f"GPUs             none visible to torch (NVIDIA GPU on this machine: "
+                     f"{yn(info.get('nvidia_gpu_present'))})")
     cpu = info.get("cpu") or {}
     vx = cpu.get("vector_extensions") or {}
     lines += [
         "",
         "CPU",
         f"  model          {cpu.get('model')}",
-        f"  CPUs           {cpu.get('available_cpus')} available of {cpu.get('logical_cpus')}; torch threads {cpu.get('torch_threads')}",
+        f"  CPUs           {cpu.get('available_cpus')} available of {cpu.get('logical_cpus')}; torch threads "
+        f"{cpu.get('torch_threads')}",
         f"  vector ext.    AVX2 {yn(vx.get('avx2'))}, AVX-512 {yn(vx.get('avx512f'))}, "
         f"AVX-512 BF16 {yn(vx.get('avx512_bf16'))}, AMX {yn(vx.get('amx'))}",
         f"  torch kernels  {cpu.get('torch_cpu_capability') or '-'}; fast bf16 {yn(cpu.get('bf16'))}",
@@ -56,7 +60,8 @@ def render_env(info: dict[str, Any]) -> str:
     lines += [
         "",
         "Settings",
-        f"  matmul precision {settings.get('env.matmul_precision')}, cudnn.benchmark {yn(settings.get('env.cudnn_benchmark'))}, "
+        f"  matmul precision {settings.get('env.matmul_precision')}, cudnn.benchmark "
+        f"{yn(settings.get('env.cudnn_benchmark'))}, "
         f"deterministic {yn(settings.get('env.deterministic'))}",
     ]
     warns = info.get("warnings") or []

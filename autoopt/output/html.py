@@ -18,9 +18,25 @@ from typing import Any, Callable, Optional
 
 from markupsafe import Markup
 
-from autoopt.output import data as D, plots as P
-from autoopt.output.format import (accepted_text, as_dict, codes_text, fmt_err, fmt_mb, fmt_ms, fmt_num, fmt_pct,
-                                   fmt_tput, fmt_x, num, spread_text, stat, text_or_dash, transforms_text)
+from autoopt.output import data as D
+from autoopt.output import plots as P
+from autoopt.output.format import (
+    accepted_text,
+    as_dict,
+    codes_text,
+    fmt_err,
+    fmt_mb,
+    fmt_ms,
+    fmt_num,
+    fmt_pct,
+    fmt_tput,
+    fmt_x,
+    num,
+    spread_text,
+    stat,
+    text_or_dash,
+    transforms_text,
+)
 from autoopt.types import SAFETY_LEVELS, VARIANT_STATUSES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -67,8 +83,9 @@ def badge_class(text: str, kind: str, known: tuple[str, ...]) -> str:
 def header(r: dict) -> dict:
     """The title line and the run's facts."""
     return {"model": D.model_label(r), "interrupted": bool(r.get("interrupted")),
-            "meta": " · ".join([str(r.get("model_path") or ""), str(r.get("mode") or "?"), str(r.get("created_at") or ""),
-                                f"autoopt {r.get('autoopt_version') or '?'}", f"torch {r.get('torch_version') or '?'}"])}
+            "meta": " · ".join([str(r.get("model_path") or ""), str(r.get("mode") or "?"),
+                                str(r.get("created_at") or ""), f"autoopt {r.get('autoopt_version') or '?'}",
+                                f"torch {r.get('torch_version') or '?'}"])}
 
 
 def _cards(r: dict) -> list[tuple[str, str, str, str]]:

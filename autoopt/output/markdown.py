@@ -9,9 +9,26 @@ from __future__ import annotations
 import re
 
 from autoopt.output import data as D
-from autoopt.output.format import (DASH, accepted_text, as_dict, codes_text, error_text, fmt_mb, fmt_ms, fmt_num,
-                                   fmt_pct, fmt_tput, fmt_x, md_code, md_text, short, spread_text, stat,
-                                   text_or_dash, transforms_text)
+from autoopt.output.format import (
+    DASH,
+    accepted_text,
+    as_dict,
+    codes_text,
+    error_text,
+    fmt_mb,
+    fmt_ms,
+    fmt_num,
+    fmt_pct,
+    fmt_tput,
+    fmt_x,
+    md_code,
+    md_text,
+    short,
+    spread_text,
+    stat,
+    text_or_dash,
+    transforms_text,
+)
 
 BATCH_SEMANTICS = ("A different batch size changes training semantics: scale the learning rate and re-check "
                    "convergence.")

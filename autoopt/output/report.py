@@ -22,11 +22,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from autoopt.output.data import (BREAKDOWN_COLORS, BREAKDOWN_KEYS, BREAKDOWN_LABELS, STATUS_COLORS, before_after,
-                                 breakdown, device_text, final_speedup, findings, model_label, speedup_interval,
-                                 speedup_text, top_entries, traced_steps, variants)
-from autoopt.output.format import (codes_text, error_text, esc, fmt_err, fmt_mb, fmt_ms, fmt_num, fmt_pct, fmt_tput,
-                                   fmt_x, md_code, md_text, num, spread_text, stat, transforms_text)
+from autoopt.output.data import (
+    BREAKDOWN_COLORS,
+    BREAKDOWN_KEYS,
+    BREAKDOWN_LABELS,
+    STATUS_COLORS,
+    before_after,
+    breakdown,
+    device_text,
+    final_speedup,
+    findings,
+    model_label,
+    speedup_interval,
+    speedup_text,
+    top_entries,
+    traced_steps,
+    variants,
+)
+from autoopt.output.format import (
+    codes_text,
+    error_text,
+    esc,
+    fmt_err,
+    fmt_mb,
+    fmt_ms,
+    fmt_num,
+    fmt_pct,
+    fmt_tput,
+    fmt_x,
+    md_code,
+    md_text,
+    num,
+    spread_text,
+    stat,
+    transforms_text,
+)
 from autoopt.output.html import render_doc_markdown, render_html
 from autoopt.output.markdown import render_markdown
 from autoopt.output.terminal import FINAL_TABLE_HEADER, final_table_rows

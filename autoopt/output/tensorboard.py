@@ -26,7 +26,9 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from autoopt.output import data as D, format as F, plots as P
+from autoopt.output import data as D
+from autoopt.output import format as F
+from autoopt.output import plots as P
 from autoopt.output.terminal import final_table_rows
 
 EVENT_SUFFIX = ".autoopt"

@@ -3,8 +3,7 @@ row per variant, for a renderer (rich) that escapes them."""
 from __future__ import annotations
 
 from autoopt.output.data import speedup_interval, variants
-from autoopt.output.format import (as_dict, error_text, fmt_mb, fmt_ms, fmt_tput, fmt_x, short, spread_text,
-                                   stat)
+from autoopt.output.format import as_dict, error_text, fmt_mb, fmt_ms, fmt_tput, fmt_x, short, spread_text, stat
 
 FINAL_TABLE_HEADER = [
     "variant",

@@ -474,7 +474,8 @@ class SourceEditor:
                 return
         block = cst.With(
             items=[cst.WithItem(item=cst.parse_expression(with_item))],
-            body=cst.IndentedBlock(body=[s.with_changes(leading_lines=[]) if i == 0 else s for i, s in enumerate(rest)]),
+            body=cst.IndentedBlock(
+                body=[s.with_changes(leading_lines=[]) if i == 0 else s for i, s in enumerate(rest)]),
             leading_lines=first.leading_lines,
         )
         self._replace(idx, fn.with_changes(body=cst.IndentedBlock(body=[*doc, block])))

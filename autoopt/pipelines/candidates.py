@@ -64,7 +64,8 @@ class CandidateBuilder:
                 out.append(c)
         return out
 
-    def _candidate(self, f: Finding, t: Transform, params: dict, ok: bool, *, explore: bool = True) -> Optional[Candidate]:
+    def _candidate(self, f: Finding, t: Transform, params: dict, ok: bool, *,
+                   explore: bool = True) -> Optional[Candidate]:
         """The candidate of an accepted finding, or None (recorded as skipped). With `explore`,
         the transform's other parameter sets worth measuring come along (a rule proposes a
         transform; a --try request asks for one parameter set)."""

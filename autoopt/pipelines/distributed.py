@@ -18,10 +18,16 @@ from typing import Any, Callable, Optional, Sequence
 
 from autoopt import __version__
 from autoopt.diagnosis.facts_builder import build_facts, diagnose
-from autoopt.distributed.launch import check_args, job_failure, launcher_command, per_rank_table, resolved_device, run_job
+from autoopt.distributed.launch import (
+    check_args,
+    job_failure,
+    launcher_command,
+    per_rank_table,
+    resolved_device,
+    run_job,
+)
 from autoopt.errors import Interrupted
-from autoopt.results import (DistributedInfo, FinalResult, ProfileResult, Report, SearchSummary, Variant,
-                             finding_entry)
+from autoopt.results import DistributedInfo, FinalResult, ProfileResult, Report, SearchSummary, Variant, finding_entry
 from autoopt.settings import DistributedSettings, MeasureSettings, OptimizeSettings, ProfileSettings
 from autoopt.types import Measurement
 
@@ -133,7 +139,7 @@ def optimize_distributed(settings: OptimizeSettings, *, progress: Progress = _no
         recs, launcher = _launch("optimize", settings, where={"tb_dir": str(tb)}, model=str(spec.path),
                                  keep=str(tb), progress=progress)
     except KeyboardInterrupt:
-        raise Interrupted(str(out))
+        raise Interrupted(str(out)) from None
     progress("analyze", "analyzing the baseline's rank traces")
     analysis = _analyze_ranks(tb / "baseline")
     report = _report(settings, spec, recs, analysis, launcher, out, started)

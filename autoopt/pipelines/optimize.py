@@ -237,7 +237,7 @@ class OptimizeRun:
             self.notes.append("interrupted (Ctrl-C): the report holds what was measured until then")
             if self.base is not None:
                 self._write(interrupted=True)
-            raise Interrupted(str(self.out))
+            raise Interrupted(str(self.out)) from None
         return self._write()
 
 

@@ -87,7 +87,8 @@ class Search:
         return "the baseline" if anchor is self.base else "the current best"
 
     # ------------------------------------------------------------------ trials
-    def evaluate(self, combo: list[Candidate], anchor: Point, *, name: Optional[str] = None) -> tuple[Variant, Optional[Point]]:
+    def evaluate(self, combo: list[Candidate], anchor: Point, *,
+                 name: Optional[str] = None) -> tuple[Variant, Optional[Point]]:
         """One combination: applied to the baseline's configuration, verified, measured beside
         `anchor` and traced. Returns its variant and, when it was verified and measured, the
         point it reached (kept or not: a solo's point is what greedy orders by)."""
@@ -227,7 +228,8 @@ class Search:
                        else f"not faster than {d.anchor} beyond noise ({ratio:.2f}x, {d.how}, noise {d.noise:.0%}); ")
         v.speedup = ratio * best.speedup
         v.status = Status.KEPT if better else Status.REJECTED
-        verified = f"numerics verified at batch {self.base.config.batch_size}; " if self.ev.workload.mode == "train" else ""
+        train = self.ev.workload.mode == "train"
+        verified = f"numerics verified at batch {self.base.config.batch_size}; " if train else ""
         v.reason = verdict + verified + c.transform.caveat(params, self.ev.workload.mode)
         return better
 

@@ -10,8 +10,7 @@ from typing import Callable, Optional
 
 from autoopt.errors import UserError
 from autoopt.results import Failure
-from autoopt.run.measure import (Paired, count_flops, cpu_memory_total_mb, measure, measure_against,
-                                 measure_side_by_side)
+from autoopt.run.measure import Paired, count_flops, cpu_memory_total_mb, measure, measure_against, measure_side_by_side
 from autoopt.run.session import Session, is_oom
 from autoopt.run.trace import new_run_dir, trace_session
 from autoopt.run.verify import RunRecord, compare, record_run

@@ -25,10 +25,10 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
-from autoopt.transforms.base import Transform
-from autoopt.workload.facts import workload_facts
 from autoopt.torch_helpers import _autoopt_checkpoint_blocks, _autoopt_repeated_blocks
+from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
+from autoopt.workload.facts import workload_facts
 
 
 class ActivationCheckpointing(Transform):

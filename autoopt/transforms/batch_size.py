@@ -74,5 +74,5 @@ class BatchSize(Transform):
             raise PatchError("no batch size was chosen")
         editor.set_constant(
             "BATCH_SIZE", str(b),
-            comment=f"autoopt (batch_size): {lr_caveat(params.get('previous'), b, workload.mode if workload else 'train')}",
+            comment=f"autoopt (batch_size): {self.caveat(params, workload.mode if workload else 'train')}",
         )

@@ -19,10 +19,10 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
-from autoopt.transforms.base import Transform
-from autoopt.workload.facts import workload_facts
 from autoopt.torch_helpers import _autoopt_channels_last
+from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
+from autoopt.workload.facts import workload_facts
 
 
 class ChannelsLast(Transform):

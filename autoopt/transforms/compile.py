@@ -29,8 +29,8 @@ import shutil
 from typing import Optional
 
 from autoopt.transforms.base import Transform
-from autoopt.workload.facts import workload_facts
 from autoopt.types import Capabilities, ExecConfig, Workload
+from autoopt.workload.facts import workload_facts
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")

@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Optional
 
 from autoopt.transforms.base import Transform
-from autoopt.workload.facts import workload_facts
 from autoopt.transforms.compile import compiler_problem, patch_compile
 from autoopt.types import Capabilities, ExecConfig, Workload
+from autoopt.workload.facts import workload_facts
 
 
 class CudaGraphs(Transform):

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Optional
 
 from autoopt.transforms.base import Transform
-from autoopt.workload.facts import workload_facts
 from autoopt.types import Capabilities, ExecConfig, Workload
+from autoopt.workload.facts import workload_facts
 
 
 class CudnnBenchmark(Transform):

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from autoopt.transforms.base import Transform
-from autoopt.workload.facts import workload_facts
 from autoopt.env import available_cpus
 from autoopt.run.loaders import SETTING_KEYS
+from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
+from autoopt.workload.facts import workload_facts
 
 MAX_WORKERS = 8
 

@@ -191,7 +191,8 @@ class NoSync(DDPTransform):
             return f"steps must be an integer >= 2, not {k!r}"
         existing = _accum_steps(workload)
         if existing >= 2 and k != existing:
-            return f"the model file already accumulates {existing} micro-batches (GRAD_ACCUM_STEPS); use steps={existing}"
+            return (f"the model file already accumulates {existing} micro-batches (GRAD_ACCUM_STEPS); "
+                    f"use steps={existing}")
         if existing < 2 and workload.batch_size % k:
             return f"the per-rank batch {workload.batch_size} does not split into {k} equal micro-batches"
         return None

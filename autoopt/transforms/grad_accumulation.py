@@ -72,7 +72,9 @@ class GradAccumulation(Transform):
             from autoopt.patching.editor import PatchError
 
             raise PatchError(f"the effective batch {eff} does not split into {k} micro-batches")
-        editor.set_constant("BATCH_SIZE", str(eff // k), comment=f"autoopt (grad_accumulation): {eff // k} samples per micro-batch, effective batch {eff}")
+        editor.set_constant("BATCH_SIZE", str(eff // k),
+                            comment=f"autoopt (grad_accumulation): {eff // k} samples per micro-batch, effective "
+                                    f"batch {eff}")
         editor.set_constant(
             "GRAD_ACCUM_STEPS", str(k),
             comment=f"autoopt (grad_accumulation): {k} micro-batches per optimizer step (effective batch {eff})",

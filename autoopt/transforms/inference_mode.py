@@ -23,8 +23,8 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
-from autoopt.transforms.base import Transform, fmt_dtype
 from autoopt.torch_helpers import _autoopt_cast_floats
+from autoopt.transforms.base import Transform, fmt_dtype
 from autoopt.types import Capabilities, ExecConfig, Workload
 
 WEIGHT_DTYPES = ("bfloat16", "float16")

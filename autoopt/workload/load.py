@@ -470,7 +470,7 @@ def check_batch(batch: Any, batch_size: int, shown: str, where: str) -> None:
         where,
         f"{where} was asked for {batch_size} samples but returned tensors of shapes {shapes}: none has a "
         f"dimension of {batch_size}, so autoopt cannot change or count the batch size",
-        f"build batch_size samples (use the argument, e.g. torch.randn(batch_size, ...)) instead of a fixed size.",
+        "build batch_size samples (use the argument, e.g. torch.randn(batch_size, ...)) instead of a fixed size.",
     )
 
 
@@ -541,7 +541,6 @@ class _ModuleTracker:
 
 
 def _sdpa_mode(tracker: _ModuleTracker):
-    import torch
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 

@@ -38,12 +38,12 @@ sys.path.insert(0, str(HERE.parents[1]))
 def record(model: Path, out: Path, batch_scale: int) -> dict:
     import torch
 
-    from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
-    from autoopt.run.measure import MeasureSettings, measure
     from autoopt.diagnosis.facts_builder import build_facts
-    from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
+    from autoopt.env import detect_capabilities
+    from autoopt.run.measure import MeasureSettings, measure
     from autoopt.run.session import Session
+    from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
+    from autoopt.workload.load import build_workload, load_model_file
 
     spec = load_model_file(str(model))
     caps = detect_capabilities("cuda")
