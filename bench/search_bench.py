@@ -48,7 +48,8 @@ def same_config_quality(path: str, device: str, greedy: dict, exhaustive: dict,
     if key(greedy) == key(exhaustive):
         return 1.0, 1.0, 1.0, "same configuration"
     from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
     from autoopt.run.measure import MeasureSettings, measure_against
     from autoopt.run.session import Session
 

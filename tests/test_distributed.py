@@ -261,7 +261,8 @@ def gloo_world_of_one(tmp_path):
 def test_ddp_session_no_sync_accumulation_matches_one_full_batch(gloo_world_of_one):
     from autoopt.distributed.worker import _ddp_session_class, compare_ddp, record_ddp
     from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
     from autoopt.transforms.ddp import default_settings, get_ddp_transform
 
     spec = load_model_file(SCRIPTS / "ddp_tiny.py")

@@ -10,7 +10,8 @@ import torch
 
 from autoopt.workload.contract import call_forward, extract_loss, output_tensors
 from autoopt.env import detect_capabilities
-from autoopt.workload.load import build_workload, load_model_file
+from autoopt.workload.build import build_workload
+from autoopt.workload.load import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

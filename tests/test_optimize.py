@@ -85,7 +85,8 @@ def test_patch_round_trip_runs_the_optimized_configuration(bundled, tmp_path):
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
     from autoopt.run.session import Session
 
     spec = load_model_file(tmp_path / "simplenet.py")

@@ -62,7 +62,8 @@ def cpu_run(name: str, with_stack: bool = False) -> tuple[dict[str, Any], tuple[
     import tempfile
 
     from autoopt.analyze import analyze_paths
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
     from autoopt.run.measure import MeasureSettings, measure
     from autoopt.pipelines.optimize import collect_facts
     from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session

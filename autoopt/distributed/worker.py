@@ -328,7 +328,8 @@ class Worker:
         import torch.distributed as dist
 
         from autoopt.env import detect_capabilities, env_facts
-        from autoopt.workload.load import build_workload, load_model_file
+        from autoopt.workload.build import build_workload
+        from autoopt.workload.load import load_model_file
         from autoopt.transforms.ddp import default_settings
 
         cfg = self.cfg

@@ -703,7 +703,8 @@ def export_onnx(
     """Export the model file's model to ONNX with a dynamic batch axis, check it with
     onnx.checker (full check) and compare onnxruntime with PyTorch on a fresh batch of
     another size. Returns the result dict (see module docs); raises UserError subclasses."""
-    from autoopt.workload.load import DEFAULT_BATCH_SIZE, build_workload, display_path, load_model_file, user_code
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import DEFAULT_BATCH_SIZE, display_path, load_model_file, user_code
     from autoopt.types import Capabilities
 
     if exporter not in EXPORTERS:

@@ -136,7 +136,8 @@ class Optimizer:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         from autoopt.env import detect_capabilities
-        from autoopt.workload.load import build_workload, load_model_file
+        from autoopt.workload.build import build_workload
+        from autoopt.workload.load import load_model_file
 
         from autoopt.transforms import get_transform
 

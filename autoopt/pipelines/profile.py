@@ -26,7 +26,8 @@ def profile_model(
 ) -> dict[str, Any]:
     from autoopt.analyze import analyze_paths
     from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
     from autoopt.pipelines.optimize import collect_facts
     from autoopt.diagnosis.rules import evaluate, load_rules
 

@@ -277,7 +277,7 @@ def _batch_facts(args) -> dict:
 
 def _optimizer_impl(opt) -> Optional[str]:
     try:
-        from autoopt.workload.load import optimizer_impl
+        from autoopt.workload.inspect import optimizer_impl
 
         return optimizer_impl(opt)
     except Exception:  # noqa: BLE001 - an optimizer autoopt cannot read: the fact stays unknown

@@ -39,7 +39,8 @@ def record(model: Path, out: Path, batch_scale: int) -> dict:
     import torch
 
     from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
     from autoopt.run.measure import MeasureSettings, measure
     from autoopt.pipelines.optimize import collect_facts
     from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
