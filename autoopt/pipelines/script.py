@@ -436,18 +436,52 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
     shown = str(script_path)
     path = _check_script(script_path)  # before importing torch: a bad path fails fast
 
-    import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
-
     from autoopt.analyze import analyze_paths
+
+    probe = _new_probe(path, steps, logdir, warmup, with_stack)
+    exit_status = _run_script(probe, path, shown, args)
+    if not probe.env_facts:
+        probe.env_facts = _env_facts()
+        probe.loader_facts = _loader_facts(probe._model_batch_size())
+    notes = _write_window(probe, steps)
+    traces = sorted(probe.run_dir.glob("*.pt.trace.json.gz"))
+    if not traces:
+        raise UserError(f"The profiler wrote no trace for {shown} in {probe.run_dir}. Fix: run the script for at least "
+                        f"{probe.warmup + 2} optimizer steps, or check that nothing else in it uses torch.profiler.")
+
+    result = analyze_paths([str(probe.run_dir)])
+    facts, model_found = _facts(result, probe)
+    sources = _sources(probe, traces, with_stack, notes)
+    # exact lines seen live in the warm-up step win over the trace's function-level ones
+    if probe.live_sites["sync"]:
+        facts["metrics.sync_sites"] = sources["sync"]
+    if probe.live_sites["data_dependent"]:
+        facts["metrics.data_dependent_sites"] = sources["data_dependent"]
+    if not model_found:
+        notes.append("no torch.nn.Module call was seen: the model.* facts are unknown and rules on them stay silent")
+    return _script_result(result, probe, path, args, facts, sources, notes, exit_status)
+
+
+def _new_probe(path: Path, steps: int, logdir: Optional[str], warmup: int, with_stack: bool) -> _Probe:
+    """The probe for this run, with its new run directory under logdir (default reports/profiles)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
     from autoopt.run.trace import new_run_dir
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(logdir) if logdir else Path("reports") / "profiles"
     run_dir = new_run_dir(root, f"{path.stem}-script-{stamp}").resolve()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     worker = path.stem
-    probe = _Probe(run_dir, worker, steps, max(0, int(warmup)), activities, with_stack)
+    return _Probe(run_dir, worker, steps, max(0, int(warmup)), activities, with_stack)
+
+
+def _run_script(probe: _Probe, path: Path, shown: str, args: list[str]) -> int:
+    """Run the script as __main__ under the probe's hooks and first profiler, then undo every
+    change to the process; returns its exit status, raises its failure as a UserError."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import profile
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     opt_hook = register_optimizer_step_post_hook(probe.optimizer_post)
@@ -457,7 +491,8 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
                                                                                       always_call=True))
     except TypeError:  # pragma: no cover - older torch
         probe.module_hooks.append(torch.nn.modules.module.register_module_forward_hook(probe.forward_post))
-    probe.prof_a = profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=with_stack)
+    probe.prof_a = profile(activities=probe.activities, record_shapes=True, profile_memory=True,
+                           with_stack=probe.with_stack)
     exit_status = 0
     failure: Optional[UserError] = None
     try:
@@ -485,21 +520,31 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         opt_hook.remove()
-        probe.stop_site_mode()
-        probe.remove_module_hooks()
-        if probe.prof_b is not None:
-            with contextlib.suppress(Exception):
-                probe.prof_b.stop()  # a window cut short by the script's end is still written
-        elif probe.prof_a is not None and probe.phase == "start":
-            with contextlib.suppress(Exception):
-                probe.prof_a.stop()
-        gc.collect()  # DataLoader workers of the stopped script shut down with their iterators
+        _stop_probe(probe)
     if failure is not None:
         raise failure
-    if not probe.env_facts:
-        probe.env_facts = _env_facts()
-        probe.loader_facts = _loader_facts(probe._model_batch_size())
+    return exit_status
 
+
+def _stop_probe(probe: _Probe) -> None:
+    """Remove the probe's hooks and stop its profilers (a window cut short is still written)."""
+    probe.stop_site_mode()
+    probe.remove_module_hooks()
+    if probe.prof_b is not None:
+        with contextlib.suppress(Exception):
+            probe.prof_b.stop()  # a window cut short by the script's end is still written
+    elif probe.prof_a is not None and probe.phase == "start":
+        with contextlib.suppress(Exception):
+            probe.prof_a.stop()
+    gc.collect()  # DataLoader workers of the stopped script shut down with their iterators
+
+
+def _write_window(probe: _Probe, steps: int) -> list[str]:
+    """Notes on what was profiled; without a steps window, the first profiler's recording is
+    written as the trace."""
+    from torch.profiler import tensorboard_trace_handler
+
+    run_dir, worker = probe.run_dir, probe.worker
     traces = sorted(run_dir.glob("*.pt.trace.json.gz"))
     notes: list[str] = []
     if probe.optimizer_steps == 0:
@@ -522,13 +567,12 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
         notes.append(f"the script steps {len(probe.optimizers)} optimizers ({names}); steps are marked at the first "
                      "one's step()")
     probe.prof_a = probe.prof_b = None
-    traces = sorted(run_dir.glob("*.pt.trace.json.gz"))
-    if not traces:
-        raise UserError(f"The profiler wrote no trace for {shown} in {run_dir}. Fix: run the script for at least "
-                        f"{probe.warmup + 2} optimizer steps, or check that nothing else in it uses torch.profiler.")
+    return notes
 
-    result = analyze_paths([str(run_dir)])
-    facts, model_found = _facts(result, probe)
+
+def _sources(probe: _Probe, traces: list[Path], with_stack: bool, notes: list[str]) -> dict[str, list[str]]:
+    """The script's source lines behind the findings: live frames first, the trace's stacks where
+    the warm-up step saw nothing."""
     sources = {
         "optimizer_step": [s for s, _ in probe.step_sites.most_common(3)],
         "model_forward": [s for s, _ in probe.forward_sites.most_common(3)],
@@ -543,13 +587,12 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
                     sources[key] = found
         except Exception as e:  # noqa: BLE001 - the findings stand without stack-derived lines
             notes.append(f"source functions from the trace's stacks unavailable: {type(e).__name__}: {e}")
-    # exact lines seen live in the warm-up step win over the trace's function-level ones
-    if probe.live_sites["sync"]:
-        facts["metrics.sync_sites"] = sources["sync"]
-    if probe.live_sites["data_dependent"]:
-        facts["metrics.data_dependent_sites"] = sources["data_dependent"]
-    if not model_found:
-        notes.append("no torch.nn.Module call was seen: the model.* facts are unknown and rules on them stay silent")
+    return sources
+
+
+def _script_result(result: dict, probe: _Probe, path: Path, args: list[str], facts: dict,
+                   sources: dict[str, list[str]], notes: list[str], exit_status: int) -> dict[str, Any]:
+    """The rules' findings on the facts, with their source lines, added to the analysis."""
     from autoopt.diagnosis.rules import evaluate, load_rules
 
     findings = evaluate(load_rules(), facts)
@@ -569,7 +612,7 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
         "optimizers": [{k: v for k, v in o.items()} for o in probe.optimizers.values()],
         "sources": sources,
         "exit_status": exit_status,
-        "logdir": str(run_dir),
+        "logdir": str(probe.run_dir),
         "findings": fjson,
         "advice_only": "autoopt does not change scripts: each finding says what to change and where",
     })
