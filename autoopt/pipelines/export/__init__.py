@@ -6,8 +6,8 @@
 
 What it does, in order:
 
-1. Loads the model file and validates it with autoopt.workload.load (the same one-paragraph
-   errors as every other command), then builds the model on the CPU with
+1. Loads the model file and validates it with autoopt.workload.load and .build (the same
+   one-paragraph errors as every other command), then builds the model on the CPU with
    `torch.manual_seed(seed)` before `build_model()` and before `make_batch()`, in eval
    mode, with the plan's inference-relevant transforms (below).
 2. Finds what the model is called with. The exported graph is the model's own forward,
