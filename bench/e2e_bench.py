@@ -28,7 +28,8 @@ def throughput(path: Path, device: str, settings) -> tuple[float, object]:
     from autoopt.env import detect_capabilities
     from autoopt.run.measure import measure
     from autoopt.run.session import Session
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
 
     spec = load_model_file(path)
     caps = detect_capabilities(device)

@@ -50,7 +50,8 @@ def same_config_quality(path: str, device: str, greedy: dict, exhaustive: dict,
     from autoopt.env import detect_capabilities
     from autoopt.run.measure import MeasureSettings, measure_against
     from autoopt.run.session import Session
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
 
     caps = detect_capabilities(device)
     wl = build_workload(load_model_file(path), caps, seed=0)

@@ -268,7 +268,8 @@ def test_ddp_session_no_sync_accumulation_matches_one_full_batch(gloo_world_of_o
     from autoopt.run.session import DistContext, Session
     from autoopt.run.verify import compare, record_run
     from autoopt.transforms.ddp import default_settings, get_ddp_transform
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
 
     spec = load_model_file(SCRIPTS / "ddp_tiny.py")
     wl = build_workload(spec, detect_capabilities("cpu"), batch_size=8, seed=0)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from autoopt.env import detect_capabilities
+from autoopt.workload.build import build_workload
 from autoopt.workload.contract import call_forward, extract_loss, output_tensors
-from autoopt.workload.load import build_workload, load_model_file
+from autoopt.workload.load import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

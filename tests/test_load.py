@@ -13,7 +13,9 @@ import torch
 from autoopt.env import capabilities_for
 from autoopt.errors import ModelFileError, UserError
 from autoopt.facts import FACTS
-from autoopt.workload.load import build_workload, load_model_file, optimizer_impl, source_uses_autocast
+from autoopt.workload.build import build_workload
+from autoopt.workload.inspect import optimizer_impl, source_uses_autocast
+from autoopt.workload.load import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "tests" / "models"

@@ -89,7 +89,8 @@ def test_patch_round_trip_runs_the_optimized_configuration(bundled, tmp_path):
 
     from autoopt.env import detect_capabilities
     from autoopt.run.session import Session
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
 
     spec = load_model_file(tmp_path / "simplenet.py")
     wl = build_workload(spec, detect_capabilities("cpu"), seed=0)

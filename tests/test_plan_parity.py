@@ -102,7 +102,8 @@ def test_every_transform_has_a_parity_case():
 
 
 def _workload(path):
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
 
     return build_workload(load_model_file(str(path)), CPU, seed=0)
 

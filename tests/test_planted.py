@@ -67,7 +67,8 @@ def cpu_run(name: str, with_stack: bool = False) -> tuple[dict[str, Any], tuple[
     from autoopt.run.measure import MeasureSettings, measure
     from autoopt.run.session import Session
     from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
 
     spec = load_model_file(str(PLANTED / f"{name}.py"))
     caps = AVX2_CPU

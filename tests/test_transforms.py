@@ -25,7 +25,7 @@ from autoopt.transforms import TRANSFORMS, apply_transforms, get_transform, orde
 from autoopt.transforms.dataloader import choose_settings
 from autoopt.types import Capabilities, ExecConfig, Measurement, ModelSpec, Stats, Workload
 from autoopt.workload.facts import workload_facts
-from autoopt.workload.load import optimizer_impl
+from autoopt.workload.inspect import optimizer_impl
 
 TRACES = Path(__file__).resolve().parent / "data" / "traces" / "real"
 

@@ -1,6 +1,7 @@
 """Trace analysis: Kineto / torch.profiler traces -> the metrics the rules read.
 
-Loading (autoopt.analyze.loader: a streaming, typed, columnar decode) is separate from the
+Loading (autoopt.analyze.loader: a streaming, typed, columnar decode; its scanning is
+autoopt.analyze.scan, its columns autoopt.analyze.table) is separate from the
 analyses, one module each: steps, breakdown, gpu_metrics, kernels, operators, idle, sync,
 memory, distributed, device. `analyze_paths` runs them all; `render_text` summarises the
 result for a terminal. This package never imports torch; its modules load on first use.

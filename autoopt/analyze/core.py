@@ -2,6 +2,7 @@
 (minus "findings", which the rule engine adds)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -42,13 +43,46 @@ def _r(x: Optional[float], nd: int = 4) -> Optional[float]:
     return round(x, nd) if np.isfinite(x) else None
 
 
+@dataclass
+class _Analyses:
+    """Every analysis of one trace, before they become metrics and the trace's JSON row."""
+
+    st: Any  # steps.Steps
+    dev: dict[str, Any]
+    gpu: bool
+    notes: list[str]
+    step_ms: np.ndarray
+    per_step: np.ndarray  # (steps, roles) microseconds
+    mean_bd: np.ndarray  # mean microseconds per role
+    devs: dict[int, dict[str, Any]]  # GPU metrics by device
+    ks: dict[str, Any]
+    tree: Any  # operators.OpTree
+    ops: dict[str, Any]
+    launch: Optional[dict[str, Any]]
+    idle: dict[str, Any]
+    syncs: dict[str, Any]
+    h2d: dict[str, Any]
+    mem: dict[str, Any]
+    comm: dict[str, Any]
+
+    def dev_mean(self, key: str) -> Optional[float]:
+        """The mean of a GPU metric over the devices that have it."""
+        vals = [self.devs[d][key] for d in sorted(self.devs) if self.devs[d][key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+
 def analyze_trace(tr: T.Trace, *, top_n: int = 10, rank: int = 0) -> dict[str, Any]:
     """Every analysis of one trace (one rank)."""
+    a = _run_analyses(tr, top_n)
+    metrics = _metrics(tr, a)
+    return _trace_row(tr, a, metrics, top_n, rank)
+
+
+def _run_analyses(tr: T.Trace, top_n: int) -> _Analyses:
     st = find_steps(tr)
     dev = device_info(tr)
     gpu = dev["type"] == "cuda"
     notes = list(tr.notes) + list(st.notes)
-    durs = st.durations
     n = st.count
     bd = B.breakdown(tr, st)
     per_step = bd["per_step_us"]
@@ -56,13 +90,6 @@ def analyze_trace(tr: T.Trace, *, top_n: int = 10, rank: int = 0) -> dict[str, A
     lo, hi = st.span
     gm = gpu_metrics(tr, st)
     notes += gm["notes"]
-    devs = gm["devices"]
-    dev_ids = sorted(devs)
-
-    def dev_mean(key: str) -> Optional[float]:
-        vals = [devs[d][key] for d in dev_ids if devs[d][key] is not None]
-        return float(np.mean(vals)) if vals else None
-
     ks = kernel_stats(tr, lo, hi, top_n)
     tree = build_tree(tr)
     ops = op_stats(tr, tree, st)
@@ -77,25 +104,45 @@ def analyze_trace(tr: T.Trace, *, top_n: int = 10, rank: int = 0) -> dict[str, A
                      "operator self time)")
     if dev.get("vendor") == "amd":
         notes.append("AMD ROCm trace: HIP runtime calls count as runtime, matrix-core kernels as tensor-core kernels")
-    step_ms = durs / 1e3
-    q = np.percentile(step_ms, [25, 75]) if n >= 2 else None
-    kin = tr.idx(T.KERNEL)
-    kernels_per_step = float(np.sum(st.index_of(tr.ts[kin]) >= 0)) / n if gpu and n else None
+    return _Analyses(st=st, dev=dev, gpu=gpu, notes=notes, step_ms=st.durations / 1e3, per_step=per_step,
+                     mean_bd=mean_bd, devs=gm["devices"], ks=ks, tree=tree, ops=ops, launch=launch, idle=idle,
+                     syncs=syncs, h2d=h2d, mem=mem, comm=comm)
 
-    fr = {role: (mean_bd[i] / durs.mean() if n and durs.mean() > 0 else None) for i, role in enumerate(B.ROLES)}
+
+def _metrics(tr: T.Trace, a: _Analyses) -> dict[str, Any]:
+    """The metrics.* facts of one trace, every METRIC_KEYS key in order (None where unknown)."""
     metrics: dict[str, Any] = {k: None for k in METRIC_KEYS}
-    metrics.update({
+    metrics.update(_step_and_device_metrics(a))
+    metrics.update(_time_share_metrics(tr, a))
+    metrics.update(_operator_metrics(a))
+    return {k: (_r(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def _step_and_device_metrics(a: _Analyses) -> dict[str, Any]:
+    n, gpu, dev, mem, step_ms = a.st.count, a.gpu, a.dev, a.mem, a.step_ms
+    q = np.percentile(step_ms, [25, 75]) if n >= 2 else None
+    return {
         "step_time_ms": float(np.median(step_ms)) if n else None,
         "peak_memory_mb": mem["peak_memory_mb"],
         "memory_fraction": (mem["peak_memory_mb"] / dev["memory_mb"]) if gpu and mem["peak_memory_mb"] is not None
         and dev.get("memory_mb") else None,
         "step_time_rel_spread": float((q[1] - q[0]) / np.median(step_ms)) if q is not None and np.median(step_ms) > 0
         else None,
-        "steps": n if st.from_spans else 0,
-        "gpu_utilization": dev_mean("gpu_utilization") if gpu else None,
-        "sm_efficiency": dev_mean("sm_efficiency") if gpu else None,
-        "achieved_occupancy": dev_mean("achieved_occupancy") if gpu else None,
-        "tensor_core_kernel_ratio": ks["tensor_core_kernel_ratio"],
+        "steps": n if a.st.from_spans else 0,
+        "gpu_utilization": a.dev_mean("gpu_utilization") if gpu else None,
+        "sm_efficiency": a.dev_mean("sm_efficiency") if gpu else None,
+        "achieved_occupancy": a.dev_mean("achieved_occupancy") if gpu else None,
+        "tensor_core_kernel_ratio": a.ks["tensor_core_kernel_ratio"],
+    }
+
+
+def _time_share_metrics(tr: T.Trace, a: _Analyses) -> dict[str, Any]:
+    st, n, gpu, ks, ops, idle, launch = a.st, a.st.count, a.gpu, a.ks, a.ops, a.idle, a.launch
+    durs = st.durations
+    kin = tr.idx(T.KERNEL)
+    kernels_per_step = float(np.sum(st.index_of(tr.ts[kin]) >= 0)) / n if gpu and n else None
+    fr = {role: (a.mean_bd[i] / durs.mean() if n and durs.mean() > 0 else None) for i, role in enumerate(B.ROLES)}
+    return {
         **{f"{role}_fraction": fr[role] for role in B.ROLES},
         "matmul_fraction": ks["matmul_fraction"] if gpu else ops["cpu_matmul_fraction"],
         "conv_fraction": ks["conv_fraction"] if gpu else ops["cpu_conv_fraction"],
@@ -109,13 +156,19 @@ def analyze_trace(tr: T.Trace, *, top_n: int = 10, rank: int = 0) -> dict[str, A
         "host_wait_fraction": idle["host_wait_fraction"],
         "kernel_wait_fraction": idle["kernel_wait_fraction"],
         "launch_bound": launch["launch_bound"] if launch else None,
+    }
+
+
+def _operator_metrics(a: _Analyses) -> dict[str, Any]:
+    syncs, ops, h2d, comm = a.syncs, a.ops, a.h2d, a.comm
+    return {
         "sync_count_per_step": syncs["sync_count_per_step"],
         "sync_time_fraction": syncs["sync_time_fraction"],
         "data_dependent_ops_per_step": ops["data_dependent_ops_per_step"],
         "h2d_copies_per_step": h2d["h2d_copies_per_step"],
         "pageable_h2d_fraction": h2d["pageable_h2d_fraction"],
         "optimizer_fraction": ops["optimizer_fraction"],
-        "optimizer_kernels_per_step": ops["optimizer_kernels_per_step"] if gpu else None,
+        "optimizer_kernels_per_step": ops["optimizer_kernels_per_step"] if a.gpu else None,
         "optimizer_ops_per_step": ops["optimizer_ops_per_step"],
         "comm_overlap_fraction": comm["comm_overlap_fraction"],
         "rank_count": 1,
@@ -125,12 +178,17 @@ def analyze_trace(tr: T.Trace, *, top_n: int = 10, rank: int = 0) -> dict[str, A
         "dataloader_init_per_step": ops["dataloader_init_per_step"],
         "graph_breaks": ops["graph_breaks"],
         "recompilations": ops["recompilations"],
-    })
-    metrics = {k: (_r(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    }
+
+
+def _trace_row(tr: T.Trace, a: _Analyses, metrics: dict[str, Any], top_n: int, rank: int) -> dict[str, Any]:
+    """The trace's entry in `analyze --json`'s "traces"."""
+    st, n, ks, step_ms, per_step, durs = a.st, a.st.count, a.ks, a.step_ms, a.per_step, a.st.durations
+    dev_ids = sorted(a.devs)
     return {
         "path": tr.path,
         "rank": rank,
-        "device": dev,
+        "device": a.dev,
         "steps": n if st.from_spans else 0,
         "step_names": st.names,
         "steps_from_spans": st.from_spans,
@@ -138,7 +196,7 @@ def analyze_trace(tr: T.Trace, *, top_n: int = 10, rank: int = 0) -> dict[str, A
                          "min": _r(step_ms.min(), 3), "max": _r(step_ms.max(), 3)} if n else None,
         "step_times_ms": [_r(x, 3) for x in step_ms],
         "gpu_utilization": _r(metrics["gpu_utilization"], 6),
-        "breakdown_ms": {role: _r(mean_bd[i] / 1e3, 4) for i, role in enumerate(B.ROLES)},
+        "breakdown_ms": {role: _r(a.mean_bd[i] / 1e3, 4) for i, role in enumerate(B.ROLES)},
         "breakdown_per_step_ms": [{"step": st.names[j], "total": _r(durs[j] / 1e3, 4),
                                    **{role: _r(per_step[j, i] / 1e3, 4) for i, role in enumerate(B.ROLES)}}
                                   for j in range(n)],
@@ -148,19 +206,19 @@ def analyze_trace(tr: T.Trace, *, top_n: int = 10, rank: int = 0) -> dict[str, A
                              if ks["matmul_precision"] else None),  # shares of matmul/conv kernel time
         "sm_efficiency": _r(metrics["sm_efficiency"], 6),
         "achieved_occupancy": _r(metrics["achieved_occupancy"], 6),
-        "gpu_metrics_by_device": {str(d): {k: _r(v, 6) for k, v in devs[d].items()} for d in dev_ids},
+        "gpu_metrics_by_device": {str(d): {k: _r(v, 6) for k, v in a.devs[d].items()} for d in dev_ids},
         "top_kernels": ks["top_kernels"],
-        "top_operators": top_operators(tr, tree, top_n, by_device=gpu),
-        "kernel_launch": launch,
-        "idle": {k: (_r(v, 6) if not isinstance(v, list) else v) for k, v in idle.items()},
-        "syncs": syncs,
-        "h2d": {k: _r(v, 6) for k, v in h2d.items()},
-        "memory": mem,
-        "communication": {k: (_r(v, 6) if isinstance(v, float) else v) for k, v in comm.items()},
+        "top_operators": top_operators(tr, a.tree, top_n, by_device=a.gpu),
+        "kernel_launch": a.launch,
+        "idle": {k: (_r(v, 6) if not isinstance(v, list) else v) for k, v in a.idle.items()},
+        "syncs": a.syncs,
+        "h2d": {k: _r(v, 6) for k, v in a.h2d.items()},
+        "memory": a.mem,
+        "communication": {k: (_r(v, 6) if isinstance(v, float) else v) for k, v in a.comm.items()},
         "metrics": metrics,
         "events": tr.n,
         "size_mb": round(tr.size_bytes / 1e6, 3),
-        "notes": notes,
+        "notes": a.notes,
     }
 
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from autoopt.analyze import trace as T
 from autoopt.analyze.kernels import first_float_type
-from autoopt.analyze.loader import MATMUL_CONV_OPS
 from autoopt.analyze.steps import Steps
+from autoopt.analyze.table import MATMUL_CONV_OPS
 
 DATA_DEPENDENT_OPS = frozenset({"aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique",
                                 "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",

@@ -146,7 +146,8 @@ class Worker:
         from autoopt.env import env_facts
         from autoopt.errors import ModelFileError
         from autoopt.transforms.ddp import default_settings
-        from autoopt.workload.load import build_workload, load_model_file
+        from autoopt.workload.build import build_workload
+        from autoopt.workload.load import load_model_file
 
         s = self.settings
         self.spec = load_model_file(s.model_path)

@@ -88,7 +88,8 @@ class OptimizeRun:
     # ------------------------------------------------------------------ stages
     def _setup(self) -> None:
         from autoopt.env import detect_capabilities
-        from autoopt.workload.load import build_workload, load_model_file
+        from autoopt.workload.build import build_workload
+        from autoopt.workload.load import load_model_file
 
         s = self.settings
         check_try_names(s.extra_transforms)  # before minutes of baseline work, not after

@@ -33,7 +33,8 @@ def profile_model(
     (tests judge a CPU run as a given CPU would be judged)."""
     from autoopt.analyze import analyze_paths
     from autoopt.env import detect_capabilities
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
 
     if steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps}).")

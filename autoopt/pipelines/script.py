@@ -40,30 +40,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from autoopt.errors import UserError
+from autoopt.pipelines.script_sites import _LIB_MARKERS, _site_mode, _user_frame_site, trace_sites
 
 DEFAULT_STEPS = 3
 WARMUP_STEPS = 1
 MAX_OUTER_CALLS = 50  # outermost module calls watched before the forward hooks remove themselves
 
-_LIB_MARKERS = ("/torch/", "site-packages", "dist-packages", "/lib/python", "<frozen", "<string>", "/autoopt/")
-
 
 class _StopScript(BaseException):
     """Raised from the optimizer hook after the last profiled step."""
-
-
-def _user_frame_site(start_depth: int = 2) -> Optional[str]:
-    """'path:line (function)' of the innermost frame of the user's code on the live stack."""
-    try:
-        f = sys._getframe(start_depth)
-    except ValueError:
-        return None
-    while f is not None:
-        fn = f.f_code.co_filename.replace("\\", "/")
-        if not any(m in fn for m in _LIB_MARKERS) and not fn.startswith("<"):
-            return f"{fn}:{f.f_lineno} ({f.f_code.co_name})"
-        f = f.f_back
-    return None
 
 
 class _Probe:
@@ -193,58 +178,6 @@ class _Probe:
         return (info["batch"] or {}).get("batch_size") if info else None
 
 
-_SYNC_FUNCS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"})
-_DATA_DEP_FUNCS = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere"})
-
-
-def _site_mode(sites: dict[str, collections.Counter]):
-    """A TorchFunctionMode that notes the script's source line of every host sync
-    (.item(), .tolist(), bool(tensor), ...), data-dependent operator and DataLoader batch
-    collation during one (unprofiled) warm-up step — live frames, so exact lines."""
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    class _SiteMode(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            key = None
-            if name in _SYNC_FUNCS:
-                key = "sync"
-            elif name == "cpu" and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
-                key, name = "sync", "cpu"
-            elif name in _DATA_DEP_FUNCS:
-                key = "data_dependent"
-            elif name == "__getitem__" and len(args) > 1 and _bool_index(args[1]):
-                key, name = "data_dependent", "boolean indexing"
-            elif name == "stack" and _called_from_collate():
-                key, name = "dataloader", "DataLoader batch"
-            if key is not None:
-                site = _user_frame_site(2)
-                if site:
-                    sites[key][(site, name)] += 1
-            return func(*args, **(kwargs or {}))
-
-    return _SiteMode()
-
-
-def _bool_index(idx) -> bool:
-    import torch
-
-    items = idx if isinstance(idx, tuple) else (idx,)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
-
-
-def _called_from_collate() -> bool:
-    f = sys._getframe(2)
-    for _ in range(8):
-        if f is None:
-            return False
-        if f.f_code.co_filename.replace("\\", "/").endswith("utils/data/_utils/collate.py"):
-            return True
-        f = f.f_back
-    return False
-
-
 def _autocast_on() -> bool:
     import torch
 
@@ -277,7 +210,7 @@ def _batch_facts(args) -> dict:
 
 def _optimizer_impl(opt) -> Optional[str]:
     try:
-        from autoopt.workload.load import optimizer_impl
+        from autoopt.workload.inspect import optimizer_impl
 
         return optimizer_impl(opt)
     except Exception:  # noqa: BLE001 - an optimizer autoopt cannot read: the fact stays unknown
@@ -312,72 +245,6 @@ def _loader_facts(batch_size: Optional[int]) -> dict:
         "workload.pin_memory": bool(ld.pin_memory),
         "workload.persistent_workers": bool(ld.persistent_workers),
     }
-
-
-# ------------------------------------------------------------------------------- trace stacks
-_DATA_DEPENDENT = frozenset({"aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2",
-                             "aten::unique_consecutive", "aten::nonzero_static"})
-_SYNC_OPS = frozenset({"aten::item", "aten::_local_scalar_dense"})
-
-
-def trace_sites(trace_path: str) -> dict[str, list[str]]:
-    """Source lines of the script for sync calls, data-dependent operators and DataLoader
-    iteration, from the trace's python_function stacks (with_stack=True). Each entry is
-    'path:line (function) — what xN'."""
-    import numpy as np
-
-    from autoopt.analyze import load_trace
-    from autoopt.analyze import trace as T
-    from autoopt.analyze.sync import user_frame
-
-    tr = load_trace(trace_path)
-    py = tr.idx(T.PYFN)
-    out: dict[str, list[str]] = {"sync": [], "data_dependent": [], "dataloader": []}
-    if py.size == 0:
-        return out
-    user = np.array([bool(s) and "(" in s and user_frame(s) is not None for s in tr.names], dtype=bool)
-    py = py[user[tr.name[py]]]
-    if py.size == 0:
-        return out
-    thread = (tr.pid.astype(np.int64) << 32) | tr.tid.astype(np.int64)
-    by_thread = {}
-    for k in np.unique(thread[py]):
-        sel = py[thread[py] == k]
-        by_thread[int(k)] = sel[np.argsort(tr.ts[sel], kind="stable")]
-
-    def enclosing(i: int) -> Optional[str]:
-        cand = by_thread.get(int(thread[i]))
-        if cand is None:
-            return None
-        c = cand[: np.searchsorted(tr.ts[cand], tr.ts[i], side="right")]
-        c = c[tr.end[c] >= tr.end[i]]
-        if not c.size:
-            return None
-        # a python_function event names the function; its line is the function's first line (or
-        # where the frame stood when tracing started), not the statement: keep the function
-        site = user_frame(tr.names[int(tr.name[c[-1]])])
-        if site is None:
-            return None
-        path_line, func = site.rsplit(" (", 1)
-        return f"{path_line.rsplit(':', 1)[0]} (in {func}"
-
-    groups = {
-        "sync": lambda s: s in _SYNC_OPS,
-        "data_dependent": lambda s: s in _DATA_DEPENDENT,
-        "dataloader": lambda s: s.startswith("enumerate(DataLoader)#"),
-    }
-    ops = tr.idx(T.OP, T.ANNO)
-    for key, pred in groups.items():
-        ids = tr.name_ids(pred)
-        sel = ops[tr.has_name(ids)[ops]] if ops.size else ops
-        counts: collections.Counter = collections.Counter()
-        for i in sel.tolist():
-            site = enclosing(i)
-            if site:
-                name = tr.names[int(tr.name[i])]
-                counts[(site, name if key != "dataloader" else "DataLoader __next__")] += 1
-        out[key] = [f"{site} — {what} x{n}" for (site, what), n in counts.most_common(5)]
-    return out
 
 
 # ------------------------------------------------------------------------------- entry point
@@ -436,18 +303,52 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
     shown = str(script_path)
     path = _check_script(script_path)  # before importing torch: a bad path fails fast
 
-    import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
-
     from autoopt.analyze import analyze_paths
+
+    probe = _new_probe(path, steps, logdir, warmup, with_stack)
+    exit_status = _run_script(probe, path, shown, args)
+    if not probe.env_facts:
+        probe.env_facts = _env_facts()
+        probe.loader_facts = _loader_facts(probe._model_batch_size())
+    notes = _write_window(probe, steps)
+    traces = sorted(probe.run_dir.glob("*.pt.trace.json.gz"))
+    if not traces:
+        raise UserError(f"The profiler wrote no trace for {shown} in {probe.run_dir}. Fix: run the script for at least "
+                        f"{probe.warmup + 2} optimizer steps, or check that nothing else in it uses torch.profiler.")
+
+    result = analyze_paths([str(probe.run_dir)])
+    facts, model_found = _facts(result, probe)
+    sources = _sources(probe, traces, with_stack, notes)
+    # exact lines seen live in the warm-up step win over the trace's function-level ones
+    if probe.live_sites["sync"]:
+        facts["metrics.sync_sites"] = sources["sync"]
+    if probe.live_sites["data_dependent"]:
+        facts["metrics.data_dependent_sites"] = sources["data_dependent"]
+    if not model_found:
+        notes.append("no torch.nn.Module call was seen: the model.* facts are unknown and rules on them stay silent")
+    return _script_result(result, probe, path, args, facts, sources, notes, exit_status)
+
+
+def _new_probe(path: Path, steps: int, logdir: Optional[str], warmup: int, with_stack: bool) -> _Probe:
+    """The probe for this run, with its new run directory under logdir (default reports/profiles)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
     from autoopt.run.trace import new_run_dir
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(logdir) if logdir else Path("reports") / "profiles"
     run_dir = new_run_dir(root, f"{path.stem}-script-{stamp}").resolve()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     worker = path.stem
-    probe = _Probe(run_dir, worker, steps, max(0, int(warmup)), activities, with_stack)
+    return _Probe(run_dir, worker, steps, max(0, int(warmup)), activities, with_stack)
+
+
+def _run_script(probe: _Probe, path: Path, shown: str, args: list[str]) -> int:
+    """Run the script as __main__ under the probe's hooks and first profiler, then undo every
+    change to the process; returns its exit status, raises its failure as a UserError."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import profile
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     opt_hook = register_optimizer_step_post_hook(probe.optimizer_post)
@@ -457,7 +358,8 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
                                                                                       always_call=True))
     except TypeError:  # pragma: no cover - older torch
         probe.module_hooks.append(torch.nn.modules.module.register_module_forward_hook(probe.forward_post))
-    probe.prof_a = profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=with_stack)
+    probe.prof_a = profile(activities=probe.activities, record_shapes=True, profile_memory=True,
+                           with_stack=probe.with_stack)
     exit_status = 0
     failure: Optional[UserError] = None
     try:
@@ -485,21 +387,31 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         opt_hook.remove()
-        probe.stop_site_mode()
-        probe.remove_module_hooks()
-        if probe.prof_b is not None:
-            with contextlib.suppress(Exception):
-                probe.prof_b.stop()  # a window cut short by the script's end is still written
-        elif probe.prof_a is not None and probe.phase == "start":
-            with contextlib.suppress(Exception):
-                probe.prof_a.stop()
-        gc.collect()  # DataLoader workers of the stopped script shut down with their iterators
+        _stop_probe(probe)
     if failure is not None:
         raise failure
-    if not probe.env_facts:
-        probe.env_facts = _env_facts()
-        probe.loader_facts = _loader_facts(probe._model_batch_size())
+    return exit_status
 
+
+def _stop_probe(probe: _Probe) -> None:
+    """Remove the probe's hooks and stop its profilers (a window cut short is still written)."""
+    probe.stop_site_mode()
+    probe.remove_module_hooks()
+    if probe.prof_b is not None:
+        with contextlib.suppress(Exception):
+            probe.prof_b.stop()  # a window cut short by the script's end is still written
+    elif probe.prof_a is not None and probe.phase == "start":
+        with contextlib.suppress(Exception):
+            probe.prof_a.stop()
+    gc.collect()  # DataLoader workers of the stopped script shut down with their iterators
+
+
+def _write_window(probe: _Probe, steps: int) -> list[str]:
+    """Notes on what was profiled; without a steps window, the first profiler's recording is
+    written as the trace."""
+    from torch.profiler import tensorboard_trace_handler
+
+    run_dir, worker = probe.run_dir, probe.worker
     traces = sorted(run_dir.glob("*.pt.trace.json.gz"))
     notes: list[str] = []
     if probe.optimizer_steps == 0:
@@ -522,13 +434,12 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
         notes.append(f"the script steps {len(probe.optimizers)} optimizers ({names}); steps are marked at the first "
                      "one's step()")
     probe.prof_a = probe.prof_b = None
-    traces = sorted(run_dir.glob("*.pt.trace.json.gz"))
-    if not traces:
-        raise UserError(f"The profiler wrote no trace for {shown} in {run_dir}. Fix: run the script for at least "
-                        f"{probe.warmup + 2} optimizer steps, or check that nothing else in it uses torch.profiler.")
+    return notes
 
-    result = analyze_paths([str(run_dir)])
-    facts, model_found = _facts(result, probe)
+
+def _sources(probe: _Probe, traces: list[Path], with_stack: bool, notes: list[str]) -> dict[str, list[str]]:
+    """The script's source lines behind the findings: live frames first, the trace's stacks where
+    the warm-up step saw nothing."""
     sources = {
         "optimizer_step": [s for s, _ in probe.step_sites.most_common(3)],
         "model_forward": [s for s, _ in probe.forward_sites.most_common(3)],
@@ -543,13 +454,12 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
                     sources[key] = found
         except Exception as e:  # noqa: BLE001 - the findings stand without stack-derived lines
             notes.append(f"source functions from the trace's stacks unavailable: {type(e).__name__}: {e}")
-    # exact lines seen live in the warm-up step win over the trace's function-level ones
-    if probe.live_sites["sync"]:
-        facts["metrics.sync_sites"] = sources["sync"]
-    if probe.live_sites["data_dependent"]:
-        facts["metrics.data_dependent_sites"] = sources["data_dependent"]
-    if not model_found:
-        notes.append("no torch.nn.Module call was seen: the model.* facts are unknown and rules on them stay silent")
+    return sources
+
+
+def _script_result(result: dict, probe: _Probe, path: Path, args: list[str], facts: dict,
+                   sources: dict[str, list[str]], notes: list[str], exit_status: int) -> dict[str, Any]:
+    """The rules' findings on the facts, with their source lines, added to the analysis."""
     from autoopt.diagnosis.facts_builder import diagnose
 
     findings = diagnose(facts, result)
@@ -569,7 +479,7 @@ def profile_script(script_path: str, args: list[str], *, steps: Optional[int] = 
         "optimizers": [{k: v for k, v in o.items()} for o in probe.optimizers.values()],
         "sources": sources,
         "exit_status": exit_status,
-        "logdir": str(run_dir),
+        "logdir": str(probe.run_dir),
         "findings": fjson,
         "advice_only": "autoopt does not change scripts: each finding says what to change and where",
     })
@@ -633,7 +543,7 @@ def _optimizer_facts(probe: _Probe) -> dict[str, Any]:
 def _model_facts(model, info: dict) -> dict[str, Any]:
     import torch
 
-    from autoopt.workload.load import model_facts
+    from autoopt.workload.inspect import model_facts
 
     out: dict[str, Any] = {}
     try:

@@ -60,7 +60,7 @@ def _built_facts(workload: Workload) -> dict[str, Any]:
     import torch
 
     from autoopt.torch_helpers import _autoopt_is_channels_last, _autoopt_repeated_blocks
-    from autoopt.workload.load import optimizer_impl
+    from autoopt.workload.inspect import optimizer_impl
 
     spec = workload.spec
     torch.manual_seed(workload.seed)

@@ -1,9 +1,9 @@
-"""Loading a model file and binding it to a device: model file -> ModelSpec -> Workload.
+"""Loading a model file and checking its contract: model file -> ModelSpec.
 
 `load_model_file` imports the file and checks the contract in DESIGN.md (which functions
-exist and are callable, BATCH_SIZE). `build_workload` calls the functions once on the
-device — build_model, make_batch, the first forward (and in train mode the loss, backward,
-build_optimizer and a step), build_dataloader — and fills the model.* / workload.* facts.
+exist and are callable, BATCH_SIZE); `check_batch` checks what make_batch returns.
+Building the workload on a device is autoopt.workload.build; the facts it collects are
+autoopt.workload.inspect.
 
 Every way a model file can break becomes a ModelFileError: one paragraph naming the
 file, the function, the problem and the fix, with the original exception as `cause`
@@ -21,10 +21,11 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
-from autoopt.errors import ModelFileError, UserError
-from autoopt.types import Capabilities, ModelSpec, Workload
+from autoopt.errors import ModelFileError
+from autoopt.types import ModelSpec
+
 
 DEFAULT_BATCH_SIZE = 32
 REQUIRED = ("build_model", "make_batch")
@@ -234,7 +235,24 @@ def load_model_file(path: str | os.PathLike) -> ModelSpec:
     data = _check_path(p, shown)
     p = p.resolve()
     _check_syntax(data, p, shown)
+    module = _import_file(p, shown)
+    funcs = _contract_functions(module, shown)
+    bs = _batch_size_setting(module, shown)
+    return ModelSpec(
+        path=p,
+        name=p.stem,
+        module=module,
+        build_model=funcs["build_model"],
+        make_batch=funcs["make_batch"],
+        forward=funcs.get("forward"),
+        build_optimizer=funcs.get("build_optimizer"),
+        build_dataloader=funcs.get("build_dataloader"),
+        default_batch_size=bs,
+    )
 
+
+def _import_file(p: Path, shown: str):
+    """Execute the file as a fresh module (its directory first on sys.path meanwhile)."""
     stem = re.sub(r"\W", "_", p.stem) or "model"
     modname = f"_autoopt_model_{stem}_{next(_counter)}"
     spec = importlib.util.spec_from_file_location(modname, p)
@@ -283,7 +301,11 @@ def load_model_file(path: str | os.PathLike) -> ModelSpec:
         if added_path:
             with contextlib.suppress(ValueError):
                 sys.path.remove(parent)
+    return module
 
+
+def _contract_functions(module, shown: str) -> dict[str, Any]:
+    """The contract functions the module defines, each checked; a missing required one is an error."""
     funcs: dict[str, Any] = {}
     defined = [n for n in vars(module) if not n.startswith("_")]
     for name in REQUIRED + OPTIONAL:
@@ -306,7 +328,11 @@ def load_model_file(path: str | os.PathLike) -> ModelSpec:
             continue
         _check_callable(obj, name, shown)
         funcs[name] = obj
+    return funcs
 
+
+def _batch_size_setting(module, shown: str) -> Optional[int]:
+    """The file's BATCH_SIZE, when it sets one (a positive integer)."""
     bs = getattr(module, "BATCH_SIZE", None)
     if bs is not None:
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
@@ -317,18 +343,7 @@ def load_model_file(path: str | os.PathLike) -> ModelSpec:
                 "set BATCH_SIZE to a whole number of samples, e.g. `BATCH_SIZE = 32`, or remove it "
                 f"(the default is {DEFAULT_BATCH_SIZE}).",
             )
-
-    return ModelSpec(
-        path=p,
-        name=p.stem,
-        module=module,
-        build_model=funcs["build_model"],
-        make_batch=funcs["make_batch"],
-        forward=funcs.get("forward"),
-        build_optimizer=funcs.get("build_optimizer"),
-        build_dataloader=funcs.get("build_dataloader"),
-        default_batch_size=bs,
-    )
+    return bs
 
 
 def _check_callable(obj: Any, name: str, shown: str) -> None:
@@ -470,7 +485,7 @@ def check_batch(batch: Any, batch_size: int, shown: str, where: str) -> None:
         where,
         f"{where} was asked for {batch_size} samples but returned tensors of shapes {shapes}: none has a "
         f"dimension of {batch_size}, so autoopt cannot change or count the batch size",
-        "build batch_size samples (use the argument, e.g. torch.randn(batch_size, ...)) instead of a fixed size.",
+        f"build batch_size samples (use the argument, e.g. torch.randn(batch_size, ...)) instead of a fixed size.",
     )
 
 
@@ -480,624 +495,10 @@ def _shape_signature(batch: Any) -> list[tuple]:
     return [(tuple(t.shape), str(t.dtype)) for t in iter_tensors(batch)]
 
 
-# ---------------------------------------------------------------------------- first forward
-
-
-class _ModuleTracker:
-    """Tracks the innermost running module during a forward (forward pre-hooks push, forward
-    hooks pop), so an exception can be pinned to the layer that raised it. Also records
-    which modules call scaled_dot_product_attention and whether autocast is active."""
-
-    def __init__(self, model):
-        self.names = {m: n for n, m in model.named_modules()}
-        self.stack: list[tuple[Any, list[tuple[int, ...]]]] = []
-        self.failed: Optional[tuple[Any, list[tuple[int, ...]]]] = None
-        self.sdpa_callers: set[int] = set()
-        self.autocast_seen = False
-        self.handles = []
-        for m in self.names:
-            self.handles.append(m.register_forward_pre_hook(self._pre))
-            self.handles.append(m.register_forward_hook(self._post, always_call=True))
-
-    def _pre(self, module, args):
-        import torch
-
-        from autoopt.workload.contract import iter_tensors
-
-        shapes = [tuple(t.shape) for t in iter_tensors(args)]
-        self.stack.append((module, shapes))
-        if not self.autocast_seen:
-            for dev in ("cpu", "cuda"):
-                try:
-                    if torch.is_autocast_enabled(dev):
-                        self.autocast_seen = True
-                except (TypeError, RuntimeError):
-                    if dev == "cuda" and torch.is_autocast_enabled():
-                        self.autocast_seen = True
-
-    def _post(self, module, args, output):
-        # always_call: also runs when the module raised. Keep the innermost failing entry;
-        # a module that completes afterwards means that failure was caught by the model.
-        exc = sys.exc_info()[1]
-        entry = None
-        while self.stack:
-            entry = self.stack.pop()
-            if entry[0] is module:
-                break
-        if exc is None:
-            self.failed = None
-        elif self.failed is None:
-            self.failed = entry
-
-    def innermost(self):
-        if self.failed is not None:
-            return self.failed
-        return self.stack[-1] if self.stack else None
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def _sdpa_mode(tracker: _ModuleTracker):
-    import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
-
-    class _Count(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is F.scaled_dot_product_attention and tracker.stack:
-                tracker.sdpa_callers.add(id(tracker.stack[-1][0]))
-            return func(*args, **(kwargs or {}))
-
-    return _Count()
-
-
-def _layer_problem(module, name: str, shapes: list[tuple[int, ...]]) -> Optional[tuple[str, str]]:
-    """(what is wrong, how to fix it) for a shape mismatch in common layers, or None."""
-    import torch.nn as nn
-
-    x = shapes[0] if shapes else None
-    if not x:
-        return None
-    before = "or change the layers before it (or the input shape make_batch builds) so they produce"
-    if isinstance(module, nn.Linear) and x[-1] != module.in_features:
-        return (
-            f"it expects {module.in_features} input features but gets {x[-1]} (input shape {x})",
-            f"build {name} as nn.Linear({x[-1]}, {module.out_features}), {before} {module.in_features} features.",
-        )
-    if isinstance(module, nn.modules.conv._ConvNd) and len(x) >= 2:
-        cdim = 1 if len(x) == module.weight.dim() else 0
-        if x[cdim] != module.in_channels:
-            return (
-                f"it expects {module.in_channels} input channels but gets {x[cdim]} (input shape {x})",
-                f"build {name} with in_channels={x[cdim]}, {before} {module.in_channels} channels.",
-            )
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and len(x) >= 2 and x[1] != module.num_features:
-        return (
-            f"it expects {module.num_features} channels but gets {x[1]} (input shape {x})",
-            f"build {name} with num_features={x[1]}, {before} {module.num_features} channels.",
-        )
-    if isinstance(module, nn.LayerNorm):
-        ns = tuple(module.normalized_shape)
-        if tuple(x[-len(ns):]) != ns:
-            return (
-                f"it normalizes over {ns} but its input has shape {x}",
-                f"build {name} as nn.LayerNorm({x[-1]}), {before} a last dimension of {ns[-1]}.",
-            )
-    if isinstance(module, nn.RNNBase) and x[-1] != module.input_size:
-        return (
-            f"it expects input_size {module.input_size} but gets {x[-1]} (input shape {x})",
-            f"build {name} with input_size={x[-1]}, {before} {module.input_size} features.",
-        )
-    if isinstance(module, nn.Embedding):
-        return (
-            f"it has {module.num_embeddings} rows and its input (shape {x}) holds an index out of range or a non-integer",
-            f"make make_batch build integer indices below {module.num_embeddings}, or enlarge {name}.",
-        )
-    return None
-
-
-def _forward_name(spec: ModelSpec, batch: Any) -> str:
-    if spec.forward is not None:
-        return "forward"
-    if isinstance(batch, dict):
-        return "forward (default: model(**batch))"
-    if isinstance(batch, (tuple, list)):
-        return "forward (default: model(*batch))"
-    return "forward (default: model(batch))"
-
-
-def _forward_error(exc: BaseException, spec: ModelSpec, tracker: _ModuleTracker, batch, shown: str) -> ModelFileError:
-    import torch
-
-    where = _forward_name(spec, batch)
-    inner = tracker.innermost()
-    at = _at(exc, spec.path)
-    from autoopt.workload.contract import shapes_of
-
-    in_shapes = ", ".join(str(s) for _, s in shapes_of(batch)[:6])
-    if isinstance(exc, torch.OutOfMemoryError):
-        return _fail(
-            shown,
-            where,
-            f"the first forward ran out of device memory at batch size {batch_len_safe(batch)}",
-            "use a smaller --batch-size (or BATCH_SIZE in the file).",
-            exc,
-        )
-    if inner is not None:
-        module, shapes = inner
-        name = tracker.names.get(module) or "(the model)"
-        layer = f"`{name}` ({_module_repr(module)})"
-        shape_s = ", ".join(str(s) for s in shapes) or "none"
-        known = _layer_problem(module, name, shapes)
-        if known:
-            why, fix = known
-            problem = (
-                f"the first forward failed in layer {layer}: {why}{at}. Batch shapes: {in_shapes}. "
-                f"Error: {_exc_summary(exc)}"
-            )
-        else:
-            fix = (
-                f"check layer {name}: the input it gets ({shape_s}) must match what it was built for; "
-                "adjust it in build_model(), or the layers before it, or the batch make_batch returns."
-            )
-            problem = (
-                f"the first forward failed in layer {layer} with input shapes {shape_s}{at}: {_exc_summary(exc)}. "
-                f"Batch shapes: {in_shapes}"
-            )
-        return _fail(shown, where, problem, fix, exc)
-    return _fail(
-        shown,
-        where,
-        f"the first forward raised {_exc_summary(exc)}{at}, outside any layer. Batch: {_describe(batch)}",
-        (
-            "forward(model, batch) must unpack the batch make_batch returns and call the model on it."
-            if spec.forward is not None
-            else "the model's forward must accept the batch as make_batch returns it (a dict as keyword "
-            "arguments, a tuple/list as positional arguments), or define forward(model, batch)."
-        ),
-        exc,
-    )
-
-
-def _module_repr(module) -> str:
-    r = repr(module)
-    if "\n" in r:
-        return type(module).__name__
-    return r if len(r) <= 120 else type(module).__name__
-
-
-def batch_len_safe(batch) -> Optional[int]:
-    from autoopt.workload.contract import batch_len
-
-    try:
-        return batch_len(batch)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-# ---------------------------------------------------------------------------- facts
-
-
-def _repeated_block_count(model) -> int:
-    """Longest run of identical children (same type and parameter shapes) in any
-    ModuleList / Sequential; only children with parameters count."""
-    import torch.nn as nn
-
-    best = 0
-    for m in model.modules():
-        if not isinstance(m, (nn.ModuleList, nn.Sequential)):
-            continue
-        run, prev = 0, None
-        for child in m.children():
-            params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in child.named_parameters())
-            if not params:
-                run, prev = 0, None
-                continue
-            sig = (type(child).__qualname__, params)
-            run = run + 1 if sig == prev else 1
-            prev = sig
-            best = max(best, run)
-    return best
-
-
-def _param_dtype(model) -> Optional[str]:
-    counts: dict[str, int] = {}
-    for p in model.parameters():
-        k = str(p.dtype).replace("torch.", "")
-        counts[k] = counts.get(k, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else None
-
-
-def optimizer_impl(opt) -> str:
-    """What optimizer.step() runs: 'fused', 'foreach' or 'for-loop' (torch's own defaults
-    for the device the parameters are on when the optimizer leaves it open)."""
-    import torch
-
-    groups = opt.param_groups
-    if any(g.get("fused") for g in groups):
-        return "fused"
-    if any(g.get("foreach") is True for g in groups):
-        return "foreach"
-    if "foreach" not in opt.defaults or all(g.get("foreach") is False for g in groups):
-        return "for-loop"
-    try:
-        from torch.optim.optimizer import _default_to_fused_or_foreach
-    except ImportError:  # pragma: no cover - very old torch
-        return "for-loop"
-    params = [p for g in groups for p in g["params"]]
-    differentiable = any(g.get("differentiable", False) for g in groups)
-    _, foreach = _default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    # Adam-family: torch does not flip on foreach for a tensor lr without capturable
-    if foreach and any(isinstance(g.get("lr"), torch.Tensor) and not g.get("capturable", False) for g in groups):
-        if type(opt).__name__ in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam"):
-            foreach = False
-    return "foreach" if foreach else "for-loop"
-
-
-_AUTOCAST_RE = re.compile(r"autocast\s*\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
-
-
-def source_uses_autocast(fn) -> bool:
-    """The function's source enters torch.autocast (not `enabled=False`)."""
-    try:
-        src = inspect.getsource(fn)
-    except (OSError, TypeError):
-        return False
-    src = "\n".join(line.split("#", 1)[0] for line in src.splitlines())
-    for m in _AUTOCAST_RE.finditer(src):
-        if re.search(r"enabled\s*=\s*False", m.group(1)):
-            continue
-        return True
-    return False
-
-
-def _is_compiled(model, spec: ModelSpec) -> bool:
-    import torch
-
-    # only a process that imported torch._dynamo can hold a compiled module; importing it
-    # here would cost seconds
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    OptimizedModule = getattr(dynamo, "OptimizedModule", None)
-    if OptimizedModule is not None and any(isinstance(m, OptimizedModule) for m in model.modules()):
-        return True
-    if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
-        return True
-    if spec.forward is not None and hasattr(spec.forward, "_torchdynamo_orig_callable"):
-        return True
-    return isinstance(model, torch.jit.ScriptModule)
-
-
-def _strict_channels_last(t) -> bool:
-    import torch
-
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def model_facts(model) -> dict[str, Any]:
-    """model.* facts of a built module (attention_count without SDPA users; see build_workload)."""
-    import torch.nn as nn
-
-    conv = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    return {
-        "model.param_count": sum(p.numel() for p in model.parameters()),
-        "model.conv_count": len(conv),
-        "model.conv2d_count": sum(1 for m in conv if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))),
-        "model.linear_count": sum(1 for m in model.modules() if isinstance(m, nn.Linear)),
-        "model.rnn_count": sum(1 for m in model.modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))),
-        "model.attention_count": sum(1 for m in model.modules() if isinstance(m, nn.MultiheadAttention)),
-        "model.param_dtype": _param_dtype(model),
-        "model.repeated_block_count": _repeated_block_count(model),
-        "model.is_data_parallel": isinstance(model, nn.DataParallel),
-    }
-
-
-# ---------------------------------------------------------------------------- workload
-
-
-def _call(shown: str, spec: ModelSpec, name: str, fn: Callable, *args):
-    """Call one of the user's functions; any exception becomes a ModelFileError naming it."""
-    try:
-        with user_code():
-            return fn(*args)
-    except KeyboardInterrupt:
-        raise
-    except SystemExit as e:
-        raise _fail(
-            shown,
-            name,
-            f"{CALL_FORMS.get(name, name)} called sys.exit({e.code!r}){_at(e, spec.path)}",
-            f"return a value from {name} instead of exiting.",
-            e,
-        ) from e
-    except Exception as e:  # noqa: BLE001 - the user's code may raise anything
-        raise _fail(
-            shown,
-            name,
-            f"{CALL_FORMS.get(name, name)} raised {_exc_summary(e)}{_at(e, spec.path)}",
-            f"make {CALL_FORMS.get(name, name)} run on its own (try it in a Python shell after importing the file); "
-            "autoopt calls it exactly as DESIGN's model-file contract says.",
-            e,
-        ) from e
-
-
-def _resolve_batch_size(spec: ModelSpec, batch_size: Optional[int]) -> int:
-    bs = batch_size if batch_size is not None else (spec.default_batch_size or DEFAULT_BATCH_SIZE)
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise UserError(f"--batch-size {bs!r} is not a positive integer. Fix: pass a whole number such as --batch-size 32.")
-    return bs
-
-
-def build_workload(
-    spec: ModelSpec, caps: Capabilities, *, batch_size: Optional[int] = None, seed: int = 0
-) -> Workload:
-    """Call the model file's functions once on the device and check every result; returns a
-    Workload with the model.* and workload.* facts. The model built here is discarded."""
-    import torch
-    import torch.nn as nn
-
-    from autoopt.workload.contract import call_forward, extract_loss, has_4d_float_input, to_device
-
-    shown = display_path(spec.path)
-    bs = _resolve_batch_size(spec, batch_size)
-    device = caps.device_type
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "the capabilities describe a CUDA device, but torch sees none. Fix: detect capabilities with "
-            "autoopt.env.detect_capabilities() on this machine, or use --device cpu."
-        )
-
-    # --- build_model
-    torch.manual_seed(seed)
-    model = _call(shown, spec, "build_model", spec.build_model)
-    if not isinstance(model, nn.Module):
-        if inspect.isclass(model) and issubclass(model, nn.Module):
-            problem = f"build_model() returned the class {model.__name__}, not an instance"
-            fix = f"return an instance: `return {model.__name__}()`."
-        elif isinstance(model, (tuple, list)) and any(isinstance(m, nn.Module) for m in model):
-            problem = f"build_model() returned a {type(model).__name__} ({', '.join(type(m).__name__ for m in model)}), not one torch.nn.Module"
-            fix = "return only the model; create the optimizer in build_optimizer(model) and the data in make_batch(batch_size)."
-        else:
-            problem = f"build_model() returned {_describe(model)}, not a torch.nn.Module"
-            fix = "return the model instance, e.g. `return Net()` (the function must end with a return statement)."
-        raise _fail(shown, "build_model", problem, fix)
-
-    # --- make_batch (twice, under different seeds, for static shapes)
-    torch.manual_seed(seed)
-    batch = _call(shown, spec, "make_batch", spec.make_batch, bs)
-    check_batch(batch, bs, shown, "make_batch")
-    torch.manual_seed(seed + 1)
-    batch2 = _call(shown, spec, "make_batch", spec.make_batch, bs)
-    check_batch(batch2, bs, shown, "make_batch")
-    static = _shape_signature(batch) == _shape_signature(batch2)
-
-    compiled = _is_compiled(model, spec)
-    facts: dict[str, Any] = model_facts(model)
-    facts["workload.channels_last"] = any(
-        _strict_channels_last(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)
-    ) or any(_strict_channels_last(t) for t in _tensors(batch))
-
-    # validate on the eager module: a compiled model would compile here (minutes on a CPU)
-    run_model, restore = _eager_view(model)
-    run_model.to(device)
-    mode = spec.mode
-
-    optimizer = None
-    if mode == "train":
-        run_model.train()
-        optimizer = _call(shown, spec, "build_optimizer", spec.build_optimizer, run_model)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise _fail(
-                shown,
-                "build_optimizer",
-                f"build_optimizer(model) returned {_describe(optimizer)}, not a torch.optim.Optimizer",
-                "return an optimizer over the model's parameters, e.g. "
-                "`return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)`.",
-            )
-    else:
-        run_model.eval()
-
-    dev_batch = to_device(batch, device)
-    tracker = _ModuleTracker(run_model)
-    try:
-        grad = torch.enable_grad() if mode == "train" else torch.no_grad()
-        with grad, _sdpa_mode(tracker):
-            try:
-                with user_code():
-                    out = call_forward(spec, run_model, dev_batch)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise _forward_error(e, spec, tracker, batch, shown) from e
-    finally:
-        tracker.remove()
-
-    autocast = tracker.autocast_seen
-    if spec.forward is not None:
-        autocast = autocast or source_uses_autocast(spec.forward)
-    autocast = autocast or source_uses_autocast(type(run_model).forward)
-
-    sdpa_modules = {
-        id(m) for m in run_model.modules() if id(m) in tracker.sdpa_callers and not isinstance(m, nn.MultiheadAttention)
-    }
-    facts["model.attention_count"] += len(sdpa_modules)
-
-    if mode == "train":
-        where = _forward_name(spec, batch)
-        loss = extract_loss(out)
-        fix_loss = (
-            "in train mode forward must return the loss: define `def forward(model, batch): x, y = batch; "
-            "return torch.nn.functional.cross_entropy(model(x), y)` (a scalar, e.g. reduced with .mean())."
-        )
-        if loss is None:
-            raise _fail(shown, where, f"forward returned {_describe(out)}, which holds no loss tensor", fix_loss)
-        if loss.numel() != 1:
-            raise _fail(
-                shown,
-                where,
-                f"the training loss is not a scalar: forward returned a tensor of shape {tuple(loss.shape)}"
-                + (" (it looks like the model's outputs, not a loss)" if loss.dim() >= 2 else ""),
-                fix_loss,
-            )
-        if not loss.is_floating_point():
-            raise _fail(shown, where, f"the training loss has dtype {loss.dtype}, not a floating-point type", fix_loss)
-        if not loss.requires_grad:
-            raise _fail(
-                shown,
-                where,
-                "the training loss does not require grad (computed under torch.no_grad(), detached, "
-                "or from .item()), so backward cannot train the model",
-                "return the loss tensor itself from forward, without .item(), .detach() or torch.no_grad().",
-            )
-        try:
-            with user_code():
-                loss.backward()
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise _fail(
-                shown,
-                where,
-                f"loss.backward() failed: {_exc_summary(e)}",
-                "make sure the loss is computed from the model's outputs with differentiable operations "
-                "(no in-place edits of tensors autograd needs).",
-                e,
-            ) from e
-        try:
-            with user_code():
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise _fail(
-                shown,
-                "build_optimizer",
-                f"optimizer.step() failed: {_exc_summary(e)}",
-                "build the optimizer over model.parameters() of the model it is given.",
-                e,
-            ) from e
-
-    # --- build_dataloader
-    dl_facts = {"workers": None, "pin": False, "persistent": False}
-    if spec.build_dataloader is not None:
-        torch.manual_seed(seed)
-        loader = _call(shown, spec, "build_dataloader", spec.build_dataloader, bs)
-        dl_facts, dl_static = _check_dataloader(loader, bs, shown, spec)
-        static = static and dl_static
-
-    facts.update(
-        {
-            "workload.mode": mode,
-            "workload.batch_size": bs,
-            "workload.has_dataloader": spec.build_dataloader is not None,
-            "workload.dataloader_workers": dl_facts["workers"],
-            "workload.pin_memory": dl_facts["pin"],
-            "workload.persistent_workers": dl_facts["persistent"],
-            "workload.input_is_4d": has_4d_float_input(batch),
-            "workload.static_shapes": static,
-            "workload.optimizer": type(optimizer).__name__ if optimizer is not None else "",
-            "workload.optimizer_impl": optimizer_impl(optimizer) if optimizer is not None else None,
-            "workload.autocast": bool(autocast),
-            "workload.compiled": compiled,
-            "workload.cpu_count": _cpu_count(),
-        }
-    )
-    restore()
-    del model, run_model, optimizer, out, dev_batch
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return Workload(spec=spec, caps=caps, batch_size=bs, seed=seed, facts=facts)
-
-
-def _tensors(batch):
-    from autoopt.workload.contract import iter_tensors
-
-    return list(iter_tensors(batch))
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _eager_view(model):
-    """The eager module behind a compiled one, and a function that undoes any change."""
-    orig = getattr(model, "_orig_mod", None)
-    if orig is not None:
-        return orig, lambda: None
-    saved = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    for m, _ in saved:
-        m._compiled_call_impl = None
-
-    def restore():
-        for m, impl in saved:
-            m._compiled_call_impl = impl
-
-    return model, restore
-
-
-def _check_dataloader(loader, bs: int, shown: str, spec: ModelSpec):
-    import torch
-
-    where = "build_dataloader"
-    fix = (
-        "return an iterable of batches, e.g. `return torch.utils.data.DataLoader(dataset, batch_size=batch_size, "
-        "shuffle=True)`, whose batches look like make_batch's."
-    )
-    if loader is None:
-        raise _fail(shown, where, "build_dataloader(batch_size) returned None", fix)
-    if isinstance(loader, torch.utils.data.Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
-        raise _fail(
-            shown,
-            where,
-            f"build_dataloader(batch_size) returned a Dataset ({type(loader).__name__}), which yields single "
-            "samples, not batches",
-            "wrap it: `return torch.utils.data.DataLoader(dataset, batch_size=batch_size)`.",
-        )
-    if isinstance(loader, torch.Tensor) or not hasattr(loader, "__iter__"):
-        raise _fail(shown, where, f"build_dataloader(batch_size) returned {_describe(loader)}, which is not iterable", fix)
-    workers = pin = persistent = None
-    if isinstance(loader, torch.utils.data.DataLoader):
-        workers = int(loader.num_workers)
-        pin = bool(loader.pin_memory)
-        persistent = bool(loader.persistent_workers)
-    it = None
-    try:
-        with user_code():
-            it = iter(loader)
-            first = next(it, None)
-            second = next(it, None)
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise _fail(shown, where, f"iterating the data loader raised {_exc_summary(e)}{_at(e, spec.path)}", fix, e) from e
-    finally:
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        del it
-    if first is None:
-        raise _fail(
-            shown,
-            where,
-            "the data loader yielded no batch",
-            "give the dataset at least batch_size samples (with drop_last=True it needs a full batch).",
-        )
-    check_batch(first, bs, shown, "build_dataloader")
-    static = second is None or _shape_signature(first) == _shape_signature(second)
-    return {"workers": workers, "pin": bool(pin), "persistent": bool(persistent)}, static
-
-
 __all__ = [
     "DEFAULT_BATCH_SIZE",
-    "build_workload",
     "check_batch",
+    "display_path",
     "load_model_file",
-    "model_facts",
-    "optimizer_impl",
-    "source_uses_autocast",
     "user_code",
 ]

@@ -43,7 +43,8 @@ def record(model: Path, out: Path, batch_scale: int) -> dict:
     from autoopt.run.measure import MeasureSettings, measure
     from autoopt.run.session import Session
     from autoopt.run.trace import ProfileSettings, new_run_dir, trace_session
-    from autoopt.workload.load import build_workload, load_model_file
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
 
     spec = load_model_file(str(model))
     caps = detect_capabilities("cuda")
