@@ -281,20 +281,25 @@ def op_stats(tr: T.Trace, tree: OpTree, st: Steps) -> dict:
             if dt in ("float", "double"):
                 fp32 += s
         out["cpu_fp32_matmul_fraction"] = fp32 / known if known > 0 else None
-    # torch.compile regions
+    out.update(_compile_and_loader_stats(tr, st))
+    return out
+
+
+def _compile_and_loader_stats(tr: T.Trace, st: Steps) -> dict:
+    """torch.compile's graph breaks and recompilations (from its frame names) and DataLoader
+    iterator creations per step (from Python stacks, when the trace has them)."""
     frames: dict[int, set] = {}
     for s in tr.names:
         m = _COMPILED_RE.match(s) if s else None
         if m:
             frames.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    out["graph_breaks"] = (len(frames) - 1) if frames else None
-    out["recompilations"] = sum(len(v) - 1 for v in frames.values()) if frames else None
-    # DataLoader iterator creations (needs Python stacks)
+    out = {"graph_breaks": (len(frames) - 1) if frames else None,
+           "recompilations": sum(len(v) - 1 for v in frames.values()) if frames else None,
+           "dataloader_init_per_step": None}
     py = tr.idx(T.PYFN)
-    out["dataloader_init_per_step"] = None
-    if py.size:
+    if py.size and st.count:
         dl_ids = tr.name_ids(lambda s: ("dataloader.py(" in s and (s.endswith(": __iter__")
                                                                     or s.endswith(": _get_iterator"))))
         py_in = py[st.index_of(tr.ts[py]) >= 0]
-        out["dataloader_init_per_step"] = float(np.sum(tr.has_name(dl_ids)[py_in])) / nsteps
+        out["dataloader_init_per_step"] = float(np.sum(tr.has_name(dl_ids)[py_in])) / st.count
     return out

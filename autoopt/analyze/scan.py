@@ -10,6 +10,7 @@ columns) at once and is dropped, so peak memory is one chunk, not the decoded do
 """
 from __future__ import annotations
 
+import collections
 import json
 import re
 import zlib
@@ -330,10 +331,8 @@ def _last_cut(buf, pos: int) -> Optional[int]:
                 k -= 1
             if buf[k] == 125:  # '}'
                 return k
-    m = None
-    for m in _CUT.finditer(buf, pos):
-        pass
-    return m.start() if m else None
+    last = collections.deque(_CUT.finditer(buf, pos), maxlen=1)  # the last separator
+    return last[0].start() if last else None
 
 
 def _loads_between(buf: bytearray, pos: int, cut: int) -> Optional[list]:

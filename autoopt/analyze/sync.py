@@ -173,7 +173,23 @@ def sync_stats(tr: T.Trace, tree: OpTree, st: Steps, top_n: int = 10) -> dict:
             s = sites.setdefault(key, {"wait_us": 0.0, "gap_us": 0.0, "kind": set(), "inner": i})
             s["item_us"] = max(s.get("item_us", 0.0), float(tr.dur[i]))
             s["kind"].add("item")
-    # sources; sites in autoopt's harness go to "harness"
+    rows, harness, counted = _group_sites(tr, sites, nsteps)
+    wait = sum(_site_us(s) for s in counted)
+    d2h = tr.idx(T.MEMCPY)
+    d2h = in_step(d2h[tr.has_name(tr.name_ids(is_d2h_memcpy_name))[d2h]]) if d2h.size else d2h
+    return {
+        "sync_count_per_step": len(counted) / nsteps if nsteps else None,
+        "sync_time_fraction": wait / st.total if st.total > 0 else None,
+        "item_calls_per_step": sum(1 for s in counted if "item" in s["kind"]) / nsteps if nsteps else None,
+        "d2h_copies_per_step": d2h.size / nsteps if nsteps else None,
+        "sites": rows[:top_n],
+        "harness": harness,
+    }
+
+
+def _group_sites(tr: T.Trace, sites: dict[int, dict], nsteps: int) -> tuple[list[dict], dict, list[dict]]:
+    """The sites grouped by (operator, source line), most frequent first; the sites in
+    autoopt's own harness apart ("harness"); and the sites that count as the user's."""
     py_index = _PyIndex(tr)
     groups: dict[tuple, dict] = {}
     harness = {"count": 0, "total_ms": 0.0, "sources": []}
@@ -203,17 +219,7 @@ def sync_stats(tr: T.Trace, tree: OpTree, st: Steps, top_n: int = 10) -> dict:
         g["per_step"] = round(g["count"] / nsteps, 3) if nsteps else None
     harness["total_ms"] = round(harness["total_ms"], 4)
     harness["per_step"] = round(harness["count"] / nsteps, 3) if nsteps else None
-    wait = sum(_site_us(s) for s in counted)
-    d2h = tr.idx(T.MEMCPY)
-    d2h = in_step(d2h[tr.has_name(tr.name_ids(is_d2h_memcpy_name))[d2h]]) if d2h.size else d2h
-    return {
-        "sync_count_per_step": len(counted) / nsteps if nsteps else None,
-        "sync_time_fraction": wait / st.total if st.total > 0 else None,
-        "item_calls_per_step": sum(1 for s in counted if "item" in s["kind"]) / nsteps if nsteps else None,
-        "d2h_copies_per_step": d2h.size / nsteps if nsteps else None,
-        "sites": rows[:top_n],
-        "harness": harness,
-    }
+    return rows, harness, counted
 
 
 def _site_us(s: dict) -> float:

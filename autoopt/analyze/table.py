@@ -49,6 +49,11 @@ SYNC_CANDIDATE_OPS = frozenset({
 
 _EMPTY: dict = {}
 
+
+def _as_dict(v: Any) -> dict:
+    """An event's args when they are a dict, else an empty one (a trace may hold anything there)."""
+    return v if v.__class__ is dict else _EMPTY
+
 _KEEP_PH = frozenset({"i", "I", "M"})
 _COLSPEC = {"kind": (np.int8, T.OTHER), "name": (np.int32, 0), "pid": (np.int32, 0), "tid": (np.int32, 0),
             "ts": (np.float64, np.nan), "dur": (np.float64, 0.0), "ext": (np.int64, -1), "corr": (np.int64, -1)}
@@ -157,61 +162,61 @@ class _Columns:
         self.flush()
         return {k: (np.concatenate(v) if v else np.zeros(0, dtype=_COLSPEC[k][0])) for k, v in self.done.items()}
 
+    def _kinds(self, cat: list) -> list:
+        ck = self.cat_kind
+        try:
+            return [ck[c] for c in cat]
+        except KeyError:
+            for c in dict.fromkeys(cat):
+                if c not in ck:
+                    if not isinstance(c, str):
+                        raise _Odd from None  # legacy exports: the kind depends on each event's pid
+                    self._kind_slow(c, {})
+            return [ck[c] for c in cat]
+
+    def _name_ids(self, name: list) -> list:
+        names = self.names
+        try:
+            return [names[n] for n in name]
+        except KeyError:
+            for n in dict.fromkeys(name):
+                if n not in names:
+                    self._new_name(n)
+            return [names[n] for n in name]
+
+    @staticmethod
+    def _indexed(values: list, table: dict) -> list:
+        """Each value's index in `table`, new values appended."""
+        try:
+            return [table[v] for v in values]
+        except KeyError:
+            for v in dict.fromkeys(values):
+                if v not in table:
+                    table[v] = len(table)
+            return [table[v] for v in values]
+
     def _stage(self, evs: list):
         phs = [e.get("ph") for e in evs]
         X = [e for e, p in zip(evs, phs) if p == "X"]
         ts = [e.get("ts") for e in X]
         if None in ts:
             raise _Odd
-        cat = [e.get("cat") for e in X]
-        ck = self.cat_kind
-        try:
-            kind = [ck[c] for c in cat]
-        except KeyError:
-            for c in dict.fromkeys(cat):
-                if c not in ck:
-                    if not isinstance(c, str):
-                        raise _Odd  # legacy exports: the kind depends on each event's pid
-                    self._kind_slow(c, {})
-            kind = [ck[c] for c in cat]
-        name = [e.get("name") for e in X]
-        names = self.names
-        try:
-            nid = [names[n] for n in name]
-        except KeyError:
-            for n in dict.fromkeys(name):
-                if n not in names:
-                    self._new_name(n)
-            nid = [names[n] for n in name]
+        kind = self._kinds([e.get("cat") for e in X])
+        nid = self._name_ids([e.get("name") for e in X])
         args = [e.get("args") for e in X]
         if not all(a.__class__ is dict for a in args):
             args = [a if a.__class__ is dict else _EMPTY for a in args]
         ext = [a.get("External id") or a.get("external id", -1) for a in args]
         corr = [a.get("correlation", -1) for a in args]
         dur = [e.get("dur", 0) for e in X]
-        pids, tids = self.pids, self.tids
-        pid = [e.get("pid") for e in X]
-        tid = [e.get("tid") for e in X]
-        try:
-            pid = [pids[v] for v in pid]
-        except KeyError:
-            for v in dict.fromkeys(pid):
-                if v not in pids:
-                    pids[v] = len(pids)
-            pid = [pids[v] for v in pid]
-        try:
-            tid = [tids[v] for v in tid]
-        except KeyError:
-            for v in dict.fromkeys(tid):
-                if v not in tids:
-                    tids[v] = len(tids)
-            tid = [tids[v] for v in tid]
+        pid = self._indexed([e.get("pid") for e in X], self.pids)
+        tid = self._indexed([e.get("tid") for e in X], self.tids)
         return X, kind, nid, args, ts, dur, ext, corr, pid, tid, phs
 
     def _commit(self, X, kind, nid, args, ts, dur, ext, corr, pid, tid) -> None:
         base = self.base + len(self.kind)
         flags = self.name_flags
-        OP_, ANNO_, STEP_, KERNEL_, SYNC_ = T.OP, T.ANNO, T.STEP, T.KERNEL, T.SYNC
+        ANNO_, STEP_, KERNEL_, SYNC_ = T.ANNO, T.STEP, T.KERNEL, T.SYNC
         fl_arr = self.flag_arr
         if fl_arr.shape[0] < len(flags):
             fl_arr = self.flag_arr = np.asarray(flags, dtype=np.int8)
@@ -247,12 +252,6 @@ class _Columns:
 
     def _ingest_events(self, evs: list, count: bool = True) -> None:
         """Event by event, tolerating anything (the hot path is `ingest`)."""
-        kind_a, name_a, pid_a, tid_a = self.kind.append, self.name.append, self.pid.append, self.tid.append
-        ts_a, dur_a, ext_a, corr_a = self.ts.append, self.dur.append, self.ext.append, self.corr.append
-        nget = self.names.get
-        flags_of, pids, tids, cat_kind = self.name_flags, self.pids, self.tids, self.cat_kind
-        ANNO, STEP, KERNEL, SYNC = T.ANNO, T.STEP, T.KERNEL, T.SYNC
-        empty: dict = {}
         i = self.base + len(self.kind)
         if count:
             self.events_total += len(evs)
@@ -263,61 +262,66 @@ class _Columns:
                 self.skipped += 1
                 continue
             if ph == "X":
-                ts = e.get("ts")
-                if ts is None:
+                if self._complete_event(e, i):
+                    i += 1
+                else:
                     self.skipped += 1
-                    continue
-                cat = e.get("cat")
-                k = cat_kind.get(cat)
-                if k is None:
-                    k = self._kind_slow(cat, e)
-                name = e.get("name")
-                try:
-                    nid = nget(name)
-                except TypeError:
-                    nid = None
-                if nid is None:
-                    nid = self._new_name(name)
-                args = e.get("args")
-                if args.__class__ is not dict:
-                    args = empty
-                ext = args.get("External id") or args.get("external id", -1)
-                if k <= ANNO:
-                    fl = flags_of[nid]
-                    if fl:
-                        if fl & F_STEP:
-                            k = STEP
-                        if fl & F_INPUT_TYPES and "Input type" in args:
-                            self.input_types[i] = args["Input type"]
-                        if fl & F_STACK and "Call stack" in args:
-                            self.call_stacks[i] = args["Call stack"]
-                elif KERNEL <= k <= SYNC:
-                    self._gpu_row(i, k, args)
-                p = e.get("pid")
-                try:
-                    pi = pids[p]
-                except KeyError:
-                    pi = pids[p] = len(pids)
-                except TypeError:
-                    pi = pids.setdefault(str(p), len(pids))
-                t = e.get("tid")
-                try:
-                    ti = tids[t]
-                except KeyError:
-                    ti = tids[t] = len(tids)
-                except TypeError:
-                    ti = tids.setdefault(str(t), len(tids))
-                kind_a(k)
-                name_a(nid)
-                pid_a(pi)
-                tid_a(ti)
-                ts_a(ts)
-                dur_a(e.get("dur", 0))
-                ext_a(ext)
-                corr_a(args.get("correlation"))
-                i += 1
             elif ph == "i" or ph == "I" or ph == "M":
                 self._instant_or_metadata(ph, e)
+
+    def _row_of(self, value: Any, table: dict) -> int:
+        try:
+            return table[value]
+        except KeyError:
+            table[value] = len(table)
+            return table[value]
+        except TypeError:  # unhashable: keyed by its text
+            return table.setdefault(str(value), len(table))
+
+    def _complete_event(self, e: dict, i: int) -> bool:
+        """Row i from a complete ("X") event; False when it has no timestamp."""
+        ts = e.get("ts")
+        if ts is None:
+            return False
+        cat = e.get("cat")
+        k = self.cat_kind.get(cat)
+        if k is None:
+            k = self._kind_slow(cat, e)
+        name = e.get("name")
+        try:
+            nid = self.names.get(name)
+        except TypeError:
+            nid = None
+        if nid is None:
+            nid = self._new_name(name)
+        args = e.get("args")
+        if args.__class__ is not dict:
+            args = _EMPTY
+        if k <= T.ANNO:
+            k = self._flagged(i, k, nid, args)
+        elif T.KERNEL <= k <= T.SYNC:
+            self._gpu_row(i, k, args)
+        self.kind.append(k)
+        self.name.append(nid)
+        self.pid.append(self._row_of(e.get("pid"), self.pids))
+        self.tid.append(self._row_of(e.get("tid"), self.tids))
+        self.ts.append(ts)
+        self.dur.append(e.get("dur", 0))
+        self.ext.append(args.get("External id") or args.get("external id", -1))
+        self.corr.append(args.get("correlation"))
+        return True
+
+    def _flagged(self, i: int, k: int, nid: int, args: dict) -> int:
+        """A CPU row's kind (a ProfilerStep span is a step) and its input types / call stack."""
+        fl = self.name_flags[nid]
+        if fl:
+            if fl & F_STEP:
+                k = T.STEP
+            if fl & F_INPUT_TYPES and "Input type" in args:
+                self.input_types[i] = args["Input type"]
+            if fl & F_STACK and "Call stack" in args:
+                self.call_stacks[i] = args["Call stack"]
+        return k
 
     def _gpu_row(self, i: int, k: int, args: dict) -> None:
         """The sparse GPU columns of row i (a kernel, memcpy, memset, GPU annotation or sync)."""
@@ -337,16 +341,15 @@ class _Columns:
 
     def _instant_or_metadata(self, ph: str, e: dict) -> None:
         """A memory instant event ([memory]) or a process's label / name metadata event; others are dropped."""
-        empty: dict = {}
         if ph == "i" or ph == "I":
             if e.get("name") == "[memory]":
-                a = e.get("args") or empty
+                a = _as_dict(e.get("args"))
                 self.mem.append((e.get("ts"), a.get("Bytes"), a.get("Total Allocated"),
                                  a.get("Device Type"), a.get("Device Id")))
         else:
             n = e.get("name")
             if n == "process_labels" or n == "process_name":
-                a = e.get("args") or empty
+                a = _as_dict(e.get("args"))
                 v = a.get("labels") if n == "process_labels" else a.get("name")
                 if isinstance(v, str):
                     try:

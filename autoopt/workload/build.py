@@ -149,7 +149,8 @@ def _layer_problem(module, name: str, shapes: list[tuple[int, ...]]) -> Optional
         )
     if isinstance(module, nn.Embedding):
         return (
-            f"it has {module.num_embeddings} rows and its input (shape {x}) holds an index out of range or a non-integer",
+            f"it has {module.num_embeddings} rows and its input (shape {x}) holds an index out of range or a "
+            f"non-integer",
             f"make make_batch build integer indices below {module.num_embeddings}, or enlarge {name}.",
         )
     return None
@@ -266,7 +267,8 @@ def _call(shown: str, spec: ModelSpec, name: str, fn: Callable, *args):
 def _resolve_batch_size(spec: ModelSpec, batch_size: Optional[int]) -> int:
     bs = batch_size if batch_size is not None else (spec.default_batch_size or DEFAULT_BATCH_SIZE)
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise UserError(f"--batch-size {bs!r} is not a positive integer. Fix: pass a whole number such as --batch-size 32.")
+        raise UserError(f"--batch-size {bs!r} is not a positive integer. Fix: pass a whole number such as "
+                        f"--batch-size 32.")
     return bs
 
 
@@ -329,8 +331,10 @@ def _build_model(shown: str, spec: ModelSpec, seed: int):
             problem = f"build_model() returned the class {model.__name__}, not an instance"
             fix = f"return an instance: `return {model.__name__}()`."
         elif isinstance(model, (tuple, list)) and any(isinstance(m, nn.Module) for m in model):
-            problem = f"build_model() returned a {type(model).__name__} ({', '.join(type(m).__name__ for m in model)}), not one torch.nn.Module"
-            fix = "return only the model; create the optimizer in build_optimizer(model) and the data in make_batch(batch_size)."
+            parts = ", ".join(type(m).__name__ for m in model)
+            problem = f"build_model() returned a {type(model).__name__} ({parts}), not one torch.nn.Module"
+            fix = ("return only the model; create the optimizer in build_optimizer(model) and the data in "
+                   "make_batch(batch_size).")
         else:
             problem = f"build_model() returned {_describe(model)}, not a torch.nn.Module"
             fix = "return the model instance, e.g. `return Net()` (the function must end with a return statement)."
@@ -528,7 +532,8 @@ def _check_dataloader(loader, bs: int, shown: str, spec: ModelSpec):
             "wrap it: `return torch.utils.data.DataLoader(dataset, batch_size=batch_size)`.",
         )
     if isinstance(loader, torch.Tensor) or not hasattr(loader, "__iter__"):
-        raise _fail(shown, where, f"build_dataloader(batch_size) returned {_describe(loader)}, which is not iterable", fix)
+        raise _fail(shown, where, f"build_dataloader(batch_size) returned {_describe(loader)}, which is not iterable",
+                    fix)
     workers = pin = persistent = None
     if isinstance(loader, torch.utils.data.DataLoader):
         workers = int(loader.num_workers)
@@ -543,7 +548,8 @@ def _check_dataloader(loader, bs: int, shown: str, spec: ModelSpec):
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001
-        raise _fail(shown, where, f"iterating the data loader raised {_exc_summary(e)}{_at(e, spec.path)}", fix, e) from e
+        raise _fail(shown, where, f"iterating the data loader raised {_exc_summary(e)}{_at(e, spec.path)}", fix,
+                    e) from e
     finally:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()

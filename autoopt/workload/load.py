@@ -26,7 +26,6 @@ from typing import Any, Iterator, Optional
 from autoopt.errors import ModelFileError
 from autoopt.types import ModelSpec
 
-
 DEFAULT_BATCH_SIZE = 32
 REQUIRED = ("build_model", "make_batch")
 OPTIONAL = ("forward", "build_optimizer", "build_dataloader")
@@ -485,7 +484,7 @@ def check_batch(batch: Any, batch_size: int, shown: str, where: str) -> None:
         where,
         f"{where} was asked for {batch_size} samples but returned tensors of shapes {shapes}: none has a "
         f"dimension of {batch_size}, so autoopt cannot change or count the batch size",
-        f"build batch_size samples (use the argument, e.g. torch.randn(batch_size, ...)) instead of a fixed size.",
+        "build batch_size samples (use the argument, e.g. torch.randn(batch_size, ...)) instead of a fixed size.",
     )
 
 
