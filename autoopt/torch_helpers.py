@@ -10,26 +10,28 @@ from __future__ import annotations
 import torch
 
 
-def _autoopt_repeated_blocks(model):
-    """The longest run of consecutive children of the same type, with parameters, inside
-    any nn.ModuleList / nn.Sequential of `model` (the model's repeated blocks: transformer
-    layers, ResNet stages' residual blocks). Returns a list of modules; a run shorter than
-    2 is returned as []. Ties keep the first container found (outermost first)."""
+def _autoopt_repeated_blocks(model, min_run=2):
+    """The longest run of consecutive identical children (the same type and parameter shapes)
+    inside any nn.ModuleList / nn.Sequential of `model`: the model's repeated blocks
+    (transformer layers, a ResNet stage's residual blocks). Only children with parameters
+    count. Returns the run as a list of modules, or [] when it is shorter than `min_run`.
+    Ties keep the first container found (outermost first)."""
     best = []
     for module in model.modules():
         if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
             continue
-        run = []
+        run, prev = [], None
         for child in module.children():
-            if next(child.parameters(), None) is None:
-                run = []  # activations, dropout, pooling: nothing worth recomputing
-            elif run and type(child) is type(run[-1]):
-                run.append(child)
-            else:
-                run = [child]
+            shapes = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in child.named_parameters())
+            if not shapes:
+                run, prev = [], None  # activations, dropout, pooling: nothing worth recomputing
+                continue
+            sig = (type(child).__qualname__, shapes)
+            run = run + [child] if sig == prev else [child]
+            prev = sig
             if len(run) > len(best):
                 best = list(run)
-    return best if len(best) >= 2 else []
+    return best if len(best) >= min_run else []
 
 
 def _autoopt_checkpoint_blocks(model):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from autoopt.errors import UserError
+from autoopt.types import Stats
 
 Progress = Callable[..., None]
 
@@ -68,10 +69,9 @@ def _env(nproc: int, device: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     if "OMP_NUM_THREADS" not in os.environ:
         # torchrun would set 1; on CPU give each rank its share of the cores instead
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 1
+        from autoopt.env import available_cpus
+
+        cpus = available_cpus()
         env["OMP_NUM_THREADS"] = str(max(1, cpus // max(1, nproc)) if device != "cuda" else 1)
     return env
 
@@ -223,12 +223,12 @@ def per_rank_table(result: dict, recs: list[dict]) -> list[dict]:
     for rec in recs:
         m = rec.get("measurement") or {}
         t = traced.get(rec["rank"], {})
+        spread = Stats.from_json(m["step_time_ms"]).rel_spread if m.get("step_time_ms") else None
         rows.append({
             "rank": rec["rank"], "local_rank": rec.get("local_rank"), "host": rec.get("host"), "pid": rec.get("pid"),
             "device": (rec.get("device") or {}).get("name") or (rec.get("device") or {}).get("type"),
             "measured_step_time_ms": (m.get("step_time_ms") or {}).get("median"),
-            "measured_step_rel_spread": (((m["step_time_ms"]["p75"] - m["step_time_ms"]["p25"]) /
-                                          m["step_time_ms"]["median"]) if m.get("step_time_ms") else None),
+            "measured_step_rel_spread": spread,
             "throughput_per_s": m.get("throughput_per_s"),
             "peak_memory_mb": m.get("peak_memory_mb"),
             "traced_step_time_ms": t.get("step_time_ms"),

@@ -38,16 +38,6 @@ def supported_impls(cls, device_type: str) -> list[str]:
     return out
 
 
-def current_impl(foreach, fused, device_type: str) -> str:
-    """What an optimizer with these defaults runs: 'fused', 'foreach' or 'for-loop'
-    (PyTorch picks foreach by itself when both are None and the params are on CUDA)."""
-    if fused:
-        return "fused"
-    if foreach or (foreach is None and not fused and device_type == "cuda"):
-        return "foreach"
-    return "for-loop"
-
-
 def rebuild_optimizer(optimizer, impl: str, device_type: str) -> torch.optim.Optimizer:
     """The same optimizer class over the same parameter groups with the same
     hyper-parameters (and the same state, when it has taken steps), running the `impl`

@@ -13,10 +13,10 @@ import inspect
 import sys
 from typing import Any, Callable, Optional
 
+from autoopt.env import available_cpus
 from autoopt.errors import ModelFileError, UserError
 from autoopt.types import Capabilities, ModelSpec, Workload
 from autoopt.workload.inspect import (
-    _cpu_count,
     _is_compiled,
     channels_last_used,
     model_facts,
@@ -493,7 +493,7 @@ def _workload_facts(spec: ModelSpec, bs: int, batch, static: bool, optimizer, au
         "workload.optimizer_impl": optimizer_impl(optimizer) if optimizer is not None else None,
         "workload.autocast": bool(autocast),
         "workload.compiled": compiled,
-        "workload.cpu_count": _cpu_count(),
+        "workload.cpu_count": available_cpus(),
     }
 
 

@@ -59,8 +59,8 @@ def _built_facts(workload: Workload) -> dict[str, Any]:
     """Facts of the model (and optimizer) built from the model file on the CPU, seeded."""
     import torch
 
-    from autoopt.torch_helpers import _autoopt_is_channels_last, _autoopt_repeated_blocks
-    from autoopt.workload.inspect import optimizer_impl
+    from autoopt.torch_helpers import _autoopt_is_channels_last
+    from autoopt.workload.inspect import _repeated_block_count, optimizer_impl
 
     spec = workload.spec
     torch.manual_seed(workload.seed)
@@ -71,7 +71,7 @@ def _built_facts(workload: Workload) -> dict[str, Any]:
         "model.conv2d_count": sum(isinstance(m, torch.nn.Conv2d) for m in inner.modules()),
         "model.conv_count": sum(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
                                 for m in inner.modules()),
-        "model.repeated_block_count": len(_autoopt_repeated_blocks(inner)),
+        "model.repeated_block_count": _repeated_block_count(inner),
         "workload.channels_last": _autoopt_is_channels_last(inner),
         "workload.optimizer": "",
     }

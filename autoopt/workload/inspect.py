@@ -9,7 +9,6 @@ user's code.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import sys
 from typing import Any, Optional
@@ -18,25 +17,11 @@ from autoopt.types import ModelSpec
 
 
 def _repeated_block_count(model) -> int:
-    """Longest run of identical children (same type and parameter shapes) in any
-    ModuleList / Sequential; only children with parameters count."""
-    import torch.nn as nn
+    """Length of the longest run of identical children (same type and parameter shapes) in any
+    ModuleList / Sequential: the blocks activation checkpointing wraps (the same function)."""
+    from autoopt.torch_helpers import _autoopt_repeated_blocks
 
-    best = 0
-    for m in model.modules():
-        if not isinstance(m, (nn.ModuleList, nn.Sequential)):
-            continue
-        run, prev = 0, None
-        for child in m.children():
-            params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in child.named_parameters())
-            if not params:
-                run, prev = 0, None
-                continue
-            sig = (type(child).__qualname__, params)
-            run = run + 1 if sig == prev else 1
-            prev = sig
-            best = max(best, run)
-    return best
+    return len(_autoopt_repeated_blocks(model, min_run=1))
 
 
 def _param_dtype(model) -> Optional[str]:
@@ -165,13 +150,6 @@ def _tensors(batch):
     from autoopt.workload.contract import iter_tensors
 
     return list(iter_tensors(batch))
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 __all__ = [
