@@ -14,7 +14,7 @@ import traceback
 from typing import Any, Optional
 
 from autoopt import __version__
-from autoopt.errors import Interrupted, UserError
+from autoopt.errors import ExitCode, Interrupted, UserError
 
 EPILOG = "Docs: autoopt rules | autoopt explain CODE. Exit codes: 0 done, 2 bad input, 130 interrupted."
 
@@ -91,7 +91,7 @@ def cmd_env(args) -> int:
         _print_json(info)
     else:
         _write(render_env(info))
-    return 0
+    return ExitCode.OK
 
 
 def cmd_rules(args) -> int:
@@ -103,7 +103,7 @@ def cmd_rules(args) -> int:
         _print_json({"rules": [r.to_json() for r in rules]})
     else:
         _write(render_rules_table(rules))
-    return 0
+    return ExitCode.OK
 
 
 def cmd_explain(args) -> int:
@@ -111,7 +111,7 @@ def cmd_explain(args) -> int:
     from autoopt.diagnosis.rules import get_rule
 
     _write(render_explain(get_rule(args.code)))
-    return 0
+    return ExitCode.OK
 
 
 def cmd_analyze(args) -> int:
@@ -127,10 +127,10 @@ def cmd_analyze(args) -> int:
     result["findings"] = [f.to_json() for f in findings]
     if args.json:
         _print_json(result)
-        return 0
+        return ExitCode.OK
     _write(render_text(result))
     _print_findings(_console(stderr=False), findings)
-    return 0
+    return ExitCode.OK
 
 
 def _findings_of(result: dict) -> list:
@@ -164,7 +164,7 @@ def cmd_profile(args) -> int:
             out = _console(stderr=False)
             out.print(render_text(result), markup=False)
             _print_findings(out, _findings_of(result))
-        return 0
+        return ExitCode.OK
     if not args.model:
         raise UserError("autoopt profile needs a model file (autoopt profile path/to/model.py) or --script FILE.")
     if args.nproc and args.nproc > 1:
@@ -180,7 +180,7 @@ def cmd_profile(args) -> int:
             _write(render_text(result))
             _print_findings(_console(stderr=False), _findings_of(result))
             _write(f"\nTraces of every rank: {result['logdir']}  (autoopt view {result['logdir']})")
-        return 0
+        return ExitCode.OK
     from autoopt.pipelines.profile import profile_model
 
     progress = ProgressView(enabled=not args.quiet)
@@ -191,7 +191,7 @@ def cmd_profile(args) -> int:
         progress.stop()
     if args.json:
         _print_json(result)
-        return 0
+        return ExitCode.OK
     from autoopt.analyze import render_text
 
     out = _console(stderr=False)
@@ -205,7 +205,7 @@ def cmd_profile(args) -> int:
     out.print(render_text(result), markup=False)
     _print_findings(out, _findings_of(result))
     out.print(f"\nTrace: {result['logdir']}  (autoopt view {result['logdir']})", markup=False)
-    return 0
+    return ExitCode.OK
 
 
 def _consent(args):
@@ -303,9 +303,9 @@ def cmd_optimize(args) -> int:
         _print_failures(report)
     if args.json:
         _print_json(report)
-        return 0
+        return ExitCode.OK
     _print_optimize_summary(report)
-    return 0
+    return ExitCode.OK
 
 
 def _print_failures(report: dict) -> None:
@@ -356,9 +356,9 @@ def cmd_view(args) -> int:
     try:
         while proc.poll() is None:
             time.sleep(0.5)
-        return 0 if proc.returncode in (0, None) else 1
+        return ExitCode.OK if proc.returncode in (0, None) else ExitCode.INTERNAL_ERROR
     except KeyboardInterrupt:
-        return 0
+        return ExitCode.OK
     finally:
         stop(proc)
 
@@ -375,7 +375,7 @@ def cmd_export(args) -> int:
             f"{result['opset']}, dynamic batch axis); onnx.checker (full check): ok; onnxruntime on a fresh batch of "
             f"{result['check_batch_size']}: max abs error {result['max_abs_error']:.3g}, max rel error "
             f"{result['max_rel_error']:.3g}", markup=False)
-    return 0
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------- parser
@@ -494,7 +494,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return int(e.code or 0)
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     args.script_args = script_args
     args.json_no_prompt = getattr(args, "json", False) and not sys.stdin.isatty()
     debug = bool(getattr(args, "debug", False))
@@ -505,17 +505,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         return e.exit_code
     except Interrupted as e:
         _console().print(f"Interrupted. What was measured so far is in {e}.", markup=False)
-        return 130
+        return ExitCode.INTERRUPTED
     except KeyboardInterrupt:
         _console().print("Interrupted.", markup=False)
-        return 130
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:
-        return 0
+        return ExitCode.OK
     except Exception as e:  # a bug in autoopt, not bad input
         _report_error(
             f"autoopt hit an internal error: {type(e).__name__}: {e}. This is a bug in autoopt, not in your input; "
             "run again with --debug for the traceback and report it.", e, debug)
-        return 1
+        return ExitCode.INTERNAL_ERROR
 
 
 def _report_error(message: str, exc: BaseException, debug: bool) -> None:

@@ -6,8 +6,8 @@ A fact whose value is unknown for a run (None) makes every condition on it false
 
 Producers:
 - device.*    autoopt.env (live device) or the trace's deviceProperties (autoopt analyze)
-- model.*     autoopt.workload.load (inspecting the built module)
-- workload.*  autoopt.workload.load (the model file's contract functions)
+- model.*     autoopt.workload.inspect (inspecting the built module, while autoopt.workload.build builds it)
+- workload.*  autoopt.workload.build and .inspect (the model file's contract functions)
 - env.*       autoopt.env (global torch settings at run time)
 - metrics.*   autoopt.analyze (the Kineto trace) and autoopt.run.measure (timed steps)
 """

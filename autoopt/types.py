@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-class _TextEnum(str, Enum):
+class TextEnum(str, Enum):
     """An enum whose members are their string values everywhere: in JSON, in f-strings and
     in comparisons with plain strings ("kept" == Status.KEPT)."""
 
@@ -26,7 +26,7 @@ class _TextEnum(str, Enum):
         return format(self.value, spec)
 
 
-class Safety(_TextEnum):
+class Safety(TextEnum):
     """What a transform risks. SAFE: the same results to fp32 tolerance; UNSAFE: changes
     numerics (verified within a looser tolerance); MANUAL: changes training semantics
     (batch size, accumulation) and is measured, never applied silently."""
@@ -36,7 +36,17 @@ class Safety(_TextEnum):
     MANUAL = "manual"
 
 
-class Status(_TextEnum):
+class BatchTry(TextEnum):
+    """What became of one batch size in the batch-size search (report.json "batch_search")."""
+
+    OK = "ok"
+    OOM = "oom"
+    OVER_BUDGET = "over_budget"
+    NO_GAIN = "no_gain"
+    CHOSEN = "chosen"
+
+
+class Status(TextEnum):
     """What became of a variant: KEPT (verified and faster beyond the noise), REJECTED
     (failed verification or not faster), FAILED (it raised: compile error, out of memory),
     SKIPPED (not accepted, or the transform does not apply)."""

@@ -24,8 +24,7 @@ from autoopt.search.batch import BatchSearch, is_oom, search_batch_size
 from autoopt.transforms import TRANSFORMS, apply_transforms, get_transform, ordered
 from autoopt.transforms.dataloader import choose_settings
 from autoopt.types import Capabilities, ExecConfig, Measurement, ModelSpec, Stats, Workload
-from autoopt.workload.facts import workload_facts
-from autoopt.workload.inspect import optimizer_impl
+from autoopt.workload.inspect import optimizer_impl, workload_facts
 
 TRACES = Path(__file__).resolve().parent / "data" / "traces" / "real"
 

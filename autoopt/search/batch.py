@@ -23,7 +23,7 @@ from autoopt.run.measure import Paired, noise_between
 from autoopt.run.session import free_memory, is_oom
 from autoopt.settings import APART_FLOOR
 from autoopt.transforms.batch_size import lr_caveat
-from autoopt.types import ExecConfig, Measurement
+from autoopt.types import BatchTry, ExecConfig, Measurement
 
 __all__ = ["BatchSearch", "search_batch_size", "is_oom"]
 
@@ -58,12 +58,12 @@ class BatchSearch:
 @dataclass
 class _Try:
     measurement: Optional[Measurement]
-    status: str  # ok | oom | over_budget
+    status: BatchTry  # OK | OOM | OVER_BUDGET
     ratio: Optional[float] = None  # to the best size so far
     noise: float = 0.0
 
     def beats(self) -> bool:
-        return self.status == "ok" and self.ratio is not None and self.ratio > 1 + self.noise
+        return self.status == BatchTry.OK and self.ratio is not None and self.ratio > 1 + self.noise
 
 
 class _Searcher:
@@ -91,13 +91,15 @@ class _Searcher:
             if not is_oom(exc):
                 raise
             free_memory()
-            self.table.append({"batch_size": b, "throughput_per_s": None, "peak_memory_mb": None, "status": "oom"})
+            self.table.append({"batch_size": b, "throughput_per_s": None, "peak_memory_mb": None,
+                               "status": BatchTry.OOM})
             self.tried[b] = None
-            return _Try(None, "oom")
+            return _Try(None, BatchTry.OOM)
         self.tried[b] = m
         row = {"batch_size": b, "throughput_per_s": round(m.throughput_per_s, 3),
-               "peak_memory_mb": None if m.peak_memory_mb is None else round(m.peak_memory_mb, 2), "status": "ok"}
-        t = _Try(m, "ok")
+               "peak_memory_mb": None if m.peak_memory_mb is None else round(m.peak_memory_mb, 2),
+               "status": BatchTry.OK}
+        t = _Try(m, BatchTry.OK)
         if beside_best and pair is not None and pair.anchor is not None:
             t.ratio, t.noise = pair.ratio, self.noise if self.noise is not None else pair.noise
             row["ratio_to_best"] = round(t.ratio, 4)
@@ -106,7 +108,7 @@ class _Searcher:
             t.noise = self.noise if self.noise is not None else noise_between(self.best_m, m, APART_FLOOR)
         self.table.append(row)
         if self.budget is not None and m.peak_memory_mb is not None and m.peak_memory_mb > self.budget:
-            row["status"] = t.status = "over_budget"
+            row["status"] = t.status = BatchTry.OVER_BUDGET
         return t
 
     def mark(self, b: int, status: str) -> None:
@@ -122,10 +124,10 @@ class _Searcher:
         """A starting size that fits: `start`, halved until one does."""
         b = start
         t = self.attempt(b)
-        while t.status != "ok" and b > 1:
+        while t.status != BatchTry.OK and b > 1:
             b = max(1, b // 2)
             t = self.attempt(b)
-        if t.status != "ok":
+        if t.status != BatchTry.OK:
             return False
         self.best, self.best_m = b, t.measurement
         return True
@@ -139,8 +141,8 @@ class _Searcher:
         if t.beats():
             self.take(beyond, t)
             return True
-        if t.status == "ok":
-            self.mark(beyond, "no_gain")
+        if t.status == BatchTry.OK:
+            self.mark(beyond, BatchTry.NO_GAIN)
         return False
 
     def midpoint(self, nxt: int) -> None:
@@ -151,8 +153,8 @@ class _Searcher:
         t = self.attempt(mid, beside_best=True)
         if t.beats():
             self.take(mid, t)
-        elif t.status == "ok":
-            self.mark(mid, "no_gain")
+        elif t.status == BatchTry.OK:
+            self.mark(mid, BatchTry.NO_GAIN)
 
     def grow(self, max_batch: int) -> str:
         """Double while it pays; returns why the search stopped."""
@@ -165,8 +167,8 @@ class _Searcher:
             if t.beats():
                 self.take(nxt, t)
                 continue
-            if t.status == "ok":
-                self.mark(nxt, "no_gain")
+            if t.status == BatchTry.OK:
+                self.mark(nxt, BatchTry.NO_GAIN)
                 side = " side by side" if "ratio_to_best" in self.table[-1] else ""
                 reason = (f"batch {nxt} gave {t.ratio:.2f}x the samples/s of batch {self.best}{side}: no gain "
                           f"beyond the noise ({t.noise:.0%})")
@@ -176,7 +178,7 @@ class _Searcher:
                         patience_used = False  # past the dip: the next dip gets its look too
                         continue
                 return reason
-            why = "ran out of memory" if t.status == "oom" else f"exceeded the {self.budget:.0f} MB budget"
+            why = "ran out of memory" if t.status == BatchTry.OOM else f"exceeded the {self.budget:.0f} MB budget"
             self.midpoint(nxt)
             return f"batch {nxt} {why}"
 
@@ -201,7 +203,7 @@ def search_batch_size(
         return BatchSearch(None, None, start, s.table, reason="out of memory (or over the budget) even at batch size 1")
     first_m = s.best_m
     reason = s.grow(max_batch)
-    s.mark(s.best, "chosen")
+    s.mark(s.best, BatchTry.CHOSEN)
     relative = s.relative if against is not None else s.best_m.throughput_per_s / first_m.throughput_per_s
     return BatchSearch(s.best, s.best_m, start, s.table, reason=reason, caveat=lr_caveat(start, s.best),
                        relative=relative)

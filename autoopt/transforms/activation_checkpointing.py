@@ -28,7 +28,7 @@ from typing import Optional
 from autoopt.torch_helpers import _autoopt_checkpoint_blocks, _autoopt_repeated_blocks
 from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
-from autoopt.workload.facts import workload_facts
+from autoopt.workload.inspect import workload_facts
 
 
 class ActivationCheckpointing(Transform):

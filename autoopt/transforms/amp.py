@@ -29,7 +29,7 @@ from typing import Optional
 
 from autoopt.transforms.base import Transform, fmt_dtype
 from autoopt.types import Capabilities, ExecConfig, Workload
-from autoopt.workload.facts import workload_facts
+from autoopt.workload.inspect import workload_facts
 
 DTYPES = ("bfloat16", "float16")
 TOLERANCE = {"bfloat16": 5e-2, "float16": 1e-2}

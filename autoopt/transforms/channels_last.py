@@ -22,7 +22,7 @@ from typing import Optional
 from autoopt.torch_helpers import _autoopt_channels_last
 from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
-from autoopt.workload.facts import workload_facts
+from autoopt.workload.inspect import workload_facts
 
 
 class ChannelsLast(Transform):

@@ -30,7 +30,7 @@ from typing import Optional
 
 from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
-from autoopt.workload.facts import workload_facts
+from autoopt.workload.inspect import workload_facts
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")

@@ -22,7 +22,7 @@ from typing import Optional
 from autoopt.transforms.base import Transform
 from autoopt.transforms.compile import compiler_problem, patch_compile
 from autoopt.types import Capabilities, ExecConfig, Workload
-from autoopt.workload.facts import workload_facts
+from autoopt.workload.inspect import workload_facts
 
 
 class CudaGraphs(Transform):

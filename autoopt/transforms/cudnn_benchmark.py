@@ -16,7 +16,7 @@ from typing import Optional
 
 from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
-from autoopt.workload.facts import workload_facts
+from autoopt.workload.inspect import workload_facts
 
 
 class CudnnBenchmark(Transform):

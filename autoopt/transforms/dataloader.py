@@ -38,7 +38,7 @@ from autoopt.env import available_cpus
 from autoopt.run.loaders import SETTING_KEYS
 from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
-from autoopt.workload.facts import workload_facts
+from autoopt.workload.inspect import workload_facts
 
 MAX_WORKERS = 8
 

@@ -23,7 +23,7 @@ from typing import Optional
 from autoopt.run.optimizers import IMPLS, supported_impls
 from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, ExecConfig, Workload
-from autoopt.workload.facts import workload_facts
+from autoopt.workload.inspect import workload_facts
 
 
 def _optimizer_info(workload: Workload, caps: Capabilities):
