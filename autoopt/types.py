@@ -63,7 +63,7 @@ VARIANT_STATUSES = tuple(s.value for s in Status)
 
 @dataclass
 class ModelSpec:
-    """A loaded model file that satisfies the contract in DESIGN.md."""
+    """A loaded model file that satisfies the model-file contract (docs/contracts.md)."""
 
     path: Path
     name: str

@@ -1,7 +1,7 @@
 """SimpleNet: a small LeNet-style CNN for 3x32x32 images, trained with SGD + momentum.
 
 The bundled default model file for `autoopt optimize`. It follows the model-file
-contract in DESIGN.md: build_model, make_batch, forward (returns the loss) and
+contract (docs/contracts.md): build_model, make_batch, forward (returns the loss) and
 build_optimizer. The data is synthetic and deterministic under torch.manual_seed
 (no downloads): each of the 10 classes has its own fixed image pattern, and a batch
 is those patterns plus noise, so the model can actually learn.

@@ -8,7 +8,7 @@ This module is the facade the rest of autoopt imports; the work is done per outp
 - `terminal` builds the rows of the terminal table;
 - `data` reads the report dict and `format` formats its numbers and escapes its text.
 
-Every function reads the report dict, which is exactly report.json (DESIGN.md's `autoopt
+Every function reads the report dict, which is exactly report.json (docs/contracts.md's `autoopt
 optimize --json` keys plus extras). Any optional part may be null or missing (a failed
 run, a CPU run without kernels, no batch search): each section renders what is there and
 says plainly what is not. A distributed report ("distributed": true) gets its own section.

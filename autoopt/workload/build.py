@@ -259,7 +259,7 @@ def _call(shown: str, spec: ModelSpec, name: str, fn: Callable, *args):
             name,
             f"{CALL_FORMS.get(name, name)} raised {_exc_summary(e)}{_at(e, spec.path)}",
             f"make {CALL_FORMS.get(name, name)} run on its own (try it in a Python shell after importing the file); "
-            "autoopt calls it exactly as DESIGN's model-file contract says.",
+            "autoopt calls it exactly as the model-file contract (docs/contracts.md) says.",
             e,
         ) from e
 

@@ -1,6 +1,6 @@
 """Loading a model file and checking its contract: model file -> ModelSpec.
 
-`load_model_file` imports the file and checks the contract in DESIGN.md (which functions
+`load_model_file` imports the file and checks the contract in docs/contracts.md (which functions
 exist and are callable, BATCH_SIZE); `check_batch` checks what make_batch returns.
 Building the workload on a device is autoopt.workload.build; the facts it collects are
 autoopt.workload.inspect.
@@ -135,8 +135,8 @@ def _check_path(path: Path, shown: str) -> bytes:
             shown,
             "",
             f"no such file{hint}",
-            "pass the path of a Python model file (see `autoopt optimize --help` and DESIGN's model-file "
-            "contract); without MODEL, `autoopt optimize` runs the bundled example.",
+            "pass the path of a Python model file (see `autoopt optimize --help` and the model-file "
+            "contract in docs/contracts.md); without MODEL, `autoopt optimize` runs the bundled example.",
         )
     if path.is_dir():
         cands = _suggest_in_dir(path)
@@ -228,7 +228,7 @@ def _import_error(exc: ImportError, path: Path, shown: str) -> ModelFileError:
 
 
 def load_model_file(path: str | os.PathLike) -> ModelSpec:
-    """Import a model file and check the contract (DESIGN.md, "The model file")."""
+    """Import a model file and check the contract (docs/contracts.md, "The model file")."""
     shown = str(path)
     p = Path(path).expanduser()
     data = _check_path(p, shown)
