@@ -380,10 +380,13 @@ def test_round_trip_training_file_runs_the_optimized_configuration(train_file):
     dl = m.build_dataloader(m.BATCH_SIZE)
     assert (dl.num_workers, dl.persistent_workers, dl.prefetch_factor, dl.pin_memory) == (2, True, 4, False)
 
-    # autoopt loads the patched file like any other
+    # autoopt loads the patched file like any other (importing it sets the thread budget again)
     from autoopt.workload.load import load_model_file
 
-    spec = load_model_file(train_file)
+    try:
+        spec = load_model_file(train_file)
+    finally:
+        torch.set_num_threads(threads)
     assert spec.default_batch_size == 32 and spec.forward is not None
 
 

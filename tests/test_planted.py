@@ -47,6 +47,21 @@ RULES = R.load_rules()
 MODEL_FAMILIES = tuple(f"AO{i}" for i in range(1, 9))
 
 
+@pytest.fixture(autouse=True)
+def _no_host_capabilities(monkeypatch):
+    """These tests judge the planted models on capabilities they pass in (AVX2_CPU, real GPU
+    traces' deviceProperties), never on the machine running them: reading the host's CPU or
+    GPU capabilities fails the test, so the suite gives the same verdicts on a CPU with fast
+    bf16 / AMX and on one without."""
+    import autoopt.env as env
+
+    def host_read(*_a, **_k):
+        raise AssertionError("a planted test read the host's capabilities; pass them in instead")
+
+    for name in ("detect_capabilities", "cpu_flags", "cpu_model"):
+        monkeypatch.setattr(env, name, host_read)
+
+
 def families(codes) -> set[str]:
     return {c[:3] for c in codes if c[:3] in MODEL_FAMILIES}
 
