@@ -114,22 +114,39 @@ def cmd_explain(args) -> int:
     return ExitCode.OK
 
 
-def cmd_analyze(args) -> int:
-    from autoopt.analyze import analyze_paths, render_text
+def _analysis_findings(result: dict) -> list[tuple[Optional[str], object]]:
+    """(trace path or None, finding) for an analysis: the ranks of one job are diagnosed
+    together; traces of separate runs each on their own."""
+    from autoopt.analyze import split_runs
     from autoopt.diagnosis.facts_builder import build_facts, diagnose
 
-    result = analyze_paths(args.traces)
+    if result.get("runs") == "separate":
+        return [(sub["traces"][0]["path"], f) for sub in split_runs(result)
+                for f in diagnose(build_facts(analysis=sub), sub)]
     if len(result.get("traces") or []) > 1:
         from autoopt.analyze.balance import rank_balance  # torch-free: names a straggler rank
 
         rank_balance(result)
-    findings = diagnose(build_facts(analysis=result), result)
-    result["findings"] = [f.to_json() for f in findings]
+    return [(None, f) for f in diagnose(build_facts(analysis=result), result)]
+
+
+def cmd_analyze(args) -> int:
+    from autoopt.analyze import analyze_paths, render_text
+
+    result = analyze_paths(args.traces)
+    found = _analysis_findings(result)
+    result["findings"] = [dict(f.to_json(), **({"trace": path} if path else {})) for path, f in found]
     if args.json:
         _print_json(result)
         return ExitCode.OK
     _write(render_text(result))
-    _print_findings(_console(stderr=False), findings)
+    out = _console(stderr=False)
+    if result.get("runs") == "separate":
+        for t in result["traces"]:
+            out.print(f"\n{t['path']}:", markup=False)
+            _print_findings(out, [f for path, f in found if path == t["path"]])
+    else:
+        _print_findings(out, [f for _, f in found])
     return ExitCode.OK
 
 

@@ -103,6 +103,8 @@ FACTS: dict[str, tuple[str, str]] = {
     "metrics.launch_bound": ("bool", "kernel launch time on the CPU exceeds kernel time on the GPU for most kernels"),
     "metrics.sync_count_per_step": ("number",
                                     "host-device synchronisations per step (synchronize, D2H copies, item())"),
+    "metrics.host_reads_per_step": ("number", "CPU-only run: item() and other host reads per step, each a "
+                                              "host-device synchronisation on a GPU (None on a GPU run)"),
     "metrics.sync_time_fraction": ("number", "share of the step stalled by host-device synchronisation: the blocking "
                                              "calls plus the GPU idle gap each one leaves before the next work"),
     "metrics.data_dependent_ops_per_step": ("number", "nonzero / masked_select / unique calls per step"),

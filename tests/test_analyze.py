@@ -391,3 +391,25 @@ def test_event_larger_than_many_blocks(tmp_path):
     a = load_trace(p, block=256)
     b = load_trace(DATA / "pt2_dataloader_sync.json")
     assert a.n == b.n and a.names == b.names
+
+
+def test_traces_of_separate_runs_are_never_ranks(tmp_path, capsys):
+    """A baseline's and a final configuration's traces (no rank in distributedInfo or the file
+    names) are two runs, each diagnosed on its own: no rank table, no straggler (AO804)."""
+    from autoopt.cli import main
+
+    src = (DATA / "ranks_without_info" / "worker0.pt.trace.json").read_text()
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "final").mkdir()
+    (tmp_path / "baseline" / "host_1.pt.trace.json").write_text(src)
+    (tmp_path / "final" / "host_2.pt.trace.json").write_text(
+        (DATA / "ranks_without_info" / "worker1.pt.trace.json").read_text())
+    r = analyze_paths([tmp_path / "baseline", tmp_path / "final"])
+    assert r["runs"] == "separate" and r["ranks"] == {} and "separate runs" in r["notes"][0]
+    assert len(r["traces"]) == 2
+    assert main(["analyze", str(tmp_path / "baseline"), str(tmp_path / "final"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert not any(f["code"] == "AO804" for f in doc["findings"])
+    assert all(f["trace"].endswith(".pt.trace.json") for f in doc["findings"])
+    # the same two files named after their ranks are one job's ranks
+    assert analyze_paths([DATA / "ranks_without_info"])["runs"] == "ranks"

@@ -163,7 +163,8 @@ def test_host_read_in_every_block_shows_in_the_trace():
     # torch.profiler's Python frames name a function by its first line (co_firstlineno), so
     # the site is the `def forward` of the block that calls .item(), the closest the trace knows
     def_line = max(i for i, s in enumerate(src[:item_line], 1) if s.strip().startswith("def forward"))
-    assert facts["metrics.sync_count_per_step"] >= 8  # one host read per block, 8 blocks
+    assert facts["metrics.host_reads_per_step"] >= 8  # one host read per block, 8 blocks
+    assert facts["metrics.sync_count_per_step"] is None  # a CPU has no device to wait for
     sites = facts.get("metrics.sync_sites") or []
     assert any(f"host_read.py:{def_line} (forward)" in s and "item" in s for s in sites), sites
     # no CPU rule: on a CPU .item() waits for nothing; and no other family fires
@@ -268,7 +269,7 @@ def test_control_inference_only_keeps_ao7_silent():
 @pytest.mark.slow  # profiles a real model on the CPU
 def test_control_no_host_read_has_no_sync():
     facts, found = cpu_run("control_no_host_read")
-    assert facts["metrics.sync_count_per_step"] == 0
+    assert facts["metrics.host_reads_per_step"] == 0
     assert families(found) == set(), found
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["analyze_paths", "analyze_trace", "load_trace", "expand_paths", "render_text", "METRIC_KEYS"]
+__all__ = ["analyze_paths", "analyze_trace", "split_runs", "load_trace", "expand_paths", "render_text", "METRIC_KEYS"]
 
-_WHERE = {"analyze_paths": "core", "analyze_trace": "core", "METRIC_KEYS": "core", "load_trace": "loader",
-          "expand_paths": "loader", "render_text": "render"}
+_WHERE = {"analyze_paths": "core", "analyze_trace": "core", "split_runs": "core", "METRIC_KEYS": "core",
+          "load_trace": "loader", "expand_paths": "loader", "render_text": "render"}
 
 
 def __getattr__(name: str) -> Any:

@@ -29,7 +29,8 @@ METRIC_KEYS = (
     "dataloader_fraction", "cpu_exec_fraction", "other_fraction", "matmul_fraction", "fp32_matmul_fraction",
     "conv_fraction", "layout_conversion_fraction", "kernels_per_step", "ops_per_step", "median_kernel_us",
     "small_kernel_fraction", "idle_fraction", "host_wait_fraction", "kernel_wait_fraction", "launch_bound",
-    "sync_count_per_step", "sync_time_fraction", "data_dependent_ops_per_step", "h2d_copies_per_step",
+    "sync_count_per_step", "sync_time_fraction", "host_reads_per_step", "data_dependent_ops_per_step",
+    "h2d_copies_per_step",
     "pageable_h2d_fraction", "optimizer_fraction", "optimizer_kernels_per_step", "optimizer_ops_per_step",
     "comm_overlap_fraction", "rank_count", "rank_step_skew", "comm_backend", "dataparallel_ops",
     "dataloader_init_per_step", "graph_breaks", "recompilations", "nan_or_inf",
@@ -164,6 +165,7 @@ def _operator_metrics(a: _Analyses) -> dict[str, Any]:
     return {
         "sync_count_per_step": syncs["sync_count_per_step"],
         "sync_time_fraction": syncs["sync_time_fraction"],
+        "host_reads_per_step": syncs["host_reads_per_step"],
         "data_dependent_ops_per_step": ops["data_dependent_ops_per_step"],
         "h2d_copies_per_step": h2d["h2d_copies_per_step"],
         "pageable_h2d_fraction": h2d["pageable_h2d_fraction"],
@@ -241,25 +243,56 @@ def _aggregate(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+def _one_job(rows: list[dict], evidence: list[tuple[str, Optional[int]]]) -> bool:
+    """Whether several traces are the ranks of one job: each names its rank (distributedInfo or
+    a rank/worker file name, not just its place in the list), the ranks are distinct, and the
+    world sizes the traces record agree."""
+    if any(how == "order" for how, _ in evidence):
+        return False
+    if len({r["rank"] for r in rows}) < len(rows):
+        return False
+    sizes = {ws for _, ws in evidence if ws is not None}
+    return len(sizes) <= 1
+
+
+def _world_size(tr) -> Optional[int]:
+    info = tr.meta.get("distributedInfo")
+    ws = info.get("world_size") if isinstance(info, dict) else None
+    return ws if isinstance(ws, int) and not isinstance(ws, bool) else None
+
+
 def analyze_paths(paths: list[Union[str, Path]], *, top_n: int = 10) -> dict[str, Any]:
+    """Analyse traces: one trace, the ranks of one job (analysed together: per-rank table,
+    skew, overlap), or traces of separate runs (`"runs": "separate"`: each is its own
+    analysis in `traces`, nothing is compared as ranks; `split_runs` gives them one by one)."""
     files = expand_paths(list(paths))
-    rows = []
+    rows, evidence = [], []
     for j, f in enumerate(files):
         tr = load_trace(f)
-        rank, _how = D.rank_of(tr, j)
+        rank, how = D.rank_of(tr, j)
+        evidence.append((how, _world_size(tr)))
         rows.append(analyze_trace(tr, top_n=top_n, rank=rank))
         del tr
-    notes: list[str] = []
-    ranks: dict[str, Any] = {}
-    metrics = _aggregate(rows)
+    dev = next((r["device"] for r in rows if r["device"]["type"] == "cuda"), rows[0]["device"])
+    if len(rows) > 1 and not _one_job(rows, evidence):
+        note = (f"{len(rows)} traces of separate runs (no distinct rank in distributedInfo or the file names, or "
+                "different world sizes): each is analysed on its own; none is compared with another as a rank")
+        return {"traces": rows, "ranks": {}, "metrics": {}, "device_facts": device_facts(dev), "notes": [note],
+                "runs": "separate"}
+    result = {"traces": rows, "ranks": {}, "metrics": _aggregate(rows), "device_facts": device_facts(dev),
+              "notes": []}
     if len(rows) > 1:
         ranks = D.ranks_summary(rows)
+        metrics = result["metrics"]
         metrics["rank_count"] = ranks["rank_count"]
         metrics["rank_step_skew"] = _r(ranks["rank_step_skew"], 6)
         metrics["comm_overlap_fraction"] = _r(ranks["comm_overlap_fraction"], 6)
-        dup = len({r["rank"] for r in rows}) < len(rows)
-        if dup:
-            notes.append("several traces share a rank number: they may be different runs or profiling cycles, "
-                         "not the ranks of one job")
-    dev = next((r["device"] for r in rows if r["device"]["type"] == "cuda"), rows[0]["device"])
-    return {"traces": rows, "ranks": ranks, "metrics": metrics, "device_facts": device_facts(dev), "notes": notes}
+        result.update(ranks=ranks, runs="ranks")
+    return result
+
+
+def split_runs(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each trace of a separate-runs result as an analysis of its own (the shape analyze_paths
+    gives for one trace)."""
+    return [{"traces": [row], "ranks": {}, "metrics": dict(row["metrics"]), "device_facts": device_facts(row["device"]),
+             "notes": []} for row in result.get("traces") or []]

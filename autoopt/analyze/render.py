@@ -49,6 +49,8 @@ def _metrics_line(m: dict) -> list[str]:
                      f"kernel wait {_pct(m['kernel_wait_fraction'])})")
     if m.get("sync_count_per_step"):
         extra.append(f"{m['sync_count_per_step']:.1f} host-device syncs/step")
+    if m.get("host_reads_per_step"):
+        extra.append(f"{m['host_reads_per_step']:.1f} host reads (item()) per step, each a sync on a GPU")
     if m.get("pageable_h2d_fraction") is not None:
         extra.append(f"pageable H2D {_pct(m['pageable_h2d_fraction'])}")
     if m.get("peak_memory_mb") is not None:

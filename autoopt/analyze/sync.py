@@ -177,9 +177,13 @@ def sync_stats(tr: T.Trace, tree: OpTree, st: Steps, top_n: int = 10) -> dict:
     wait = sum(_site_us(s) for s in counted)
     d2h = tr.idx(T.MEMCPY)
     d2h = in_step(d2h[tr.has_name(tr.name_ids(is_d2h_memcpy_name))[d2h]]) if d2h.size else d2h
+    per_step = len(counted) / nsteps if nsteps else None
     return {
-        "sync_count_per_step": len(counted) / nsteps if nsteps else None,
-        "sync_time_fraction": wait / st.total if st.total > 0 else None,
+        # a CPU-only trace has no device to wait for: its item() calls are host reads that would
+        # synchronise on a GPU, reported as such, never as device syncs
+        "sync_count_per_step": per_step if gpu else None,
+        "sync_time_fraction": (wait / st.total if st.total > 0 else None) if gpu else None,
+        "host_reads_per_step": None if gpu else per_step,
         "item_calls_per_step": sum(1 for s in counted if "item" in s["kind"]) / nsteps if nsteps else None,
         "d2h_copies_per_step": d2h.size / nsteps if nsteps else None,
         "sites": rows[:top_n],
