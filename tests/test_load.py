@@ -480,3 +480,23 @@ def test_cuda_capabilities_without_cuda_are_refused(cpu):
     gpu = capabilities_for("cuda", "NVIDIA A100-SXM4-40GB", (8, 0), 40960, 108)
     with pytest.raises(UserError):
         _load_and_build(ROOT / "examples" / "mlp.py", gpu)
+
+
+def test_a_training_script_gets_a_pointer_to_script_and_is_not_imported(tmp_path):
+    """`autoopt optimize train.py` on an ordinary training script: exit 2 naming --script, and
+    the script is not run (importing a script without a main guard would start its training)."""
+    marker = tmp_path / "ran"
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import argparse, pathlib, torch\n"
+        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "parser = argparse.ArgumentParser()\n"
+        "model = torch.nn.Linear(4, 1)\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "for _ in range(3):\n"
+        "    model(torch.randn(2, 4)).sum().backward()\n"
+        "    opt.step()\n")
+    with pytest.raises(ModelFileError) as info:
+        load_model_file(script)
+    assert "--script" in info.value.message and "training script" in info.value.message
+    assert not marker.exists()

@@ -234,6 +234,7 @@ def load_model_file(path: str | os.PathLike) -> ModelSpec:
     data = _check_path(p, shown)
     p = p.resolve()
     _check_syntax(data, p, shown)
+    _not_a_training_script(data, shown)
     module = _import_file(p, shown)
     funcs = _contract_functions(module, shown)
     bs = _batch_size_setting(module, shown)
@@ -248,6 +249,28 @@ def load_model_file(path: str | os.PathLike) -> ModelSpec:
         build_dataloader=funcs.get("build_dataloader"),
         default_batch_size=bs,
     )
+
+
+_SCRIPT_SIGNS = (re.compile(rb"""__name__\s*==\s*['"]__main__['"]"""), re.compile(rb"\bargparse\b"),
+                 re.compile(rb"\.backward\s*\("), re.compile(rb"\.step\s*\(\s*\)"))
+
+
+def _not_a_training_script(data: bytes, shown: str) -> None:
+    """A training script (a main block, argparse, a loop calling backward / step) that names no
+    build_model is refused before it is imported (importing a script without a main guard would
+    run its training): it gets a pointer to `autoopt profile --script`."""
+    if b"build_model" in data:
+        return
+    signs = sum(1 for pattern in _SCRIPT_SIGNS if pattern.search(data))
+    if signs < 2:
+        return
+    raise _fail(
+        shown, "",
+        "looks like a training script (a main block, argparse, backward() and step() calls), not a model file: "
+        "it defines no build_model()",
+        f"profile the script as it is with `autoopt profile --script {shown} -- ARGS` (its own arguments after "
+        "--), or write a model file with build_model() and make_batch(batch_size) (docs/contracts.md, \"The model "
+        "file\") to optimize it.")
 
 
 def _import_file(p: Path, shown: str):
