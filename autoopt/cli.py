@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from autoopt import __version__
 from autoopt.errors import ExitCode, Interrupted, UserError
+from autoopt.settings import DEFAULT_TIME_BUDGET_S
 
 EPILOG = "Docs: autoopt rules | autoopt explain CODE. Exit codes: 0 done, 2 bad input, 130 interrupted."
 
@@ -47,7 +48,11 @@ def _codes(value: Optional[str]) -> set[str]:
 
 # ---------------------------------------------------------------- progress
 class ProgressView:
-    """Progress on stderr, with elapsed time and an estimate for the long phases."""
+    """Progress on stderr, with elapsed time and an estimate for the long phases. On a terminal
+    one status line is updated in place; the lines a user should keep (the time budget, the
+    noise check) are printed above it."""
+
+    LASTING = ("budget", "noise")
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -66,7 +71,7 @@ class ProgressView:
         if info.get("compiling"):
             est = " (the first step runs torch.compile: usually 10-60 s)"
         text = f"[{now - self.t0:6.1f}s] {detail}{est}"
-        if not self.console.is_terminal:
+        if not self.console.is_terminal or (phase in self.LASTING and not info.get("variant")):
             self.console.print(text, markup=False, highlight=False)
             return
         if self.status is None:
@@ -296,7 +301,8 @@ def _optimize_settings(args):
     return OptimizeSettings(
         model_path=args.model, device=args.device, batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
         measure=MeasureSettings.quick() if args.quick else MeasureSettings(),
-        profile=ProfileSettings(with_stack=args.with_stack), search=SearchSettings(strategy=args.search),
+        profile=ProfileSettings(with_stack=args.with_stack),
+        search=SearchSettings(strategy=args.search, time_budget_s=args.time_budget or None),
         consent=_consent(args), distributed=DistributedSettings(nproc=args.nproc or 0, launcher_args=args.launcher_arg),
         extra_transforms=[_parse_try(t) for t in args.try_],
     )
@@ -356,9 +362,23 @@ def _print_optimize_summary(report: dict) -> None:
                   f"{' + '.join(t['name'] for t in f['transforms'])}", markup=False)
     else:
         out.print(f"Final: no change kept. {f.get('note', '')}", markup=False)
+    _print_search_story(out, report)
     a = report["artifacts"]
     out.print(f"Report: {a['report_md']}\nHTML:   {a['report_html']}\nPatch:  {a['patch']}\nPlan:   {a['plan']}\n"
               f"TensorBoard: autoopt view {os.path.dirname(a['report_md'])}", markup=False)
+
+
+def _print_search_story(out, report: dict) -> None:
+    """What the time budget left unmeasured and the calls too close to settle."""
+    from autoopt.output.data import search_info
+
+    info = search_info(report)
+    if info.get("unmeasured"):
+        out.print(f"Not measured within the time budget: {', '.join(info['unmeasured'])} "
+                  "(more time: --time-budget SECONDS)", markup=False)
+    if info.get("unsettled"):
+        calls = ", ".join(f"{u['variant']} ({u['ratio']}, {u['interval']})" for u in info["unsettled"])
+        out.print(f"Too close to call, not kept: {calls}", markup=False)
 
 
 def cmd_view(args) -> int:
@@ -425,6 +445,16 @@ def _add_profile(sub) -> None:
     sp.set_defaults(func=cmd_profile)
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more; 0 means no limit)")
+    return v
+
+
 def _add_optimize(sub) -> None:
     sp = sub.add_parser("optimize", help="profile, diagnose, apply verified transforms, report and patch")
     sp.add_argument("model", nargs="?", help="model file (default: the bundled example)")
@@ -435,6 +465,10 @@ def _add_optimize(sub) -> None:
     sp.add_argument("--search", default="greedy", choices=["greedy", "exhaustive"])
     sp.add_argument("--try", dest="try_", action="append", default=[], metavar="TRANSFORM[:K=V,...]",
                     help="also try this transform whether or not a rule proposes it, e.g. --try amp:dtype=float16")
+    sp.add_argument("--time-budget", type=_seconds, default=DEFAULT_TIME_BUDGET_S, metavar="SECONDS",
+                    help=f"time for the baseline and the search (default {DEFAULT_TIME_BUDGET_S:.0f}; 0: no limit); "
+                         "trials that would not finish in time are not started, and the report lists them; "
+                         "the final re-measurement comes after")
     sp.add_argument("--quick", action="store_true", help="fewer timed steps (noisier numbers; for smoke tests)")
     _run_options(sp, "record Python stacks in the traces")
     _common(sp)

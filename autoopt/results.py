@@ -57,13 +57,18 @@ class Failure:
 @dataclass
 class Decision:
     """How a keep decision was made: the throughput ratio over the configuration the variant
-    had to beat (`anchor`), the noise it had to exceed, and how it was measured."""
+    had to beat (`anchor`), the noise it had to exceed, and how it was measured. `settled` is
+    False when the call was too close: the ratio's interval still reached both a gain worth
+    keeping and none when the rounds ran out (`cut_short`: the time budget ended them, not
+    the maximum number of rounds); such a variant is not kept."""
 
     better: bool
     ratio: float
     noise: float
     anchor: str  # "the baseline" | "the current best" | "batch 64" ...
     rounds: int = 0  # alternating rounds measured side by side; 0 when measured apart
+    settled: bool = True
+    cut_short: bool = False
 
     @property
     def how(self) -> str:
@@ -71,13 +76,56 @@ class Decision:
             return f"side by side in {self.rounds} rounds"
         return "measured apart (the two did not fit side by side)"
 
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.ratio / (1 + self.noise), self.ratio * (1 + self.noise)
+
+    @property
+    def unsettled_why(self) -> str:
+        return "the time budget ended its rounds" if self.cut_short else "still within the noise after the most rounds"
+
     def to_json(self) -> dict[str, Any]:
+        low, high = self.interval
         return {"better": self.better, "ratio": round(self.ratio, 4), "noise": round(self.noise, 4),
-                "anchor": self.anchor, "rounds": self.rounds, "how": self.how}
+                "low": round(low, 4), "high": round(high, 4), "anchor": self.anchor, "rounds": self.rounds,
+                "how": self.how, "settled": self.settled, "cut_short": self.cut_short}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Decision":
-        return cls(data["better"], data["ratio"], data["noise"], data["anchor"], data.get("rounds", 0))
+        return cls(data["better"], data["ratio"], data["noise"], data["anchor"], data.get("rounds", 0),
+                   data.get("settled", True), data.get("cut_short", False))
+
+
+@dataclass
+class NoiseCheck:
+    """The baseline measured beside itself in alternating rounds: what this machine, now,
+    can tell apart. Its ratio should be 1; how far it strays, plus its interval, is the
+    smallest gain a side-by-side call can resolve (`resolvable`, at least `floor`)."""
+
+    ratio: float
+    half_width: float
+    rounds: int
+    floor: float
+
+    NOISY = 0.10  # beyond this the advice is given
+
+    @property
+    def resolvable(self) -> float:
+        return max(self.floor, abs(self.ratio - 1) + self.half_width)
+
+    def line(self) -> str:
+        low, high = self.ratio / (1 + self.half_width), self.ratio * (1 + self.half_width)
+        text = (f"noise check: the baseline beside itself, {self.rounds} rounds: {self.ratio:.2f}x "
+                f"({low:.2f}x-{high:.2f}x); gains under ~{self.resolvable:.0%} cannot be told from noise "
+                "on this machine now")
+        if self.resolvable > self.NOISY:
+            text += ("; to resolve smaller gains, stop other work on this machine, give the search more time "
+                     "(--time-budget), or run on a GPU")
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ratio": round(self.ratio, 4), "half_width": round(self.half_width, 4), "rounds": self.rounds,
+                "floor": self.floor, "resolvable_gain": round(self.resolvable, 4), "message": self.line()}
 
 
 def _verification_json(v: Optional[Verification]) -> Optional[dict[str, Any]]:
@@ -209,12 +257,32 @@ class FinalResult:
 
 @dataclass
 class SearchSummary:
+    """How the search went: its strategy and cost, the time budget, what the budget left
+    unmeasured, the calls too close to settle, and the baseline's noise check."""
+
     strategy: str
     variants_tried: int
     time_s: float
+    time_budget_s: Optional[float] = None
+    budget_spent: bool = False
+    unmeasured: list[str] = field(default_factory=list)
+    unsettled: list[dict[str, Any]] = field(default_factory=list)
+    noise: Optional[NoiseCheck] = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "variants_tried": self.variants_tried, "time_s": round(self.time_s, 2)}
+        return {"strategy": self.strategy, "variants_tried": self.variants_tried, "time_s": round(self.time_s, 2),
+                "time_budget_s": self.time_budget_s, "budget_spent": self.budget_spent,
+                "unmeasured": list(self.unmeasured), "unsettled": list(self.unsettled),
+                "noise": self.noise.to_json() if self.noise else None}
+
+    @classmethod
+    def from_json(cls, strategy: str, data: dict[str, Any]) -> "SearchSummary":
+        n = data.get("noise")
+        noise = NoiseCheck(n["ratio"], n["half_width"], n["rounds"], n.get("floor", 0.02)) if n else None
+        return cls(strategy, data.get("variants_tried", 0), data.get("time_s", 0.0),
+                   time_budget_s=data.get("time_budget_s"), budget_spent=data.get("budget_spent", False),
+                   unmeasured=list(data.get("unmeasured") or []), unsettled=list(data.get("unsettled") or []),
+                   noise=noise)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 SIDE_BY_SIDE_FLOOR = 0.02
 APART_FLOOR = 0.03
+DEFAULT_TIME_BUDGET_S = 600.0
 
 
 @dataclass
@@ -84,6 +85,10 @@ class SearchSettings:
     compile_modes: Optional[tuple[str, ...]] = None  # torch.compile modes to measure (None: what the device merits)
     follow_diagnosis: bool = True  # re-run the rules on each new best configuration's trace
     max_diagnosis_rounds: int = 3
+    # seconds from the start of the run to the end of the search (the final re-measurement
+    # comes after); None: no limit. Trials that would not finish in time are not started.
+    time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S
+    noise_check: bool = True  # the baseline beside itself, before the search: what gain can be resolved
 
 
 @dataclass

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         bs = GPU_BATCH.get(name) if caps.device_type == "cuda" else None
         opts = OptimizeSettings(
             model_path=str(path), device=args.device, batch_size=bs, out_dir=str(Path(args.out) / name),
-            measure=settings, search=SearchSettings(compile_modes=tuple(args.compile_modes.split(","))),
+            measure=settings,
+            search=SearchSettings(compile_modes=tuple(args.compile_modes.split(",")), time_budget_s=None),
         )
         t0 = time.perf_counter()
         try:

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                 rep = run_optimize(
                     OptimizeSettings(model_path=str(ROOT / "examples" / f"{name}.py"), device=args.device,
                                     out_dir=str(Path(tmp) / f"{name}-{strategy}"),
-                                    search=SearchSettings(strategy=strategy),
+                                    search=SearchSettings(strategy=strategy, time_budget_s=None),
                                     measure=settings,
                                     extra_transforms=extra),
                     decide=lambda f, t: t is not None,

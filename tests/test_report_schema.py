@@ -13,6 +13,7 @@ from autoopt.results import (
     DistributedInfo,
     Failure,
     FinalResult,
+    NoiseCheck,
     Report,
     SearchSummary,
     Variant,
@@ -83,7 +84,11 @@ def fixed_report() -> Report:
         model="net", model_path="/m/net.py", device={"type": "cpu"}, mode="train", batch_size=8, seed=0,
         created_at="2026-11-30T12:00:00", autoopt_version="0.1.0", torch_version="2.13.0+cpu", baseline=_m(10.0),
         findings=[finding_entry(finding, accepted=True, doc="## What it does")], variants=variants, final=final,
-        search=SearchSummary("greedy", 2, 12.345), artifacts={"report_md": "/r/report.md"},
+        search=SearchSummary("greedy", 2, 12.345, time_budget_s=600.0, budget_spent=True, unmeasured=["AO999"],
+                             unsettled=[{"variant": "AO105", "ratio": 1.01, "low": 0.98, "high": 1.04, "rounds": 18,
+                                         "anchor": "the baseline",
+                                         "why": "still within the noise after the most rounds"}],
+                             noise=NoiseCheck(1.01, 0.03, 6, 0.02)), artifacts={"report_md": "/r/report.md"},
         batch_search=[{"batch_size": 8, "throughput_per_s": 800.0, "peak_memory_mb": 1.0, "status": "chosen"}],
         analysis={"baseline": None}, patch="--- a/net.py\n", plan={"plan_version": 1}, notes=["n"], wall_time_s=20.5)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from autoopt.results import Failure
-from autoopt.run.measure import Paired, count_flops, measure, measure_against, measure_side_by_side
+from autoopt.run.measure import Paired, RoundPolicy, count_flops, measure, measure_against, measure_side_by_side
 from autoopt.run.session import DistContext, Session, is_oom
 from autoopt.run.trace import trace_session
 from autoopt.run.verify import RunRecord, compare, record_run
@@ -127,8 +127,12 @@ class DistributedEvaluator:
         job, self.baseline_per_rank = _gathered_measurement(m, self.rank)
         return Point(cfg, [], job, 1.0, logdir)
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's answer on every rank (clocks differ a little: one rank's deadline decides)."""
+        return bool(gather(flag)[0])
+
     def trial(self, name: str, cfg: ExecConfig, *, tolerance: float, anchor: Optional[Point],
-              verify: bool = True, trace: bool = True) -> Outcome:
+              verify: bool = True, trace: bool = True, deadline: Optional[float] = None) -> Outcome:
         # Every rank makes the same collective calls whatever fails locally: the verdicts are
         # gathered once after verification and once after measurement.
         local: dict[str, Any] = {"failure": None, "verification": None}
@@ -138,7 +142,7 @@ class DistributedEvaluator:
             s = self._verify(stack, cfg, verify, tolerance, local)
             if self._all_verified(local, out):
                 try:
-                    m = self._measure(s, cfg, anchor, out)
+                    m = self._measure(s, cfg, anchor, out, deadline)
                     if trace and self.trace_variants:
                         out.logdir = self.trace(s, name)
                 except KeyboardInterrupt:
@@ -171,17 +175,20 @@ class DistributedEvaluator:
         out.verification, _ = _worst([x["verification"] for x in everyone])
         return out.verification.ok
 
-    def _measure(self, s: Session, cfg: ExecConfig, anchor: Optional[Point], out: Outcome) -> Measurement:
+    def _measure(self, s: Session, cfg: ExecConfig, anchor: Optional[Point], out: Outcome,
+                 deadline: Optional[float]) -> Measurement:
         if anchor is None:
             return measure(s, self.caps, self.measure_settings, flops_per_step=self.flops(cfg))
-        out.pair = self._against(s, anchor.config, self.flops(cfg))
+        out.pair = self._against(s, anchor.config, self.flops(cfg), deadline)
         return out.pair.measurement
 
-    def _against(self, s: Session, anchor: ExecConfig, flops: Optional[float]) -> Paired:
+    def _against(self, s: Session, anchor: ExecConfig, flops: Optional[float], deadline: Optional[float],
+                 extend: bool = True) -> Paired:
         ss = self.search_settings
+        policy = RoundPolicy(rounds=ss.rounds, max_rounds=ss.max_rounds if extend else ss.rounds, deadline=deadline,
+                             reduce=_round_reducer, agree=self.agree)
         return measure_against(s, lambda: self.session(anchor), self.caps, self.measure_settings,
-                               rounds=ss.rounds, max_rounds=ss.max_rounds, flops_per_step=flops,
-                               anchor_flops=self.flops(anchor), reduce=_round_reducer)
+                               flops_per_step=flops, anchor_flops=self.flops(anchor), policy=policy)
 
     def _job_outcome(self, local: dict, m: Optional[Measurement], out: Outcome) -> Outcome:
         """Every rank's failures and measurement, gathered: the same outcome on every rank."""
@@ -199,7 +206,8 @@ class DistributedEvaluator:
             out.measurement = job_measurement(per_rank, [x["rank"] for x in everyone])
             if out.pair is not None:
                 anchor_m = out.pair.anchor
-                out.pair = Paired(anchor_m, out.measurement, out.pair.round_ratios, out.pair.floor)
+                out.pair = Paired(anchor_m, out.measurement, out.pair.round_ratios, out.pair.floor,
+                                  cut_short=out.pair.cut_short)
         return out
 
     def measure_alone(self, cfg: ExecConfig) -> Measurement:
@@ -207,11 +215,12 @@ class DistributedEvaluator:
             m = measure(s, self.caps, self.measure_settings, flops_per_step=self.flops(cfg))
         return _gathered_measurement(m, self.rank)[0]
 
-    def measure_pair(self, anchor: ExecConfig, cfg: ExecConfig) -> Paired:
+    def measure_pair(self, anchor: ExecConfig, cfg: ExecConfig, *, deadline: Optional[float] = None,
+                     extend: bool = True) -> Paired:
         with self.session(cfg) as s:
-            pair = self._against(s, anchor, self.flops(cfg))
+            pair = self._against(s, anchor, self.flops(cfg), deadline, extend)
         job = _gathered_measurement(pair.measurement, self.rank)[0]
-        return Paired(pair.anchor, job, pair.round_ratios, pair.floor)
+        return Paired(pair.anchor, job, pair.round_ratios, pair.floor, cut_short=pair.cut_short)
 
     def memory_budget_mb(self, fraction: float) -> Optional[float]:
         return self.caps.total_memory_mb * fraction if self.caps.total_memory_mb else None

@@ -212,7 +212,9 @@ class Worker:
         variants = [_baseline_variant(base)]
         candidates, grad_mb = ddp_candidates(self.wl, self.caps, self.base_cfg, self.settings.consent, variants)
         self.rec["gradient_mb"] = round(grad_mb, 4)
-        search = Search(ev, self.settings.search, variants=variants)
+        # the time budget counts from the parent's start (launch and set-up included)
+        run_started = time.perf_counter() - max(0.0, time.time() - float(self.cfg.get("started_at") or time.time()))
+        search = Search(ev, self.settings.search, variants=variants, run_started=run_started)
         best = search.run(strategy(self.settings.search.strategy), candidates, base)
         final = self._final(ev, search, base, best, variants)
         self.rec.update({
@@ -221,7 +223,7 @@ class Worker:
             "job_measurement": base.measurement.to_json(), "traces": ev.traces,
             "variants": [v.wire_json() for v in variants], "final": final,
             "chosen": [c.transform_json() for c in best.chosen], "codes": best.codes,
-            "search": {"variants_tried": search.variants_tried, "time_s": search.elapsed()},
+            "search": search.summary().to_json(),
             "search_notes": search.notes,
         })
         if self.rank == 0 and best.chosen:

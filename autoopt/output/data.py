@@ -239,3 +239,33 @@ def distributed_text(report: dict) -> str:
     return (f"{val('nproc')} processes per node, backend {val('backend')}, world size {val('world_size')}, "
             f"per-rank batch {val('batch_size')} (global {val('global_batch_size')}). "
             "Step times are the slowest rank's.")
+
+
+def search_info(report: dict) -> dict[str, Any]:
+    """The search's story in plain text: its cost and time budget, the noise check, the
+    variants the budget left unmeasured and the calls too close to settle (each with its
+    ratio, interval, rounds, anchor and why)."""
+    s = as_dict(report.get("search"))
+    if not s:
+        return {"line": "", "noise": None, "unmeasured": [], "unsettled": []}
+    tried = s.get("variants_tried", "?")
+    line = f"{s.get('strategy', '?')} search, {tried} variant{'' if tried == 1 else 's'} tried in "
+    line += f"{num(s.get('time_s')) or 0:.1f} s"
+    budget = num(s.get("time_budget_s"))
+    if budget:
+        line += f"; time budget {budget:.0f} s" + (" (spent)" if s.get("budget_spent") else "")
+    elif "time_budget_s" in s:
+        line += "; no time budget"
+    noise = as_dict(s.get("noise"))
+    unsettled = []
+    for u in as_list(s.get("unsettled")):
+        u = as_dict(u)
+        if num(u.get("ratio")) is None:
+            continue
+        low, high = num(u.get("low")), num(u.get("high"))
+        unsettled.append({"variant": str(u.get("variant", "?")), "ratio": fmt_x(u.get("ratio")),
+                          "interval": f"{fmt_x(low)}–{fmt_x(high)}" if low and high else "?",
+                          "rounds": str(u.get("rounds", "?")), "anchor": str(u.get("anchor", "?")),
+                          "why": str(u.get("why", ""))})
+    return {"line": line + ".", "noise": str(noise["message"]) if isinstance(noise.get("message"), str) else None,
+            "unmeasured": [str(x) for x in as_list(s.get("unmeasured"))], "unsettled": unsettled}

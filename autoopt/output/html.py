@@ -114,8 +114,7 @@ def summary(r: dict) -> dict:
     search = as_dict(r.get("search"))
     extra = [f"mode {r.get('mode') or '?'}", f"batch size {r.get('batch_size', '?')}", f"seed {r.get('seed', '?')}"]
     if search:
-        extra.append(f"{search.get('strategy', '?')} search, {search.get('variants_tried', '?')} variants tried in "
-                     f"{fmt_num(search.get('time_s'), 1)} s")
+        extra.append(D.search_info(r)["line"].rstrip("."))
     base = as_dict(r.get("baseline"))
     if num(base.get("mfu")) is not None:
         extra.append(f"baseline MFU {fmt_pct(base.get('mfu'))}")
@@ -123,7 +122,8 @@ def summary(r: dict) -> dict:
         extra.append(f"run took {fmt_num(r.get('wall_time_s'), 1)} s")
     fin = as_dict(r.get("final"))
     note = fin.get("note") if D.final_speedup(r)[0] is None and fin.get("note") else None
-    return {"cards": _cards(r), "extra": " · ".join(extra), "note": note, "notes": D.notes(r)}
+    return {"cards": _cards(r), "extra": " · ".join(extra), "note": note, "notes": D.notes(r),
+            "search": D.search_info(r)}
 
 
 def _variant_row(r: dict, v: dict) -> dict:

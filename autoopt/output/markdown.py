@@ -171,12 +171,24 @@ def distributed(r: dict) -> list[str]:
 
 
 def search(r: dict) -> list[str]:
-    """How the variants were searched: strategy, variants tried, time."""
-    s = as_dict(r.get("search"))
-    if not s:
+    """How the variants were searched: strategy, variants tried, time and its budget, the
+    noise check, what the budget left unmeasured and the calls too close to settle."""
+    info = D.search_info(r)
+    if not info["line"]:
         return []
-    return ["## Search", "", f"{md_text(s.get('strategy', '?'))} search, {md_text(s.get('variants_tried', '?'))} "
-            f"variants tried in {fmt_num(s.get('time_s'), 1)} s.", ""]
+    out = ["## Search", "", md_text(info["line"]), ""]
+    if info["noise"]:
+        out += [md_text(info["noise"][:1].upper() + info["noise"][1:]) + ".", ""]
+    if info["unmeasured"]:
+        out += ["Not measured (the time budget was spent before their turn; `--time-budget` gives more): "
+                + ", ".join(md_text(x) for x in info["unmeasured"]) + ".", ""]
+    if info["unsettled"]:
+        out += ["Too close to call (not kept; the interval of the ratio holds both a gain and none):", ""]
+        out += md_table(["Variant", "Ratio", "95 % interval", "Rounds", "Against", "Why"],
+                        [[md_text(u["variant"]), u["ratio"], u["interval"], u["rounds"], md_text(u["anchor"]),
+                          md_text(u["why"])] for u in info["unsettled"]])
+        out.append("")
+    return out
 
 
 def batch_search(r: dict) -> list[str]:

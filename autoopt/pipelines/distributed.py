@@ -123,7 +123,7 @@ def optimize_distributed(settings: OptimizeSettings, *, progress: Progress = _no
     baseline on every rank, kept only when faster side by side — re-measure baseline and
     final in alternating rounds, and write the report directory (report.json/.md/.html,
     plan.json, patch.diff, tb/<variant>/ with one trace per rank). Returns the report."""
-    from autoopt.pipelines.optimize import default_model_path, new_report_dir
+    from autoopt.pipelines.optimize import budget_line, default_model_path, new_report_dir
     from autoopt.workload.load import load_model_file
 
     d = settings.distributed
@@ -131,12 +131,14 @@ def optimize_distributed(settings: OptimizeSettings, *, progress: Progress = _no
     check_args(settings.model_path, d.nproc, settings.device, 1)
     spec = load_model_file(settings.model_path)
     settings.model_path, settings.device = str(spec.path), resolved_device(settings.device)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()  # the ranks count the time budget from here
+    progress("budget", budget_line(settings.search.time_budget_s))
     out = new_report_dir(settings.reports_root, f"{spec.name}-ddp{d.nproc}", settings.out_dir)
     tb = out / "tb"
     tb.mkdir(exist_ok=True)
     try:
-        recs, launcher = _launch("optimize", settings, where={"tb_dir": str(tb)}, model=str(spec.path),
+        recs, launcher = _launch("optimize", settings, where={"tb_dir": str(tb), "started_at": started_at},
+                                 model=str(spec.path),
                                  keep=str(tb), progress=progress)
     except KeyboardInterrupt:
         raise Interrupted(str(out)) from None
@@ -181,7 +183,7 @@ def _report(settings: OptimizeSettings, spec, recs: list[dict], analysis: dict, 
         created_at=_dt.datetime.now().isoformat(timespec="seconds"), autoopt_version=__version__,
         torch_version=torch.__version__, baseline=base,
         findings=[finding_entry(f, accepted=False) for f in findings], variants=variants, final=final,
-        search=SearchSummary(settings.search.strategy, search.get("variants_tried", 0), search.get("time_s", 0.0)),
+        search=SearchSummary.from_json(settings.search.strategy, search),
         artifacts=art, analysis={"baseline": analysis.get("ranks"), "baseline_metrics": analysis.get("metrics")},
         patch=patch["diff"], plan=plan, notes=notes, wall_time_s=time.perf_counter() - started,
         distributed=DistributedInfo(

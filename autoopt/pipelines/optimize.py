@@ -107,6 +107,7 @@ class OptimizeRun:
                                         profile_settings=s.profile, search_settings=s.search,
                                         tb_dir=self.tb if s.trace else None, progress=self.progress)
         self.builder = CandidateBuilder(self.workload, self.caps, self.decide, self.variants)
+        self.progress("budget", budget_line(s.search.time_budget_s))
 
     def _baseline(self) -> None:
         self.base = self.evaluator.baseline(self.base_cfg)
@@ -142,7 +143,7 @@ class OptimizeRun:
 
     def _search(self, candidates: list[Candidate]) -> Point:
         self.search = Search(self.evaluator, self.settings.search, progress=self.progress,
-                             rediagnose=self.rediagnose, variants=self.variants)
+                             rediagnose=self.rediagnose, variants=self.variants, run_started=self.started)
         return self.search.run(strategy(self.settings.search.strategy), candidates, self.base)
 
     def _final(self, best: Point) -> None:
@@ -200,8 +201,8 @@ class OptimizeRun:
             findings=[finding_entry(f, accepted=b.accepted.get(f.code, False), doc=docs.get(f.code, ""))
                       for f in b.findings],
             variants=self.variants, final=self.final,
-            search=SearchSummary(self.settings.search.strategy, search.variants_tried if search else 0,
-                                 search.elapsed() if search else 0.0),
+            search=search.summary() if search else SearchSummary(
+                self.settings.search.strategy, 0, 0.0, time_budget_s=self.settings.search.time_budget_s),
             artifacts=self.artifacts(), batch_search=self._batch_table(), analysis=self.analysis,
             patch=self.patch_text, plan=self.plan, notes=self.notes + (search.notes if search else []),
             interrupted=interrupted, wall_time_s=time.perf_counter() - self.started)
@@ -240,6 +241,13 @@ class OptimizeRun:
                 self._write(interrupted=True)
             raise Interrupted(str(self.out)) from None
         return self._write()
+
+
+def budget_line(seconds: Optional[float]) -> str:
+    if not seconds:
+        return "time budget: none (--time-budget 0): every call is measured until it settles"
+    return (f"time budget: {seconds:.0f} s for the baseline and the search (--time-budget); the final "
+            "re-measurement comes after")
 
 
 def _first_trace(analysis: Optional[dict]) -> Optional[dict]:

@@ -258,6 +258,7 @@ class Paired:
     measurement: Measurement
     round_ratios: list[float]
     floor: float = SIDE_BY_SIDE_FLOOR
+    cut_short: bool = False  # more rounds were wanted, and the time budget had none left
 
     @property
     def ratio(self) -> Optional[float]:
@@ -290,6 +291,34 @@ class Paired:
         return self.better or self.ratio * (1 + self.half_width) <= 1 + self.floor
 
 
+@dataclass
+class RoundPolicy:
+    """How many alternating rounds a side-by-side measurement takes: `rounds` first, then three
+    more at a time while the call is unsettled, up to `max_rounds`, and none that would end
+    after `deadline` (a time.perf_counter() value: the run's time budget). In a distributed job
+    `reduce` turns each rank's round medians into the job's and `agree` makes one decision of
+    every rank's wish for more rounds, so all ranks take the same rounds."""
+
+    rounds: int = 6
+    max_rounds: int = 18
+    deadline: Optional[float] = None
+    reduce: Optional[RoundReducer] = None
+    agree: Optional[Callable[[bool], bool]] = None
+    cut_short: bool = False  # set when the deadline stopped rounds the call still wanted
+
+    def more(self, ratios: list[float], started: float) -> bool:
+        """Whether three more rounds are taken, after `ratios` (rounds measured since `started`)."""
+        want = len(ratios) < self.max_rounds and not Paired(None, None, ratios, SIDE_BY_SIDE_FLOOR).settled
+        fits = True
+        if want and self.deadline is not None and ratios:
+            per_round = (time.perf_counter() - started) / len(ratios)
+            fits = time.perf_counter() + 3 * per_round <= self.deadline
+        if self.agree is not None:
+            want, fits = self.agree(want), self.agree(fits)
+        self.cut_short = want and not fits
+        return want and fits
+
+
 def measure_against(
     session: Session,
     open_anchor: Callable[[], Session],
@@ -300,20 +329,21 @@ def measure_against(
     max_rounds: int = 18,
     flops_per_step: Optional[float] = None,
     anchor_flops: Optional[float] = None,
-    reduce: Optional[RoundReducer] = None,
+    policy: Optional[RoundPolicy] = None,
 ) -> Paired:
     """`session` measured beside an anchor configuration (the one it must beat) in alternating
     rounds, so that their ratio is free of the machine's drift between measurements taken
     apart (see Paired for the ratio and its noise). Each configuration gets the settings'
-    measuring time over `rounds` rounds; while the call is not settled (Paired.settled), three
-    more rounds at a time, up to `max_rounds`. `open_anchor()` builds the anchor's Session (a
-    context manager); it is built only after `session` has been warmed up alone, so
-    `session`'s peak memory and compile time are its own. If the anchor does not fit beside it
-    (out of memory with both held), `session` is timed alone and the anchor is None.
+    measuring time over the rounds; while the call is not settled (Paired.settled), three more
+    rounds at a time (RoundPolicy; `rounds` and `max_rounds` without one). `open_anchor()`
+    builds the anchor's Session (a context manager); it is built only after `session` has been
+    warmed up alone, so `session`'s peak memory and compile time are its own. If the anchor
+    does not fit beside it (out of memory with both held), `session` is timed alone and the
+    anchor is None.
 
-    In a distributed job `reduce` turns each rank's round medians into the job's, so every
-    rank computes the same ratios and takes the same number of rounds; there, running out of
-    memory is not survivable (the other ranks would wait in a collective) and propagates."""
+    In a distributed job (a policy with `reduce`) running out of memory is not survivable (the
+    other ranks would wait in a collective) and propagates."""
+    policy = policy or RoundPolicy(rounds=rounds, max_rounds=max_rounds)
     s = settings or MeasureSettings()
     reset_peak_memory(session.device)
     session.activate()
@@ -324,10 +354,9 @@ def measure_against(
     ratios: list[float] = []
     try:
         with open_anchor() as a:
-            anchor_m = _alternate(session, a, caps, s, sb, ratios, rounds=rounds, max_rounds=max_rounds,
-                                  anchor_flops=anchor_flops, reduce=reduce)
+            anchor_m = _alternate(session, a, caps, s, sb, ratios, policy=policy, anchor_flops=anchor_flops)
     except BaseException as exc:  # noqa: BLE001 - only out of memory is survivable here
-        if reduce is not None or not is_oom(exc):
+        if policy.reduce is not None or not is_oom(exc):
             raise
         anchor_m, sb, ratios = None, [], []
         free_memory()
@@ -335,16 +364,15 @@ def measure_against(
     if anchor_m is None:
         sb = _timed_steps(session, s)
     m = _measurement(session, caps, sb, peak=peak, flops_per_step=flops_per_step, compile_time=compile_time, warmup=w)
-    return Paired(anchor_m, m, ratios, SIDE_BY_SIDE_FLOOR)
+    return Paired(anchor_m, m, ratios, SIDE_BY_SIDE_FLOOR, cut_short=policy.cut_short)
 
 
 def _alternate(session: Session, a: Session, caps: Capabilities, s: MeasureSettings, sb: list[float],
-               ratios: list[float], *, rounds: int, max_rounds: int, anchor_flops: Optional[float],
-               reduce: Optional[RoundReducer]) -> Measurement:
+               ratios: list[float], *, policy: RoundPolicy, anchor_flops: Optional[float]) -> Measurement:
     """The alternating rounds of measure_against, anchor first in each; appends the
     candidate's samples to `sb` and each round's ratio to `ratios`; returns the anchor's
     measurement."""
-    share = s.round_share(rounds)
+    share = s.round_share(policy.rounds)
     a.activate()
     wa, ca = _warm_up(a, s)
     sa: list[float] = []
@@ -356,13 +384,14 @@ def _alternate(session: Session, a: Session, caps: Capabilities, s: MeasureSetti
         session.activate()
         _timed_steps(session, share, samples=sb)
         ta, tb = statistics.median(sa[i:]), statistics.median(sb[j:])
-        if reduce is not None:
-            ta, tb = reduce(ta, tb)
+        if policy.reduce is not None:
+            ta, tb = policy.reduce(ta, tb)
         ratios.append((session.samples_per_step * ta) / (a.samples_per_step * tb))
 
-    for _ in range(rounds):
+    started = time.perf_counter()
+    for _ in range(policy.rounds):
         one_round()
-    while len(ratios) < max_rounds and not Paired(None, None, ratios, SIDE_BY_SIDE_FLOOR).settled:
+    while policy.more(ratios, started):
         for _ in range(3):
             one_round()
     return _measurement(a, caps, sa, peak=None, flops_per_step=anchor_flops, compile_time=ca, warmup=wa)

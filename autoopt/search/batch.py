@@ -69,8 +69,9 @@ class _Try:
 class _Searcher:
     """The state of one search: the table of tries, the best size and its measurement."""
 
-    def __init__(self, cfg: ExecConfig, measure, against, memory_budget_mb, noise):
+    def __init__(self, cfg: ExecConfig, measure, against, memory_budget_mb, noise, stop=None):
         self.cfg, self.measure, self.against = cfg, measure, against
+        self.stop = stop or (lambda: False)  # True: the time budget has no room for another size
         self.budget, self.noise = memory_budget_mb, noise
         self.table: list[dict[str, Any]] = []
         self.tried: dict[int, Optional[Measurement]] = {}
@@ -135,7 +136,7 @@ class _Searcher:
     def past_dip(self, nxt: int, max_batch: int) -> bool:
         """One doubling past a size without gain; True when it paid (the search goes on)."""
         beyond = nxt * 2
-        if beyond > max_batch:
+        if beyond > max_batch or self.stop():
             return False
         t = self.attempt(beyond, beside_best=True)
         if t.beats():
@@ -148,7 +149,7 @@ class _Searcher:
     def midpoint(self, nxt: int) -> None:
         """After out-of-memory (or over budget) at `nxt`: the midpoint, once."""
         mid = (self.best + nxt) // 2
-        if mid <= self.best or mid in self.tried:
+        if mid <= self.best or mid in self.tried or self.stop():
             return
         t = self.attempt(mid, beside_best=True)
         if t.beats():
@@ -163,6 +164,8 @@ class _Searcher:
             nxt = self.best * 2
             if nxt > max_batch:
                 return f"reached the maximum batch size {max_batch}"
+            if self.stop():
+                return f"the time budget was spent before batch {nxt} could be measured"
             t = self.attempt(nxt, beside_best=True)
             if t.beats():
                 self.take(nxt, t)
@@ -172,6 +175,8 @@ class _Searcher:
                 side = " side by side" if "ratio_to_best" in self.table[-1] else ""
                 reason = (f"batch {nxt} gave {t.ratio:.2f}x the samples/s of batch {self.best}{side}: no gain "
                           f"beyond the noise ({t.noise:.0%})")
+                if not patience_used and self.stop():
+                    return reason + "; the time budget was spent before a larger size could be tried"
                 if not patience_used:
                     patience_used = True
                     if self.past_dip(nxt, max_batch):
@@ -192,13 +197,15 @@ def search_batch_size(
     max_batch: int = 4096,
     noise: Optional[float] = None,
     against: Optional[Callable[[ExecConfig, ExecConfig], Paired]] = None,
+    stop: Optional[Callable[[], bool]] = None,
 ) -> BatchSearch:
     """Search the batch size of `cfg` from `start` (default cfg.batch_size), as the module
     docstring says. `measure(cfg)` measures one size alone; `against(best_cfg, new_cfg)`
     measures a size beside the best so far. Both may raise an out-of-memory error (caught);
-    other errors propagate. `noise`, when given, replaces the measured noise."""
+    other errors propagate. `noise`, when given, replaces the measured noise. `stop()`, asked
+    before each larger size, ends the search with what it has (the time budget)."""
     start = int(start or cfg.batch_size)
-    s = _Searcher(cfg, measure, against, memory_budget_mb, noise)
+    s = _Searcher(cfg, measure, against, memory_budget_mb, noise, stop)
     if not s.find_start(start):
         return BatchSearch(None, None, start, s.table, reason="out of memory (or over the budget) even at batch size 1")
     first_m = s.best_m

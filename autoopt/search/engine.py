@@ -12,14 +12,23 @@ A strategy (autoopt.search.strategies) decides which trials to run; `Search.run`
 then, when the pipeline gives a `rediagnose` hook, follows the diagnosis: the rules run again
 on the trace of the best configuration, and what they newly propose is tried on top of it,
 until nothing new appears.
+
+The time budget (`--time-budget`, SearchSettings.time_budget_s, counted from the start of the
+run): candidates come most promising first; a trial is started only when the median trial so
+far still fits before the deadline (the rest are recorded as skipped, "not measured"); an
+unsettled call takes more rounds only within its share of the time left (the time left over
+the trials still expected). Before the search, the baseline is measured beside itself (the
+noise check): the gain this machine can resolve, said in one line.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, Optional
 
-from autoopt.results import Decision, Variant
+from autoopt.results import Decision, NoiseCheck, SearchSummary, Variant
 from autoopt.run.measure import Paired, noise_between, speedup
+from autoopt.run.session import is_oom
 from autoopt.search.batch import search_batch_size
 from autoopt.search.evaluator import Evaluator
 from autoopt.search.trial import Candidate, Outcome, Point
@@ -41,7 +50,8 @@ def judge(pair: Optional[Paired], anchor: Point, m: Measurement, anchor_name: st
     """Whether m beats the anchor beyond the noise: by the ratio of the rounds measured side
     by side when there are some, else against the anchor's earlier measurement."""
     if pair is not None and pair.anchor is not None:
-        return Decision(pair.better, pair.ratio, pair.noise, anchor_name, rounds=len(pair.round_ratios))
+        return Decision(pair.better, pair.ratio, pair.noise, anchor_name, rounds=len(pair.round_ratios),
+                        settled=pair.settled, cut_short=pair.cut_short and not pair.settled)
     ratio, _, _ = speedup(anchor.measurement, m)
     noise = noise_between(anchor.measurement, m, APART_FLOOR)
     return Decision(ratio > 1 + noise, ratio, noise, anchor_name)
@@ -51,8 +61,10 @@ class Search:
     """One search over the candidates of a workload; its variants are the report's."""
 
     def __init__(self, evaluator: Evaluator, settings: SearchSettings, *, progress: Progress = _noop,
-                 rediagnose: Optional[Rediagnose] = None, variants: Optional[list[Variant]] = None):
+                 rediagnose: Optional[Rediagnose] = None, variants: Optional[list[Variant]] = None,
+                 run_started: Optional[float] = None, clock: Callable[[], float] = time.perf_counter):
         self.ev = evaluator
+        self.clock = clock  # time.perf_counter; a test passes its own
         self.settings = settings
         self.progress = progress
         self.rediagnose = rediagnose
@@ -63,28 +75,107 @@ class Search:
         self.started: Optional[float] = None
         self.time_s: Optional[float] = None
         self.base: Optional[Point] = None
+        budget = settings.time_budget_s
+        start = run_started if run_started is not None else clock()
+        self.deadline: Optional[float] = start + budget if budget else None
+        self.budget_spent = False
+        self.pending = 1  # trials still expected (strategies say, via expect): shares out the time left
+        self.trial_times: list[float] = []
+        self.unmeasured: list[str] = []
+        self.noise: Optional[NoiseCheck] = None
 
     # ------------------------------------------------------------------ running
     def run(self, strategy, candidates: list[Candidate], base: Point) -> Point:
         """The strategy's best configuration, then the diagnosis followed from it."""
         self.base = base
-        self.started = time.perf_counter()
+        self.started = self.clock()
         try:
+            self.check_noise()
             best = strategy.run(self, candidates, base)
             if self.rediagnose is not None and self.settings.follow_diagnosis:
                 best = self.follow(best)
             self.mark_superseded(best)
             return best
         finally:
-            self.time_s = time.perf_counter() - self.started
+            self.time_s = self.clock() - self.started
 
     def elapsed(self) -> float:
         if self.time_s is not None:
             return self.time_s
-        return time.perf_counter() - self.started if self.started else 0.0
+        return self.clock() - self.started if self.started else 0.0
 
     def anchor_name(self, anchor: Point) -> str:
         return "the baseline" if anchor is self.base else "the current best"
+
+    # ------------------------------------------------------------------ the time budget
+    def expect(self, trials: int) -> None:
+        """The strategy's estimate of the trials still to come (shares out the time left)."""
+        self.pending = max(1, trials)
+
+    def out_of_time(self) -> bool:
+        """True when the median trial so far would not end before the deadline (the same
+        answer on every rank of a job)."""
+        if self.deadline is None:
+            return False
+        need = statistics.median(self.trial_times) if self.trial_times else 0.0
+        spent = self.ev.agree(self.clock() + need > self.deadline)
+        self.budget_spent = self.budget_spent or spent
+        return spent
+
+    def round_deadline(self) -> Optional[float]:
+        """Until when the next call may add rounds: its share of the time left."""
+        if self.deadline is None:
+            return None
+        now = self.clock()
+        return now + max(0.0, self.deadline - now) / self.pending
+
+    def _timed_trial(self, name: str, cfg, **kw):
+        t0 = self.clock()
+        out = self.ev.trial(name, cfg, deadline=self.round_deadline(), **kw)
+        self.trial_times.append(self.clock() - t0)
+        self.pending = max(1, self.pending - 1)
+        return out
+
+    def _not_measured(self, name: str, codes: list[str], transforms: list[dict], combo: list[Candidate]) -> Variant:
+        self.unmeasured.append(name)
+        v = Variant(name=name, codes=codes, transforms=transforms, accepted=True, status=Status.SKIPPED,
+                    reason=f"not measured: the time budget ({self.settings.time_budget_s:.0f} s, --time-budget) "
+                           "was spent before its turn", expected_speedup=self.expected(combo),
+                    safety=self.safety(combo))
+        self.variants.append(v)
+        return v
+
+    def check_noise(self) -> None:
+        """The baseline beside itself (fixed rounds): the gain this machine can resolve now."""
+        if not self.settings.noise_check or self.out_of_time():
+            return
+        self.progress("measure", "noise check: the baseline beside itself, in alternating rounds")
+        cfg = self.base.config
+        try:
+            pair = self.ev.measure_pair(cfg, cfg, extend=False)
+        except Exception as e:  # noqa: BLE001 - two baselines may not fit; the search goes on
+            if not is_oom(e):
+                raise
+            self.notes.append("noise check: two copies of the baseline did not fit in memory; skipped")
+            return
+        if pair.anchor is None or len(pair.round_ratios) < 2:
+            return
+        self.noise = NoiseCheck(pair.ratio, pair.half_width, len(pair.round_ratios), pair.floor)
+        self.progress("noise", self.noise.line())
+
+    def summary(self) -> SearchSummary:
+        """The report's "search": cost, budget, what it left unmeasured or unsettled, the noise."""
+        unsettled = []
+        for v in self.variants:
+            d = v.decision
+            if d is not None and not d.settled:
+                low, high = d.interval
+                unsettled.append({"variant": v.name, "ratio": round(d.ratio, 4), "low": round(low, 4),
+                                  "high": round(high, 4), "rounds": d.rounds, "anchor": d.anchor,
+                                  "why": d.unsettled_why})
+        return SearchSummary(self.settings.strategy, self.variants_tried, self.elapsed(),
+                             time_budget_s=self.settings.time_budget_s, budget_spent=self.budget_spent,
+                             unmeasured=list(self.unmeasured), unsettled=unsettled, noise=self.noise)
 
     # ------------------------------------------------------------------ trials
     def evaluate(self, combo: list[Candidate], anchor: Point, *,
@@ -94,9 +185,11 @@ class Search:
         point it reached (kept or not: a solo's point is what greedy orders by)."""
         cfg = apply_transforms(self.base.config, [(c.transform, c.params) for c in combo], self.ev.workload)
         name = name or "+".join(c.code for c in combo)
+        if self.out_of_time():
+            return self._not_measured(name, [c.code for c in combo], [c.transform_json() for c in combo], combo), None
         tol = max(c.transform.tolerance_for(c.params) for c in combo)
         self.variants_tried += 1
-        out = self.ev.trial(name, cfg, tolerance=tol, anchor=anchor)
+        out = self._timed_trial(name, cfg, tolerance=tol, anchor=anchor)
         v = Variant(name=name, codes=[c.code for c in combo], transforms=[c.transform_json() for c in combo],
                     accepted=True, status=Status.FAILED, config=cfg, measurement=out.measurement,
                     verification=out.verification, logdir=out.logdir, expected_speedup=self.expected(combo),
@@ -117,6 +210,9 @@ class Search:
         v.status = Status.KEPT if d.better else Status.REJECTED
         v.reason = (f"verified; {d.ratio:.2f}x {d.anchor}, {d.how} (noise {d.noise:.0%})" if d.better else
                     f"verified but not faster beyond noise: {d.ratio:.2f}x {d.anchor}, {d.how} (noise {d.noise:.0%})")
+        if not d.settled:
+            low, high = d.interval
+            v.reason += f"; too close to call ({low:.2f}x-{high:.2f}x: {d.unsettled_why})"
         return Point(v.config, list(combo), out.measurement, v.speedup, out.logdir)
 
     def solo(self, c: Candidate) -> tuple[Variant, Optional[Point]]:
@@ -165,13 +261,17 @@ class Search:
         """The batch size searched by throughput on `start`, each larger size measured beside
         the best size so far; the size found is kept when it beats `best` (measured beside it
         when start is not best). Returns the new point, or None when no larger batch was kept."""
+        name = "+".join(start.codes + [c.code])
+        if self.out_of_time():
+            self._not_measured(name, start.codes + [c.code],
+                               [x.transform_json() for x in start.chosen] + [c.transform_json()], start.chosen + [c])
+            return None
         result = search_batch_size(
             start.config, self._measure_batch(start), against=self._batch_pair,
             memory_budget_mb=self.ev.memory_budget_mb(self.settings.memory_budget_fraction),
-            max_batch=self.settings.max_batch)
+            max_batch=self.settings.max_batch, stop=self.out_of_time)
         self.batch_tables[start.label] = result.table
         params = dict(c.params, batch_size=result.batch_size, previous=start.config.batch_size)
-        name = "+".join(start.codes + [c.code])
         v = Variant(name=name, codes=start.codes + [c.code],
                     transforms=[x.transform_json() for x in start.chosen] + [{"name": BATCH, "params": params}],
                     accepted=True, status=Status.REJECTED, expected_speedup=c.finding.expected_speedup,
@@ -187,7 +287,10 @@ class Search:
         # measures and traces the result. From another configuration (nothing was kept; the
         # fastest transform alone was the start), the result must beat the current best beside it.
         from_best = start is best
-        out = self.ev.trial(name, cfg, tolerance=0.0, anchor=None if from_best else best, verify=False)
+        if from_best and self.out_of_time():  # the search's own measurement of the size stands
+            out = Outcome(measurement=result.measurement)
+        else:
+            out = self._timed_trial(name, cfg, tolerance=0.0, anchor=None if from_best else best, verify=False)
         v.config, v.measurement, v.logdir, v.failure = cfg, out.measurement, out.logdir, out.failure
         if out.failure is not None or out.measurement is None:
             v.status, v.reason = Status.FAILED, out.failure.summary if out.failure else "no measurement"
@@ -210,7 +313,10 @@ class Search:
         self.progress("batch", f"batch search: batch size {new.batch_size}, in alternating rounds with "
                       f"{cur.batch_size} (doubling while samples/s improves)", batch_size=new.batch_size)
         self.variants_tried += 1
-        return self.ev.measure_pair(cur, new)
+        t0 = self.clock()
+        pair = self.ev.measure_pair(cur, new, deadline=self.round_deadline())
+        self.trial_times.append(self.clock() - t0)
+        return pair
 
     def _batch_verdict(self, v: Variant, c: Candidate, params: dict, relative: float, start: Point, best: Point,
                        out: Outcome, from_best: bool) -> bool:
@@ -238,6 +344,9 @@ class Search:
         """Re-run the rules on the best configuration's trace; try what they newly propose on
         top of it (a larger batch last), until no new finding appears."""
         for _ in range(self.settings.max_diagnosis_rounds):
+            if self.out_of_time():
+                self.notes.append("search: the diagnosis was not followed further: the time budget was spent")
+                break
             fresh = self.rediagnose(best)
             if not fresh:
                 break

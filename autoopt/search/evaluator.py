@@ -29,17 +29,24 @@ class Evaluator(Protocol):
         """Build the model file as written: record the reference run every variant is verified
         against, trace it, count its FLOPs and measure it."""
 
+    def agree(self, flag: bool) -> bool:
+        """One answer for the whole job (a distributed job: rank 0's), so that every rank takes
+        the same path; in one process, `flag` itself."""
+
     def trial(self, name: str, cfg: ExecConfig, *, tolerance: float, anchor: Optional[Point],
-              verify: bool = True, trace: bool = True) -> Outcome:
+              verify: bool = True, trace: bool = True, deadline: Optional[float] = None) -> Outcome:
         """One configuration: verified against the reference (when `verify`), measured beside
-        `anchor` in alternating rounds (alone when None), traced (when `trace`). A failure is
-        returned as a value."""
+        `anchor` in alternating rounds (alone when None), traced (when `trace`). Rounds beyond
+        the first ones (an unsettled call) end before `deadline` (time.perf_counter()). A
+        failure is returned as a value."""
 
     def measure_alone(self, cfg: ExecConfig) -> Measurement:
         """One configuration timed on its own (may raise out of memory)."""
 
-    def measure_pair(self, anchor: ExecConfig, cfg: ExecConfig) -> Paired:
-        """`cfg` measured beside `anchor` in alternating rounds (may raise out of memory)."""
+    def measure_pair(self, anchor: ExecConfig, cfg: ExecConfig, *, deadline: Optional[float] = None,
+                     extend: bool = True) -> Paired:
+        """`cfg` measured beside `anchor` in alternating rounds (may raise out of memory); more
+        rounds while unsettled when `extend`, none that would end after `deadline`."""
 
     def memory_budget_mb(self, fraction: float) -> Optional[float]:
         """The memory a configuration may use: `fraction` of the device's (or host's)."""

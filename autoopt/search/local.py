@@ -10,7 +10,15 @@ from typing import Callable, Optional
 
 from autoopt.errors import UserError
 from autoopt.results import Failure
-from autoopt.run.measure import Paired, count_flops, cpu_memory_total_mb, measure, measure_against, measure_side_by_side
+from autoopt.run.measure import (
+    Paired,
+    RoundPolicy,
+    count_flops,
+    cpu_memory_total_mb,
+    measure,
+    measure_against,
+    measure_side_by_side,
+)
 from autoopt.run.session import Session, is_oom
 from autoopt.run.trace import new_run_dir, trace_session
 from autoopt.run.verify import RunRecord, compare, record_run
@@ -89,8 +97,11 @@ class LocalEvaluator:
             m = measure(s, self.caps, self.measure_settings, flops_per_step=flops)
         return Point(cfg, [], m, 1.0, logdir)
 
+    def agree(self, flag: bool) -> bool:
+        return flag
+
     def trial(self, name: str, cfg: ExecConfig, *, tolerance: float, anchor: Optional[Point],
-              verify: bool = True, trace: bool = True) -> Outcome:
+              verify: bool = True, trace: bool = True, deadline: Optional[float] = None) -> Outcome:
         eta = self.eta()
         self.progress("variant", f"{name}: building" + (f" (~{eta:.0f} s per variant so far)" if eta else ""),
                       variant=name, eta_s=eta)
@@ -103,7 +114,8 @@ class LocalEvaluator:
                     out.verification = compare(self.reference, record_run(s), tolerance)
                     if not out.verification.ok:
                         return out
-                self._measure(s, name, cfg, anchor, out, compiled_before=out.verification is not None)
+                self._measure(s, name, cfg, anchor, out, compiled_before=out.verification is not None,
+                              deadline=deadline)
                 if trace:
                     out.logdir = self._trace(s, name)
         except KeyboardInterrupt:
@@ -115,7 +127,7 @@ class LocalEvaluator:
         return out
 
     def _measure(self, s: Session, name: str, cfg: ExecConfig, anchor: Optional[Point], out: Outcome, *,
-                 compiled_before: bool) -> None:
+                 compiled_before: bool, deadline: Optional[float]) -> None:
         flops = self.flops(cfg)
         if anchor is None:
             self.progress("measure", f"{name}: measuring", variant=name,
@@ -125,22 +137,24 @@ class LocalEvaluator:
         what = "the baseline" if anchor.config == self.base_cfg else "the current best"
         self.progress("measure", f"{name}: measuring, in alternating rounds with {what}", variant=name,
                       compiling=_compiles(cfg, anchor.config))
-        out.pair = self._against(s, anchor.config, flops)
+        out.pair = self._against(s, anchor.config, flops, deadline)
         out.measurement = out.pair.measurement
 
-    def _against(self, s: Session, anchor: ExecConfig, flops: Optional[float]) -> Paired:
+    def _against(self, s: Session, anchor: ExecConfig, flops: Optional[float], deadline: Optional[float],
+                 extend: bool = True) -> Paired:
         ss = self.search_settings
+        policy = RoundPolicy(rounds=ss.rounds, max_rounds=ss.max_rounds if extend else ss.rounds, deadline=deadline)
         return measure_against(s, lambda: Session(self.workload, anchor), self.caps, self.measure_settings,
-                               rounds=ss.rounds, max_rounds=ss.max_rounds, flops_per_step=flops,
-                               anchor_flops=self.flops(anchor))
+                               flops_per_step=flops, anchor_flops=self.flops(anchor), policy=policy)
 
     def measure_alone(self, cfg: ExecConfig) -> Measurement:
         with Session(self.workload, cfg) as s:
             return measure(s, self.caps, self.measure_settings, flops_per_step=self.flops(cfg))
 
-    def measure_pair(self, anchor: ExecConfig, cfg: ExecConfig) -> Paired:
+    def measure_pair(self, anchor: ExecConfig, cfg: ExecConfig, *, deadline: Optional[float] = None,
+                     extend: bool = True) -> Paired:
         with Session(self.workload, cfg) as s:
-            return self._against(s, anchor, self.flops(cfg))
+            return self._against(s, anchor, self.flops(cfg), deadline, extend)
 
     def memory_budget_mb(self, fraction: float) -> Optional[float]:
         total = self.caps.total_memory_mb or (cpu_memory_total_mb() if self.caps.device_type == "cpu" else None)

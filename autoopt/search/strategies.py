@@ -47,7 +47,9 @@ class Greedy:
 
     def run(self, search: Search, candidates: list[Candidate], base: Point) -> Point:
         regular, batch = _split(candidates)
+        search.expect(2 * len(regular) + (4 if batch else 0))
         verified = sorted(_solos(search, regular), key=lambda cp: -cp[1].speedup)
+        search.expect(len(verified) + (4 if batch else 0))
         best = self._combine(search, verified, base)
         if not best.chosen:
             best = self._pair_up(search, verified, base)
@@ -99,6 +101,7 @@ class Exhaustive:
 
     def run(self, search: Search, candidates: list[Candidate], base: Point) -> Point:
         regular, batch = _split(candidates)
+        search.expect((2 ** len(regular)) * (5 if batch else 1))
         verified = _solos(search, regular)
         points = [(p, kept) for _, p, kept in verified]
         pool = [c for c, _, _ in verified]
