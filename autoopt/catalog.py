@@ -62,6 +62,8 @@ _ENTRIES = (
                   "Let cuDNN benchmark convolution algorithms per input shape (static shapes)"),
     TransformInfo("dataloader", "safe", 1e-4, 60,
                   "Budget DataLoader workers and intra-op threads over the cores; pinned memory, persistent workers"),
+    TransformInfo("threads", "safe", 1e-4, 62,
+                  "Set the intra-op thread count to the cores free of other work (torch.set_num_threads)"),
     TransformInfo("compile", "safe", 1e-3, 80,
                   "torch.compile the model (fused kernels, less Python overhead); compile time reported apart"),
     TransformInfo("cuda_graphs", "safe", 1e-3, 85,

@@ -238,6 +238,48 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def busy_from_proc_stat(before: str, after: str) -> tuple[float, float]:
+    """(busy jiffies, all jiffies) between two readings of /proc/stat's aggregate `cpu` line."""
+    def parse(text: str) -> list[int]:
+        for line in text.splitlines():
+            if line.startswith("cpu "):
+                return [int(x) for x in line.split()[1:]]
+        raise ValueError("no aggregate cpu line in /proc/stat")
+    a, b = parse(before), parse(after)
+    d = [y - x for x, y in zip(a, b)]
+    idle = d[3] + (d[4] if len(d) > 4 else 0)  # idle + iowait
+    total = sum(d[:8])  # user nice system idle iowait irq softirq steal (steal: the host's other guests)
+    return float(total - idle), float(total)
+
+
+def self_jiffies_from_stat(text: str) -> int:
+    """utime + stime of a process from its /proc/<pid>/stat line."""
+    rest = text.rsplit(")", 1)[1].split()
+    return int(rest[11]) + int(rest[12])
+
+
+def cpu_busy_other(window_s: float = 0.3) -> Optional[float]:
+    """Cores' worth of CPU time used by other processes over `window_s` (this process's own
+    time subtracted), from /proc/stat; None where /proc is not there. Take it while this
+    process is idle (before a run): its own threads would count as other work's neighbours."""
+    import time
+
+    try:
+        s0, p0 = _read("/proc/stat"), _read("/proc/self/stat")
+        if not s0 or not p0:
+            return None
+        time.sleep(window_s)
+        s1, p1 = _read("/proc/stat"), _read("/proc/self/stat")
+        busy, total = busy_from_proc_stat(s0, s1)
+        own = self_jiffies_from_stat(p1) - self_jiffies_from_stat(p0)
+    except (ValueError, IndexError):
+        return None
+    if total <= 0:
+        return None
+    ncpu = os.cpu_count() or 1
+    return max(0.0, (busy - own) / total * ncpu)
+
+
 def physical_cores_from_cpuinfo(text: str, allowed: Optional[set[int]] = None) -> Optional[int]:
     """Distinct (physical id, core id) pairs among the allowed processors; None when the
     file does not say (some VMs and Arm kernels)."""

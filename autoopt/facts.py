@@ -62,6 +62,11 @@ FACTS: dict[str, tuple[str, str]] = {
     "env.torch_cuda_build": ("bool", "the installed torch is a CUDA build"),
     "env.nvidia_gpu_present": ("bool", "an NVIDIA GPU is visible to the OS (nvidia-smi or /proc/driver/nvidia)"),
     "env.num_threads": ("number", "torch.get_num_threads()"),
+    "env.cpus_busy_other": ("number", "cores' worth of CPU time other processes used just before the run "
+                                      "(/proc/stat, sampled while autoopt was idle)"),
+    "env.cpus_free": ("number", "cores available to the process, less those other work held and the "
+                                "DataLoader's workers (at least 1)"),
+    "env.threads_over_free": ("number", "env.num_threads - env.cpus_free: intra-op threads beyond the free cores"),
     # --- metrics: timed steps (autoopt.run.measure) ---
     "metrics.step_time_ms": ("number", "median step time in ms (timed run when present, else the trace's steps)"),
     "metrics.throughput_per_s": ("number", "samples per second of the timed run"),

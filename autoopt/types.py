@@ -145,6 +145,7 @@ class ExecConfig:
     cudnn_benchmark: Optional[bool] = None
     optimizer_impl: Optional[str] = None  # "foreach" | "fused"
     dataloader: Optional[dict] = None  # num_workers, pin_memory, persistent_workers, prefetch_factor, intra_op_threads
+    num_threads: Optional[int] = None  # intra-op threads (the `threads` transform); wins over the loader's
     cuda_graphs: bool = False
     activation_checkpointing: bool = False
     grad_accum_steps: int = 1

@@ -80,6 +80,7 @@ SINGLE = {
     "activation_checkpointing": {},
     "grad_accumulation": {"steps": 2},
     "inference_mode": {"weights_dtype": None},
+    "threads": {"num_threads": 1},
 }
 CASES = [("train", [(name, params)]) for name, params in SINGLE.items() if name != "inference_mode"]
 CASES += [("infer", [("inference_mode", {"weights_dtype": None})]),

@@ -195,8 +195,14 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "AO904": ({"env.anomaly_detection": True}, [{"env.anomaly_detection": False}]),
     "AO905": ({**A100, "env.deterministic": True}, [{"env.deterministic": False}, {"device.type": "cpu"}]),
     "AO906": (
-        {**EPYC, "env.num_threads": 1, "workload.cpu_count": 8},
-        [{"env.num_threads": 8}, {"workload.cpu_count": 1}],
+        {**EPYC, "env.num_threads": 1, "workload.cpu_count": 8, "env.cpus_free": 8},
+        [{"env.num_threads": 8}, {"workload.cpu_count": 1}, {"env.cpus_free": 1}],
+    ),
+    "AO907": (
+        {**EPYC, "env.num_threads": 2, "workload.cpu_count": 2, "env.cpus_busy_other": 1.0, "env.cpus_free": 1,
+         "env.threads_over_free": 1},
+        [{"env.threads_over_free": 0}, {"env.num_threads": 1}, {"device.type": "cuda"},
+         {"env.threads_over_free": None}],
     ),
 }
 

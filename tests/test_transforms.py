@@ -30,7 +30,7 @@ TRACES = Path(__file__).resolve().parent / "data" / "traces" / "real"
 
 EXPECTED_NAMES = {
     "amp", "channels_last", "compile", "batch_size", "tf32", "cudnn_benchmark", "fused_optimizer",
-    "dataloader", "cuda_graphs", "activation_checkpointing", "grad_accumulation", "inference_mode",
+    "dataloader", "cuda_graphs", "activation_checkpointing", "grad_accumulation", "inference_mode", "threads",
 }
 
 
@@ -316,6 +316,62 @@ def test_dataloader_check_resolve_apply(a100):
 
     wl = workload(CNN, cnn_batch, forward=cnn_forward, build_optimizer=sgd, build_dataloader=not_a_loader)
     assert "not a torch DataLoader" in t.check(wl, CPU, {})
+
+
+def test_threads_sized_to_the_free_cores_and_measured_against_one_and_half():
+    from autoopt.run.apply import process_settings_for
+    from autoopt.transforms.threads import thread_options
+
+    assert thread_options(2, 1) == [1] and thread_options(8, 3) == [3, 1, 4] and thread_options(1, 1) == []
+    assert thread_options(4, 8) == [1, 2]  # more free cores than threads: only fewer threads are this transform's
+    t = get_transform("threads")
+    busy = cnn_train(facts={"workload.cpu_count": 2, "env.num_threads": 2, "env.cpus_free": 1})
+    assert t.check(busy, CPU, {}) is None
+    assert t.resolve_params(busy, CPU, {}) == {"num_threads": 1}
+    assert t.candidates(busy, CPU, {}) == [{"num_threads": 1}]
+    big = mlp_infer(facts={"workload.cpu_count": 8, "env.num_threads": 8, "env.cpus_free": 3})
+    assert [c["num_threads"] for c in t.candidates(big, CPU, {})] == [3, 1, 4]  # without a DataLoader too
+    assert t.candidates(big, CPU, {"num_threads": 2}) == [{"num_threads": 2}]
+    one = cnn_train(facts={"workload.cpu_count": 2, "env.num_threads": 1, "env.cpus_free": 1})
+    assert "already runs 1 intra-op thread" in t.check(one, CPU, {})
+    assert "whole number" in t.check(busy, CPU, {"num_threads": 0})
+    assert "unknown threads settings" in t.check(busy, CPU, {"threads": 1})
+    cfg = t.apply(ExecConfig(), {"num_threads": 1})
+    assert cfg.num_threads == 1
+    defaults = {"matmul_precision": "highest", "cudnn_benchmark": False, "cudnn_allow_tf32": True,
+                "cuda_matmul_allow_tf32": False, "num_threads": 2}
+    assert process_settings_for(cfg, defaults)["num_threads"] == 1
+    # it wins over the dataloader's thread budget, and comes after it in a patch
+    both = apply_transforms(ExecConfig(), [("dataloader", {"num_workers": 2, "intra_op_threads": 2}),
+                                           ("threads", {"num_threads": 1})])
+    assert process_settings_for(both, defaults)["num_threads"] == 1
+    assert [x.name for x, _ in ordered([("threads", {}), ("dataloader", {})])] == ["dataloader", "threads"]
+    with pytest.raises(ValueError):
+        t.apply(ExecConfig(), {"num_threads": "2"})
+
+
+def test_free_cores_from_other_work_and_loader_workers():
+    from autoopt.diagnosis.facts_builder import build_facts, cpu_share_facts, diagnose
+    from autoopt.env import busy_from_proc_stat, self_jiffies_from_stat
+
+    assert cpu_share_facts({"workload.cpu_count": 2, "env.cpus_busy_other": 1.0, "env.num_threads": 2}) == {
+        "env.cpus_free": 1, "env.threads_over_free": 1}
+    assert cpu_share_facts({"workload.cpu_count": 2, "env.cpus_busy_other": 0.5})["env.cpus_free"] == 2
+    assert cpu_share_facts({"workload.cpu_count": 4, "workload.dataloader_workers": 2,
+                            "env.num_threads": 4})["env.threads_over_free"] == 2
+    assert cpu_share_facts({"workload.cpu_count": 2, "env.cpus_busy_other": 3.0})["env.cpus_free"] == 1
+    assert cpu_share_facts({"env.cpus_busy_other": 1.0}) == {}
+    before = "cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n"
+    after = "cpu  200 0 100 900 10 0 0 40 0 0\n"
+    assert busy_from_proc_stat(before, after) == (150.0, 250.0)
+    stat = "4242 (python (x) y) S 1 2 3 4 5 6 7 8 9 10 31 9 0 0 20 0"
+    assert self_jiffies_from_stat(stat) == 40
+    # AO907 from the facts of a run, and not once the configuration runs on the free cores
+    facts = {"device.type": "cpu", "workload.cpu_count": 2, "env.num_threads": 2, "env.cpus_busy_other": 1.1}
+    assert "AO907" in [f.code for f in diagnose(build_facts(workload=facts))]
+    fixed = build_facts(workload=facts, config=ExecConfig(num_threads=1))
+    assert fixed["env.threads_over_free"] == 0
+    assert not {"AO907", "AO906"} & {f.code for f in diagnose(fixed)}
 
 
 def test_activation_checkpointing_check():

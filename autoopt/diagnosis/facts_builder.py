@@ -86,6 +86,23 @@ def config_facts(cfg: ExecConfig) -> dict[str, Any]:
                       ("persistent_workers", "workload.persistent_workers"), ("intra_op_threads", "env.num_threads")):
         if loader.get(key) is not None:
             out[fact] = loader[key]
+    if cfg.num_threads:
+        out["env.num_threads"] = cfg.num_threads
+    return out
+
+
+def cpu_share_facts(facts: dict[str, Any]) -> dict[str, Any]:
+    """env.cpus_free and env.threads_over_free, from the other work measured before the run
+    (env.cpus_busy_other; none where it was not measured), the cores and the DataLoader's
+    workers of these facts. A core counts as held when other work used 0.6 of it or more."""
+    busy, cpus = facts.get("env.cpus_busy_other") or 0.0, facts.get("workload.cpu_count")
+    if not cpus:
+        return {}
+    workers = int(facts.get("workload.dataloader_workers") or 0)
+    free = max(1, int(cpus) - int(busy + 0.4) - workers)
+    out: dict[str, Any] = {"env.cpus_free": free}
+    if facts.get("env.num_threads"):
+        out["env.threads_over_free"] = int(facts["env.num_threads"]) - free
     return out
 
 
@@ -131,6 +148,7 @@ def build_facts(
     if measurement is not None:
         facts.update(measurement_facts(measurement, device.total_memory_mb if device else None))
     facts.update(extra or {})
+    facts.update({k: v for k, v in cpu_share_facts(facts).items() if k not in (extra or {})})
     return facts
 
 

@@ -98,6 +98,11 @@ class OptimizeRun:
         self.spec = load_model_file(path)
         self.caps = detect_capabilities(s.device)
         self.workload = build_workload(self.spec, self.caps, batch_size=s.batch_size, seed=s.seed)
+        if self.caps.device_type == "cpu":  # other work on the cores, measured while this process is idle
+            from autoopt.env import cpu_busy_other
+            from autoopt.workload.inspect import note_cpu_load
+
+            note_cpu_load(self.workload, cpu_busy_other())
         self.out = new_report_dir(s.reports_root, self.spec.name, s.out_dir)
         self.tb = self.out / "tb"
         self.tb.mkdir(exist_ok=True)

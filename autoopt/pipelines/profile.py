@@ -28,9 +28,11 @@ def profile_model(
     measure_settings: Optional[MeasureSettings] = None,
     progress: Callable[..., None] = lambda *a, **k: None,
     caps: Optional[Capabilities] = None,
+    cpu_busy_other: Optional[float] = None,
 ) -> dict[str, Any]:
     """`autoopt profile --json`'s object. `caps` replaces the detected device's capabilities
-    (tests judge a CPU run as a given CPU would be judged)."""
+    (tests judge a CPU run as a given CPU would be judged); `cpu_busy_other` the other work
+    on a CPU's cores (measured before the run when not given)."""
     from autoopt.analyze import analyze_paths
     from autoopt.env import detect_capabilities
     from autoopt.workload.build import build_workload
@@ -42,6 +44,11 @@ def profile_model(
     spec = load_model_file(model_path)
     caps = caps or detect_capabilities(device)
     wl = build_workload(spec, caps, batch_size=batch_size, seed=seed)
+    if caps.device_type == "cpu":
+        from autoopt.env import cpu_busy_other as measure_other_load
+        from autoopt.workload.inspect import note_cpu_load
+
+        note_cpu_load(wl, cpu_busy_other if cpu_busy_other is not None else measure_other_load())
     root = Path(logdir) if logdir else Path("reports") / "profiles"
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg = wl.base_config().with_(grad_accum_steps=int(getattr(spec.module, "GRAD_ACCUM_STEPS", 1) or 1))

@@ -75,7 +75,7 @@ def process_settings_for(cfg: ExecConfig, defaults: dict[str, Any]) -> dict[str,
             out["cudnn_allow_tf32"] = cfg.matmul_precision != "highest"
     if cfg.cudnn_benchmark is not None:
         out["cudnn_benchmark"] = bool(cfg.cudnn_benchmark)
-    threads = (cfg.dataloader or {}).get("intra_op_threads")
+    threads = cfg.num_threads or (cfg.dataloader or {}).get("intra_op_threads")
     if threads:
         out["num_threads"] = int(threads)
     return out

@@ -33,6 +33,7 @@ from autoopt.transforms import (
     grad_accumulation,
     inference_mode,
     tf32,
+    threads,
 )
 from autoopt.transforms.base import Transform
 from autoopt.types import ExecConfig, Workload
@@ -48,6 +49,7 @@ TRANSFORMS: dict[str, Transform] = {t.name: t for t in (
     tf32.TF32(),
     cudnn_benchmark.CudnnBenchmark(),
     dataloader.Dataloader(),
+    threads.Threads(),
     compile.Compile(),
     cuda_graphs.CudaGraphs(),
 )}

@@ -187,6 +187,21 @@ def workload_facts(workload: Workload) -> dict[str, Any]:
     return facts
 
 
+def note_cpu_load(workload: Workload, busy_other: Optional[float]) -> None:
+    """Record the other work measured on the machine before the run (env.cpus_busy_other,
+    autoopt.env.cpu_busy_other) and the free cores it leaves (env.cpus_free) in the
+    workload's facts, cached ones included. None (unknown) records nothing."""
+    if busy_other is None:
+        return
+    from autoopt.diagnosis.facts_builder import cpu_share_facts
+
+    add = {"env.cpus_busy_other": round(float(busy_other), 3)}
+    facts = workload_facts(workload)
+    add.update({k: v for k, v in cpu_share_facts({**facts, **add}).items() if k == "env.cpus_free"})
+    workload.facts = {**(workload.facts or {}), **add}
+    facts.update(add)
+
+
 def _optimizer_from_facts(facts: dict) -> bool:
     """Fill _optimizer_class from the facts (a torch.optim class name and the implementation
     it runs); False when the optimizer has to be built to know."""
