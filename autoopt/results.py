@@ -69,6 +69,9 @@ class Decision:
     rounds: int = 0  # alternating rounds measured side by side; 0 when measured apart
     settled: bool = True
     cut_short: bool = False
+    # the anchor as measured in the same rounds (the variant's own numbers are its measurement)
+    anchor_step_time_ms: Optional[float] = None
+    anchor_throughput_per_s: Optional[float] = None
 
     @property
     def how(self) -> str:
@@ -88,12 +91,19 @@ class Decision:
         low, high = self.interval
         return {"better": self.better, "ratio": round(self.ratio, 4), "noise": round(self.noise, 4),
                 "low": round(low, 4), "high": round(high, 4), "anchor": self.anchor, "rounds": self.rounds,
-                "how": self.how, "settled": self.settled, "cut_short": self.cut_short}
+                "how": self.how, "settled": self.settled, "cut_short": self.cut_short,
+                "anchor_step_time_ms": _r(self.anchor_step_time_ms),
+                "anchor_throughput_per_s": _r(self.anchor_throughput_per_s)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Decision":
         return cls(data["better"], data["ratio"], data["noise"], data["anchor"], data.get("rounds", 0),
-                   data.get("settled", True), data.get("cut_short", False))
+                   data.get("settled", True), data.get("cut_short", False), data.get("anchor_step_time_ms"),
+                   data.get("anchor_throughput_per_s"))
+
+
+def _r(x: Optional[float], digits: int = 4) -> Optional[float]:
+    return None if x is None else round(x, digits)
 
 
 @dataclass

@@ -462,7 +462,8 @@ def test_report_html_renders_tables_and_plots_offline(browser, tmp_path):
         assert p["w"] > 300 and p["h"] > 100
     with_speedup = [v for v in rep["variants"] if v["speedup"] is not None]
     assert plots["speedup"]["bars"] == len(with_speedup)
-    assert plots["speedup"]["errbars"] == len(with_speedup)
+    # every speedup with its interval but the baseline's (the reference itself)
+    assert plots["speedup"]["errbars"] == len([v for v in with_speedup if v["name"] != "baseline"])
     nonzero = sum(1 for a in rep["analysis"].values() for k, ms in a["breakdown_ms"].items() if ms > 0)
     assert plots["breakdown"]["bars"] == nonzero
     ok = [b for b in rep["batch_search"] if b["throughput_per_s"] is not None]

@@ -92,17 +92,26 @@ def test_patch_round_trip_runs_the_optimized_configuration(bundled, tmp_path):
     from autoopt.workload.build import build_workload
     from autoopt.workload.load import load_model_file
 
-    spec = load_model_file(tmp_path / "simplenet.py")
-    wl = build_workload(spec, detect_capabilities("cpu"), seed=0)
-    assert wl.batch_size == report["final"]["batch_size"]
-    with Session(wl, wl.base_config()) as s:
-        if "channels_last" in final_names:
-            conv = next(m for m in s.model.modules() if isinstance(m, torch.nn.Conv2d))
-            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-        if "fused_optimizer" in final_names:
-            g = s.optimizer.param_groups[0]
-            assert g.get("foreach") or g.get("fused")
-        s.step()
+    threads = torch.get_num_threads()
+    try:
+        # importing the patched file runs its module-level settings (torch.set_num_threads where
+        # the threads transform was kept, on a busy machine): put them back after
+        spec = load_model_file(tmp_path / "simplenet.py")
+        if "threads" in final_names:
+            kept = next(t for t in report["final"]["transforms"] if t["name"] == "threads")
+            assert torch.get_num_threads() == kept["params"]["num_threads"]
+        wl = build_workload(spec, detect_capabilities("cpu"), seed=0)
+        assert wl.batch_size == report["final"]["batch_size"]
+        with Session(wl, wl.base_config()) as s:
+            if "channels_last" in final_names:
+                conv = next(m for m in s.model.modules() if isinstance(m, torch.nn.Conv2d))
+                assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+            if "fused_optimizer" in final_names:
+                g = s.optimizer.param_groups[0]
+                assert g.get("foreach") or g.get("fused")
+            s.step()
+    finally:
+        torch.set_num_threads(threads)
     # and autoopt profiles the patched file as it is
     prof = _autoopt("profile", str(tmp_path / "simplenet.py"), "--json", "--steps", "1", "--quiet",
                     "--logdir", str(tmp_path / "logs"))

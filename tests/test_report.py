@@ -66,7 +66,7 @@ def _poison(x, payload=EVIL):
 def test_speedup_interval_pairs_opposite_quartiles(rep):
     base = rep["baseline"]["step_time_ms"]
     for v in rep["variants"]:
-        if v["speedup"] is None:
+        if v["speedup"] is None or v["name"] == "baseline":  # the reference has no interval of its own
             assert R.speedup_interval(rep, v) is None
             continue
         lo, hi = R.speedup_interval(rep, v)
@@ -104,18 +104,21 @@ def test_final_table_rows_one_per_variant_with_measured_values(rep):
         assert r[1] == v["status"]
         if v["step_time_ms"]:
             assert float(r[2]) == pytest.approx(v["step_time_ms"]["median"], abs=0.01)
-            assert float(r[5].split("×")[0]) == pytest.approx(v["speedup"], abs=0.006)
+            assert float(r[7].lstrip("≈").split("×")[0]) == pytest.approx(v["speedup"], abs=0.006)
         else:
-            assert r[2] == r[5] == "—"
+            assert r[2] == r[7] == "—"
     lo, hi = rep["final"]["speedup_low"], rep["final"]["speedup_high"]
-    assert f"({lo:.2f}–{hi:.2f})" in by["final"][5]
-    assert by["AO102"][7].startswith("3.1e-01")
+    assert f"({lo:.2f}–{hi:.2f})" in by["final"][7]
+    # the final row is measured beside the baseline re-measured with it
+    assert float(by["final"][4]) == pytest.approx(rep["final"]["baseline_remeasured"]["step_time_ms"]["median"],
+                                                  abs=0.01)
+    assert by["AO102"][9].startswith("3.1e-01")
 
 
 def test_final_table_rows_adds_the_baseline_when_no_variant_is_named_so(rep):
     rep["variants"] = [v for v in rep["variants"] if v["name"] != "baseline"]
     rows = R.final_table_rows(rep)
-    assert rows[1][0] == "baseline" and rows[1][5] == "1.00×"
+    assert rows[1][0] == "baseline" and rows[1][7] == "1.00×"
     assert float(rows[1][2]) == pytest.approx(rep["baseline"]["step_time_ms"]["median"], abs=0.01)
 
 
@@ -236,7 +239,8 @@ def test_html_speedup_plot_has_one_bar_and_error_bar_per_measured_variant(rep):
     page = R.render_html(rep)
     svg = re.search(r'<svg[^>]*data-plot="speedup".*?</svg>', page, re.S).group(0)
     measured = [v for v in rep["variants"] if v["speedup"] is not None]
-    assert svg.count('class="bar"') == len(measured) and svg.count('class="errbar"') == len(measured)
+    assert svg.count('class="bar"') == len(measured)
+    assert svg.count('class="errbar"') == len([v for v in measured if v["name"] != "baseline"])
     for v in measured:
         assert f"{R.esc(v['name'])} ({v['status']}): {v['speedup']:.2f}×" in svg
     assert 'class="ref"' in svg  # the 1.0x line
@@ -320,7 +324,7 @@ def test_non_finite_numbers_render_as_dashes(rep):
     rep["variants"][1]["max_rel_error"] = float("nan")
     rep["variants"][1]["speedup"] = float("inf")
     rows = {r[0]: r for r in R.final_table_rows(rep)}
-    assert rows["AO101"][5] == "—" and rows["AO101"][7] == "—"
+    assert rows["AO101"][7] == "—" and rows["AO101"][9] == "—"
     row = R.render_html(rep).split("<tr><td><code>AO101</code></td>")[1].split("</tr>")[0]
     assert "nan" not in row and "inf" not in row
 
@@ -505,3 +509,45 @@ def test_malformed_parts_never_raise():
         assert all(isinstance(c, str) for r in rows for c in r)
 
     check()
+
+
+def test_one_story_each_row_shows_the_measurement_that_decided_it():
+    """A variant row's 'beside' time, 'decided by' ratio and interval come from its side-by-side
+    decision; the final row from the baseline re-measured with it; the batch plot draws each
+    size through its side-by-side ratio with its interval (not the sizes' own measurements,
+    taken minutes apart)."""
+    st = {"median": 10.0, "p25": 9.9, "p75": 10.1, "mean": 10.0, "stdev": 0.1, "min": 9.8, "max": 10.3, "n": 20}
+    dec = {"better": True, "ratio": 1.25, "noise": 0.04, "low": 1.2019, "high": 1.3, "anchor": "the baseline",
+           "rounds": 6, "settled": True, "cut_short": False, "anchor_step_time_ms": 12.5}
+    rep = {
+        "model": "m", "baseline": {"step_time_ms": dict(st, median=40.0)},  # measured alone, early: slower
+        "variants": [
+            {"name": "baseline", "status": "kept", "speedup": 1.0, "step_time_ms": dict(st, median=40.0)},
+            {"name": "AO202", "status": "kept", "speedup": 1.25, "step_time_ms": st, "decision": dec},
+            {"name": "final", "status": "kept", "speedup": 1.24, "step_time_ms": st},
+        ],
+        "final": {"speedup": 1.24, "speedup_low": 1.2, "speedup_high": 1.28,
+                  "baseline_remeasured": {"step_time_ms": dict(st, median=12.4)}},
+        "batch_search": [
+            {"batch_size": 32, "throughput_per_s": 1200.0, "status": "ok", "relative_throughput": 1.0},
+            {"batch_size": 64, "throughput_per_s": 5200.0, "status": "chosen", "ratio_to_best": 1.1,
+             "relative_throughput": 1.1, "relative_low": 1.05, "relative_high": 1.15},
+            {"batch_size": 128, "throughput_per_s": 1300.0, "status": "no_gain", "ratio_to_best": 1.01,
+             "relative_throughput": 1.111, "relative_low": 1.0, "relative_high": 1.23},
+        ],
+    }
+    rows = {r[0]: r for r in R.final_table_rows(rep)}
+    assert rows["AO202"][4] == "12.50" and rows["AO202"][6] == "1.25× base"
+    assert rows["AO202"][7] == "≈1.25×" and rows["final"][4] == "12.40" and rows["baseline"][4] == "—"
+    assert R.speedup_interval(rep, rep["variants"][1]) == pytest.approx((1.2019, 1.3))
+    md = R.render_markdown(rep)
+    table = next(t for t in _md_tables(md) if t[0][0] == "Variant")
+    head = table[0]
+    row = dict(zip(head, table[3]))
+    assert row["Beside (ms)"] == "12.50" and row["Decided by"] == "1.25× the baseline (1.20×–1.30×, 6 rounds)"
+    assert row["× baseline (95 % interval)"] == "≈1.25× (1.20×–1.30×)"
+    assert dict(zip(head, table[4]))["Decided by"] == "re-measured beside the baseline"
+    html = R.render_html(rep)
+    batch = html.split('data-plot="batch_search"')[1].split("</svg>")[0]
+    assert "relative to batch 32" in batch and batch.count('class="errbar"') == 2
+    assert "5,200" not in batch  # the sizes' own throughputs, measured apart, are not what is drawn

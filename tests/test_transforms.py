@@ -647,7 +647,7 @@ def test_batch_search_stops_at_the_throughput_peak_not_the_memory_limit():
     assert calls == [32, 64, 128, 256, 512, 1024]
     statuses = {r["batch_size"]: r["status"] for r in res.table}
     assert statuses[256] == "chosen" and statuses[512] == "no_gain" and statuses[1024] == "no_gain"
-    assert set(res.table[0]) == {"batch_size", "throughput_per_s", "peak_memory_mb", "status"}
+    assert set(res.table[0]) == {"batch_size", "throughput_per_s", "peak_memory_mb", "status", "relative_throughput"}
     assert res.measurement.batch_size == 256
     assert "learning rate" in res.caveat and "no gain" in res.reason
     json.dumps(res.to_json())

@@ -51,19 +51,59 @@ def notes(report: dict) -> list:
     return [n for n in as_list(report.get("notes")) if n]
 
 
+def decision(variant: dict) -> dict:
+    """The variant's keep decision (ratio over its anchor, interval, rounds), {} when none."""
+    return as_dict(variant.get("decision"))
+
+
+def decided_text(variant: dict) -> str:
+    """'1.12× the baseline (1.05–1.19×, 6 rounds)': the measurement that decided the variant;
+    '' without a decision."""
+    d = decision(variant)
+    ratio = num(d.get("ratio"))
+    if ratio is None:
+        return ""
+    low, high = num(d.get("low")), num(d.get("high"))
+    rounds = num(d.get("rounds"))
+    inner = [f"{fmt_x(low)}–{fmt_x(high)}"] if low is not None and high is not None else []
+    inner.append(f"{rounds:.0f} rounds" if rounds else "measured apart")
+    return f"{fmt_x(ratio)} {d.get('anchor') or 'its anchor'} ({', '.join(inner)})"
+
+
+def beside_ms(report: dict, variant: dict) -> Optional[float]:
+    """The median step time of the configuration a variant was measured beside, in the same
+    rounds (its anchor; for the final variant, the baseline re-measured with it)."""
+    if variant.get("name") == "final":
+        before = as_dict(as_dict(report.get("final")).get("baseline_remeasured"))
+        return stat(as_dict(before.get("step_time_ms")), "median")
+    return num(decision(variant).get("anchor_step_time_ms"))
+
+
+ONE_STORY = ("Each row's step times are its own, from the alternating rounds that decided it; \"beside\" is the "
+             "configuration it had to beat, measured in the same rounds. \"Decided by\" is that ratio with its 95 % "
+             "interval. \"× baseline\" multiplies the ratios that led to the row (an estimate); the final row is "
+             "measured beside the baseline itself.")
+
+
 def speedup_interval(report: dict, variant: dict) -> Optional[tuple[float, float]]:
-    """The spread of a variant's speedup from the quartiles of its and the baseline's step
-    times: the ratio's low end pairs the fastest quarter of the baseline with the slowest
-    quarter of the variant, the high end the reverse. The final variant uses the report's
-    own speedup_low/high where they are given."""
+    """The interval of a variant's speedup over the baseline. The final variant: the report's
+    speedup_low/high. A variant decided side by side: the 95 % interval of the ratio that
+    decided it, carried to the baseline by the same factor as the ratio (its speedup is that
+    ratio times its anchor's). Otherwise (older reports) the quartiles of its and the
+    baseline's step times: the low end pairs the fastest quarter of the baseline with the
+    slowest quarter of the variant, the high end the reverse."""
     s = num(variant.get("speedup"))
-    if s is None:
+    if s is None or variant.get("name") == "baseline":  # the reference itself: 1.00x by definition
         return None
     if variant.get("name") == "final":
         fin = as_dict(report.get("final"))
         lo, hi = num(fin.get("speedup_low")), num(fin.get("speedup_high"))
         if lo is not None and hi is not None:
             return (min(lo, s), max(hi, s))
+    d = decision(variant)
+    ratio, low, high = num(d.get("ratio")), num(d.get("low")), num(d.get("high"))
+    if ratio and low is not None and high is not None and ratio > 0:
+        return (s * low / ratio, s * high / ratio)
     base = as_dict(as_dict(report.get("baseline")).get("step_time_ms"))
     var = as_dict(variant.get("step_time_ms"))
     bm, b25, b75 = stat(base, "median"), stat(base, "p25"), stat(base, "p75")

@@ -130,16 +130,20 @@ def _variant_row(r: dict, v: dict) -> dict:
     st = v.get("step_time_ms")
     iv = D.speedup_interval(r, v)
     status = str(v.get("status", "?"))
+    estimate = "≈" if v.get("name") not in ("final", "baseline") and D.decision(v) else ""
+    decided = D.decided_text(v) or ("re-measured beside the baseline" if v.get("name") == "final" else "")
     return {
         "name": v.get("name", "?"), "transforms": transforms_text(v.get("transforms")), "status": status,
         "status_class": badge_class(status, "s", VARIANT_STATUSES),
         "cells": [
             (fmt_ms(stat(st, "median")), spread_text(st) if st else ""),
+            (fmt_ms(D.beside_ms(r, v)), ""),
             (fmt_tput(v.get("throughput_per_s")), ""),
             (text_or_dash(v.get("batch_size")), ""),
             (fmt_mb(v.get("peak_memory_mb")), ""),
             (fmt_x(v.get("expected_speedup")), ""),
-            (fmt_x(v.get("speedup")), f"{iv[0]:.2f}–{iv[1]:.2f}" if iv else ""),
+            (decided, ""),
+            (estimate + fmt_x(v.get("speedup")), f"{iv[0]:.2f}–{iv[1]:.2f}" if iv else ""),
             (fmt_err(v.get("max_rel_error")),
              f"tol {fmt_err(v.get('tolerance'))}" if num(v.get("tolerance")) is not None else ""),
         ],
@@ -150,6 +154,7 @@ def _variant_row(r: dict, v: dict) -> dict:
 def variants(r: dict) -> list[dict]:
     """One table row per variant: name, transforms, status badge, measurements, reason."""
     return [_variant_row(r, v) for v in D.variants(r)]
+
 
 
 def distributed(r: dict) -> Optional[dict]:
@@ -193,17 +198,31 @@ def _speedup_plot(r: dict) -> Optional[P.Plot]:
         errors.append(D.speedup_interval(r, v))
     if not bars:
         return None
-    return P.hbar_plot(bars, "Speedup per variant (whiskers: p25–p75 spread)", "× baseline throughput",
+    return P.hbar_plot(bars, "Speedup per variant (final: measured beside the baseline; others: the product of "
+                       "the side-by-side ratios that led there; whiskers: 95 % interval)", "× baseline throughput",
                        ref=1.0, errors=errors)
 
 
 def _batch_plot(r: dict) -> Optional[P.Plot]:
-    pts = [(num(b["batch_size"]), num(b.get("throughput_per_s")), str(b.get("status", "")))
-           for b in D.batch_search(r) if num(b.get("batch_size")) is not None]
-    if not pts:
+    rows = [b for b in D.batch_search(r) if num(b.get("batch_size")) is not None]
+    if not rows:
         return None
-    return P.batch_plot(pts, "Throughput against batch size (batch search)", "batch size", "samples/s",
-                        highlight=D.chosen_batch(r))
+    measured = [b for b in rows if num(b.get("throughput_per_s")) is not None]
+    start = next((b for b in measured if num(b.get("relative_throughput")) == 1.0), None)
+    if start is not None and all(num(b.get("relative_throughput")) is not None for b in measured):
+        # one story: each size through the side-by-side ratios that decided it, with their intervals
+        pts = [(num(b["batch_size"]), num(b.get("relative_throughput")) if b in measured else None,
+                str(b.get("status", ""))) for b in rows]
+        errors = [(num(b["relative_low"]), num(b["relative_high"]))
+                  if num(b.get("relative_low")) is not None and num(b.get("relative_high")) is not None else None
+                  for b in rows]
+        title = (f"Throughput against batch size, relative to batch {fmt_num(start['batch_size'], 0)} "
+                 "(side-by-side ratios; whiskers: 95 % interval)")
+        return P.batch_plot(pts, title, "batch size", "samples/s relative to the start",
+                            highlight=D.chosen_batch(r), errors=errors, relative=True)
+    pts = [(num(b["batch_size"]), num(b.get("throughput_per_s")), str(b.get("status", ""))) for b in rows]
+    return P.batch_plot(pts, "Throughput against batch size (batch search; each size measured on its own)",
+                        "batch size", "samples/s", highlight=D.chosen_batch(r))
 
 
 def _top_plot(label: str, a: Any) -> Optional[P.Plot]:
@@ -314,6 +333,7 @@ def render_html(report: dict) -> str:
     """report.html for a report dict."""
     r = as_dict(report)
     return environment().get_template("report.html.j2").render(
-        head=header(r), summary=summary(r), variants=variants(r), distributed=distributed(r), plots=plots(r),
+        head=header(r), summary=summary(r), variants=variants(r), one_story=D.ONE_STORY, distributed=distributed(r),
+        plots=plots(r),
         batch_search=batch_search(r), top=top_tables(r), findings=findings(r), patch=patch(r),
         artifacts=artifacts(r))

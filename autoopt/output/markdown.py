@@ -114,23 +114,27 @@ def _variant_row(r: dict, v: dict) -> list[str]:
     st = v.get("step_time_ms")
     iv = D.speedup_interval(r, v)
     sp = fmt_x(v.get("speedup")) + (f" ({fmt_x(iv[0])}–{fmt_x(iv[1])})" if iv else "")
+    if v.get("name") not in ("final", "baseline") and D.decision(v):
+        sp = "≈" + sp
+    decided = D.decided_text(v) or ("re-measured beside the baseline" if v.get("name") == "final" else DASH)
     return [
         md_code(v.get("name", "?")), md_text(codes_text(v.get("codes"), ", ") or DASH),
         md_code(transforms_text(v.get("transforms"))), f"**{md_text(v.get('status', '?'))}**",
-        fmt_ms(stat(st, "median")), spread_text(st), fmt_tput(v.get("throughput_per_s")),
+        fmt_ms(stat(st, "median")), spread_text(st), fmt_ms(D.beside_ms(r, v)), fmt_tput(v.get("throughput_per_s")),
         md_text(text_or_dash(v.get("batch_size"))), fmt_mb(v.get("peak_memory_mb")),
-        fmt_x(v.get("expected_speedup")), sp, error_text(v), md_text(v.get("reason") or ""),
+        fmt_x(v.get("expected_speedup")), md_text(decided), sp, error_text(v), md_text(v.get("reason") or ""),
     ]
 
 
 def variants(r: dict) -> list[str]:
-    """One table row per measured (or failed, or skipped) variant."""
+    """One table row per measured (or failed, or skipped) variant, each with the numbers of
+    the measurement that decided it (data.ONE_STORY)."""
     vs = D.variants(r)
     if not vs:
         return ["## Variants", "", "No variant was measured.", ""]
-    return ["## Variants", ""] + md_table(
-        ["Variant", "Codes", "Transforms", "Status", "Median (ms)", "p25–p75 (ms)", "Samples/s", "Batch",
-         "Peak MB", "Predicted", "Speedup (spread)", "Max rel. error", "Reason"],
+    return ["## Variants", "", md_text(D.ONE_STORY), ""] + md_table(
+        ["Variant", "Codes", "Transforms", "Status", "Median (ms)", "p25–p75 (ms)", "Beside (ms)", "Samples/s",
+         "Batch", "Peak MB", "Predicted", "Decided by", "× baseline (95 % interval)", "Max rel. error", "Reason"],
         [_variant_row(r, v) for v in vs])
 
 

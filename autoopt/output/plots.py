@@ -199,7 +199,8 @@ def hbar_plot(bars: list[Bar], title: str, unit: str, ref: Optional[float] = Non
     return plot
 
 
-def _batch_point(plot: Plot, ax, i: int, point: tuple[float, Optional[float], str], hl: bool) -> None:
+def _batch_point(plot: Plot, ax, i: int, point: tuple[float, Optional[float], str], hl: bool,
+                 relative: bool = False) -> None:
     """One marked point: a cross on the x axis where nothing was measured."""
     x, y, status = point
     if y is None:
@@ -209,16 +210,26 @@ def _batch_point(plot: Plot, ax, i: int, point: tuple[float, Optional[float], st
     (m,) = ax.plot([x], [y], linestyle="none", marker="o", markersize=11 if hl else 8,
                    color=HIGHLIGHT if hl else LINE_COLOR, markeredgecolor=INK if hl else LINE_COLOR,
                    markeredgewidth=1.5 if hl else 0)
-    plot.mark(m, f"pt-{i}", "pt hl" if hl else "pt", f"batch {fmt_num(x, 0)}: {fmt_tput(y)} samples/s ({status})")
+    value = f"{y:.2f}× the start's samples/s" if relative else f"{fmt_tput(y)} samples/s"
+    plot.mark(m, f"pt-{i}", "pt hl" if hl else "pt", f"batch {fmt_num(x, 0)}: {value} ({status})")
+
+
+def _vwhisker(plot: Plot, ax, i: int, x: float, lo: float, hi: float) -> None:
+    (line,) = ax.plot([x, x], [lo, hi], color=INK, linewidth=1.5, marker="_", markersize=9, markeredgewidth=1.5,
+                      solid_capstyle="butt")
+    plot.mark(line, f"errbar-{i}", "errbar", f"95 % interval {lo:.2f}–{hi:.2f}")
 
 
 def batch_plot(points: list[tuple[float, Optional[float], str]], title: str, xlabel: str, ylabel: str,
-               highlight: Optional[float] = None) -> Plot:
+               highlight: Optional[float] = None, errors: Optional[list[Optional[tuple[float, float]]]] = None,
+               relative: bool = False) -> Plot:
     """Points (x, y or None, status) joined by a line, x on a log2 axis when it spans more
     than a factor 4. Points without y (out of memory, over budget) are crosses on the axis;
-    the point at `highlight` is drawn larger."""
+    the point at `highlight` is drawn larger; `errors` are vertical whiskers (low, high) per
+    point; `relative`: y is a ratio to the first size (labelled so)."""
+    errors = (errors or []) + [None] * len(points)
     xs = [p[0] for p in points]
-    ys = [p[1] for p in points if p[1] is not None]
+    ys = [p[1] for p in points if p[1] is not None] + [e[1] for e in errors if e]
     lo, hi = min(ys + [0.0]), max(ys + [0.0])
     left = _text_in(fmt_tput(hi) if hi >= 100 else "0.00") + 0.55
     with _style():
@@ -231,7 +242,10 @@ def batch_plot(points: list[tuple[float, Optional[float], str]], title: str, xla
         if len(ok) > 1:
             ax.plot([p[0] for p in ok], [p[1] for p in ok], color=LINE_COLOR, linewidth=2)
         for i, p in enumerate(points):
-            _batch_point(plot, ax, i, p, highlight is not None and p[0] == highlight)
+            e = errors[i]
+            if e and p[1] is not None:
+                _vwhisker(plot, ax, i, p[0], e[0], e[1])
+            _batch_point(plot, ax, i, p, highlight is not None and p[0] == highlight, relative)
         ticks = sorted(set(xs))
         ax.set_xticks(ticks, labels=[fmt_num(x, 0) for x in ticks])
         ax.minorticks_off()

@@ -2,7 +2,7 @@
 row per variant, for a renderer (rich) that escapes them."""
 from __future__ import annotations
 
-from autoopt.output.data import speedup_interval, variants
+from autoopt.output.data import beside_ms, decision, speedup_interval, variants
 from autoopt.output.format import as_dict, error_text, fmt_mb, fmt_ms, fmt_tput, fmt_x, short, spread_text, stat
 
 FINAL_TABLE_HEADER = [
@@ -10,8 +10,10 @@ FINAL_TABLE_HEADER = [
     "status",
     "step ms (median)",
     "p25-p75 ms",
+    "beside ms",
     "samples/s",
-    "speedup",
+    "decided by",
+    "x baseline",
     "peak MB",
     "max rel err",
     "note",
@@ -38,14 +40,22 @@ def final_table_rows(report: dict) -> list[list[str]]:
         st = v.get("step_time_ms")
         iv = speedup_interval(report, v)
         sp = fmt_x(v.get("speedup"))
+        d = decision(v)
         if iv and v.get("name") == "final":
             sp = f"{sp} ({iv[0]:.2f}–{iv[1]:.2f})"
+        elif d and v.get("name") != "baseline":
+            sp = "≈" + sp
+        decided = ""
+        if d.get("ratio") is not None:
+            decided = f"{fmt_x(d.get('ratio'))} {'base' if d.get('anchor') == 'the baseline' else 'best'}"
         rows.append([
             str(v.get("name", "?")),
             str(v.get("status", "?")),
             fmt_ms(stat(st, "median")),
             spread_text(st),
+            fmt_ms(beside_ms(report, v)),
             fmt_tput(v.get("throughput_per_s")),
+            decided,
             sp,
             fmt_mb(v.get("peak_memory_mb")),
             error_text(v),

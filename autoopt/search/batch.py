@@ -104,6 +104,11 @@ class _Searcher:
         if beside_best and pair is not None and pair.anchor is not None:
             t.ratio, t.noise = pair.ratio, self.noise if self.noise is not None else pair.noise
             row["ratio_to_best"] = round(t.ratio, 4)
+            # throughput relative to the start size, through the side-by-side ratios (free of the
+            # drift between pairs measured minutes apart), with the 95 % interval of this pair's ratio
+            rel = self.relative * t.ratio
+            row.update(relative_throughput=round(rel, 4), relative_low=round(rel / (1 + t.noise), 4),
+                       relative_high=round(rel * (1 + t.noise), 4))
         elif beside_best:
             t.ratio = m.throughput_per_s / self.best_m.throughput_per_s
             t.noise = self.noise if self.noise is not None else noise_between(self.best_m, m, APART_FLOOR)
@@ -131,6 +136,7 @@ class _Searcher:
         if t.status != BatchTry.OK:
             return False
         self.best, self.best_m = b, t.measurement
+        self.table[-1]["relative_throughput"] = 1.0
         return True
 
     def past_dip(self, nxt: int, max_batch: int) -> bool:

@@ -51,10 +51,14 @@ def judge(pair: Optional[Paired], anchor: Point, m: Measurement, anchor_name: st
     by side when there are some, else against the anchor's earlier measurement."""
     if pair is not None and pair.anchor is not None:
         return Decision(pair.better, pair.ratio, pair.noise, anchor_name, rounds=len(pair.round_ratios),
-                        settled=pair.settled, cut_short=pair.cut_short and not pair.settled)
+                        settled=pair.settled, cut_short=pair.cut_short and not pair.settled,
+                        anchor_step_time_ms=pair.anchor.step_time_ms.median,
+                        anchor_throughput_per_s=pair.anchor.throughput_per_s)
     ratio, _, _ = speedup(anchor.measurement, m)
     noise = noise_between(anchor.measurement, m, APART_FLOOR)
-    return Decision(ratio > 1 + noise, ratio, noise, anchor_name)
+    return Decision(ratio > 1 + noise, ratio, noise, anchor_name,
+                    anchor_step_time_ms=anchor.measurement.step_time_ms.median,
+                    anchor_throughput_per_s=anchor.measurement.throughput_per_s)
 
 
 class Search:
