@@ -250,3 +250,31 @@ def test_measure_against_alternates_with_the_anchor_and_keeps_its_own_peak():
     assert pair.anchor is None and pair.ratio is None and pair.measurement.step_time_ms.n >= 5
     with Session(wl, wl.base_config()) as s, pytest.raises(ValueError):
         measure_against(s, lambda: (_ for _ in ()).throw(ValueError("broken anchor")), wl.caps, MeasureSettings.quick())
+
+
+@pytest.mark.slow  # a real Inductor compile (CPU, g++)
+def test_compiled_model_with_dropout_verifies_against_eager():
+    """Inductor's own random generator would give a compiled model different dropout masks
+    than eager from the same seed (BERT/GPT-2 with dropout 0.1 differed by 5e-3 > the 1e-3
+    tolerance). record_run compiles with eager's random streams, and puts the setting back."""
+    import torch._inductor.config as inductor_config
+
+    def build_model():
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 4))
+
+    spec = ModelSpec(path=Path("drop.py"), name="drop", module=None, build_model=build_model,
+                     make_batch=lambda bs: (torch.randn(bs, 16), torch.randint(0, 4, (bs,))),
+                     forward=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                     build_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.05))
+    wl = Workload(spec=spec, caps=Capabilities("cpu"), batch_size=8, seed=0)
+    before = inductor_config.fallback_random
+    with Session(wl, wl.base_config()) as s:
+        ref = record_run(s)
+    torch._dynamo.reset()
+    with Session(wl, wl.base_config().with_(compile_mode="default")) as s:
+        got = record_run(s)
+        assert inductor_config.fallback_random == before
+        s.step()  # the compiled graph keeps running after verification
+    torch._dynamo.reset()
+    v = compare(ref, got, 1e-3)
+    assert v.ok, v.reason
