@@ -500,3 +500,27 @@ def test_a_training_script_gets_a_pointer_to_script_and_is_not_imported(tmp_path
         load_model_file(script)
     assert "--script" in info.value.message and "training script" in info.value.message
     assert not marker.exists()
+
+
+def test_sibling_modules_are_fresh_on_every_load(tmp_path, monkeypatch):
+    """A model file importing a sibling (`from common import ...`) gets it re-read on each
+    load, and a same-named sibling of another folder is never mixed up with it."""
+    import sys
+
+    from autoopt.workload.load import load_model_file
+
+    for d, size in (("a", "AUTOOPT_T_SIZE"), ("b", None)):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "common.py").write_text(
+            "import os\nSIZE = int(os.environ.get('AUTOOPT_T_SIZE', '7'))\n" if size else "SIZE = 99\n")
+        (tmp_path / d / "model.py").write_text(
+            "import torch\nfrom common import SIZE\nBATCH_SIZE = 2\n"
+            "def build_model():\n    return torch.nn.Linear(SIZE, 1)\n"
+            "def make_batch(bs):\n    return torch.randn(bs, SIZE)\n"
+            "def forward(model, batch):\n    return model(batch).sum()\n")
+    monkeypatch.setenv("AUTOOPT_T_SIZE", "3")
+    assert load_model_file(str(tmp_path / "a" / "model.py")).module.SIZE == 3
+    monkeypatch.setenv("AUTOOPT_T_SIZE", "5")
+    assert load_model_file(str(tmp_path / "a" / "model.py")).module.SIZE == 5
+    assert load_model_file(str(tmp_path / "b" / "model.py")).module.SIZE == 99
+    assert "common" not in sys.modules

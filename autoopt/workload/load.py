@@ -273,8 +273,21 @@ def _not_a_training_script(data: bytes, shown: str) -> None:
         "file\") to optimize it.")
 
 
+def _modules_from(folder: str) -> list[str]:
+    """Names in sys.modules of modules whose file lies directly in `folder`."""
+    out = []
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if isinstance(f, str) and os.path.dirname(os.path.abspath(f)) == folder:
+            out.append(name)
+    return out
+
+
 def _import_file(p: Path, shown: str):
-    """Execute the file as a fresh module (its directory first on sys.path meanwhile)."""
+    """Execute the file as a fresh module (its directory first on sys.path meanwhile). The
+    sibling modules it imports for the first time are dropped from sys.modules afterwards, so
+    a second load re-reads them (constants they read from the environment at import) and a
+    later model file of another folder never gets them for its own same-named modules."""
     stem = re.sub(r"\W", "_", p.stem) or "model"
     modname = f"_autoopt_model_{stem}_{next(_counter)}"
     spec = importlib.util.spec_from_file_location(modname, p)
@@ -282,6 +295,8 @@ def _import_file(p: Path, shown: str):
         raise _fail(shown, "import", "Python cannot create an import spec for it", "pass a regular .py file.")
     module = importlib.util.module_from_spec(spec)
     parent = str(p.parent)
+    folder = os.path.abspath(parent)
+    before = set(_modules_from(folder))
     added_path = parent not in sys.path
     if added_path:
         sys.path.insert(0, parent)
@@ -320,6 +335,8 @@ def _import_file(p: Path, shown: str):
         ) from e
     finally:
         sys.modules.pop(modname, None)
+        for name in set(_modules_from(folder)) - before:
+            sys.modules.pop(name, None)
         if added_path:
             with contextlib.suppress(ValueError):
                 sys.path.remove(parent)
