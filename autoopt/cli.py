@@ -562,7 +562,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return ExitCode.INTERRUPTED
     except BrokenPipeError:
         return ExitCode.OK
-    except Exception as e:  # a bug in autoopt, not bad input
+    except Exception as e:  # a bug in autoopt, not bad input, unless the model file's code raised it
+        from autoopt.workload.guard import model_file_error
+
+        user = model_file_error(e)
+        if user is not None:
+            _report_error(user.message, e, debug)
+            return user.exit_code
         _report_error(
             f"autoopt hit an internal error: {type(e).__name__}: {e}. This is a bug in autoopt, not in your input; "
             "run again with --debug for the traceback and report it.", e, debug)
