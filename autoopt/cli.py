@@ -568,7 +568,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BrokenPipeError:
         return ExitCode.OK
     except Exception as e:  # a bug in autoopt, not bad input, unless the model file's code raised it
-        from autoopt.workload.guard import model_file_error
+        from autoopt.workload.load import model_file_error
 
         user = model_file_error(e)
         if user is not None:

@@ -86,7 +86,7 @@ def _where(exc: BaseException, model_path: Optional[str]) -> Optional[str]:
 
 def describe_error(exc: BaseException, model_path: Optional[str]) -> dict:
     from autoopt.errors import UserError
-    from autoopt.workload.guard import model_file_error
+    from autoopt.workload.load import model_file_error
 
     message = exc.message if isinstance(exc, UserError) else " ".join(str(exc).split())[:1500]
     kind = _kind(exc, message)

@@ -7,14 +7,15 @@ that escapes one of those calls with the file and the function it came from, and
 nothing else: a configuration a transform broke is still a failed variant with its own
 exception (autoopt.search catches it as today). Where no transform is to blame (profile, the
 optimize baseline, anything that reaches the command line), `model_file_error` turns the mark
-into the one-paragraph ModelFileError (exit 2) instead of "an internal error".
+into the one-paragraph ModelFileError (exit 2) instead of "an internal error"
+(autoopt.workload.load.model_file_error).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from autoopt.errors import ModelFileError, UserError
+from autoopt.errors import UserError
 
 _MARK = "_autoopt_user_call"
 
@@ -86,7 +87,8 @@ def user_call_of(exc: BaseException) -> Optional[tuple[Path, str]]:
     return None
 
 
-def _marked(exc: BaseException) -> BaseException:
+def marked(exc: BaseException) -> BaseException:
+    """The exception in exc's __cause__ chain that carries the mark (exc itself without one)."""
     e: Optional[BaseException] = exc
     while e is not None:
         if getattr(e, _MARK, None) is not None:
@@ -95,35 +97,4 @@ def _marked(exc: BaseException) -> BaseException:
     return exc
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def model_file_error(exc: BaseException) -> Optional[ModelFileError]:
-    """The ModelFileError for an exception the model file's code raised at any call (see the
-    module docstring), or None when it did not come from the model file's code."""
-    from autoopt.workload.load import _at, _exc_summary, _fail, display_path
-
-    found = user_call_of(exc)
-    if found is None:
-        return None
-    path, name = found
-    origin = _marked(exc)
-    what = CALLS.get(name, name)
-    if isinstance(origin, UserExit):
-        problem = f"{what} called {origin}{_at(origin, path)} while autoopt was running it"
-        fix = f"return from {name.split(' ')[0]} instead of exiting; autoopt calls it many times in one process."
-    elif _is_oom(origin):
-        problem = f"{what} ran out of memory ({_exc_summary(origin)}){_at(origin, path)}"
-        fix = "use a smaller --batch-size (or BATCH_SIZE in the file), or free what the code keeps between calls."
-    else:
-        problem = f"{what} raised {_exc_summary(origin)}{_at(origin, path)} while autoopt was running it"
-        fix = ("the model file's functions must work on every call, not only the first: call them in a loop in a "
-               "Python shell to reproduce (state kept between calls — counters, caches, iterators that run out — "
-               "is the usual cause); --debug shows the traceback.")
-    return _fail(display_path(path), name, problem, fix, origin)
-
-
-__all__ = ["CALLS", "UserCall", "UserExit", "model_file_error", "user_call_of"]
+__all__ = ["CALLS", "UserCall", "UserExit", "marked", "user_call_of"]
