@@ -30,8 +30,10 @@ def _console(stderr: bool = True):
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    """The JSON document, on the real stdout (with --json everything else goes to stderr: autoopt.stdio)."""
+    from autoopt.stdio import write_json
+
+    write_json(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _write(text: str) -> None:
@@ -550,7 +552,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.json_no_prompt = getattr(args, "json", False) and not sys.stdin.isatty()
     debug = bool(getattr(args, "debug", False))
     try:
-        return int(args.func(args) or 0)
+        from autoopt.stdio import json_stdout
+
+        with json_stdout(bool(getattr(args, "json", False))):  # the model's prints, fd 1 writes: to stderr
+            return int(args.func(args) or 0)
     except UserError as e:
         _report_error(e.message, e.cause or e, debug)
         return e.exit_code
@@ -562,7 +567,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return ExitCode.INTERRUPTED
     except BrokenPipeError:
         return ExitCode.OK
-    except Exception as e:  # a bug in autoopt, not bad input
+    except Exception as e:  # a bug in autoopt, not bad input, unless the model file's code raised it
+        from autoopt.workload.load import model_file_error
+
+        user = model_file_error(e)
+        if user is not None:
+            _report_error(user.message, e, debug)
+            return user.exit_code
         _report_error(
             f"autoopt hit an internal error: {type(e).__name__}: {e}. This is a bug in autoopt, not in your input; "
             "run again with --debug for the traceback and report it.", e, debug)

@@ -86,11 +86,16 @@ def _where(exc: BaseException, model_path: Optional[str]) -> Optional[str]:
 
 def describe_error(exc: BaseException, model_path: Optional[str]) -> dict:
     from autoopt.errors import UserError
+    from autoopt.workload.load import model_file_error
 
     message = exc.message if isinstance(exc, UserError) else " ".join(str(exc).split())[:1500]
+    kind = _kind(exc, message)
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-6000:]
+    user = model_file_error(exc) if kind == "exception" else None  # the model file's code failed on this rank
+    if user is not None:
+        exc, message, kind = user, user.message, "user"
     info: dict[str, Any] = {"type": type(exc).__name__, "message": message, "time": time.time(), "where": None,
-                            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-6000:],
-                            "kind": _kind(exc, message)}
+                            "traceback": tb, "kind": kind}
     if info["kind"] not in ("user", "terminated"):
         info["where"] = _where(exc, model_path)
     return info
@@ -187,7 +192,7 @@ class Worker:
 
         ev = self.evaluator(Path(self.cfg["run_dir"]).parent)
         with ev.session(self.base_cfg) as s:
-            flops = count_flops(s)
+            flops = count_flops(s, self.rec.setdefault("notes", []))
             m = measure(s, self.caps, ev.measure_settings, flops_per_step=flops)
             self.rec["measurement"] = dict(m.to_json(), rank=self.rank)
             ev.trace(s, Path(self.cfg["run_dir"]).name)

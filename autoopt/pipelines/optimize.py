@@ -116,6 +116,7 @@ class OptimizeRun:
 
     def _baseline(self) -> None:
         self.base = self.evaluator.baseline(self.base_cfg)
+        self.notes += self.evaluator.notes
         self.variants.append(Variant(name="baseline", codes=[], transforms=[], accepted=True, status=Status.KEPT,
                                      reason="the model file as written", config=self.base_cfg,
                                      measurement=self.base.measurement, speedup=1.0, logdir=self.base.logdir))

@@ -52,15 +52,17 @@ def profile_model(
     root = Path(logdir) if logdir else Path("reports") / "profiles"
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg = wl.base_config().with_(grad_accum_steps=int(getattr(spec.module, "GRAD_ACCUM_STEPS", 1) or 1))
+    notes: list[str] = []
     with Session(wl, cfg) as s:
         progress("measure", "measuring (warm-up, then timed steps)")
-        flops = count_flops(s)
+        flops = count_flops(s, notes)
         m = measure(s, caps, measure_settings or MeasureSettings(), flops_per_step=flops)
         progress("profile", "tracing with torch.profiler")
         run = trace_session(s, new_run_dir(root, f"{spec.name}-{stamp}"),
                             ProfileSettings(active=steps, with_stack=with_stack))
     progress("analyze", "analyzing the trace")
     result = analyze_paths([str(run.run_dir)])
+    result["notes"] = list(result.get("notes") or []) + notes
     facts = build_facts(analysis=result, device=caps, live=True, workload=wl.facts, config=cfg, measurement=m)
     return ProfileResult(result, spec.name, str(spec.path), wl.mode, caps.to_json(), m.to_json(),
                          str(run.run_dir.resolve()), diagnose(facts, result)).to_json()

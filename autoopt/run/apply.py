@@ -31,6 +31,7 @@ from autoopt.run.optimizers import rebuild_optimizer
 from autoopt.torch_helpers import _autoopt_checkpoint_blocks, _autoopt_repeated_blocks
 from autoopt.types import ExecConfig
 from autoopt.workload import contract
+from autoopt.workload.guard import UserCall
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -268,9 +269,12 @@ class TrainingStep:
                     loss = contract.extract_loss(out)
                 if j == 0 and on_outputs is not None:
                     on_outputs(out)
-                backward(loss, accum_steps=n, scaler=self.scaler)
+                with UserCall(self.spec.path, "backward"):
+                    backward(loss, accum_steps=n, scaler=self.scaler)
             part = loss.detach() / n if n > 1 else loss.detach()
             total = part if total is None else total + part
-        if not optimizer_step(self.optimizer, self.scaler, detect_skip=self.count_skips):
+        with UserCall(self.spec.path, "build_optimizer"):
+            stepped = optimizer_step(self.optimizer, self.scaler, detect_skip=self.count_skips)
+        if not stepped:
             self.skipped_steps += 1
         return total

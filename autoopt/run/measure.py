@@ -13,6 +13,7 @@ import math
 import os
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -21,6 +22,7 @@ import torch
 from autoopt.run.session import Session, free_memory, is_oom
 from autoopt.settings import APART_FLOOR, SIDE_BY_SIDE_FLOOR, MeasureSettings
 from autoopt.types import Capabilities, Measurement, Stats
+from autoopt.workload.guard import UserCall, user_call_of
 
 # How the ranks of a distributed job agree on one round: each rank's medians (anchor,
 # candidate) of the round in, the job's out (the slowest rank's). None in one process.
@@ -69,31 +71,53 @@ def cpu_memory_total_mb() -> Optional[float]:
 
 
 # ---------------------------------------------------------------- flops
-def count_flops(session: Session) -> Optional[float]:
+def count_flops(session: Session, notes: Optional[list[str]] = None) -> Optional[float]:
     """FLOPs of one step (forward, and backward when training) by torch.utils.flop_counter,
-    counted on the eager model (the math a compiled model does is the same)."""
+    counted on the eager model (the math a compiled model does is the same). An error of the
+    model file's own code propagates (marked by autoopt.workload.guard: the model-file error
+    outside a variant); only what the counter cannot follow leaves MFU unknown, with a line in
+    `notes`, after the same step has run without the counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = session.next_batch()
-    model = session.eager_model
     try:
         with FlopCounterMode(display=False) as counter:
-            with session.autocast():
-                from autoopt.workload import contract
-
-                if session.train:
-                    out = contract.call_forward(session.spec, model, batch)
-                    loss = contract.extract_loss(out)
-                    loss.backward()
-                else:
-                    with torch.no_grad():
-                        contract.call_forward(session.spec, model, batch)
-        if session.train:
-            session.optimizer.zero_grad(set_to_none=True)
+            _one_step(session, batch)
         total = counter.get_total_flops()
-    except Exception:  # a model the counter can't follow: MFU stays unknown, the run goes on
+    except Exception as exc:  # noqa: BLE001 - sorted below: the model's error or the counter's limit
+        if user_call_of(exc) is not None and not _through_counter(exc):
+            raise
+        _one_step(session, batch)  # without the counter: the model's own failure surfaces here
+        if notes is not None:
+            notes.append(f"FLOPs not counted (MFU unknown): torch.utils.flop_counter cannot follow this model "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
         return None
     return float(total) * (session.accum if session.train else 1) or None
+
+
+def _one_step(session: Session, batch) -> None:
+    """One step of the eager model, as counted: forward (and the loss's backward in training),
+    gradients dropped afterwards."""
+    from autoopt.workload import contract
+
+    model = session.eager_model
+    with session.autocast():
+        if session.train:
+            loss = contract.extract_loss(contract.call_forward(session.spec, model, batch))
+            with UserCall(session.spec.path, "backward"):
+                loss.backward()
+        else:
+            with torch.no_grad():
+                contract.call_forward(session.spec, model, batch)
+    if session.train:
+        session.optimizer.zero_grad(set_to_none=True)
+
+
+def _through_counter(exc: BaseException) -> bool:
+    """Whether the exception passed through the FLOP counter's own code (its dispatch mode or
+    formulas), i.e. may be the counter's limit rather than the model's error."""
+    return any(frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/flop_counter.py")
+               for frame, _ in traceback.walk_tb(exc.__traceback__))
 
 
 def peak_flops_per_s(caps: Capabilities, cfg) -> Optional[float]:

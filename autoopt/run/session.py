@@ -22,6 +22,7 @@ import torch
 from autoopt.run import apply
 from autoopt.types import ExecConfig, Workload
 from autoopt.workload import contract
+from autoopt.workload.guard import UserCall
 
 
 def seeded_batch(workload: Workload, batch_size: int, index: int, rank: int = 0):
@@ -29,7 +30,8 @@ def seeded_batch(workload: Workload, batch_size: int, index: int, rank: int = 0)
     the run's seed (and the rank), so the baseline and every variant see exactly the same
     data. Rank 0's batches are the single-process ones."""
     torch.manual_seed(workload.seed + 1000 + index + 7919 * rank)
-    return workload.spec.make_batch(batch_size)
+    with UserCall(workload.spec.path, "make_batch"):
+        return workload.spec.make_batch(batch_size)
 
 
 def split_batch(batch, k: int) -> list:
@@ -117,11 +119,16 @@ class Session:
         cfg, spec = self.cfg, self.spec
         self._open()
         torch.manual_seed(self.workload.seed)
-        model = spec.build_model()
+        with UserCall(spec.path, "build_model"):
+            model = spec.build_model()
         self.initial_checksum = weights_checksum(model)
         model, self.checkpointed_blocks = apply.place_model(model, cfg, train=self.train)
         model.train(self.train)
-        self.optimizer = apply.prepare_optimizer(spec.build_optimizer(model), cfg) if self.train else None
+        self.optimizer = None
+        if self.train:
+            with UserCall(spec.path, "build_optimizer"):
+                built = spec.build_optimizer(model)
+            self.optimizer = apply.prepare_optimizer(built, cfg)
         self.activate()
         self.eager_model = model
         if self.dist is not None and self.train:
@@ -133,7 +140,9 @@ class Session:
                                                 ddp=self.ddp) if self.train else None
         if build_loader and spec.build_dataloader is not None:
             torch.manual_seed(self.workload.seed)
-            self._loader = apply.prepare_loader(spec.build_dataloader(cfg.batch_size), cfg)
+            with UserCall(spec.path, "build_dataloader"):
+                loader = spec.build_dataloader(cfg.batch_size)
+            self._loader = apply.prepare_loader(loader, cfg)
         self._non_blocking = apply.copies_non_blocking(cfg, self._loader)
 
     def activate(self) -> None:
@@ -152,13 +161,15 @@ class Session:
         one of two fixed batches made once (already on the device: the step measures the
         model, not make_batch)."""
         if self._loader is not None:
-            if self._loader_iter is None:
-                self._loader_iter = iter(self._loader)
-            try:
-                return self.prepare(next(self._loader_iter))
-            except StopIteration:
-                self._loader_iter = iter(self._loader)
-                return self.prepare(next(self._loader_iter))
+            with UserCall(self.spec.path, "build_dataloader"):
+                if self._loader_iter is None:
+                    self._loader_iter = iter(self._loader)
+                try:
+                    batch = next(self._loader_iter)
+                except StopIteration:
+                    self._loader_iter = iter(self._loader)
+                    batch = next(self._loader_iter)
+            return self.prepare(batch)
         if not self._fixed:
             self._fixed = [self.prepare(seeded_batch(self.workload, self.cfg.batch_size, i, self.rank))
                            for i in range(2)]

@@ -26,7 +26,7 @@ import statistics
 import time
 from typing import Callable, Optional
 
-from autoopt.results import Decision, NoiseCheck, SearchSummary, Variant
+from autoopt.results import Decision, Failure, NoiseCheck, SearchSummary, Variant
 from autoopt.run.measure import Paired, noise_between, speedup
 from autoopt.run.session import is_oom
 from autoopt.search.batch import search_batch_size
@@ -35,6 +35,7 @@ from autoopt.search.trial import Candidate, Outcome, Point
 from autoopt.settings import APART_FLOOR, SearchSettings
 from autoopt.transforms import apply_transforms
 from autoopt.types import Measurement, Status
+from autoopt.workload.guard import user_call_of
 
 Progress = Callable[..., None]
 Rediagnose = Callable[[Point], list[Candidate]]
@@ -270,17 +271,27 @@ class Search:
             self._not_measured(name, start.codes + [c.code],
                                [x.transform_json() for x in start.chosen] + [c.transform_json()], start.chosen + [c])
             return None
-        result = search_batch_size(
-            start.config, self._measure_batch(start), against=self._batch_pair,
-            memory_budget_mb=self.ev.memory_budget_mb(self.settings.memory_budget_fraction),
-            max_batch=self.settings.max_batch, stop=self.out_of_time)
-        self.batch_tables[start.label] = result.table
-        params = dict(c.params, batch_size=result.batch_size, previous=start.config.batch_size)
+        try:
+            result = search_batch_size(
+                start.config, self._measure_batch(start), against=self._batch_pair,
+                memory_budget_mb=self.ev.memory_budget_mb(self.settings.memory_budget_fraction),
+                max_batch=self.settings.max_batch, stop=self.out_of_time)
+        except Exception as e:  # noqa: BLE001 - the model file failing at another batch size fails this variant
+            if user_call_of(e) is None:
+                raise  # autoopt's own error stays loud
+            result = None
+            failure = Failure.of(e, oom=is_oom(e))
+        params = dict(c.params, batch_size=result.batch_size if result else None, previous=start.config.batch_size)
         v = Variant(name=name, codes=start.codes + [c.code],
                     transforms=[x.transform_json() for x in start.chosen] + [{"name": BATCH, "params": params}],
                     accepted=True, status=Status.REJECTED, expected_speedup=c.finding.expected_speedup,
                     safety=self.safety(start.chosen + [c]))
         self.variants.append(v)
+        if result is None:
+            v.status, v.failure = Status.FAILED, failure
+            v.reason = f"the batch size search failed: {failure.summary}"
+            return None
+        self.batch_tables[start.label] = result.table
         if not result.batch_size or result.batch_size == start.config.batch_size:
             v.reason = f"no batch size beat {start.config.batch_size} on throughput beyond noise" + (
                 f" ({result.reason})" if result.reason else "")

@@ -55,6 +55,7 @@ class LocalEvaluator:
         self.base_cfg: Optional[ExecConfig] = None
         self.flops_per_sample: Optional[float] = None
         self.variant_times: list[float] = []
+        self.notes: list[str] = []  # for the report: what the baseline's measurement could not do
 
     # ------------------------------------------------------------------ helpers
     def flops(self, cfg: ExecConfig) -> Optional[float]:
@@ -92,7 +93,7 @@ class LocalEvaluator:
             # subscribed in the process and slows kernel launches (pytorch/pytorch#144455), so
             # every measurement, the baseline's included, is taken after the first trace.
             logdir = self._trace(s, "baseline") if self.tb_dir is not None else None
-            flops = count_flops(s)
+            flops = count_flops(s, self.notes)
             self.flops_per_sample = flops / s.samples_per_step if flops else None
             m = measure(s, self.caps, self.measure_settings, flops_per_step=flops)
         return Point(cfg, [], m, 1.0, logdir)

@@ -10,17 +10,24 @@ from typing import Iterator
 
 import torch
 
+from autoopt.workload.guard import UserCall
+
 
 def call_forward(spec, model, batch):
     """The model file's forward(model, batch), or the default: model(**batch) for a dict,
-    model(*batch) for a tuple/list, model(batch) otherwise."""
+    model(*batch) for a tuple/list, model(batch) otherwise. An exception leaving it is marked
+    as the model file's (autoopt.workload.guard)."""
     if spec.forward is not None:
-        return spec.forward(model, batch)
+        with UserCall(spec.path, "forward"):
+            return spec.forward(model, batch)
     if isinstance(batch, dict):
-        return model(**batch)
+        with UserCall(spec.path, "forward (default: model(**batch))"):
+            return model(**batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+        with UserCall(spec.path, "forward (default: model(*batch))"):
+            return model(*batch)
+    with UserCall(spec.path, "forward (default: model(batch))"):
+        return model(batch)
 
 
 def extract_loss(out) -> torch.Tensor | None:

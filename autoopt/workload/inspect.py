@@ -221,10 +221,12 @@ def _built_facts(workload: Workload) -> dict[str, Any]:
     import torch
 
     from autoopt.torch_helpers import _autoopt_is_channels_last
+    from autoopt.workload.guard import UserCall
 
     spec = workload.spec
     torch.manual_seed(workload.seed)
-    model = spec.build_model()
+    with UserCall(spec.path, "build_model"):
+        model = spec.build_model()
     inner = getattr(model, "_orig_mod", model)
     out: dict[str, Any] = {
         "workload.compiled": type(model).__name__ == "OptimizedModule",
@@ -236,7 +238,8 @@ def _built_facts(workload: Workload) -> dict[str, Any]:
         "workload.optimizer": "",
     }
     if spec.build_optimizer is not None:
-        opt = spec.build_optimizer(model)
+        with UserCall(spec.path, "build_optimizer"):
+            opt = spec.build_optimizer(model)
         out["workload.optimizer"] = type(opt).__name__
         out["workload.optimizer_impl"] = _impl_on_device(opt, optimizer_impl(opt), workload.caps.device_type)
         out["_optimizer_class"] = type(opt)

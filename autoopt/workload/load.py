@@ -534,10 +534,46 @@ def _shape_signature(batch: Any) -> list[tuple]:
     return [(tuple(t.shape), str(t.dtype)) for t in iter_tensors(batch)]
 
 
+# ---------------------------------------------------------------------------- later calls
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def model_file_error(exc: BaseException) -> Optional[ModelFileError]:
+    """The ModelFileError for an exception the model file's code raised at any call, marked by
+    autoopt.workload.guard.UserCall (here, or in an exception it was raised from); None when it
+    did not come from the model file's code."""
+    from autoopt.workload.guard import CALLS, UserExit, marked, user_call_of
+
+    found = user_call_of(exc)
+    if found is None:
+        return None
+    path, name = found
+    origin = marked(exc)
+    what = CALLS.get(name, name)
+    if isinstance(origin, UserExit):
+        problem = f"{what} called {origin}{_at(origin, path)} while autoopt was running it"
+        fix = f"return from {name.split(' ')[0]} instead of exiting; autoopt calls it many times in one process."
+    elif _is_oom(origin):
+        problem = f"{what} ran out of memory ({_exc_summary(origin)}){_at(origin, path)}"
+        fix = "use a smaller --batch-size (or BATCH_SIZE in the file), or free what the code keeps between calls."
+    else:
+        problem = f"{what} raised {_exc_summary(origin)}{_at(origin, path)} while autoopt was running it"
+        fix = ("the model file's functions must work on every call, not only the first: call them in a loop in a "
+               "Python shell to reproduce (state kept between calls — counters, caches, iterators that run out — "
+               "is the usual cause); --debug shows the traceback.")
+    return _fail(display_path(path), name, problem, fix, origin)
+
+
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "check_batch",
     "display_path",
     "load_model_file",
+    "model_file_error",
     "user_code",
 ]

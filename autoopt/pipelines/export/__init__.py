@@ -201,20 +201,21 @@ def _model_and_batches(spec, seed: int, trace_bs: int, check_bs: int, weights_dt
     import torch
 
     from autoopt.workload.contract import map_tensors
+    from autoopt.workload.guard import UserCall
     from autoopt.workload.load import user_code
 
     torch.manual_seed(seed)
-    with user_code():
+    with user_code(), UserCall(spec.path, "build_model"):
         model = spec.build_model()
     model = _eager(model).to("cpu").eval()
     dtype = getattr(torch, weights_dtype) if weights_dtype else None
     if dtype is not None:
         model = model.to(dtype)
     torch.manual_seed(seed)
-    with user_code():
+    with user_code(), UserCall(spec.path, "make_batch"):
         batch = spec.make_batch(trace_bs)
     torch.manual_seed(seed + 1)
-    with user_code():
+    with user_code(), UserCall(spec.path, "make_batch"):
         check_batch = spec.make_batch(check_bs)
 
     def prep(b):
