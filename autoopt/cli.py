@@ -1,6 +1,6 @@
 """The command line: the only module that prints, prompts or exits.
 
-Whatever it prints passes autoopt.output.safe: names from traces, models and file names show
+Whatever it prints passes autoopt.safe: names from traces, models and file names show
 their control characters and bidi controls as visible escapes (`_write`, and the consoles of
 `_console`, which make every string they print terminal-safe), and a name inside rich markup
 is markup-escaped too.
@@ -32,7 +32,7 @@ def _safe_console_class():
     drops only a few control characters and lets ESC sequences through)."""
     from rich.console import Console
 
-    from autoopt.output.safe import terminal_text
+    from autoopt.safe import terminal_text
 
     class SafeConsole(Console):
         def print(self, *objects: Any, **kwargs: Any) -> None:
@@ -51,7 +51,7 @@ def _console(stderr: bool = True):
 
 def _name(s: Any) -> str:
     """A name from a trace, a model or a file name, for one line of output."""
-    from autoopt.output.safe import for_terminal
+    from autoopt.safe import for_terminal
 
     return for_terminal(s)
 
@@ -63,7 +63,7 @@ def _print_json(obj: Any) -> None:
 
 def _write(text: str) -> None:
     """Plain text to stdout, terminal-safe but otherwise as it is: no re-wrapping when piped."""
-    from autoopt.output.safe import terminal_text
+    from autoopt.safe import terminal_text
 
     text = terminal_text(text)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -106,7 +106,7 @@ class ProgressView:
             return
         from rich.text import Text
 
-        from autoopt.output.safe import terminal_text
+        from autoopt.safe import terminal_text
 
         line = Text(terminal_text(text))  # a Text: a name in the detail is never read as markup
         if self.status is None:
@@ -611,7 +611,7 @@ def _report_error(message: str, exc: BaseException, debug: bool) -> None:
     (newlines kept) and markup-escaped."""
     from rich.markup import escape
 
-    from autoopt.output.safe import terminal_text
+    from autoopt.safe import terminal_text
 
     err = _console()
     if debug:
@@ -621,7 +621,7 @@ def _report_error(message: str, exc: BaseException, debug: bool) -> None:
 
 def _escape(text: str) -> str:
     """Text from outside inside a rich markup string: terminal-safe and markup-escaped."""
-    from autoopt.output.safe import for_rich
+    from autoopt.safe import for_rich
 
     return for_rich(text)
 

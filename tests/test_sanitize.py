@@ -1,5 +1,5 @@
 """Names from traces, models and file names never act on the terminal, never break a Markdown
-table and never become markup: autoopt.output.safe on its own (each hostile class of
+table and never become markup: autoopt.safe on its own (each hostile class of
 character), then end to end: `autoopt analyze` of a trace whose kernel, operator, device and
 file names carry escape sequences, its error path, the optimize summary table, the prompt and
 the progress line, report.md and report.html."""
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from autoopt.output import report as R
-from autoopt.output import safe as S
+from autoopt import safe as S
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "report_sample.json"

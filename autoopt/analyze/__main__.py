@@ -12,7 +12,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import orjson  # noqa: E402
 
 from autoopt.errors import UserError  # noqa: E402
-from autoopt.output.safe import terminal_text  # noqa: E402
+from autoopt.safe import terminal_text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

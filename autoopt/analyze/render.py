@@ -1,14 +1,14 @@
 """A compact human-readable summary of an analysis result (the CLI prints it).
 
 Every name in it comes from a trace or a file name (paths, devices, kernels, operators, sync
-sites, notes): each goes through autoopt.output.safe.for_terminal, so control characters,
+sites, notes): each goes through autoopt.safe.for_terminal, so control characters,
 newlines and bidi controls in a name show as visible escapes and never act on the terminal.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from autoopt.output.safe import for_terminal as _safe
+from autoopt.safe import for_terminal as _safe
 
 
 def _pct(x: Any) -> str:

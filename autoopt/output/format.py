@@ -1,6 +1,6 @@
 """Numbers and text for people, shared by every output (report.md, report.html, the
 terminal table, TensorBoard): tolerant readers of report.json values, the fmt_* number
-formatters, and (from autoopt.output.safe) the escapes that keep data inert in HTML and Markdown.
+formatters, and (from autoopt.safe) the escapes that keep data inert in HTML and Markdown.
 
 Every function here takes any JSON value and never raises: a missing, non-numeric or
 non-finite number shows as "—".
@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-# the escapes live in autoopt.output.safe, the one module that makes outside text inert; the
+# the escapes live in autoopt.safe, the one module that makes outside text inert; the
 # report renderers import them from here under the names they have always had
-from autoopt.output.safe import esc, printable  # noqa: F401
-from autoopt.output.safe import for_markdown as md_text  # noqa: F401
-from autoopt.output.safe import markdown_code as md_code  # noqa: F401
+from autoopt.safe import esc, printable  # noqa: F401
+from autoopt.safe import for_markdown as md_text  # noqa: F401
+from autoopt.safe import markdown_code as md_code  # noqa: F401
 
 DASH = "—"
 

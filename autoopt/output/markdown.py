@@ -2,7 +2,7 @@
 
 Each section function takes the report dict and returns its lines (a trailing blank line
 included), or none where the report has nothing for it. Everything from the run goes
-through md_text / md_code / a fence (autoopt.output.safe), so names with Markdown or HTML
+through md_text / md_code / a fence (autoopt.safe), so names with Markdown or HTML
 in them stay text, and control characters in them (report.md is read with cat too) show as
 visible escapes.
 """
@@ -31,7 +31,7 @@ from autoopt.output.format import (
     text_or_dash,
     transforms_text,
 )
-from autoopt.output.safe import terminal_text
+from autoopt.safe import terminal_text
 
 BATCH_SEMANTICS = ("A different batch size changes training semantics: scale the learning rate and re-check "
                    "convergence.")

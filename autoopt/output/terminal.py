@@ -1,11 +1,11 @@
 """The compact variants table `autoopt optimize` prints in the terminal: plain strings, one
 row per variant, for a renderer (rich) that escapes them. Names and reasons come from the
-run: each is made terminal-safe here (autoopt.output.safe.for_terminal)."""
+run: each is made terminal-safe here (autoopt.safe.for_terminal)."""
 from __future__ import annotations
 
 from autoopt.output.data import beside_ms, decision, speedup_interval, variants
 from autoopt.output.format import as_dict, error_text, fmt_mb, fmt_ms, fmt_tput, fmt_x, short, spread_text, stat
-from autoopt.output.safe import for_terminal
+from autoopt.safe import for_terminal
 
 FINAL_TABLE_HEADER = [
     "variant",
