@@ -1,5 +1,10 @@
 """The command line: the only module that prints, prompts or exits.
 
+Whatever it prints passes autoopt.safe: names from traces, models and file names show
+their control characters and bidi controls as visible escapes (`_write`, and the consoles of
+`_console`, which make every string they print terminal-safe), and a name inside rich markup
+is markup-escaped too.
+
 Every command returns an exit status: 0 done, 2 bad input, 130 interrupted. Heavy modules
 (torch above all) are imported inside the commands that need them, so `autoopt analyze`
 and `autoopt rules` start fast.
@@ -11,6 +16,7 @@ import json
 import os
 import sys
 import traceback
+from functools import lru_cache
 from typing import Any, Optional
 
 from autoopt import __version__
@@ -20,13 +26,34 @@ from autoopt.settings import DEFAULT_TIME_BUDGET_S
 EPILOG = "Docs: autoopt rules | autoopt explain CODE. Exit codes: 0 done, 2 bad input, 130 interrupted."
 
 
-def _console(stderr: bool = True):
+@lru_cache(maxsize=1)
+def _safe_console_class():
+    """rich's Console, with every string it prints made terminal-safe first (rich itself
+    drops only a few control characters and lets ESC sequences through)."""
     from rich.console import Console
 
-    c = Console(stderr=stderr, highlight=False)
+    from autoopt.safe import terminal_text
+
+    class SafeConsole(Console):
+        def print(self, *objects: Any, **kwargs: Any) -> None:
+            super().print(*(terminal_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+    return SafeConsole
+
+
+def _console(stderr: bool = True):
+    console = _safe_console_class()
+    c = console(stderr=stderr, highlight=False)
     if not c.is_terminal:  # piped or redirected: don't re-wrap lines at 80 columns
-        c = Console(stderr=stderr, highlight=False, soft_wrap=True, width=160)
+        c = console(stderr=stderr, highlight=False, soft_wrap=True, width=160)
     return c
+
+
+def _name(s: Any) -> str:
+    """A name from a trace, a model or a file name, for one line of output."""
+    from autoopt.safe import for_terminal
+
+    return for_terminal(s)
 
 
 def _print_json(obj: Any) -> None:
@@ -37,7 +64,10 @@ def _print_json(obj: Any) -> None:
 
 
 def _write(text: str) -> None:
-    """Plain text to stdout as it is: no re-wrapping when piped."""
+    """Plain text to stdout, terminal-safe but otherwise as it is: no re-wrapping when piped."""
+    from autoopt.safe import terminal_text
+
+    text = terminal_text(text)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
 
@@ -76,11 +106,16 @@ class ProgressView:
         if not self.console.is_terminal or (phase in self.LASTING and not info.get("variant")):
             self.console.print(text, markup=False, highlight=False)
             return
+        from rich.text import Text
+
+        from autoopt.safe import terminal_text
+
+        line = Text(terminal_text(text))  # a Text: a name in the detail is never read as markup
         if self.status is None:
-            self.status = self.console.status(text)
+            self.status = self.console.status(line)
             self.status.start()
         else:
-            self.status.update(text)
+            self.status.update(line)
 
     def stop(self) -> None:
         if self.status is not None:
@@ -150,7 +185,7 @@ def cmd_analyze(args) -> int:
     out = _console(stderr=False)
     if result.get("runs") == "separate":
         for t in result["traces"]:
-            out.print(f"\n{t['path']}:", markup=False)
+            out.print(f"\n{_name(t['path'])}:", markup=False)
             _print_findings(out, [f for path, f in found if path == t["path"]])
     else:
         _print_findings(out, [f for _, f in found])
@@ -170,8 +205,8 @@ def _print_findings(out, findings) -> None:
     out.print("\nFindings:", markup=False)
     for f in findings:
         gain = f" (up to {f.expected_speedup:.2f}x)" if f.expected_speedup else ""
-        out.print(f"  {f.code} [{f.safety}] {f.title}{gain}", markup=False)
-        out.print(f"      {f.message}", markup=False)
+        out.print(f"  {f.code} [{f.safety}] {_name(f.title)}{gain}", markup=False)
+        out.print(f"      {_name(f.message)}", markup=False)
     out.print("Run `autoopt explain CODE` for a rule's documentation.", markup=False)
 
 
@@ -221,7 +256,8 @@ def cmd_profile(args) -> int:
     out = _console(stderr=False)
     m = result["measurement"]
     st = m["step_time_ms"]
-    out.print(f"{result['model']} on {result['device']['name'] or result['device']['type']}, batch {m['batch_size']}, "
+    device = _name(result["device"]["name"] or result["device"]["type"])
+    out.print(f"{_name(result['model'])} on {device}, batch {m['batch_size']}, "
               f"{result['mode']}: step {st['median']:.2f} ms median "
               f"(IQR {st['p25']:.2f}-{st['p75']:.2f}, n={st['n']}), "
               f"{m['throughput_per_s']:.1f} samples/s, peak memory {m['peak_memory_mb'] or 0:.0f} MB"
@@ -260,12 +296,12 @@ def _make_decider(args, console):
 
 def _ask(console, f, transform) -> bool:
     gain = f"up to {f.expected_speedup:.2f}x" if f.expected_speedup else "unknown until measured"
-    console.print(f"\n[bold]{_escape(f.code)}[/bold] {_escape(f.title)}", highlight=False)
-    console.print(f"  {f.message}", markup=False, highlight=False)
-    console.print(f"  does: {transform.summary}", markup=False, highlight=False)
+    console.print(f"\n[bold]{_escape(f.code)}[/bold] {_escape(f.title)}", highlight=False)  # escaped: names
+    console.print(f"  {_name(f.message)}", markup=False, highlight=False)
+    console.print(f"  does: {_name(transform.summary)}", markup=False, highlight=False)
     console.print(f"  expected gain: {gain}; safety: {f.safety}", markup=False, highlight=False)
     while True:
-        console.print("  apply and verify? [y/n] ", end="")
+        console.print("  apply and verify? [y/n] ", end="", markup=False)  # with markup, rich drops "[y/n]"
         ans = sys.stdin.readline()
         if not ans:
             return False
@@ -353,7 +389,7 @@ def _print_optimize_summary(report: dict) -> None:
     rows = final_table_rows(report)
     if rows:
         device = report["device"].get("name") or report["device"].get("type")
-        title = f"autoopt: {report['model']} ({report['mode']}, {device})"
+        title = f"autoopt: {_name(report['model'])} ({_name(report['mode'])}, {_name(device)})"
         t = Table(*rows[0], title=Text(title))
         for r in rows[1:]:
             t.add_row(*[Text(str(x)) for x in r])  # cells are data, never markup
@@ -376,10 +412,10 @@ def _print_search_story(out, report: dict) -> None:
 
     info = search_info(report)
     if info.get("unmeasured"):
-        out.print(f"Not measured within the time budget: {', '.join(info['unmeasured'])} "
+        out.print(f"Not measured within the time budget: {', '.join(_name(u) for u in info['unmeasured'])} "
                   "(more time: --time-budget SECONDS)", markup=False)
     if info.get("unsettled"):
-        calls = ", ".join(f"{u['variant']} ({u['ratio']}, {u['interval']})" for u in info["unsettled"])
+        calls = ", ".join(f"{_name(u['variant'])} ({u['ratio']}, {u['interval']})" for u in info["unsettled"])
         out.print(f"Too close to call, not kept: {calls}", markup=False)
 
 
@@ -581,16 +617,24 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _report_error(message: str, exc: BaseException, debug: bool) -> None:
+    """The one place every error is printed: its message names files, traces and models, and
+    can quote an exception of the user's code over several lines, so it is made terminal-safe
+    (newlines kept) and markup-escaped."""
+    from rich.markup import escape
+
+    from autoopt.safe import terminal_text
+
     err = _console()
     if debug:
         err.print("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), markup=False)
-    err.print(f"[bold red]error:[/bold red] {_escape(message)}")
+    err.print(f"[bold red]error:[/bold red] {escape(terminal_text(message))}")
 
 
 def _escape(text: str) -> str:
-    from rich.markup import escape
+    """Text from outside inside a rich markup string: terminal-safe and markup-escaped."""
+    from autoopt.safe import for_rich
 
-    return escape(text)
+    return for_rich(text)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import orjson  # noqa: E402
 
 from autoopt.errors import UserError  # noqa: E402
+from autoopt.safe import terminal_text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = analyze_paths(args.traces, top_n=args.top)
     except UserError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        print(f"error: {terminal_text(e.message)}", file=sys.stderr)  # it names files: made terminal-safe
         return e.exit_code
     except KeyboardInterrupt:
         return 130

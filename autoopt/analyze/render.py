@@ -1,7 +1,14 @@
-"""A compact human-readable summary of an analysis result (the CLI prints it)."""
+"""A compact human-readable summary of an analysis result (the CLI prints it).
+
+Every name in it comes from a trace or a file name (paths, devices, kernels, operators, sync
+sites, notes): each goes through autoopt.safe.for_terminal, so control characters,
+newlines and bidi controls in a name show as visible escapes and never act on the terminal.
+"""
 from __future__ import annotations
 
 from typing import Any
+
+from autoopt.safe import for_terminal as _safe
 
 
 def _pct(x: Any) -> str:
@@ -12,16 +19,17 @@ def _ms(x: Any) -> str:
     return "-" if x is None else f"{x:.2f} ms"
 
 
-def _short(name: str, width: int = 70) -> str:
+def _short(name: Any, width: int = 70) -> str:
+    name = _safe(name)
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
 def _header(t: dict) -> list[str]:
     dev = t["device"]
-    dev_s = dev["name"] if dev["type"] == "cuda" else "CPU only"
+    dev_s = _safe(dev["name"]) if dev["type"] == "cuda" else "CPU only"
     if dev.get("compute_capability"):
-        dev_s += f" (sm {dev['compute_capability']})"
-    lines = [f"{t['path']}  rank {t['rank']}  {dev_s}  {t['events']} events"]
+        dev_s += f" (sm {_safe(dev['compute_capability'])})"
+    lines = [f"{_safe(t['path'])}  rank {_safe(t['rank'])}  {dev_s}  {t['events']} events"]
     st = t.get("step_time_ms")
     steps = f"{t['steps']} steps" if t["steps_from_spans"] else "no ProfilerStep spans (one window)"
     if st:
@@ -73,8 +81,8 @@ def _tops(t: dict) -> list[str]:
             v = o["device_self_ms"] if gpu else o["host_self_ms"]
             lines.append(f"    {v:10.2f} ms {o['calls']:7d}x  {_short(o['name'])}")
     for s in t["syncs"]["sites"][:3]:
-        lines.append(f"  sync: {s['name']} x{s['count']}" + (f" at {s['source']}" if s["source"] else ""))
-    return lines + [f"  note: {n}" for n in t["notes"]]
+        lines.append(f"  sync: {_safe(s['name'])} x{s['count']}" + (f" at {_safe(s['source'])}" if s["source"] else ""))
+    return lines + [f"  note: {_safe(n)}" for n in t["notes"]]
 
 
 def _ranks(r: dict) -> list[str]:
@@ -82,12 +90,12 @@ def _ranks(r: dict) -> list[str]:
         return []
     head = f"{r['rank_count']} ranks: step-time skew {_pct(r['rank_step_skew'])}"
     if r.get("slowest_rank") is not None:
-        head += f", slowest rank {r['slowest_rank']}"
+        head += f", slowest rank {_safe(r['slowest_rank'])}"
     if r.get("straggler_rank") is not None:
-        head += f", straggler (least collective wait) rank {r['straggler_rank']}"
+        head += f", straggler (least collective wait) rank {_safe(r['straggler_rank'])}"
     if r.get("comm_overlap_fraction") is not None:
         head += f", comm/compute overlap {_pct(r['comm_overlap_fraction'])}"
-    return [head] + [f"  rank {row['rank']}: step {_ms(row['step_time_ms'])}, comm "
+    return [head] + [f"  rank {_safe(row['rank'])}: step {_ms(row['step_time_ms'])}, comm "
                      f"{_ms(row['comm_kernel_ms_per_step'])}/step, GPU util {_pct(row['gpu_utilization'])}"
                      for row in r["per_rank"]]
 
@@ -98,5 +106,5 @@ def render_text(result: dict) -> str:
     for t in result.get("traces", []):
         lines += _header(t) + _metrics_line(t["metrics"]) + _tops(t)
     lines += _ranks(result.get("ranks") or {})
-    lines += [f"note: {n}" for n in result.get("notes", [])]
+    lines += [f"note: {_safe(n)}" for n in result.get("notes", [])]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Numbers and text for people, shared by every output (report.md, report.html, the
 terminal table, TensorBoard): tolerant readers of report.json values, the fmt_* number
-formatters, and the escapes that keep data inert in HTML and Markdown.
+formatters, and (from autoopt.safe) the escapes that keep data inert in HTML and Markdown.
 
 Every function here takes any JSON value and never raises: a missing, non-numeric or
 non-finite number shows as "—".
@@ -8,10 +8,13 @@ non-finite number shows as "—".
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Optional
 
-import markupsafe
+# the escapes live in autoopt.safe, the one module that makes outside text inert; the
+# report renderers import them from here under the names they have always had
+from autoopt.safe import esc, printable  # noqa: F401
+from autoopt.safe import for_markdown as md_text  # noqa: F401
+from autoopt.safe import markdown_code as md_code  # noqa: F401
 
 DASH = "—"
 
@@ -147,37 +150,3 @@ def short(s: Any, n: int) -> str:
     s = " ".join(str(s).split())
     return s if len(s) <= n else s[: n - 1] + "…"
 
-
-# control characters other than tab and newline: not allowed in XML, meaningless on a page
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
-
-
-def printable(s: Any) -> str:
-    """str(s) without control characters (each becomes U+FFFD)."""
-    return _CONTROL.sub("\ufffd", str(s))
-
-
-def esc(s: Any) -> str:
-    """Text for HTML, quotes included: the same escape the report's templates apply."""
-    return str(markupsafe.escape(str(s)))
-
-
-# Markdown punctuation that can start markup mid-line; "<" only where it could open an HTML
-# tag or comment, "&" only where it could start an entity, so "a <= b" and "32 -> 128"
-# stay readable in the raw file.
-_MD_SPECIAL = re.compile(r"([\\`*\[\]|]|<(?=[A-Za-z/!?])|&(?=#?\w+;)|^[>#+=-])")
-
-
-def md_text(s: Any) -> str:
-    """Text for a Markdown paragraph or table cell: one line, Markdown and HTML inert."""
-    s = " ".join(str(s).split())
-    return _MD_SPECIAL.sub(r"\\\1", s)
-
-
-def md_code(s: Any) -> str:
-    """An inline code span that survives backticks and table pipes in the text."""
-    s = " ".join(str(s).split())
-    longest = max((len(m) for m in re.findall(r"`+", s)), default=0)
-    fence = "`" * (longest + 1)
-    pad = " " if s.startswith("`") or s.endswith("`") else ""
-    return f"{fence}{pad}{s.replace('|', chr(92) + '|')}{pad}{fence}"

@@ -32,6 +32,7 @@ from autoopt.output.format import (
     fmt_tput,
     fmt_x,
     num,
+    printable,
     spread_text,
     stat,
     text_or_dash,
@@ -42,14 +43,21 @@ from autoopt.types import SAFETY_LEVELS, VARIANT_STATUSES
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
+def _printable(value: Any) -> Any:
+    """Every value a template shows, before its escape: text from the run without control or
+    bidi characters (safe.printable); markup this package made itself is left as it is."""
+    return value if isinstance(value, Markup) or not isinstance(value, str) else printable(value)
+
+
 @lru_cache(maxsize=1)
 def environment():
-    """The Jinja2 environment of the report templates, autoescaping everything."""
+    """The Jinja2 environment of the report templates, autoescaping everything, and showing
+    control and bidi characters of the data as U+FFFD."""
     import jinja2
 
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                              keep_trailing_newline=True)
+                              keep_trailing_newline=True, finalize=_printable)
 
 
 @lru_cache(maxsize=1)

@@ -2,7 +2,9 @@
 
 Each section function takes the report dict and returns its lines (a trailing blank line
 included), or none where the report has nothing for it. Everything from the run goes
-through md_text / md_code / a fence, so names with Markdown or HTML in them stay text.
+through md_text / md_code / a fence (autoopt.safe), so names with Markdown or HTML
+in them stay text, and control characters in them (report.md is read with cat too) show as
+visible escapes.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from autoopt.output.format import (
     text_or_dash,
     transforms_text,
 )
+from autoopt.safe import terminal_text
 
 BATCH_SEMANTICS = ("A different batch size changes training semantics: scale the learning rate and re-check "
                    "convergence.")
@@ -43,7 +46,9 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def fence(text: str, lang: str = "") -> list[str]:
-    """A fenced code block longer than any backtick run in the text, so it stays verbatim."""
+    """A fenced code block longer than any backtick run in the text, so it stays verbatim
+    (but for control characters, shown as escapes; CRLF line ends become LF)."""
+    text = terminal_text(text)
     longest = max((len(m) for m in re.findall(r"`{3,}", text)), default=0)
     f = "`" * max(3, longest + 1)
     return [f + lang, text.rstrip("\n"), f, ""]
@@ -189,8 +194,8 @@ def search(r: dict) -> list[str]:
     if info["unsettled"]:
         out += ["Too close to call (not kept; the interval of the ratio holds both a gain and none):", ""]
         out += md_table(["Variant", "Ratio", "95 % interval", "Rounds", "Against", "Why"],
-                        [[md_text(u["variant"]), u["ratio"], u["interval"], u["rounds"], md_text(u["anchor"]),
-                          md_text(u["why"])] for u in info["unsettled"]])
+                        [[md_text(u["variant"]), md_text(u["ratio"]), md_text(u["interval"]), md_text(u["rounds"]),
+                          md_text(u["anchor"]), md_text(u["why"])] for u in info["unsettled"]])
         out.append("")
     return out
 
@@ -216,7 +221,8 @@ def trace_analysis(r: dict) -> list[str]:
     rows = [[D.BREAKDOWN_LABELS[k], fmt_ms(bb[k]) if as_dict(ab) else DASH, fmt_ms(bf[k]) if as_dict(af) else DASH]
             for k in D.BREAKDOWN_KEYS if bb[k] or bf[k]]
     before, after = D.before_after(r)
-    head = ["Category", f"Baseline ({D.batch_label(before) or '?'})", f"Final ({D.batch_label(after) or '?'})"]
+    head = ["Category", f"Baseline ({md_text(D.batch_label(before) or '?')})",
+            f"Final ({md_text(D.batch_label(after) or '?')})"]
     out = ["## Step-time breakdown (ms per step)", ""]
     out += md_table(head, rows) if rows else ["All categories are zero.", ""]
     for label, a in D.analyses(r):

@@ -1,9 +1,11 @@
 """The compact variants table `autoopt optimize` prints in the terminal: plain strings, one
-row per variant, for a renderer (rich) that escapes them."""
+row per variant, for a renderer (rich) that escapes them. Names and reasons come from the
+run: each is made terminal-safe here (autoopt.safe.for_terminal)."""
 from __future__ import annotations
 
 from autoopt.output.data import beside_ms, decision, speedup_interval, variants
 from autoopt.output.format import as_dict, error_text, fmt_mb, fmt_ms, fmt_tput, fmt_x, short, spread_text, stat
+from autoopt.safe import for_terminal
 
 FINAL_TABLE_HEADER = [
     "variant",
@@ -33,8 +35,8 @@ def _with_baseline(report: dict) -> list[dict]:
 
 def final_table_rows(report: dict) -> list[list[str]]:
     """Compact rows for the terminal table: the first row is the header
-    (FINAL_TABLE_HEADER), then one row per variant. Plain strings; a renderer that
-    interprets markup (rich) must escape them."""
+    (FINAL_TABLE_HEADER), then one row per variant. Plain strings free of control
+    characters; a renderer that interprets markup (rich) must still escape them."""
     rows = [list(FINAL_TABLE_HEADER)]
     for v in _with_baseline(report):
         st = v.get("step_time_ms")
@@ -49,8 +51,8 @@ def final_table_rows(report: dict) -> list[list[str]]:
         if d.get("ratio") is not None:
             decided = f"{fmt_x(d.get('ratio'))} {'base' if d.get('anchor') == 'the baseline' else 'best'}"
         rows.append([
-            str(v.get("name", "?")),
-            str(v.get("status", "?")),
+            for_terminal(v.get("name", "?")),
+            for_terminal(v.get("status", "?")),
             fmt_ms(stat(st, "median")),
             spread_text(st),
             fmt_ms(beside_ms(report, v)),
@@ -59,6 +61,6 @@ def final_table_rows(report: dict) -> list[list[str]]:
             sp,
             fmt_mb(v.get("peak_memory_mb")),
             error_text(v),
-            short(v.get("reason") or "", 60),
+            short(for_terminal(v.get("reason") or ""), 60),
         ])
     return rows
