@@ -26,7 +26,7 @@ from autoopt.distributed.launch import (
     resolved_device,
     run_job,
 )
-from autoopt.errors import Interrupted
+from autoopt.procs import signum_of
 from autoopt.results import DistributedInfo, FinalResult, ProfileResult, Report, SearchSummary, Variant, finding_entry
 from autoopt.settings import DistributedSettings, MeasureSettings, OptimizeSettings, ProfileSettings
 from autoopt.types import Measurement
@@ -123,7 +123,7 @@ def optimize_distributed(settings: OptimizeSettings, *, progress: Progress = _no
     baseline on every rank, kept only when faster side by side — re-measure baseline and
     final in alternating rounds, and write the report directory (report.json/.md/.html,
     plan.json, patch.diff, tb/<variant>/ with one trace per rank). Returns the report."""
-    from autoopt.pipelines.optimize import budget_line, default_model_path, new_report_dir
+    from autoopt.pipelines.optimize import budget_line, default_model_path, new_report_dir, write_unmeasured
     from autoopt.workload.load import load_model_file
 
     d = settings.distributed
@@ -140,8 +140,12 @@ def optimize_distributed(settings: OptimizeSettings, *, progress: Progress = _no
         recs, launcher = _launch("optimize", settings, where={"tb_dir": str(tb), "started_at": started_at},
                                  model=str(spec.path),
                                  keep=str(tb), progress=progress)
-    except KeyboardInterrupt:
-        raise Interrupted(str(out)) from None
+    except KeyboardInterrupt as e:  # the ranks are stopped (run_job); what they measured never came back
+        raise write_unmeasured(
+            settings, out, model=spec.name, model_path=str(spec.path), signum=signum_of(e),
+            not_measured=["baseline", "every variant", "final"],
+            note=(f"during the {d.nproc}-process job: the ranks report their measurements when the job ends, so none "
+                  f"reached this report; the traces they wrote are in {tb}"), started=started) from None
     progress("analyze", "analyzing the baseline's rank traces")
     analysis = _analyze_ranks(tb / "baseline")
     report = _report(settings, spec, recs, analysis, launcher, out, started)
