@@ -5,7 +5,7 @@ world stops it.
   handlers put back after) turns SIGTERM and SIGHUP into `Signalled`, a KeyboardInterrupt
   that carries the signal's number, so `timeout`, Slurm, Kubernetes, `docker stop` and a
   closed terminal take the same path as Ctrl-C: the partial report is written and the exit
-  status is 128 + the signal (130 INT, 143 TERM, 129 HUP).
+  status is 128 + the signal (130 INT, 143 TERM, 129 HUP). Only the first signal raises.
 - `deferred_signals()` holds SIGINT, SIGTERM and SIGHUP back while a report is written, so
   a second signal cannot cut report.json in half; the signal held back is raised after
   (or dropped, when the caller is already on its way out).
@@ -25,8 +25,9 @@ import sys
 import threading
 from typing import Iterator, Optional, Sequence
 
-CAUGHT = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
-HELD = (signal.SIGINT,) + CAUGHT
+# Ctrl-C, then what schedulers and a closed terminal send (no SIGHUP on Windows)
+HELD = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+             if s is not None)
 
 
 def signal_name(signum: int) -> str:
@@ -54,21 +55,34 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _raise_signalled(signum, _frame):
-    raise Signalled(signum)
+class _FirstRaises:
+    """The first of SIGINT, SIGTERM and SIGHUP raises (KeyboardInterrupt, Signalled); the
+    ones after it are only noted: the run is already on its way out, writing its report."""
+
+    def __init__(self) -> None:
+        self.fired: Optional[int] = None
+
+    def __call__(self, signum, _frame) -> None:
+        if self.fired is not None:
+            return
+        self.fired = signum
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Signalled(signum)
 
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise Signalled inside the block; the previous handlers after it.
-    Outside the main thread (where Python cannot set handlers) nothing changes."""
+    """Inside the block SIGTERM and SIGHUP raise Signalled and Ctrl-C KeyboardInterrupt, the
+    first of them only (a second one cannot cut the partial report short); the previous
+    handlers after it. Outside the main thread (where Python cannot set handlers) nothing
+    changes."""
     if not _main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in CAUGHT}
+    previous = {s: signal.getsignal(s) for s in HELD}
+    handler = _FirstRaises()
     try:
-        for s in CAUGHT:
-            signal.signal(s, _raise_signalled)
+        for s in HELD:
+            signal.signal(s, handler)
         yield
     finally:
         for s, h in previous.items():
@@ -88,7 +102,8 @@ class _Held:
 def deferred_signals(*, reraise: bool = True) -> Iterator[_Held]:
     """SIGINT, SIGTERM and SIGHUP are held back inside the block (the first one is kept in
     the yielded object's `signum`). After it the previous handlers are back and, with
-    `reraise`, the signal held back is raised as an interrupt."""
+    `reraise`, the signal held back is delivered to its handler (an ignored one stays
+    ignored; one left to the default is raised as an interrupt)."""
     held = _Held()
     if not _main_thread():
         yield held
@@ -102,7 +117,11 @@ def deferred_signals(*, reraise: bool = True) -> Iterator[_Held]:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
     if reraise and held.signum is not None:
-        raise KeyboardInterrupt() if held.signum == signal.SIGINT else Signalled(held.signum)
+        handler = previous[held.signum]
+        if callable(handler):
+            handler(held.signum, None)
+        elif handler != signal.SIG_IGN:
+            raise KeyboardInterrupt() if held.signum == signal.SIGINT else Signalled(held.signum)
 
 
 # ---------------------------------------------------------------------------- children

@@ -133,6 +133,18 @@ def test_sigterm_and_sighup_become_an_interrupt_with_the_signal_and_the_handlers
     assert Interrupted("x").exit_code == ExitCode.INTERRUPTED == 130
 
 
+def test_only_the_first_signal_raises_the_ones_after_cannot_cut_the_way_out_short():
+    before = signal.getsignal(signal.SIGINT)
+    with signals_as_interrupts():
+        with pytest.raises(Signalled):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # writing the partial report now
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_signal_while_a_report_is_written_is_held_until_it_is_written():
     with signals_as_interrupts():
         with pytest.raises(Signalled):
