@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,6 +245,19 @@ def test_a_signal_while_the_model_loads_leaves_a_report_that_says_nothing_was_me
     assert report["interruption"]["phase"] == "load"
     assert report["interruption"]["not_measured"] == ["baseline"]
     assert "report.json" in err and "before anything measured reached the report" in err
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="coreutils timeout")
+def test_under_timeout_sigterm_leaves_the_report(tmp_path, tiny):
+    """`timeout -s TERM N autoopt optimize ...`: whenever it fires (here while the model
+    loads, or still while Python starts on a slow machine) there is a report."""
+    out = tmp_path / "rep"
+    r = subprocess.run(["timeout", "--preserve-status", "-s", "TERM", "6", sys.executable, "-m", "autoopt", "optimize",
+                        str(tiny), "--yes", "--quick", "--out", str(out)], cwd=ROOT,
+                       env=_env(AUTOOPT_TEST_HOLD_LOAD=str(tmp_path / "holding")), capture_output=True, text=True,
+                       timeout=120)
+    report = _interrupted_report(out, r.returncode, r.stderr, signal.SIGTERM)
+    assert report["interruption"]["not_measured"] == ["baseline"]
 
 
 @pytest.mark.slow
