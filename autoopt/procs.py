@@ -74,14 +74,14 @@ def signals_as_interrupts() -> Iterator[None]:
     """Inside the block SIGTERM and SIGHUP raise Signalled and Ctrl-C KeyboardInterrupt, the
     first of them only (a second one cannot cut the partial report short); the previous
     handlers after it. Outside the main thread (where Python cannot set handlers) nothing
-    changes."""
+    changes, and a signal ignored before (`nohup` ignores SIGHUP) stays ignored."""
     if not _main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in HELD}
+    previous = {s: h for s in HELD if (h := signal.getsignal(s)) != signal.SIG_IGN}
     handler = _FirstRaises()
     try:
-        for s in HELD:
+        for s in previous:
             signal.signal(s, handler)
         yield
     finally:
@@ -101,15 +101,15 @@ class _Held:
 @contextlib.contextmanager
 def deferred_signals(*, reraise: bool = True) -> Iterator[_Held]:
     """SIGINT, SIGTERM and SIGHUP are held back inside the block (the first one is kept in
-    the yielded object's `signum`). After it the previous handlers are back and, with
-    `reraise`, the signal held back is delivered to its handler (an ignored one stays
-    ignored; one left to the default is raised as an interrupt)."""
+    the yielded object's `signum`; an ignored one stays ignored). After it the previous
+    handlers are back and, with `reraise`, the signal held back is delivered to its handler
+    (one left to the default is raised as an interrupt)."""
     held = _Held()
     if not _main_thread():
         yield held
         return
-    previous = {s: signal.getsignal(s) for s in HELD}
-    for s in HELD:
+    previous = {s: h for s in HELD if (h := signal.getsignal(s)) != signal.SIG_IGN}
+    for s in previous:
         signal.signal(s, held)
     try:
         yield held
@@ -120,7 +120,7 @@ def deferred_signals(*, reraise: bool = True) -> Iterator[_Held]:
         handler = previous[held.signum]
         if callable(handler):
             handler(held.signum, None)
-        elif handler != signal.SIG_IGN:
+        else:
             raise KeyboardInterrupt() if held.signum == signal.SIGINT else Signalled(held.signum)
 
 

@@ -146,6 +146,20 @@ def test_only_the_first_signal_raises_the_ones_after_cannot_cut_the_way_out_shor
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_signal_ignored_before_stays_ignored_as_nohup_wants():
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with signals_as_interrupts():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+            with deferred_signals():
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(0.1)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_signal_while_a_report_is_written_is_held_until_it_is_written():
     with signals_as_interrupts():
         with pytest.raises(Signalled):
