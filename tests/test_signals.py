@@ -217,6 +217,24 @@ def test_a_second_signal_while_the_interrupted_report_is_written_does_not_lose_i
     assert not list(out.glob(".*.tmp"))  # no temporary file left behind
 
 
+def test_a_distributed_run_interrupted_before_its_job_starts_still_leaves_a_report(tmp_path, tiny, monkeypatch):
+    from autoopt.pipelines import distributed
+    from autoopt.settings import DistributedSettings, OptimizeSettings
+
+    def stopped(*_a, **_k):
+        raise Signalled(signal.SIGHUP)
+
+    monkeypatch.setattr(distributed, "check_args", stopped)
+    settings = OptimizeSettings(model_path=str(tiny), out_dir=str(tmp_path / "rep"),
+                                distributed=DistributedSettings(nproc=2))
+    with pytest.raises(Interrupted) as e:
+        distributed.optimize_distributed(settings)
+    assert e.value.exit_code == 129 and e.value.measured is False
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["interrupted"] is True and report["interruption"]["phase"] == "load"
+    assert report["interruption"]["measured"] == [] and "baseline" in report["interruption"]["not_measured"]
+
+
 def test_spawned_group_is_stopped_whole_and_its_files_removed(tmp_path):
     log = tmp_path / "child.log"
     log.write_text("")

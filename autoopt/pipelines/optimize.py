@@ -333,7 +333,7 @@ def artifacts_of(out: Path) -> dict[str, str]:
 
 
 def write_unmeasured(settings: OptimizeSettings, out: Path, *, model: str, model_path: str, signum: int,
-                     not_measured: list[str], note: str, started: float) -> Interrupted:
+                     not_measured: list[str], note: str, started: float, phase: str = "search") -> Interrupted:
     """An interrupted run whose measurements never reached this process (a distributed job's
     ranks hold theirs until the job ends): report.json and the rest say so (interrupted:
     true, nothing measured). Returns the Interrupted to raise."""
@@ -342,7 +342,7 @@ def write_unmeasured(settings: OptimizeSettings, out: Path, *, model: str, model
     from autoopt.output.write import write_report
 
     with deferred_signals(reraise=False):
-        info = {"signal": signal_name(signum), "phase": "search", "measured": [], "not_measured": not_measured}
+        info = {"signal": signal_name(signum), "phase": phase, "measured": [], "not_measured": not_measured}
         report = Report(
             model=model, model_path=model_path, device={}, mode=None, batch_size=settings.batch_size,
             seed=settings.seed, created_at=_dt.datetime.now().isoformat(timespec="seconds"),
