@@ -5,7 +5,8 @@ their control characters and bidi controls as visible escapes (`_write`, and the
 `_console`, which make every string they print terminal-safe), and a name inside rich markup
 is markup-escaped too.
 
-Every command returns an exit status: 0 done, 2 bad input, 130 interrupted. Heavy modules
+Every command returns an exit status: 0 done, 2 bad input, 128 + the signal when stopped by
+one (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP; the partial report still written). Heavy modules
 (torch above all) are imported inside the commands that need them, so `autoopt analyze`
 and `autoopt rules` start fast.
 """
@@ -23,7 +24,8 @@ from autoopt import __version__
 from autoopt.errors import ExitCode, Interrupted, UserError
 from autoopt.settings import DEFAULT_TIME_BUDGET_S
 
-EPILOG = "Docs: autoopt rules | autoopt explain CODE. Exit codes: 0 done, 2 bad input, 130 interrupted."
+EPILOG = ("Docs: autoopt rules | autoopt explain CODE. Exit codes: 0 done, 2 bad input, 130 interrupted (Ctrl-C), "
+          "143 SIGTERM, 129 SIGHUP (a stopped optimize still writes its partial report).")
 
 
 @lru_cache(maxsize=1)
@@ -432,8 +434,10 @@ def cmd_view(args) -> int:
         while proc.poll() is None:
             time.sleep(0.5)
         return ExitCode.OK if proc.returncode in (0, None) else ExitCode.INTERNAL_ERROR
-    except KeyboardInterrupt:
-        return ExitCode.OK
+    except KeyboardInterrupt as e:  # Ctrl-C is how one stops it (exit 0); SIGTERM / SIGHUP: 128 + the signal
+        from autoopt.procs import signum_of
+
+        return ExitCode.OK if signum_of(e) == 2 else _say_interrupted(e)
     finally:
         stop(proc)
 
@@ -586,6 +590,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         return ExitCode.BAD_INPUT
     args.script_args = script_args
     args.json_no_prompt = getattr(args, "json", False) and not sys.stdin.isatty()
+    from autoopt.procs import signals_as_interrupts
+
+    with signals_as_interrupts():  # SIGTERM / SIGHUP take Ctrl-C's path; the previous handlers after
+        return _run(args)
+
+
+def _interrupted_line(e: BaseException) -> str:
+    from autoopt.procs import signal_name, signum_of
+
+    sig = signum_of(e)
+    by = "Interrupted" if sig == 2 else f"Stopped by {signal_name(sig)}"
+    if not isinstance(e, Interrupted):
+        return f"{by}."
+    report = os.path.join(e.out, "report.json")
+    if not e.measured:
+        return f"{by} before anything measured reached the report: {report} (interrupted: true) says so."
+    return f"{by}. What was measured so far is in {report} (interrupted: true)."
+
+
+def _say_interrupted(e: BaseException) -> int:
+    from autoopt.procs import deferred_signals, signum_of
+
+    with deferred_signals(reraise=False):
+        try:
+            _console().print(_interrupted_line(e), markup=False)
+        except OSError:  # SIGHUP: the terminal may be gone
+            pass
+    return ExitCode.of_signal(signum_of(e))
+
+
+def _run(args) -> int:
     debug = bool(getattr(args, "debug", False))
     try:
         from autoopt.stdio import json_stdout
@@ -595,12 +630,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         _report_error(e.message, e.cause or e, debug)
         return e.exit_code
-    except Interrupted as e:
-        _console().print(f"Interrupted. What was measured so far is in {e}.", markup=False)
-        return ExitCode.INTERRUPTED
-    except KeyboardInterrupt:
-        _console().print("Interrupted.", markup=False)
-        return ExitCode.INTERRUPTED
+    except (Interrupted, KeyboardInterrupt) as e:
+        return _say_interrupted(e)
     except BrokenPipeError:
         return ExitCode.OK
     except Exception as e:  # a bug in autoopt, not bad input, unless the model file's code raised it

@@ -10,7 +10,14 @@ class ExitCode(IntEnum):
     OK = 0
     INTERNAL_ERROR = 1  # a bug in autoopt, not in the input
     BAD_INPUT = 2  # usage, model file, unreadable trace: one paragraph says what and how to fix it
+    HANGUP = 129  # SIGHUP (the terminal closed): as Ctrl-C
     INTERRUPTED = 130  # Ctrl-C; what was measured so far is still written
+    TERMINATED = 143  # SIGTERM (timeout, Slurm, Kubernetes, docker stop): as Ctrl-C
+
+    @classmethod
+    def of_signal(cls, signum: int) -> int:
+        """128 + the signal, the shell's convention (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
+        return 128 + int(signum)
 
 
 class UserError(Exception):
@@ -38,6 +45,16 @@ class TraceError(UserError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run; what was measured so far is still written (exit 130)."""
+    """Ctrl-C, SIGTERM or SIGHUP during a run (autoopt.procs): the report directory `out`
+    holds a report.json with "interrupted": true that says what was measured and what was
+    not (`measured` is False when the baseline was not). Exit 128 + the signal."""
 
-    exit_code = ExitCode.INTERRUPTED
+    def __init__(self, out: str, signum: int = 2, *, measured: bool = True):
+        super().__init__(out)
+        self.out = out
+        self.signum = int(signum)
+        self.measured = measured
+
+    @property
+    def exit_code(self) -> int:
+        return ExitCode.of_signal(self.signum)

@@ -336,6 +336,8 @@ class Report:
     interrupted: bool = False
     wall_time_s: float = 0.0
     distributed: Optional[DistributedInfo] = None
+    # an interrupted run's {"signal", "phase", "measured", "not_measured"} (only then in report.json)
+    interruption: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         d = self.distributed
@@ -363,6 +365,8 @@ class Report:
             out.update(per_rank=d.per_rank, ddp_snippet=d.ddp_snippet, launcher=d.launcher)
         out.update({"patch": self.patch, "plan": self.plan, "notes": self.notes, "interrupted": self.interrupted,
                     "wall_time_s": round(self.wall_time_s, 2), "artifacts": self.artifacts})
+        if self.interruption is not None:
+            out["interruption"] = self.interruption
         return out
 
 

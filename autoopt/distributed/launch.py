@@ -13,7 +13,8 @@ share) and runs the rules.
 Failures: a rank that raises ends the job. Each rank writes what stopped it; the parent
 names the rank whose error came first (not the ranks that only lost their peer) in a
 UserError (exit 2), and keeps the traces the other ranks wrote. Every wait is bounded
-(`timeout_s`); on a timeout or Ctrl-C the whole launcher process group is stopped.
+(`timeout_s`). The launcher and its ranks are one process group (autoopt.procs.spawn),
+stopped on every way out: done, failed, timed out, Ctrl-C, SIGTERM, SIGHUP, autoopt's exit.
 
 Several nodes: run the same command on every node (each with its `--node-rank`); each
 node's parent writes its own run directory and analyses the ranks whose traces it sees
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from autoopt.errors import UserError
+from autoopt.procs import spawn, stop_group
 from autoopt.types import Stats
 
 Progress = Callable[..., None]
@@ -39,6 +40,7 @@ Progress = Callable[..., None]
 # launcher options that set up the rendezvous themselves (then no --standalone)
 _RDZV_OPTIONS = ("--standalone", "--rdzv", "--master", "--nnodes", "--node-rank", "--node_rank")
 _NPROC_OPTIONS = ("--nproc-per-node", "--nproc_per_node")
+_GRACE_S = 15.0  # from SIGTERM to SIGKILL when the job is stopped
 
 
 def _noop(*_a, **_k) -> None:
@@ -76,24 +78,6 @@ def _env(nproc: int, device: str) -> dict[str, str]:
     return env
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the launcher's process group (the launcher and every rank), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait(timeout=grace_s)
-
-
 def _tail(path: Path, n: int = 2500) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -113,29 +97,32 @@ def run_job(config: dict, *, nproc: int, extra: Sequence[str], timeout_s: float,
     cmd = launcher_command(nproc, extra, str(cfg_path))
     stdout_p, stderr_p = out / "launcher.stdout", out / "launcher.stderr"
     with open(stdout_p, "wb") as so, open(stderr_p, "wb") as se:
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se, stdin=subprocess.DEVNULL,
-                                env=_env(nproc, config.get("device", "auto")), start_new_session=True)
-        t0 = time.monotonic()
+        proc = spawn(cmd, stdout=so, stderr=se, stdin=subprocess.DEVNULL, env=_env(nproc, config.get("device", "auto")))
         try:
-            while True:
-                try:
-                    rc = proc.wait(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    waited = time.monotonic() - t0
-                    progress("distributed", f"{nproc} ranks running ({waited:.0f} s)")
-                    if waited > timeout_s:
-                        _stop_group(proc)
-                        recs = read_records(out)
-                        raise UserError(
-                            f"The distributed job ({nproc} processes) did not finish within {timeout_s:.0f} s and was "
-                            f"stopped. {_progress_text(recs, nproc)} Fix: check that every rank can reach the "
-                            "rendezvous (launcher options), or give it more time (timeout_s); the launcher's output "
-                            f"is in {stderr_p}.") from None
-        except KeyboardInterrupt:
-            _stop_group(proc)
-            raise
+            rc = _wait(proc, nproc, timeout_s, progress)
+        except TimeoutError:
+            stop_group(proc, _GRACE_S)
+            raise UserError(
+                f"The distributed job ({nproc} processes) did not finish within {timeout_s:.0f} s and was "
+                f"stopped. {_progress_text(read_records(out), nproc)} Fix: check that every rank can reach the "
+                "rendezvous (launcher options), or give it more time (timeout_s); the launcher's output "
+                f"is in {stderr_p}.") from None
+        finally:  # every way out (done, failed, Ctrl-C, SIGTERM, SIGHUP, an error): no rank left running
+            stop_group(proc, _GRACE_S)
     return rc, read_records(out), {"stdout": _tail(stdout_p), "stderr": _tail(stderr_p), "stderr_path": str(stderr_p)}
+
+
+def _wait(proc: subprocess.Popen, nproc: int, timeout_s: float, progress: Progress) -> int:
+    """The launcher's exit code; TimeoutError after timeout_s."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            waited = time.monotonic() - t0
+            progress("distributed", f"{nproc} ranks running ({waited:.0f} s)")
+            if waited > timeout_s:
+                raise TimeoutError from None
 
 
 def read_records(out: Path) -> list[dict]:

@@ -1,9 +1,11 @@
 """`autoopt view`: TensorBoard over a report or log directory, bound to 127.0.0.1.
 
 start_tensorboard() runs TensorBoard as a child process on a free local port and returns
-once it answers HTTP; stop() ends that process by its PID. The CLI prints the URL, waits,
-and calls stop() on Ctrl-C. TensorBoard runs in its own session, so the terminal's Ctrl-C
-reaches the CLI only and the shutdown stays orderly.
+once it answers HTTP; stop() ends its process group and removes its log. The CLI prints the
+URL, waits, and calls stop() on every way out (Ctrl-C, SIGTERM, SIGHUP, an error). TensorBoard
+runs in its own session (autoopt.procs.spawn), so the terminal's Ctrl-C reaches the CLI only
+and the shutdown stays orderly; whatever autoopt misses is stopped at its exit, and on Linux
+TensorBoard gets SIGTERM should autoopt be killed outright.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from autoopt.errors import UserError
+from autoopt.procs import spawn, stop_group
 
 INSTALL_HINT = 'pip install "tensorboard>=2.16" torch-tb-profiler'
 TRACE_GLOBS = ("*.pt.trace.json", "*.pt.trace.json.gz")
@@ -117,41 +120,42 @@ def start_tensorboard(logdir, host: str = "127.0.0.1", port: Optional[int] = Non
            "--load_fast", "false", "--reload_interval", "2"]
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env=env)
-    log.close()
+    try:
+        proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                     remove_after=[log.name])
+    except BaseException:
+        os.unlink(log.name)
+        raise
+    finally:
+        log.close()
     proc.log_path = log.name  # type: ignore[attr-defined]
     url = f"http://{host}:{port}/"
+    try:
+        _wait_until_it_answers(proc, url, logdir, timeout_s)
+    except BaseException:  # it did not come up, or Ctrl-C / SIGTERM / SIGHUP meanwhile: no server left behind
+        stop(proc)
+        raise
+    return proc, url
+
+
+def _wait_until_it_answers(proc: subprocess.Popen, url: str, logdir: Path, timeout_s: float) -> None:
+    log = proc.log_path  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = _log_tail(log.name)
+            out = _log_tail(log)
             raise UserError(f"TensorBoard exited at start (exit code {proc.returncode}) for {logdir}: "
                             f"{out or 'no output'}. Check that `{INSTALL_HINT}` installs cleanly in this "
                             "environment.")
         if _answers(url):
-            return proc, url
+            return
         time.sleep(0.25)
-    stop(proc)
     raise UserError(f"TensorBoard did not answer on {url} within {timeout_s:.0f} s "
-                    f"({_log_tail(log.name, 500) or 'no output'}). Try again, or run "
+                    f"({_log_tail(log, 500) or 'no output'}). Try again, or run "
                     f"`tensorboard --logdir {logdir}` to see what it reports.")
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> int:
-    """Stop a TensorBoard started by start_tensorboard: SIGTERM to its PID, SIGKILL after
-    timeout_s. Returns its exit code. Removes its log file."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout_s)
-    log_path = getattr(proc, "log_path", None)
-    if log_path:
-        try:
-            os.unlink(log_path)
-        except OSError:
-            pass
-    return proc.returncode
+    """Stop a TensorBoard started by start_tensorboard: SIGTERM to its process group, SIGKILL
+    after timeout_s; its log file is removed. Returns its exit code. Stopping twice is harmless."""
+    return stop_group(proc, timeout_s)

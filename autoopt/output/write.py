@@ -1,10 +1,13 @@
 """Writing a report directory: plan.json, patch.diff, report.json, report.md, report.html and
 the TensorBoard summaries of every variant — the same code for a single process and a
 distributed job. report.json is written first, so the numbers survive whatever a renderer
-meets; a part that cannot be written becomes a note in it."""
+meets; a part that cannot be written becomes a note in it. Every file is written whole or
+not at all (a temporary file renamed over it): a run stopped mid-write leaves the previous
+file or the new one, never half of one."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -13,6 +16,24 @@ from autoopt.results import Report
 
 def _dump(obj) -> str:
     return json.dumps(obj, indent=2, default=str) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8", errors="replace")  # a lone surrogate must not fail it
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: Path, obj) -> Path:
+    """`obj` as indented JSON at `path`, written atomically."""
+    return write_atomic(path, _dump(obj))
 
 
 def write_report(report: Report, out: Path, *, progress: Optional[Callable[..., None]] = None) -> dict:
@@ -25,16 +46,16 @@ def write_report(report: Report, out: Path, *, progress: Optional[Callable[..., 
     out.mkdir(parents=True, exist_ok=True)
     if progress is not None:
         progress("report", f"writing the report to {out}")
-    (out / "plan.json").write_text(_dump(report.plan))
-    (out / "patch.diff").write_text(report.patch)
+    write_json(out / "plan.json", report.plan)
+    write_atomic(out / "patch.diff", report.patch)
     data = report.to_json()
-    (out / "report.json").write_text(_dump(data))
-    render.write_markdown(data, out / "report.md")
-    render.write_html(data, out / "report.html")
+    write_json(out / "report.json", data)
+    write_atomic(out / "report.md", render.render_markdown(data))
+    write_atomic(out / "report.html", render.render_html(data))
     try:
         write_summaries(data, out / "tb")
     except Exception as e:  # noqa: BLE001 - the report stands without the TensorBoard summaries
         report.notes.append(f"TensorBoard summaries not written: {type(e).__name__}: {e}")
         data = report.to_json()
-        (out / "report.json").write_text(_dump(data))
+        write_json(out / "report.json", data)
     return data

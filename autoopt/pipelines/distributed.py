@@ -27,6 +27,7 @@ from autoopt.distributed.launch import (
     run_job,
 )
 from autoopt.errors import Interrupted
+from autoopt.procs import deferred_signals, signal_name, signum_of
 from autoopt.results import DistributedInfo, FinalResult, ProfileResult, Report, SearchSummary, Variant, finding_entry
 from autoopt.settings import DistributedSettings, MeasureSettings, OptimizeSettings, ProfileSettings
 from autoopt.types import Measurement
@@ -122,32 +123,73 @@ def optimize_distributed(settings: OptimizeSettings, *, progress: Progress = _no
     the user accepts it) with the search engine on every rank — verified against the
     baseline on every rank, kept only when faster side by side — re-measure baseline and
     final in alternating rounds, and write the report directory (report.json/.md/.html,
-    plan.json, patch.diff, tb/<variant>/ with one trace per rank). Returns the report."""
+    plan.json, patch.diff, tb/<variant>/ with one trace per rank). Returns the report.
+    Interrupted at any moment (Ctrl-C, SIGTERM, SIGHUP), the report of what came back is
+    written (interrupted: true) and Interrupted raised."""
+    job: dict[str, Any] = {"started": time.perf_counter()}
+    try:
+        return _optimize_job(settings, job, progress)
+    except KeyboardInterrupt as e:
+        raise _interrupted_job(settings, job, signum_of(e)) from None
+
+
+def _optimize_job(settings: OptimizeSettings, job: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """optimize_distributed's stages; `job` keeps what each one got (for an interrupt)."""
     from autoopt.pipelines.optimize import budget_line, default_model_path, new_report_dir
     from autoopt.workload.load import load_model_file
 
     d = settings.distributed
     settings.model_path = settings.model_path or str(default_model_path())
     check_args(settings.model_path, d.nproc, settings.device, 1)
-    spec = load_model_file(settings.model_path)
+    job["spec"] = spec = load_model_file(settings.model_path)
     settings.model_path, settings.device = str(spec.path), resolved_device(settings.device)
     started, started_at = time.perf_counter(), time.time()  # the ranks count the time budget from here
     progress("budget", budget_line(settings.search.time_budget_s))
-    out = new_report_dir(settings.reports_root, f"{spec.name}-ddp{d.nproc}", settings.out_dir)
+    job["out"] = out = new_report_dir(settings.reports_root, f"{spec.name}-ddp{d.nproc}", settings.out_dir)
     tb = out / "tb"
     tb.mkdir(exist_ok=True)
-    try:
-        recs, launcher = _launch("optimize", settings, where={"tb_dir": str(tb), "started_at": started_at},
-                                 model=str(spec.path),
-                                 keep=str(tb), progress=progress)
-    except KeyboardInterrupt:
-        raise Interrupted(str(out)) from None
+    job["recs"], launcher = _launch("optimize", settings, where={"tb_dir": str(tb), "started_at": started_at},
+                                    model=str(spec.path), keep=str(tb), progress=progress)
     progress("analyze", "analyzing the baseline's rank traces")
     analysis = _analyze_ranks(tb / "baseline")
-    report = _report(settings, spec, recs, analysis, launcher, out, started)
+    job["report"] = _report(settings, spec, job["recs"], analysis, launcher, out, started)
     from autoopt.output.write import write_report
 
-    return write_report(report, out, progress=progress)
+    with deferred_signals():  # a signal meanwhile: the report is finished, then rewritten as interrupted
+        return write_report(job["report"], out, progress=progress)
+
+
+def _interrupted_job(settings: OptimizeSettings, job: dict[str, Any], signum: int):
+    """Write what an interrupted job got to its report directory; the Interrupted to raise."""
+    from autoopt.output.write import write_report
+    from autoopt.pipelines.optimize import PHASES, new_report_dir, write_unmeasured
+
+    with deferred_signals(reraise=False):
+        path = Path(settings.model_path or "model.py")
+        spec = job.get("spec")
+        name = spec.name if spec is not None else path.stem
+        out = job.get("out") or new_report_dir(settings.reports_root, f"{name}-ddp{settings.distributed.nproc}",
+                                               settings.out_dir)
+        report: Optional[Report] = job.get("report")
+        if report is None:  # the ranks hand their measurements back only when the job ends
+            phase, where = "search", (
+                f"during the {settings.distributed.nproc}-process job: the ranks report their measurements when it "
+                f"ends, so none reached this report; the traces they wrote are in {out / 'tb'}")
+            if not job.get("out"):
+                phase, where = "load", PHASES["load"]
+            elif job.get("recs"):
+                phase, where = "diagnose", ("while analyzing the ranks' traces, after the job: run it again for the "
+                                            f"report (the traces are in {out / 'tb'})")
+            return write_unmeasured(settings, out, model=name, model_path=str(spec.path if spec else path),
+                                    signum=signum, not_measured=["baseline", "every variant", "final"], note=where,
+                                    started=job["started"], phase=phase)
+        measured = [v.name for v in report.variants if v.measurement is not None]
+        report.interrupted = True
+        report.interruption = {"signal": signal_name(signum), "phase": "report", "measured": measured,
+                               "not_measured": []}
+        report.notes.append(f"interrupted by {signal_name(signum)} {PHASES['report']}: measured {', '.join(measured)}")
+        write_report(report, out)
+        return Interrupted(str(out), signum)
 
 
 def _report(settings: OptimizeSettings, spec, recs: list[dict], analysis: dict, launcher: list[str], out: Path,

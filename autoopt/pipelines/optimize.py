@@ -17,6 +17,7 @@ from autoopt import __version__
 from autoopt.diagnosis.facts_builder import build_facts, diagnose
 from autoopt.errors import Interrupted, UserError
 from autoopt.pipelines.candidates import CandidateBuilder, Decide, check_try_names
+from autoopt.procs import deferred_signals, signal_name, signum_of
 from autoopt.results import FinalResult, Report, SearchSummary, Variant, finding_entry
 from autoopt.run.measure import speedup
 from autoopt.search.engine import BATCH, Search
@@ -29,6 +30,17 @@ from autoopt.types import Status
 Progress = Callable[..., None]
 
 NO_CHANGE = "no transform was verified and faster than the baseline; the model file is best as written"
+
+# what a run was doing, as an interrupted report says it
+PHASES = {
+    "load": "while loading the model file",
+    "baseline": "while measuring and tracing the baseline",
+    "diagnose": "while analyzing the baseline's trace and running the rules",
+    "search": "during the search",
+    "final": "during the final re-measurement beside the baseline",
+    "patch": "while writing the patch and the plan",
+    "report": "while writing the report",
+}
 
 
 def _noop(*_a, **_k) -> None:
@@ -84,6 +96,11 @@ class OptimizeRun:
         self.search: Optional[Search] = None
         self.patch_text = ""
         self.plan: dict = {}
+        # set by the stages; an interrupt may come before any of them
+        self.phase = "load"
+        self.spec = self.caps = self.workload = self.base_cfg = self.builder = None
+        self.out: Optional[Path] = None
+        self.candidates: Optional[list[Candidate]] = None
 
     # ------------------------------------------------------------------ stages
     def _setup(self) -> None:
@@ -103,9 +120,7 @@ class OptimizeRun:
             from autoopt.workload.inspect import note_cpu_load
 
             note_cpu_load(self.workload, cpu_busy_other())
-        self.out = new_report_dir(s.reports_root, self.spec.name, s.out_dir)
-        self.tb = self.out / "tb"
-        self.tb.mkdir(exist_ok=True)
+        self._make_out()
         self.base_cfg = self.workload.base_config().with_(
             grad_accum_steps=int(getattr(self.spec.module, "GRAD_ACCUM_STEPS", 1) or 1))
         self.evaluator = LocalEvaluator(self.workload, self.caps, measure_settings=s.measure,
@@ -190,8 +205,21 @@ class OptimizeRun:
             "autoopt_version": __version__,
         }).to_dict()
 
+    def _model_path(self) -> Path:
+        if self.spec is not None:
+            return Path(self.spec.path)
+        return Path(self.settings.model_path or default_model_path())
+
+    def _make_out(self) -> None:
+        """The report directory and its tb/ (named after the model file, loaded or not)."""
+        name = self.spec.name if self.spec is not None else self._model_path().stem
+        self.out = new_report_dir(self.settings.reports_root, name, self.settings.out_dir)
+        self.tb = self.out / "tb"
+        self.tb.mkdir(exist_ok=True)
+
     # ------------------------------------------------------------------ the report
-    def report(self, interrupted: bool = False) -> Report:
+    def report(self, interrupted: bool = False, interruption: Optional[dict] = None) -> Report:
+        """The report of what was done so far (an interrupt may come at any stage)."""
         import torch
 
         from autoopt.diagnosis.rules import load_rules
@@ -200,53 +228,132 @@ class OptimizeRun:
         b = self.builder
         search = self.search
         return Report(
-            model=self.spec.name, model_path=str(self.spec.path), device=self.caps.to_json(),
-            mode=self.workload.mode, batch_size=self.base_cfg.batch_size, seed=self.settings.seed,
+            model=self._model_path().stem if self.spec is None else self.spec.name,
+            model_path=str(self._model_path()), device=self.caps.to_json() if self.caps else {},
+            mode=self.workload.mode if self.workload else None,
+            batch_size=self.base_cfg.batch_size if self.base_cfg else self.settings.batch_size,
+            seed=self.settings.seed,
             created_at=_dt.datetime.now().isoformat(timespec="seconds"), autoopt_version=__version__,
             torch_version=torch.__version__, baseline=self.base.measurement if self.base else None,
             findings=[finding_entry(f, accepted=b.accepted.get(f.code, False), doc=docs.get(f.code, ""))
-                      for f in b.findings],
+                      for f in (b.findings if b else [])],
             variants=self.variants, final=self.final,
             search=search.summary() if search else SearchSummary(
                 self.settings.search.strategy, 0, 0.0, time_budget_s=self.settings.search.time_budget_s),
             artifacts=self.artifacts(), batch_search=self._batch_table(), analysis=self.analysis,
             patch=self.patch_text, plan=self.plan, notes=self.notes + (search.notes if search else []),
-            interrupted=interrupted, wall_time_s=time.perf_counter() - self.started)
+            interrupted=interrupted, wall_time_s=time.perf_counter() - self.started, interruption=interruption)
 
     def artifacts(self) -> dict[str, str]:
-        o = self.out
-        return {"report_md": str(o / "report.md"), "report_html": str(o / "report.html"),
-                "report_json": str(o / "report.json"), "plan": str(o / "plan.json"), "patch": str(o / "patch.diff"),
-                "logdir": str(self.tb)}
+        return artifacts_of(self.out)
 
     def _batch_table(self) -> Optional[list[dict]]:
         """The batch search behind the final configuration (or the last one run)."""
         tables = self.search.batch_tables if self.search else {}
         if not tables:
             return None
-        batch_codes = {f.code for f in self.builder.findings if f.transform == BATCH}
+        batch_codes = {f.code for f in self.builder.findings if f.transform == BATCH} if self.builder else set()
         final_codes = [c for c in (self.final.codes if self.final else []) if c not in batch_codes]
         return tables.get("+".join(final_codes), list(tables.values())[-1])
 
-    def _write(self, interrupted: bool = False) -> dict:
+    def _write(self, interrupted: bool = False, interruption: Optional[dict] = None) -> dict:
         from autoopt.output.write import write_report
 
-        return write_report(self.report(interrupted), self.out, progress=self.progress)
+        return write_report(self.report(interrupted, interruption), self.out, progress=self.progress)
+
+    # ------------------------------------------------------------------ interrupted
+    def interruption(self, signum: int) -> dict[str, Any]:
+        """What an interrupt left: the signal, the stage, the variants measured and what was
+        planned or started but not measured."""
+        measured = [v.name for v in self.variants if v.measurement is not None]
+        missing = [] if self.base is not None else ["baseline"]
+        if self.candidates is not None:
+            tried = {code for v in self.variants for code in v.codes}
+            missing += [v.name for v in self.variants if v.status == Status.SKIPPED and v.name not in missing]
+            missing += [c.code for c in self.candidates if c.code not in tried]
+        if self.final is None and self.phase in ("search", "final"):
+            missing.append("final (the re-measurement beside the baseline)")
+        return {"signal": signal_name(signum), "phase": self.phase, "measured": measured, "not_measured": missing}
+
+    @staticmethod
+    def interruption_note(i: dict[str, Any]) -> str:
+        text = (f"interrupted by {i['signal']} {PHASES.get(i['phase'], i['phase'])}: measured "
+                f"{', '.join(i['measured']) or 'nothing'}")
+        if i["not_measured"]:
+            text += f"; not measured: {', '.join(i['not_measured'])}"
+        if i["phase"] in ("load", "baseline", "diagnose"):
+            text += "; the rules had not yet proposed the variants to try"
+        return text
+
+    def _stop(self, exc: BaseException) -> Interrupted:
+        """Write what was done until the interrupt (further signals held back meanwhile) and
+        return the Interrupted to raise."""
+        with deferred_signals(reraise=False):
+            signum = signum_of(exc)
+            info = self.interruption(signum)
+            self.notes.append(self.interruption_note(info))
+            if self.out is None:
+                self._make_out()
+            try:
+                self._write(interrupted=True, interruption=info)
+            except Exception as e:  # noqa: BLE001 - a partial run a renderer trips on: report.json alone
+                from autoopt.output.write import write_json
+
+                self.notes.append(f"the report could not be rendered: {type(e).__name__}: {e}")
+                write_json(self.out / "report.json", {"model": self._model_path().stem, "interrupted": True,
+                                                      "interruption": info, "notes": self.notes})
+        return Interrupted(str(self.out), signum, measured=self.base is not None)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
-        self._setup()
+        """Every stage; an interrupt (Ctrl-C, SIGTERM, SIGHUP) at any of them writes the
+        report of what was done (interrupted: true) and raises Interrupted."""
         try:
+            self._setup()
+            self.phase = "baseline"
             self._baseline()
-            best = self._search(self._candidates())
+            self.phase = "diagnose"
+            self.candidates = self._candidates()
+            self.phase = "search"
+            best = self._search(self.candidates)
+            self.phase = "final"
             self._final(best)
+            self.phase = "patch"
             self._patch_and_plan(best)
-        except KeyboardInterrupt:
-            self.notes.append("interrupted (Ctrl-C): the report holds what was measured until then")
-            if self.base is not None:
-                self._write(interrupted=True)
-            raise Interrupted(str(self.out)) from None
-        return self._write()
+            self.phase = "report"
+            with deferred_signals():  # a signal meanwhile: the report is finished, then rewritten as interrupted
+                return self._write()
+        except KeyboardInterrupt as e:
+            raise self._stop(e) from None
+
+
+def artifacts_of(out: Path) -> dict[str, str]:
+    return {"report_md": str(out / "report.md"), "report_html": str(out / "report.html"),
+            "report_json": str(out / "report.json"), "plan": str(out / "plan.json"), "patch": str(out / "patch.diff"),
+            "logdir": str(out / "tb")}
+
+
+def write_unmeasured(settings: OptimizeSettings, out: Path, *, model: str, model_path: str, signum: int,
+                     not_measured: list[str], note: str, started: float, phase: str = "search") -> Interrupted:
+    """An interrupted run whose measurements never reached this process (a distributed job's
+    ranks hold theirs until the job ends): report.json and the rest say so (interrupted:
+    true, nothing measured). Returns the Interrupted to raise."""
+    import torch
+
+    from autoopt.output.write import write_report
+
+    with deferred_signals(reraise=False):
+        info = {"signal": signal_name(signum), "phase": phase, "measured": [], "not_measured": not_measured}
+        report = Report(
+            model=model, model_path=model_path, device={}, mode=None, batch_size=settings.batch_size,
+            seed=settings.seed, created_at=_dt.datetime.now().isoformat(timespec="seconds"),
+            autoopt_version=__version__, torch_version=torch.__version__, baseline=None, findings=[], variants=[],
+            final=None, search=SearchSummary(settings.search.strategy, 0, 0.0,
+                                             time_budget_s=settings.search.time_budget_s),
+            artifacts=artifacts_of(out), notes=[f"interrupted by {info['signal']} {note}"], interrupted=True,
+            wall_time_s=time.perf_counter() - started, interruption=info)
+        write_report(report, out)
+    return Interrupted(str(out), signum, measured=False)
 
 
 def budget_line(seconds: Optional[float]) -> str:
