@@ -72,27 +72,8 @@ def build_tree(tr: T.Trace) -> OpTree:
         if nest is None:  # not properly nested somewhere: the exact stack walk
             nest = _nest_stack(tr.ts[idx].tolist(), tr.end[idx].tolist(), th_sorted.tolist())
         par_pos, depth_pos = nest
-        m = idx.size
-        top = np.full(m, -1, dtype=np.int64)
-        inopt = np.zeros(m, dtype=bool)
-        indl = np.zeros(m, dtype=bool)
-        pos = np.arange(m)
-        by_depth = np.argsort(depth_pos, kind="stable")
-        bounds = np.searchsorted(depth_pos[by_depth], np.arange(int(depth_pos.max()) + 2 if m else 1))
-        for d in range(bounds.size - 1):
-            sel = by_depth[bounds[d]:bounds[d + 1]]
-            if sel.size == 0:
-                continue
-            own = np.where(is_op_a[sel], pos[sel], -1)
-            if d == 0:
-                top[sel] = own
-                inopt[sel] = is_opt_a[sel]
-                indl[sel] = is_dl_a[sel]
-            else:
-                pp = par_pos[sel]
-                top[sel] = np.where(top[pp] >= 0, top[pp], own)
-                inopt[sel] = inopt[pp] | is_opt_a[sel]
-                indl[sel] = indl[pp] | is_dl_a[sel]
+        pos = np.arange(idx.size)
+        top, inopt, indl = up_the_chain(par_pos, np.where(is_op_a, pos, -1), is_opt_a, is_dl_a)
         par = par_pos
         parent[idx] = np.where(par >= 0, idx[np.maximum(par, 0)], -1)
         top_op[idx] = np.where(top >= 0, idx[np.maximum(top, 0)], -1)
@@ -116,41 +97,67 @@ def build_tree(tr: T.Trace) -> OpTree:
         np.add.at(self_dev, lop[ok], tr.dur[g][ok])
     total_dev = self_dev.copy()
     if g.size and idx.size:
-        # push totals up the tree, deepest first
-        dn = depth_pos
-        for d in range(int(dn.max()), 0, -1):
-            sel = idx[dn == d]
+        # push totals up the tree, deepest first: one pass over the rows, level by level
+        by_depth = np.argsort(-depth_pos, kind="stable")
+        bounds = np.flatnonzero(np.diff(depth_pos[by_depth])) + 1
+        for grp in np.split(by_depth, bounds):
+            if depth_pos[grp[0]] == 0:
+                break
+            sel = idx[grp]
             np.add.at(total_dev, parent[sel], total_dev[sel])
     return OpTree(parent, top_op, in_opt, in_dl, self_host, self_dev, total_dev)
 
 
+def up_the_chain(par: np.ndarray, top: np.ndarray, *flags: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Along each row's chain of enclosing rows (par: -1 at a root), the outermost `top` >= 0
+    (itself when none encloses it) and each flag or-ed over the chain. Pointer doubling: each
+    round halves the chains left, so the work is rows x log(depth), not rows x depth."""
+    top = top.copy()
+    flags = tuple(f.copy() for f in flags)
+    anc = par.copy()
+    act = np.flatnonzero(anc >= 0)
+    while act.size:
+        a = anc[act]
+        t = top[a]
+        top[act] = np.where(t >= 0, t, top[act])
+        for f in flags:
+            f[act] |= f[a]
+        anc[act] = anc[a]
+        act = act[anc[act] >= 0]
+    return (top, *flags)
+
+
 def _nest_vectorized(ts: np.ndarray, en: np.ndarray, th: np.ndarray):
     """Parent position and depth of spans sorted by (thread, start, -duration), for properly nested
-    spans: depth = spans started before and still open; parent = the last span one level up.
-    Returns None when some span is not nested in its computed parent (partial overlaps)."""
+    spans: depth = spans of the thread started before and still open; parent = the last span one
+    level up. Sorts and searches only (n log n, whatever the depth). Returns None when some span
+    is not nested in its computed parent (partial overlaps)."""
     m = ts.size
-    depth = np.empty(m, dtype=np.int64)
-    starts = np.flatnonzero(np.concatenate([[True], th[1:] != th[:-1]]))
-    ends = np.concatenate([starts[1:], [m]])
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        t, e = ts[a:b], en[a:b]
-        closed = np.searchsorted(np.sort(e), t, side="right") - (e <= t)
-        depth[a:b] = np.arange(b - a) - closed
-    if m and (depth.min() < 0):
+    if m == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    first = np.flatnonzero(np.concatenate([[True], th[1:] != th[:-1]]))
+    group = np.cumsum(np.concatenate([[True], th[1:] != th[:-1]])) - 1  # the thread's number, 0..
+    _, inv = np.unique(np.concatenate([en, ts]), return_inverse=True)
+    width = int(inv.max()) + 2
+    ke = np.sort(group * width + inv[:m])
+    kt = group * width + inv[m:]
+    # spans of the thread that ended by each start (ends <= start), itself excluded
+    closed = np.searchsorted(ke, kt, side="right") - first[group] - (en <= ts)
+    pos = np.arange(m)
+    depth = (pos - first[group]) - closed
+    if depth.min() < 0:
+        return None
+    key = depth * m + pos  # the rows in (depth, position) order: a kid's parent is the last one a level up
+    order = np.argsort(key, kind="stable")
+    kids = np.flatnonzero(depth > 0)
+    k = np.searchsorted(key[order], (depth[kids] - 1) * m + kids) - 1
+    if (k < 0).any():
+        return None
+    cand = order[k]
+    if not (depth[cand] == depth[kids] - 1).all():
         return None
     parent = np.full(m, -1, dtype=np.int64)
-    pos = np.arange(m)
-    for d in range(1, int(depth.max()) + 1 if m else 0):
-        kids = pos[depth == d]
-        cand = pos[depth == d - 1]
-        if kids.size == 0:
-            continue
-        if cand.size == 0:
-            return None
-        k = np.searchsorted(cand, kids) - 1
-        if (k < 0).any():
-            return None
-        parent[kids] = cand[k]
+    parent[kids] = cand
     has = parent >= 0
     p = parent[has]
     if not (np.all(th[p] == th[has]) and np.all(ts[p] <= ts[has]) and np.all(en[p] >= en[has])):
