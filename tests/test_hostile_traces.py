@@ -269,3 +269,26 @@ def test_sizes_and_counts_parse():
     small, big = Limits.default(256 * MiB), Limits.default(1 << 40)
     assert small.trace_bytes == GiB and small.events == 1_000_000 and small.event_bytes == 16 * MiB
     assert big.trace_bytes == 32 * GiB and big.events == 200_000_000 and big.event_bytes == GiB
+
+
+def test_exact_scanner_agrees_with_json_at_any_block_size(tmp_path):
+    """Names full of quotes, backslashes and brackets, cut at every kind of block boundary: the
+    exact scanner (state carried across blocks) decodes what json decodes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from autoopt.analyze.loader import load_trace
+
+    @settings(max_examples=60, deadline=None)
+    @given(names=st.lists(st.text(alphabet='\\"[]{},: ab', min_size=0, max_size=40), min_size=1, max_size=12),
+           block=st.integers(min_value=1, max_value=64), padding=st.integers(min_value=0, max_value=300))
+    def check(names, block, padding):
+        evs = [json.loads(STEP)] + [{"ph": "X", "cat": "cpu_op", "name": n, "pid": 1, "tid": 1, "ts": 10 + i,
+                                     "dur": 1, "args": {"pad": "\\" * padding}} for i, n in enumerate(names)]
+        p = tmp_path / "t.json"
+        p.write_text(json.dumps({"m": {"s": '"traceEvents":[' * 3}, "traceEvents": evs, "after": ["]"]}))
+        tr = load_trace(p, block=block)
+        assert tr.n == len(evs) and sorted(tr.names) == sorted(set(e["name"] for e in evs))
+        assert tr.meta == {"m": {"s": '"traceEvents":[' * 3}, "after": ["]"]}
+
+    check()
