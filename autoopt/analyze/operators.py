@@ -98,12 +98,14 @@ def build_tree(tr: T.Trace) -> OpTree:
     total_dev = self_dev.copy()
     if g.size and idx.size:
         # push totals up the tree, deepest first: one pass over the rows, level by level
-        by_depth = np.argsort(-depth_pos, kind="stable")
-        bounds = np.flatnonzero(np.diff(depth_pos[by_depth])) + 1
-        for grp in np.split(by_depth, bounds):
-            if depth_pos[grp[0]] == 0:
-                break
-            sel = idx[grp]
+        top = int(depth_pos.max())
+        if top <= 32:  # shallow (the usual case): one pass a level
+            levels = (idx[depth_pos == d] for d in range(top, 0, -1))
+        else:
+            by_depth = np.argsort(-depth_pos, kind="stable")
+            groups = np.split(by_depth, np.flatnonzero(np.diff(depth_pos[by_depth])) + 1)
+            levels = (idx[grp] for grp in groups if depth_pos[grp[0]] > 0)
+        for sel in levels:
             np.add.at(total_dev, parent[sel], total_dev[sel])
     return OpTree(parent, top_op, in_opt, in_dl, self_host, self_dev, total_dev)
 
@@ -130,39 +132,66 @@ def up_the_chain(par: np.ndarray, top: np.ndarray, *flags: np.ndarray) -> tuple[
 def _nest_vectorized(ts: np.ndarray, en: np.ndarray, th: np.ndarray):
     """Parent position and depth of spans sorted by (thread, start, -duration), for properly nested
     spans: depth = spans of the thread started before and still open; parent = the last span one
-    level up. Sorts and searches only (n log n, whatever the depth). Returns None when some span
-    is not nested in its computed parent (partial overlaps)."""
+    level up. n log n whatever the depth or the number of threads. Returns None when some span is
+    not nested in its computed parent (partial overlaps)."""
     m = ts.size
     if m == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    first = np.flatnonzero(np.concatenate([[True], th[1:] != th[:-1]]))
-    group = np.cumsum(np.concatenate([[True], th[1:] != th[:-1]])) - 1  # the thread's number, 0..
-    _, inv = np.unique(np.concatenate([en, ts]), return_inverse=True)
-    width = int(inv.max()) + 2
-    ke = np.sort(group * width + inv[:m])
-    kt = group * width + inv[m:]
-    # spans of the thread that ended by each start (ends <= start), itself excluded
-    closed = np.searchsorted(ke, kt, side="right") - first[group] - (en <= ts)
-    pos = np.arange(m)
-    depth = (pos - first[group]) - closed
+    new = np.concatenate([[True], th[1:] != th[:-1]])
+    first = np.flatnonzero(new)
+    depth = _depths(ts, en, new, first)
     if depth.min() < 0:
         return None
-    key = depth * m + pos  # the rows in (depth, position) order: a kid's parent is the last one a level up
-    order = np.argsort(key, kind="stable")
-    kids = np.flatnonzero(depth > 0)
-    k = np.searchsorted(key[order], (depth[kids] - 1) * m + kids) - 1
-    if (k < 0).any():
+    parent = _parents(depth)
+    if parent is None:
         return None
-    cand = order[k]
-    if not (depth[cand] == depth[kids] - 1).all():
-        return None
-    parent = np.full(m, -1, dtype=np.int64)
-    parent[kids] = cand
     has = parent >= 0
     p = parent[has]
     if not (np.all(th[p] == th[has]) and np.all(ts[p] <= ts[has]) and np.all(en[p] >= en[has])):
         return None
     return parent, depth
+
+
+def _depths(ts: np.ndarray, en: np.ndarray, new: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Each span's count of spans of its thread started before it and still open at its start."""
+    m = ts.size
+    pos = np.arange(m)
+    if first.size <= 64:  # a few threads (the usual case): one sort each
+        depth = np.empty(m, dtype=np.int64)
+        for a, b in zip(first.tolist(), first[1:].tolist() + [m]):
+            t, e = ts[a:b], en[a:b]
+            depth[a:b] = np.arange(b - a) - (np.searchsorted(np.sort(e), t, side="right") - (e <= t))
+        return depth
+    group = np.cumsum(new) - 1  # many threads: one sort of (thread, time) keys for all of them
+    _, inv = np.unique(np.concatenate([en, ts]), return_inverse=True)
+    width = int(inv.max()) + 2
+    ke = np.sort(group * width + inv[:m])
+    closed = np.searchsorted(ke, group * width + inv[m:], side="right") - first[group] - (en <= ts)
+    return (pos - first[group]) - closed
+
+
+def _parents(depth: np.ndarray):
+    """Each span's parent: the last span before it one level up (-1 at depth 0); None if none."""
+    m = depth.size
+    pos = np.arange(m)
+    parent = np.full(m, -1, dtype=np.int64)
+    top = int(depth.max())
+    if top <= 32:  # shallow (the usual case): one pass a level
+        for d in range(1, top + 1):
+            kids, cand = pos[depth == d], pos[depth == d - 1]
+            k = np.searchsorted(cand, kids) - 1
+            if kids.size and (cand.size == 0 or (k < 0).any()):
+                return None
+            parent[kids] = cand[k]
+        return parent
+    key = depth * m + pos  # deep: the rows in (depth, position) order, searched once
+    order = np.argsort(key, kind="stable")
+    kids = np.flatnonzero(depth > 0)
+    k = np.searchsorted(key[order], (depth[kids] - 1) * m + kids) - 1
+    if (k < 0).any() or not (depth[order[k]] == depth[kids] - 1).all():
+        return None
+    parent[kids] = order[k]
+    return parent
 
 
 def _nest_stack(ts: list, en: list, th: list):
