@@ -292,3 +292,19 @@ def test_exact_scanner_agrees_with_json_at_any_block_size(tmp_path):
         assert tr.meta == {"m": {"s": '"traceEvents":[' * 3}, "after": ["]"]}
 
     check()
+
+
+def test_running_out_of_memory_is_a_trace_error(monkeypatch, tmp_path):
+    """Within the limits memory can still run out (a smaller machine than the limits assume):
+    one paragraph naming the file and the limits to lower, not an internal error."""
+    from autoopt.analyze import core
+    from autoopt.errors import TraceError
+
+    def no_memory(path, limits=None):
+        raise MemoryError
+
+    monkeypatch.setattr(core, "load_trace", no_memory)
+    p = non_finite(tmp_path)
+    with pytest.raises(TraceError) as e:
+        core.analyze_paths([p])
+    assert str(p) in e.value.message and "--max-events" in e.value.message

@@ -16,12 +16,13 @@ from autoopt.analyze.device import device_facts, device_info
 from autoopt.analyze.gpu_metrics import gpu_metrics
 from autoopt.analyze.idle import idle_stats
 from autoopt.analyze.kernels import kernel_stats, launch_stats
-from autoopt.analyze.limits import Limits
+from autoopt.analyze.limits import Limits, human
 from autoopt.analyze.loader import expand_paths, load_trace
 from autoopt.analyze.memory import h2d_stats, peak_memory
 from autoopt.analyze.operators import build_tree, op_stats, top_operators
 from autoopt.analyze.steps import find_steps
 from autoopt.analyze.sync import sync_stats
+from autoopt.errors import TraceError
 
 # the metrics.* facts (autoopt/facts.py) a trace can tell; the others stay None here
 METRIC_KEYS = (
@@ -318,10 +319,17 @@ def _analyze_paths(paths: list[Union[str, Path]], top_n: int, limits: Limits) ->
     files = expand_paths(list(paths))
     rows, evidence = [], []
     for j, f in enumerate(files):
-        tr = load_trace(f, limits=limits)
-        rank, how = D.rank_of(tr, j)
-        evidence.append((how, _world_size(tr)))
-        rows.append(analyze_trace(tr, top_n=top_n, rank=rank))
+        try:
+            tr = load_trace(f, limits=limits)
+            rank, how = D.rank_of(tr, j)
+            evidence.append((how, _world_size(tr)))
+            rows.append(analyze_trace(tr, top_n=top_n, rank=rank))
+        except MemoryError:
+            tr = None
+            raise TraceError(f"{f}: analysing it ran out of memory, within the limits of {limits.events:,} events "
+                             f"and {human(limits.trace_bytes)} of JSON (--max-events, --max-trace-bytes). Lower them "
+                             "(README, 'Limits on untrusted traces'), or analyse it on a machine with more memory.") \
+                from None
         del tr
     dev = next((r["device"] for r in rows if r["device"]["type"] == "cuda"), rows[0]["device"])
     if len(rows) > 1 and not _one_job(rows, evidence):
