@@ -176,10 +176,14 @@ def _analysis_findings(result: dict) -> list[tuple[Optional[str], object]]:
 
 def cmd_analyze(args) -> int:
     from autoopt.analyze import analyze_paths, render_text
+    from autoopt.analyze.core import with_finite_numbers
+    from autoopt.analyze.limits import Limits
 
-    result = analyze_paths(args.traces)
+    limits = Limits.default().with_overrides(args.max_trace_bytes, args.max_events, args.max_event_bytes)
+    result = analyze_paths(args.traces, limits=limits)
     found = _analysis_findings(result)
     result["findings"] = [dict(f.to_json(), **({"trace": path} if path else {})) for path, f in found]
+    result = with_finite_numbers(result)
     if args.json:
         _print_json(result)
         return ExitCode.OK
@@ -523,9 +527,30 @@ def _add_env(sub) -> None:
     sp.set_defaults(func=cmd_env)
 
 
+def _parsed(parse):
+    """An argparse type from a parser that raises ValueError."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
 def _add_analyze(sub) -> None:
+    from autoopt.analyze.limits import parse_count, parse_size
+
     sp = sub.add_parser("analyze", help="analyze Kineto traces (.json / .json.gz, or directories of rank traces)")
     sp.add_argument("traces", nargs="+")
+    # limits on untrusted traces (README, "Limits on untrusted traces"); defaults follow this machine's memory
+    sp.add_argument("--max-trace-bytes", type=_parsed(parse_size), metavar="SIZE",
+                    help="most JSON one trace file may hold, decompressed (e.g. 8G; default: the memory available)")
+    sp.add_argument("--max-events", type=_parsed(parse_count), metavar="N",
+                    help="most events one trace file may hold (e.g. 50M; default: available memory / 400 bytes)")
+    sp.add_argument("--max-event-bytes", type=_parsed(parse_size), metavar="SIZE",
+                    help="largest single event, or metadata around the events, held at once (e.g. 512M; "
+                         "default: available memory / 16, 16 MiB to 1 GiB)")
     _common(sp)
     sp.set_defaults(func=cmd_analyze)
 

@@ -11,6 +11,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import orjson  # noqa: E402
 
+from autoopt.analyze.limits import Limits, parse_count, parse_size  # noqa: E402
 from autoopt.errors import UserError  # noqa: E402
 from autoopt.safe import terminal_text  # noqa: E402
 
@@ -20,11 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("traces", nargs="+", help=".json / .json.gz traces or directories of them (one per rank)")
     ap.add_argument("--json", action="store_true", help="print only JSON on stdout")
     ap.add_argument("--top", type=int, default=10, help="rows in the top kernel / operator tables")
+    ap.add_argument("--max-trace-bytes", type=parse_size, metavar="SIZE", help="as `autoopt analyze`'s")
+    ap.add_argument("--max-events", type=parse_count, metavar="N", help="as `autoopt analyze`'s")
+    ap.add_argument("--max-event-bytes", type=parse_size, metavar="SIZE", help="as `autoopt analyze`'s")
     args = ap.parse_args(argv)
     from autoopt.analyze import analyze_paths, render_text
 
     try:
-        result = analyze_paths(args.traces, top_n=args.top)
+        limits = Limits.default().with_overrides(args.max_trace_bytes, args.max_events, args.max_event_bytes)
+        result = analyze_paths(args.traces, top_n=args.top, limits=limits)
     except UserError as e:
         print(f"error: {terminal_text(e.message)}", file=sys.stderr)  # it names files: made terminal-safe
         return e.exit_code

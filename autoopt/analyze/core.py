@@ -2,6 +2,7 @@
 (minus "findings", which the rule engine adds)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -15,11 +16,13 @@ from autoopt.analyze.device import device_facts, device_info
 from autoopt.analyze.gpu_metrics import gpu_metrics
 from autoopt.analyze.idle import idle_stats
 from autoopt.analyze.kernels import kernel_stats, launch_stats
+from autoopt.analyze.limits import Limits, human
 from autoopt.analyze.loader import expand_paths, load_trace
 from autoopt.analyze.memory import h2d_stats, peak_memory
 from autoopt.analyze.operators import build_tree, op_stats, top_operators
 from autoopt.analyze.steps import find_steps
 from autoopt.analyze.sync import sync_stats
+from autoopt.errors import TraceError
 
 # the metrics.* facts (autoopt/facts.py) a trace can tell; the others stay None here
 METRIC_KEYS = (
@@ -261,17 +264,72 @@ def _world_size(tr) -> Optional[int]:
     return ws if isinstance(ws, int) and not isinstance(ws, bool) else None
 
 
-def analyze_paths(paths: list[Union[str, Path]], *, top_n: int = 10) -> dict[str, Any]:
+NON_FINITE_NOTE = "{n} non-finite number(s) (NaN or Infinity, from the trace's values) shown as null"
+
+
+def finite(obj: Any) -> tuple[Any, int]:
+    """obj (the analysis' dicts, lists and numbers) with every NaN / Infinity replaced by None,
+    and how many were replaced: JSON has no non-finite numbers."""
+    if isinstance(obj, (float, np.floating)):
+        return (obj, 0) if np.isfinite(obj) else (None, 1)
+    if isinstance(obj, dict):
+        out, n = {}, 0
+        for k, v in obj.items():
+            out[k], m = finite(v)
+            n += m
+        return out, n
+    if isinstance(obj, (list, tuple)):
+        items = [finite(v) for v in obj]
+        return [v for v, _ in items], sum(m for _, m in items)
+    if isinstance(obj, np.ndarray):
+        return finite(obj.tolist())
+    return obj, 0
+
+
+def with_finite_numbers(result: dict[str, Any]) -> dict[str, Any]:
+    """An analysis result (analyze_paths', perhaps with findings added) without non-finite numbers:
+    each trace row's and the result's own are replaced by null, with a note where it happened."""
+    rows = []
+    for row in result.get("traces") or []:
+        row, n = finite(row)
+        if n:
+            row["notes"] = list(row.get("notes") or []) + [NON_FINITE_NOTE.format(n=n)]
+        rows.append(row)
+    rest, n = finite({k: v for k, v in result.items() if k != "traces"})
+    if n:
+        rest["notes"] = list(rest.get("notes") or []) + [NON_FINITE_NOTE.format(n=n)]
+    return {"traces": rows, **rest} if "traces" in result else rest
+
+
+def analyze_paths(paths: list[Union[str, Path]], *, top_n: int = 10,
+                  limits: Optional[Limits] = None) -> dict[str, Any]:
     """Analyse traces: one trace, the ranks of one job (analysed together: per-rank table,
     skew, overlap), or traces of separate runs (`"runs": "separate"`: each is its own
-    analysis in `traces`, nothing is compared as ranks; `split_runs` gives them one by one)."""
+    analysis in `traces`, nothing is compared as ranks; `split_runs` gives them one by one).
+    Each file loads within `limits` (default: sized to this machine's memory). numpy's warnings
+    about a trace's odd values (NaN, Infinity, empty selections) are silenced: the result has no
+    non-finite numbers (null instead, with a note)."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = _analyze_paths(paths, top_n, limits or Limits.default())
+    return with_finite_numbers(result)
+
+
+def _analyze_paths(paths: list[Union[str, Path]], top_n: int, limits: Limits) -> dict[str, Any]:
     files = expand_paths(list(paths))
     rows, evidence = [], []
     for j, f in enumerate(files):
-        tr = load_trace(f)
-        rank, how = D.rank_of(tr, j)
-        evidence.append((how, _world_size(tr)))
-        rows.append(analyze_trace(tr, top_n=top_n, rank=rank))
+        try:
+            tr = load_trace(f, limits=limits)
+            rank, how = D.rank_of(tr, j)
+            evidence.append((how, _world_size(tr)))
+            rows.append(analyze_trace(tr, top_n=top_n, rank=rank))
+        except MemoryError:
+            tr = None
+            raise TraceError(f"{f}: analysing it ran out of memory, within the limits of {limits.events:,} events "
+                             f"and {human(limits.trace_bytes)} of JSON (--max-events, --max-trace-bytes). Lower them "
+                             "(README, 'Limits on untrusted traces'), or analyse it on a machine with more memory.") \
+                from None
         del tr
     dev = next((r["device"] for r in rows if r["device"]["type"] == "cuda"), rows[0]["device"])
     if len(rows) > 1 and not _one_job(rows, evidence):

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from autoopt.analyze import trace as T
+from autoopt.analyze.limits import Limits
 from autoopt.analyze.scan import _FIX, BLOCK, PathLike, _err, scan_events
 from autoopt.analyze.table import _Columns, _finish
 from autoopt.errors import TraceError
@@ -27,8 +29,9 @@ from autoopt.errors import TraceError
 FLUSH_ROWS = 1 << 18  # rows gathered in lists before they move into typed arrays
 
 
-def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
-    """Decode one trace file (.json or .json.gz) into columns."""
+def load_trace(path: PathLike, block: int = BLOCK, limits: Optional[Limits] = None) -> T.Trace:
+    """Decode one trace file (.json or .json.gz) into columns, within `limits` (default:
+    Limits.default(), sized to this machine's memory)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -37,7 +40,7 @@ def load_trace(path: PathLike, block: int = BLOCK) -> T.Trace:
     if size == 0:
         raise _err(path, "is empty (0 bytes).", "The profiler wrote nothing; re-run it and pass the trace it exports.")
     cols = _Columns(FLUSH_ROWS)
-    meta = scan_events(path, cols, block)
+    meta = scan_events(path, cols, block, limits or Limits.default())
     return _check(_finish(cols, path, meta, size), path)
 
 

@@ -72,27 +72,8 @@ def build_tree(tr: T.Trace) -> OpTree:
         if nest is None:  # not properly nested somewhere: the exact stack walk
             nest = _nest_stack(tr.ts[idx].tolist(), tr.end[idx].tolist(), th_sorted.tolist())
         par_pos, depth_pos = nest
-        m = idx.size
-        top = np.full(m, -1, dtype=np.int64)
-        inopt = np.zeros(m, dtype=bool)
-        indl = np.zeros(m, dtype=bool)
-        pos = np.arange(m)
-        by_depth = np.argsort(depth_pos, kind="stable")
-        bounds = np.searchsorted(depth_pos[by_depth], np.arange(int(depth_pos.max()) + 2 if m else 1))
-        for d in range(bounds.size - 1):
-            sel = by_depth[bounds[d]:bounds[d + 1]]
-            if sel.size == 0:
-                continue
-            own = np.where(is_op_a[sel], pos[sel], -1)
-            if d == 0:
-                top[sel] = own
-                inopt[sel] = is_opt_a[sel]
-                indl[sel] = is_dl_a[sel]
-            else:
-                pp = par_pos[sel]
-                top[sel] = np.where(top[pp] >= 0, top[pp], own)
-                inopt[sel] = inopt[pp] | is_opt_a[sel]
-                indl[sel] = indl[pp] | is_dl_a[sel]
+        pos = np.arange(idx.size)
+        top, inopt, indl = up_the_chain(par_pos, np.where(is_op_a, pos, -1), is_opt_a, is_dl_a)
         par = par_pos
         parent[idx] = np.where(par >= 0, idx[np.maximum(par, 0)], -1)
         top_op[idx] = np.where(top >= 0, idx[np.maximum(top, 0)], -1)
@@ -116,46 +97,101 @@ def build_tree(tr: T.Trace) -> OpTree:
         np.add.at(self_dev, lop[ok], tr.dur[g][ok])
     total_dev = self_dev.copy()
     if g.size and idx.size:
-        # push totals up the tree, deepest first
-        dn = depth_pos
-        for d in range(int(dn.max()), 0, -1):
-            sel = idx[dn == d]
+        # push totals up the tree, deepest first: one pass over the rows, level by level
+        top = int(depth_pos.max())
+        if top <= 32:  # shallow (the usual case): one pass a level
+            levels = (idx[depth_pos == d] for d in range(top, 0, -1))
+        else:
+            by_depth = np.argsort(-depth_pos, kind="stable")
+            groups = np.split(by_depth, np.flatnonzero(np.diff(depth_pos[by_depth])) + 1)
+            levels = (idx[grp] for grp in groups if depth_pos[grp[0]] > 0)
+        for sel in levels:
             np.add.at(total_dev, parent[sel], total_dev[sel])
     return OpTree(parent, top_op, in_opt, in_dl, self_host, self_dev, total_dev)
 
 
+def up_the_chain(par: np.ndarray, top: np.ndarray, *flags: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Along each row's chain of enclosing rows (par: -1 at a root), the outermost `top` >= 0
+    (itself when none encloses it) and each flag or-ed over the chain. Pointer doubling: each
+    round halves the chains left, so the work is rows x log(depth), not rows x depth."""
+    top = top.copy()
+    flags = tuple(f.copy() for f in flags)
+    anc = par.copy()
+    act = np.flatnonzero(anc >= 0)
+    while act.size:
+        a = anc[act]
+        t = top[a]
+        top[act] = np.where(t >= 0, t, top[act])
+        for f in flags:
+            f[act] |= f[a]
+        anc[act] = anc[a]
+        act = act[anc[act] >= 0]
+    return (top, *flags)
+
+
 def _nest_vectorized(ts: np.ndarray, en: np.ndarray, th: np.ndarray):
     """Parent position and depth of spans sorted by (thread, start, -duration), for properly nested
-    spans: depth = spans started before and still open; parent = the last span one level up.
-    Returns None when some span is not nested in its computed parent (partial overlaps)."""
+    spans: depth = spans of the thread started before and still open; parent = the last span one
+    level up. n log n whatever the depth or the number of threads. Returns None when some span is
+    not nested in its computed parent (partial overlaps)."""
     m = ts.size
-    depth = np.empty(m, dtype=np.int64)
-    starts = np.flatnonzero(np.concatenate([[True], th[1:] != th[:-1]]))
-    ends = np.concatenate([starts[1:], [m]])
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        t, e = ts[a:b], en[a:b]
-        closed = np.searchsorted(np.sort(e), t, side="right") - (e <= t)
-        depth[a:b] = np.arange(b - a) - closed
-    if m and (depth.min() < 0):
+    if m == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    new = np.concatenate([[True], th[1:] != th[:-1]])
+    first = np.flatnonzero(new)
+    depth = _depths(ts, en, new, first)
+    if depth.min() < 0:
         return None
-    parent = np.full(m, -1, dtype=np.int64)
-    pos = np.arange(m)
-    for d in range(1, int(depth.max()) + 1 if m else 0):
-        kids = pos[depth == d]
-        cand = pos[depth == d - 1]
-        if kids.size == 0:
-            continue
-        if cand.size == 0:
-            return None
-        k = np.searchsorted(cand, kids) - 1
-        if (k < 0).any():
-            return None
-        parent[kids] = cand[k]
+    parent = _parents(depth)
+    if parent is None:
+        return None
     has = parent >= 0
     p = parent[has]
     if not (np.all(th[p] == th[has]) and np.all(ts[p] <= ts[has]) and np.all(en[p] >= en[has])):
         return None
     return parent, depth
+
+
+def _depths(ts: np.ndarray, en: np.ndarray, new: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Each span's count of spans of its thread started before it and still open at its start."""
+    m = ts.size
+    pos = np.arange(m)
+    if first.size <= 64:  # a few threads (the usual case): one sort each
+        depth = np.empty(m, dtype=np.int64)
+        for a, b in zip(first.tolist(), first[1:].tolist() + [m]):
+            t, e = ts[a:b], en[a:b]
+            depth[a:b] = np.arange(b - a) - (np.searchsorted(np.sort(e), t, side="right") - (e <= t))
+        return depth
+    group = np.cumsum(new) - 1  # many threads: one sort of (thread, time) keys for all of them
+    _, inv = np.unique(np.concatenate([en, ts]), return_inverse=True)
+    width = int(inv.max()) + 2
+    ke = np.sort(group * width + inv[:m])
+    closed = np.searchsorted(ke, group * width + inv[m:], side="right") - first[group] - (en <= ts)
+    return (pos - first[group]) - closed
+
+
+def _parents(depth: np.ndarray):
+    """Each span's parent: the last span before it one level up (-1 at depth 0); None if none."""
+    m = depth.size
+    pos = np.arange(m)
+    parent = np.full(m, -1, dtype=np.int64)
+    top = int(depth.max())
+    if top <= 32:  # shallow (the usual case): one pass a level
+        for d in range(1, top + 1):
+            kids, cand = pos[depth == d], pos[depth == d - 1]
+            k = np.searchsorted(cand, kids) - 1
+            if kids.size and (cand.size == 0 or (k < 0).any()):
+                return None
+            parent[kids] = cand[k]
+        return parent
+    key = depth * m + pos  # deep: the rows in (depth, position) order, searched once
+    order = np.argsort(key, kind="stable")
+    kids = np.flatnonzero(depth > 0)
+    k = np.searchsorted(key[order], (depth[kids] - 1) * m + kids) - 1
+    if (k < 0).any() or not (depth[order[k]] == depth[kids] - 1).all():
+        return None
+    parent[kids] = order[k]
+    return parent
 
 
 def _nest_stack(ts: list, en: list, th: list):

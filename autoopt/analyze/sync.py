@@ -46,7 +46,7 @@ from typing import Optional
 import numpy as np
 
 from autoopt.analyze import trace as T
-from autoopt.analyze.operators import OpTree
+from autoopt.analyze.operators import OpTree, up_the_chain
 from autoopt.analyze.steps import Steps
 
 BLOCKING_RUNTIME = frozenset({
@@ -144,9 +144,11 @@ def sync_stats(tr: T.Trace, tree: OpTree, st: Steps, top_n: int = 10) -> dict:
     ok = d2h_calls >= 0
     d2h_calls, pageable = d2h_calls[ok], pageable[ok]
     is_item = tr.has_name(tr.name_ids(lambda s: s in ITEM_OPS))
+    # an item op or nested in one (along the whole chain of enclosing ops, in rows x log(depth))
+    under_item = up_the_chain(tree.parent, np.full(tr.n, -1, dtype=np.int64), is_item)[1] if is_item.any() else is_item
     if d2h_calls.size:
-        under = np.asarray([_under_item(tree, is_item, int(o)) for o in tr.op_by_ext(tr.ext[d2h_calls]).tolist()],
-                           dtype=bool)
+        ops_of = tr.op_by_ext(tr.ext[d2h_calls])
+        under = (ops_of >= 0) & under_item[np.maximum(ops_of, 0)]
         d2h_calls = d2h_calls[pageable | under]
     blk = in_step(np.unique(np.concatenate([blocking, d2h_calls]).astype(np.int64)))
     sites: dict[int, dict] = {}
@@ -159,7 +161,7 @@ def sync_stats(tr: T.Trace, tree: OpTree, st: Steps, top_n: int = 10) -> dict:
             s["wait_us"] += float(tr.dur[r])
             s["last_end"] = max(s["last_end"], float(tr.end[r]))
             s["kind"].add(tr.names[int(tr.name[r])])
-            if o >= 0 and _under_item(tree, is_item, o):
+            if o >= 0 and under_item[o]:
                 s["kind"].add("item")
         _add_gaps(tr, st, blk, sites)
     if not gpu:
@@ -257,15 +259,6 @@ def _add_gaps(tr: T.Trace, st: Steps, blk: np.ndarray, sites: dict) -> None:
         if b < blk_starts.size:
             stop = min(stop, float(blk_starts[b]))
         s["gap_us"] = max(0.0, stop - e)
-
-
-def _under_item(tree: OpTree, is_item: np.ndarray, o: int) -> bool:
-    """The op `o` is an item op or nested in one."""
-    while o >= 0:
-        if is_item[o]:
-            return True
-        o = int(tree.parent[o])
-    return False
 
 
 class _PyIndex:
