@@ -133,7 +133,7 @@ def optimize_distributed(settings: OptimizeSettings, *, progress: Progress = _no
     settings.model_path, settings.device = str(spec.path), resolved_device(settings.device)
     started, started_at = time.perf_counter(), time.time()  # the ranks count the time budget from here
     progress("budget", budget_line(settings.search.time_budget_s))
-    out = new_report_dir(settings.reports_root, f"{spec.name}-ddp{d.nproc}", settings.out_dir)
+    out = new_report_dir(settings.reports_root, f"{spec.name}-ddp{d.nproc}", settings.out_dir, settings.force)
     tb = out / "tb"
     tb.mkdir(exist_ok=True)
     try:

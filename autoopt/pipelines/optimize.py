@@ -44,17 +44,29 @@ def default_model_path() -> Path:
                     "reinstall autoopt or pass a model file: autoopt optimize path/to/model.py.")
 
 
-def new_report_dir(reports_root: str, name: str, out_dir: Optional[str]) -> Path:
-    """--out, or a fresh reports/<name>-<timestamp> directory."""
+def new_report_dir(reports_root: str, name: str, out_dir: Optional[str], force: bool = False) -> Path:
+    """--out, or a fresh reports/<name>-<timestamp> directory no other run has (created
+    atomically). An --out that holds a report is refused, or with `force` cleared of it first
+    (the output-directory rule: autoopt.validate)."""
+    from autoopt.output.write import clear_report
+    from autoopt.validate import check_dir, check_out
+
     if out_dir:
-        out = Path(out_dir)
+        out = check_out(out_dir, force)  # checked at startup too; again now, just before writing
+        if force:
+            clear_report(out)
     else:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = base = Path(reports_root) / f"{name}-{stamp}"
+        root = check_dir("reports directory", reports_root)
+        out = base = root / f"{name}-{stamp}"
         i = 2
-        while out.exists():
-            out = Path(f"{base}-{i}")
-            i += 1
+        while True:
+            try:
+                out.mkdir(parents=True)
+                break
+            except FileExistsError:
+                out = Path(f"{base}-{i}")
+                i += 1
     out.mkdir(parents=True, exist_ok=True)
     return out.resolve()
 
@@ -103,7 +115,7 @@ class OptimizeRun:
             from autoopt.workload.inspect import note_cpu_load
 
             note_cpu_load(self.workload, cpu_busy_other())
-        self.out = new_report_dir(s.reports_root, self.spec.name, s.out_dir)
+        self.out = new_report_dir(s.reports_root, self.spec.name, s.out_dir, s.force)
         self.tb = self.out / "tb"
         self.tb.mkdir(exist_ok=True)
         self.base_cfg = self.workload.base_config().with_(
