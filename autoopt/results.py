@@ -336,6 +336,8 @@ class Report:
     interrupted: bool = False
     wall_time_s: float = 0.0
     distributed: Optional[DistributedInfo] = None
+    # the patched file's check before patch.diff is written: {"checked", "ok", "reason"} (None: no patch tried)
+    patch_check: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         d = self.distributed
@@ -363,6 +365,8 @@ class Report:
             out.update(per_rank=d.per_rank, ddp_snippet=d.ddp_snippet, launcher=d.launcher)
         out.update({"patch": self.patch, "plan": self.plan, "notes": self.notes, "interrupted": self.interrupted,
                     "wall_time_s": round(self.wall_time_s, 2), "artifacts": self.artifacts})
+        if self.patch_check is not None:
+            out["patch_check"] = self.patch_check
         return out
 
 
