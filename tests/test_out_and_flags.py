@@ -17,8 +17,9 @@ import pytest
 from autoopt.cli import main
 from autoopt.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+import autoopt  # noqa: E402 - the subprocesses run this same autoopt, whichever tree it is
+
+ENV = {**os.environ, "PYTHONPATH": str(Path(autoopt.__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
 
 TRIPWIRE = '''
 """Records that it was imported, then stops: nothing past the flags may get this far."""
@@ -240,29 +241,36 @@ def _optimize(model: Path, out: str, cwd: Path, *extra: str):
                           capture_output=True, text=True, timeout=600, cwd=cwd, env=ENV)
 
 
-@pytest.mark.slow
-def test_out_is_never_overwritten_without_force_and_force_never_mixes_runs(tmp_path):
+def test_a_relative_out_is_the_startup_directorys_even_when_the_model_file_chdirs(tmp_path):
     model = tmp_path / "tiny.py"
     model.write_text(CHDIR_MODEL)
     (tmp_path / "elsewhere").mkdir()
     work = tmp_path / "work"
     work.mkdir()
-    # a relative --out is the working directory's at startup, not the one the model file moves to
-    first = _optimize(model, "rep", work)
+    r = _optimize(model, "rep", work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (work / "rep" / "report.json").is_file() and not (tmp_path / "elsewhere" / "rep").exists()
+
+
+@pytest.mark.slow
+def test_out_is_never_overwritten_without_force_and_force_never_mixes_runs(tmp_path):
+    model = tmp_path / "tiny.py"
+    model.write_text(CHDIR_MODEL.replace('os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), '
+                                         '"elsewhere"))\n', ""))
+    out = tmp_path / "rep"
+    first = _optimize(model, str(out), tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    out = work / "rep"
-    assert (out / "report.json").is_file() and not (tmp_path / "elsewhere" / "rep").exists()
     before = (out / "report.json").read_text()
     runs_before = sorted(p.name for p in (out / "tb").iterdir())
 
-    again = _optimize(model, str(out), work)
+    again = _optimize(model, str(out), tmp_path)
     assert again.returncode == 2, again.stderr[-3000:]
     assert "already holds a report" in again.stderr and "--force" in again.stderr
     assert "Traceback" not in again.stderr
     assert (out / "report.json").read_text() == before
 
     (out / "tb" / "stray-run").mkdir()
-    forced = _optimize(model, str(out), work, "--force")
+    forced = _optimize(model, str(out), tmp_path, "--force")
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert (out / "report.json").read_text() != before
     assert sorted(p.name for p in (out / "tb").iterdir()) == runs_before  # the new run's only, no stray-run
