@@ -365,8 +365,7 @@ class Report:
             out.update(per_rank=d.per_rank, ddp_snippet=d.ddp_snippet, launcher=d.launcher)
         out.update({"patch": self.patch, "plan": self.plan, "notes": self.notes, "interrupted": self.interrupted,
                     "wall_time_s": round(self.wall_time_s, 2), "artifacts": self.artifacts})
-        if self.patch_check is not None:
-            out["patch_check"] = self.patch_check
+        out["patch_check"] = self.patch_check
         return out
 
 
