@@ -105,3 +105,29 @@ def rule_transform_names() -> tuple[str, ...]:
 
 def distributed_names() -> tuple[str, ...]:
     return tuple(n for n, e in CATALOG.items() if e.distributed)
+
+
+# ---------------------------------------------------------------- parameters
+# What `--try NAME:KEY=VALUE,...` may set, per transform (autoopt.validate checks a request
+# against this before any work starts). A spec is ("choice", values), ("int", minimum),
+# ("bool",) or ("name",) (a non-empty identifier, e.g. a torch.compile backend). The
+# transforms' own docstrings describe what each parameter does; a test keeps the two in step.
+_DTYPE_NAMES = ("bfloat16", "float16", "bf16", "fp16", "half")
+
+PARAMS: dict[str, dict[str, tuple]] = {
+    "batch_size": {"batch_size": ("int", 1), "previous": ("int", 1)},
+    "grad_accumulation": {"steps": ("int", 2), "effective_batch_size": ("int", 1)},
+    "inference_mode": {"weights_dtype": ("choice", _DTYPE_NAMES)},
+    "amp": {"dtype": ("choice", _DTYPE_NAMES), "grad_scaler": ("bool",)},
+    "channels_last": {},
+    "activation_checkpointing": {},
+    "fused_optimizer": {"impl": ("choice", ("fused", "foreach"))},
+    "tf32": {"precision": ("choice", ("high", "medium"))},
+    "cudnn_benchmark": {},
+    "dataloader": {"num_workers": ("int", 0), "pin_memory": ("bool",), "persistent_workers": ("bool",),
+                   "prefetch_factor": ("int", 1), "intra_op_threads": ("int", 1), "non_blocking": ("bool",)},
+    "threads": {"num_threads": ("int", 1)},
+    "compile": {"mode": ("choice", ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")),
+                "backend": ("name",)},
+    "cuda_graphs": {"backend": ("name",)},
+}

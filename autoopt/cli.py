@@ -319,31 +319,19 @@ def _ask(console, f, transform) -> bool:
 
 
 def _parse_try(text: str) -> tuple[str, dict]:
-    """`amp:dtype=float16,foo=2` -> ("amp", {"dtype": "float16", "foo": 2})."""
-    name, _, rest = text.partition(":")
-    params: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise UserError(f"--try {text}: expected KEY=VALUE after the transform name, got {item!r}.")
-        v: Any = value
-        for conv in (int, float):
-            try:
-                v = conv(value)
-                break
-            except ValueError:
-                pass
-        if value in ("true", "false"):
-            v = value == "true"
-        params[key.strip()] = v
-    return name.strip(), params
+    """`amp:dtype=float16,foo=2` -> ("amp", {"dtype": "float16", "foo": 2}), checked (autoopt.validate)."""
+    from autoopt.validate import parse_try
+
+    return parse_try(text)
 
 
 def _optimize_settings(args):
     from autoopt.settings import DistributedSettings, MeasureSettings, OptimizeSettings, ProfileSettings, SearchSettings
+    from autoopt.validate import absolute
 
     return OptimizeSettings(
         model_path=args.model, device=args.device, batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
+        force=bool(getattr(args, "force", False)), reports_root=str(absolute("reports")),
         measure=MeasureSettings.quick() if args.quick else MeasureSettings(),
         profile=ProfileSettings(with_stack=args.with_stack),
         search=SearchSettings(strategy=args.search, time_budget_s=args.time_budget or None),
@@ -486,6 +474,7 @@ def _add_profile(sub) -> None:
     sp.add_argument("--script", help="an unmodified training script to run under the profiler")
     sp.add_argument("--steps", type=int, default=3, help="profiled (active) steps")
     sp.add_argument("--logdir", default=None, help="log directory; each run gets a new run directory in it")
+    sp.add_argument("--force", action="store_true", help="write into a report's directory (refused otherwise)")
     _run_options(sp, "record Python stacks (source lines in findings)")
     _common(sp)
     sp.set_defaults(func=cmd_profile)
@@ -507,7 +496,9 @@ def _add_optimize(sub) -> None:
     sp.add_argument("--yes", "-y", action="store_true", help="accept every finding")
     sp.add_argument("--accept", help="comma-separated rule codes or transform names to accept")
     sp.add_argument("--reject", help="comma-separated rule codes or transform names to reject")
-    sp.add_argument("--out", help="report directory (default reports/<model>-<timestamp>)")
+    sp.add_argument("--out", help="report directory (default reports/<model>-<timestamp>); "
+                                  "one that holds a report is refused unless --force")
+    sp.add_argument("--force", action="store_true", help="replace the report in --out (its files and tb/ deleted)")
     sp.add_argument("--search", default="greedy", choices=["greedy", "exhaustive"])
     sp.add_argument("--try", dest="try_", action="append", default=[], metavar="TRANSFORM[:K=V,...]",
                     help="also try this transform whether or not a rule proposes it, e.g. --try amp:dtype=float16")
@@ -649,7 +640,9 @@ def _run(args) -> int:
     debug = bool(getattr(args, "debug", False))
     try:
         from autoopt.stdio import json_stdout
+        from autoopt.validate import check_args
 
+        check_args(args)  # every flag, before any work starts
         with json_stdout(bool(getattr(args, "json", False))):  # the model's prints, fd 1 writes: to stderr
             return int(args.func(args) or 0)
     except UserError as e:

@@ -338,6 +338,8 @@ class Report:
     distributed: Optional[DistributedInfo] = None
     # an interrupted run's {"signal", "phase", "measured", "not_measured"} (only then in report.json)
     interruption: Optional[dict[str, Any]] = None
+    # the patched file's check before patch.diff is written: {"checked", "ok", "reason"} (None: no patch tried)
+    patch_check: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         d = self.distributed
@@ -365,6 +367,7 @@ class Report:
             out.update(per_rank=d.per_rank, ddp_snippet=d.ddp_snippet, launcher=d.launcher)
         out.update({"patch": self.patch, "plan": self.plan, "notes": self.notes, "interrupted": self.interrupted,
                     "wall_time_s": round(self.wall_time_s, 2), "artifacts": self.artifacts})
+        out["patch_check"] = self.patch_check
         if self.interruption is not None:
             out["interruption"] = self.interruption
         return out

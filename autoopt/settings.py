@@ -139,6 +139,7 @@ class OptimizeSettings:
     batch_size: Optional[int] = None
     seed: int = 0
     out_dir: Optional[str] = None
+    force: bool = False  # --force: an --out that holds a report is cleared and reused
     reports_root: str = "reports"
     trace: bool = True
     measure: MeasureSettings = field(default_factory=MeasureSettings)

@@ -58,7 +58,7 @@ def _optimize_one(name: str, args, caps, settings):
     os.environ.update(ZOO_ENV.get(name, {}))
     bs = GPU_BATCH.get(name) if caps.device_type == "cuda" else None
     opts = OptimizeSettings(
-        model_path=str(path), device=args.device, batch_size=bs, out_dir=str(Path(args.out) / name),
+        model_path=str(path), device=args.device, batch_size=bs, out_dir=str(Path(args.out) / name), force=True,
         measure=settings,
         search=SearchSettings(compile_modes=tuple(args.compile_modes.split(",")),
                               time_budget_s=args.model_budget_s or None),

@@ -194,7 +194,7 @@ def main(argv=None) -> int:
             failures.append(f"{path.stem}: skipped, time budget spent")
             continue
         t0 = time.perf_counter()
-        opts = OptimizeSettings(model_path=str(path), device=args.device, out_dir=str(out_root / path.stem),
+        opts = OptimizeSettings(model_path=str(path), device=args.device, out_dir=str(out_root / path.stem), force=True,
                                measure=measure_s, profile=profile_s)
         try:
             rep = run_optimize(opts, decide=decide)

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 rep = run_optimize(
                     OptimizeSettings(model_path=str(ROOT / "examples" / f"{name}.py"), device=args.device,
-                                    out_dir=str(Path(tmp) / f"{name}-{strategy}"),
+                                    out_dir=str(Path(tmp) / f"{name}-{strategy}"), force=True,
                                     search=SearchSettings(strategy=strategy, time_budget_s=None),
                                     measure=settings,
                                     extra_transforms=extra),

@@ -75,7 +75,7 @@ def run_one(name: str, size: dict, out: Path, args) -> tuple[dict | None, float,
     if "seq" in size:
         env["AUTOOPT_ZOO_SEQ_LEN"] = str(size["seq"])
     cmd = [sys.executable, "-m", "autoopt", "optimize", str(ZOO / f"{name}.py"), "--yes", "--json",
-           "--out", str(out), "--time-budget", str(args.time_budget), "--device", args.device,
+           "--out", str(out), "--force", "--time-budget", str(args.time_budget), "--device", args.device,
            "--batch-size", str(size["batch"])]
     if args.quick:
         cmd.append("--quick")

@@ -201,10 +201,12 @@ def test_try_parses_transform_parameters():
     from autoopt.errors import UserError
 
     assert _parse_try("amp:dtype=float16") == ("amp", {"dtype": "float16"})
-    assert _parse_try("compile:mode=default,fullgraph=true") == ("compile", {"mode": "default", "fullgraph": True})
+    assert _parse_try("amp:dtype=float16,grad_scaler=true") == ("amp", {"dtype": "float16", "grad_scaler": True})
     assert _parse_try("batch_size:batch_size=64") == ("batch_size", {"batch_size": 64})
     with pytest.raises(UserError):
         _parse_try("amp:float16")
+    with pytest.raises(UserError):  # a key the transform does not take is refused, not ignored
+        _parse_try("compile:mode=default,fullgraph=true")
 
 
 TINY = '''

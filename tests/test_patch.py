@@ -500,3 +500,151 @@ def test_patched_file_with_real_inductor_compile_matches_eager(tmp_path):
         got = compiled(x)
         want = compiled._orig_mod(x)
     torch.testing.assert_close(got, want, rtol=get_transform("compile").tolerance, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- any file name, any file
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("name", ["my model.py", "two  spaces .py", 'we"ird.py', "back\\slash.py", "ünïcode model.py",
+                                  "tab\there.py"])
+def test_diff_headers_apply_with_git_apply_and_patch_for_any_file_name(tmp_path, name):
+    old = "import torch\n\n\ndef build_model():\n    return Net()\n"
+    ed = SourceEditor(old, name)
+    ed.wrap_return("build_model", "torch.compile({})")
+    (tmp_path / name).write_text(old)
+    diff = unified_diff(old, ed.code, name)
+    (tmp_path.parent / f"{tmp_path.name}.diff").write_text(diff)
+    patch_file = str(tmp_path.parent / f"{tmp_path.name}.diff")
+    subprocess.run(["git", "apply", "--check", patch_file], cwd=tmp_path, check=True, capture_output=True)
+    if shutil.which("patch") is not None:
+        subprocess.run(["patch", "-p1", "--dry-run", "-i", patch_file], cwd=tmp_path, check=True, capture_output=True)
+        subprocess.run(["patch", "-p1", "--quiet", "-i", patch_file], cwd=tmp_path, check=True)
+    else:
+        subprocess.run(["git", "apply", patch_file], cwd=tmp_path, check=True)
+    assert (tmp_path / name).read_text() == ed.code
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no other file created
+
+
+LIB = '''
+import torch
+
+STATE = {}
+
+
+def build_model():
+    return torch.nn.Linear(4, 2)
+
+
+def make_batch(batch_size):
+    return torch.randn(batch_size, 4), torch.randint(0, 2, (batch_size,))
+
+
+def forward(model, batch):
+    x, y = batch
+    STATE["autocast"] = torch.is_autocast_enabled("cpu")
+    return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+
+def build_optimizer(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+'''
+
+
+@pytest.fixture
+def sibling_project(tmp_path):
+    """A model file that takes every contract function from lib.py beside it."""
+    d = tmp_path / "proj"
+    d.mkdir()
+    (d / "lib.py").write_text(LIB.lstrip())
+    (d / "model.py").write_text('"""Contract functions from lib.py."""\n'
+                                "from lib import build_model, build_optimizer, forward, make_batch  # noqa: F401\n\n"
+                                "BATCH_SIZE = 8\n")
+    return d
+
+
+def _loaded_workload(path: Path) -> Workload:
+    from autoopt.workload.load import load_model_file
+
+    return Workload(load_model_file(path), CPU, 8)
+
+
+def test_a_file_importing_its_contract_functions_keeps_them_in_the_patch(sibling_project):
+    from autoopt.workload.load import load_model_file
+
+    path = sibling_project / "model.py"
+    w = _loaded_workload(path)
+    items = resolved(w, ("amp", {"dtype": "bfloat16"}), ("channels_last", {}), ("compile", {"backend": "aot_eager"}))
+    res = build_patch(path, items, w)
+    path.write_text(res.new_source)
+    spec = load_model_file(path)
+    torch.manual_seed(0)
+    model = spec.build_model()
+    assert type(model).__name__ == "OptimizedModule"
+    loss = spec.forward(model, spec.make_batch(4))  # lib's forward (not a default one), under autocast
+    assert loss.dim() == 0 and spec.module._autoopt_user_forward.__globals__["STATE"] == {"autocast": True}
+    assert spec.module._autoopt_user_forward.__module__ == "lib" and "model(*batch)" not in res.new_source
+    assert sorted(res.applied) == ["amp", "channels_last", "compile"] and res.diff
+    assert res.check_failure is None and res.check_json() == {"checked": True, "ok": True, "reason": None}
+    assert sorted(p.name for p in sibling_project.iterdir()) == ["lib.py", "model.py"]  # the check left nothing
+
+
+def test_a_patch_the_check_rejects_is_not_written_and_says_why(sibling_project):
+    path = sibling_project / "model.py"
+    path.write_text('"""Contract functions by a star import."""\nfrom lib import *  # noqa: F401,F403\n')
+    w = _loaded_workload(path)
+    res = build_patch(path, resolved(w, ("amp", {"dtype": "bfloat16"})), w)
+    assert res.diff == "" and res.applied == []
+    assert "forward()" in res.check_failure and "lib.py" in res.check_failure
+    assert res.check_json() == {"checked": True, "ok": False, "reason": res.check_failure}
+    assert sorted(p.name for p in sibling_project.iterdir()) == ["lib.py", "model.py"]
+
+    from autoopt.output.markdown import patch as md_patch
+
+    text = "\n".join(md_patch({"patch": "", "patch_check": res.check_json()}))
+    assert "failed autoopt's check" in text and "plan.json" in text
+
+
+def test_the_check_works_from_a_temporary_folder_when_the_model_folder_is_read_only(sibling_project, monkeypatch):
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def no_write_beside(*a, dir=None, **kw):
+        if dir is not None and Path(dir).resolve() == sibling_project.resolve():
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_write_beside)
+    path = sibling_project / "model.py"
+    w = _loaded_workload(path)
+    res = build_patch(path, resolved(w, ("amp", {"dtype": "bfloat16"})), w)
+    assert res.check_failure is None and res.diff
+    assert str(sibling_project) not in sys.path and "lib" not in sys.modules
+
+
+def test_the_diff_names_the_model_path_the_user_gave_not_a_symlinks_target(sibling_project):
+    from types import SimpleNamespace
+
+    from autoopt.pipelines.optimize import OptimizeRun
+    from autoopt.settings import OptimizeSettings
+    from autoopt.workload.load import load_model_file
+
+    link = sibling_project / "my link.py"
+    link.symlink_to(sibling_project / "model.py")
+    spec = load_model_file(link)
+    assert spec.path.name == "model.py"
+    w = Workload(spec, CPU, 8)
+    run = object.__new__(OptimizeRun)
+    run.settings, run.spec, run.workload, run.caps = OptimizeSettings(model_path=str(link)), spec, w, CPU
+    run.notes, run.final, run.base_cfg, run.given_path = [], None, w.base_config(), link
+    t = get_transform("amp")
+    params = t.resolve_params(w, CPU, {"dtype": "bfloat16"})
+    best = SimpleNamespace(chosen=[SimpleNamespace(transform=t, params=params, code="AO104",
+                                                   transform_json=lambda: {"name": "amp", "params": params})])
+    run._patch_and_plan(best)
+    assert run.patch_text.startswith("--- a/my link.py\t\n+++ b/my link.py\t\n")
+    assert run.patch_check == {"checked": True, "ok": True, "reason": None}
+    assert any("--follow-symlinks" in n for n in run.notes)  # neither tool writes through a link by default
+    if shutil.which("patch") is not None:
+        out = subprocess.run(["patch", "-p1", "--follow-symlinks", "--dry-run"], input=run.patch_text, text=True,
+                             cwd=sibling_project, capture_output=True)
+        assert out.returncode == 0, out.stdout + out.stderr

@@ -262,8 +262,10 @@ class Worker:
         from autoopt.transforms.ddp import snippet_for
         from autoopt.transforms.patch import build_patch
 
-        res = build_patch(self.spec.path, [(c.transform, c.params) for c in best.chosen], self.wl)
+        res = build_patch(self.spec.path, [(c.transform, c.params) for c in best.chosen], self.wl,
+                          name=os.path.basename(self.settings.model_path))
         return {"diff": res.diff, "skipped": [{"name": n, "reason": r} for n, r in res.skipped],
+                "check": res.check_json(),
                 "snippet": snippet_for([(c.transform.name, c.params) for c in best.chosen])}
 
 

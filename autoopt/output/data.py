@@ -309,3 +309,12 @@ def search_info(report: dict) -> dict[str, Any]:
                           "why": str(u.get("why", ""))})
     return {"line": line + ".", "noise": str(noise["message"]) if isinstance(noise.get("message"), str) else None,
             "unmeasured": [str(x) for x in as_list(s.get("unmeasured"))], "unsettled": unsettled}
+
+
+def no_patch_text(r: dict) -> str:
+    """Why there is no patch: nothing kept, or the patched file failed its check."""
+    check = as_dict(r.get("patch_check"))
+    if check and not check.get("ok", True):
+        return (f"No patch: the patched model file failed autoopt's check, so no patch was written "
+                f"({check.get('reason')}). The kept transforms are in plan.json.")
+    return "No patch: no transform was kept."

@@ -344,4 +344,4 @@ def render_html(report: dict) -> str:
         head=header(r), summary=summary(r), variants=variants(r), one_story=D.ONE_STORY, distributed=distributed(r),
         plots=plots(r),
         batch_search=batch_search(r), top=top_tables(r), findings=findings(r), patch=patch(r),
-        artifacts=artifacts(r))
+        no_patch=D.no_patch_text(r), artifacts=artifacts(r))

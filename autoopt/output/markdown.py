@@ -265,7 +265,7 @@ def patch(r: dict) -> list[str]:
     p = r.get("patch")
     if isinstance(p, str) and p.strip():
         return ["## Patch", "", PATCH_NOTE, ""] + fence(p, "diff")
-    return ["## Patch", "", "No patch: no transform was kept.", ""]
+    return ["## Patch", "", md_text(D.no_patch_text(r)), ""]
 
 
 def artifacts(r: dict) -> list[str]:

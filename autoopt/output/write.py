@@ -8,10 +8,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 from autoopt.results import Report
+
+# what a report directory holds: a directory with any of these holds a report
+REPORT_FILES = ("report.json", "report.md", "report.html", "plan.json", "patch.diff")
+REPORT_DIRS = ("tb",)
+
+
+def report_leftovers(out: Path) -> list[str]:
+    """The names of a report's files and folders already in `out` (empty: no report there)."""
+    out = Path(out)
+    return [n for n in REPORT_FILES if (out / n).exists() or (out / n).is_symlink()] + \
+        [n + "/" for n in REPORT_DIRS if (out / n).exists() or (out / n).is_symlink()]
+
+
+def clear_report(out: Path) -> None:
+    """Remove a previous report's files and tb/ from `out` (--force), so runs never mix; the
+    directory's other files stay."""
+    out = Path(out)
+    for n in REPORT_FILES + REPORT_DIRS:
+        p = out / n
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 def _dump(obj) -> str:

@@ -204,8 +204,35 @@ def forward(model, batch):
 '''
 
 
+# how autoopt calls each contract function: the parameters of a delegating wrapper
+_CONTRACT_PARAMS = {"build_model": "", "make_batch": "batch_size", "forward": "model, batch",
+                    "build_optimizer": "model", "build_dataloader": "batch_size"}
+
+
+def _binds(stmt: cst.CSTNode, name: str) -> bool:
+    """A module-level statement that binds `name` otherwise than by `def`: an import
+    (`from lib import forward`, `import x as forward`) or an assignment."""
+    if not isinstance(stmt, cst.SimpleStatementLine):
+        return False
+    for s in stmt.body:
+        if isinstance(s, (cst.Import, cst.ImportFrom)) and not isinstance(s.names, cst.ImportStar):
+            for alias in s.names:
+                bound = alias.asname.name if alias.asname else alias.name
+                if _dotted(bound) == name:
+                    return True
+        targets = [t.target for t in s.targets] if isinstance(s, cst.Assign) else (
+            [s.target] if isinstance(s, cst.AnnAssign) and s.value is not None else [])
+        if any(isinstance(t, cst.Name) and t.value == name for t in targets):
+            return True
+    return False
+
+
 class SourceEditor:
-    """Edits one Python source file with LibCST; `code` is the result."""
+    """Edits one Python source file with LibCST; `code` is the result.
+
+    A contract function the file imports (`from lib import forward`) or assigns is kept: an
+    edit to it turns it into a local `def` that delegates to the imported one
+    (`_autoopt_user_forward`), never into autoopt's default."""
 
     def __init__(self, source: str, filename: str = "model.py"):
         self.filename = filename
@@ -231,12 +258,21 @@ class SourceEditor:
     def has_function(self, name: str) -> bool:
         return self._function_index(name) is not None
 
+    def _binding_index(self, name: str) -> Optional[int]:
+        """Index of the last module-level import or assignment that binds `name`."""
+        found = None
+        for i, stmt in enumerate(self.module.body):
+            if _binds(stmt, name):
+                found = i
+        return found
+
+    def provides(self, name: str) -> bool:
+        """The file defines, imports or assigns `name` at module level."""
+        return self.has_function(name) or self._binding_index(name) is not None
+
     def function_params(self, name: str) -> list[str]:
         """Positional parameter names of a top-level function."""
-        idx = self._function_index(name)
-        if idx is None:
-            raise PatchError(f"{self.filename} has no top-level function {name}()")
-        fn = self.module.body[idx]
+        fn = self._function(name)[1]
         return [p.name.value for p in (*fn.params.posonly_params, *fn.params.params)]
 
     def get_constant(self, name: str) -> Optional[str]:
@@ -264,10 +300,37 @@ class SourceEditor:
         self.module = self.module.with_changes(body=body)
 
     def _function(self, name: str) -> tuple[int, cst.FunctionDef]:
+        """The top-level def of `name`; an imported or assigned contract function gets a local
+        def that delegates to it first (_delegate)."""
         idx = self._function_index(name)
+        if idx is None and name in _CONTRACT_PARAMS and self._binding_index(name) is not None:
+            self._delegate(name)
+            idx = self._function_index(name)
         if idx is None:
             raise PatchError(f"{self.filename} has no top-level function {name}()")
         return idx, self.module.body[idx]
+
+    def _delegate(self, name: str) -> None:
+        """Right after the statement that imports (or assigns) contract function `name`: keep
+        it as `_autoopt_user_<name>` and define `name` as a function calling it, so edits have
+        a body to change and the user's own function still does the work."""
+        params = _CONTRACT_PARAMS[name]
+        kept = f"_autoopt_user_{name}"
+        code = (f"{kept} = {name}\n\n\n"
+                f"def {name}({params}):\n"
+                f'    """autoopt: {name} from the import above, with the changes below."""\n'
+                f"    return {kept}({params})\n")
+        new = list(cst.parse_module(code).body)
+        new[0] = new[0].with_changes(leading_lines=[cst.EmptyLine(), cst.EmptyLine()])
+        at = max(self._binding_index(name) + 1, self._after_imports())
+        self._insert(at, new)
+        after = at + len(new)
+        if after < len(self.module.body):  # two blank lines between the def and what follows
+            nxt = self.module.body[after]
+            lead = list(getattr(nxt, "leading_lines", []))
+            blank = next((i for i, line in enumerate(lead) if line.comment is not None), len(lead))
+            if blank < 2:
+                self._replace(after, nxt.with_changes(leading_lines=[cst.EmptyLine()] * (2 - blank) + lead))
 
     def _header_end(self) -> int:
         """Index after the module docstring and `from __future__` imports."""
@@ -294,12 +357,16 @@ class SourceEditor:
         return end
 
     def _first_def(self) -> int:
-        for i, stmt in enumerate(self.module.body):
+        """Index of the first def/class (before the `_autoopt_user_X = X` line of a delegating def)."""
+        body = self.module.body
+        for i, stmt in enumerate(body):
             if isinstance(stmt, (cst.FunctionDef, cst.ClassDef)) or (
                 isinstance(stmt, cst.If) and "__main__" in self.module.code_for_node(stmt.test)
             ):
+                while i > 0 and self._key(body[i - 1]).startswith("_autoopt_user_"):
+                    i -= 1
                 return i
-        return len(self.module.body)
+        return len(body)
 
     def _constant_index(self, name: str) -> Optional[int]:
         for i, stmt in enumerate(self.module.body):
@@ -410,7 +477,7 @@ class SourceEditor:
     def ensure_forward(self) -> None:
         """Add `forward(model, batch)` with the contract's default semantics
         (autoopt.workload.contract.call_forward) when the file has none, after make_batch."""
-        if not self.has_function("forward"):
+        if not self.provides("forward"):
             self.add_function(_DEFAULT_FORWARD, after="make_batch")
 
     def forward_params(self) -> tuple[str, str]:
@@ -501,6 +568,11 @@ class SourceEditor:
         top-level function whose callee is one of `callees` (a bare name matches any
         module path: "DataLoader" matches torch.utils.data.DataLoader); drop the keywords
         in `remove`. Returns how many calls changed; raises PatchError when none matched."""
+        if not self.has_function(func) and self._binding_index(func) is not None:
+            stmt = self.module.body[self._binding_index(func)]
+            raise PatchError(f"{func}() is not defined in {self.filename} but bound by "
+                             f"`{self._key(stmt)}`, so its {', '.join(sorted(callees))}(...) call lives in "
+                             "another file; make the change there")
         idx, fn = self._function(func)
         tr = _CallKwargs(set(callees), kwargs, set(remove))
         new = fn.visit(tr)
@@ -516,13 +588,27 @@ class SourceEditor:
         return tr.count
 
 
+_C_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r", 34: '\\"', 92: "\\\\"}
+
+
+def diff_path(path: str) -> str:
+    """A path for a `---` / `+++` header as git writes it, so that `git apply` and GNU `patch`
+    both read it back: C-quoted ("a/x\\"y.py") when it holds a quote, a backslash, a control
+    character or a non-ASCII byte; ended by a tab when it holds a space."""
+    raw = path.encode("utf-8", "surrogateescape")
+    if any(b < 32 or b >= 127 or b in (34, 92) for b in raw):
+        return '"' + "".join(_C_ESCAPES.get(b) or (chr(b) if 32 <= b < 127 else f"\\{b:03o}") for b in raw) + '"'
+    return path + "\t" if " " in path else path
+
+
 def unified_diff(original: str, new: str, filename: str) -> str:
-    """A unified diff with a/ and b/ paths (apply with `patch -p1` next to the file)."""
+    """A unified diff with a/ and b/ paths (apply with `patch -p1` or `git apply` in the
+    file's folder), headers quoted as git quotes them (diff_path)."""
     a = original.splitlines(keepends=True)
     b = new.splitlines(keepends=True)
-    out = []
-    for line in difflib.unified_diff(a, b, fromfile=f"a/{filename}", tofile=f"b/{filename}"):
-        if not line.endswith("\n"):
-            line += "\n\\ No newline at end of file\n"
-        out.append(line)
-    return "".join(out)
+    out = list(difflib.unified_diff(a, b, fromfile="a", tofile="b"))
+    if not out:
+        return ""
+    out[0] = f"--- {diff_path('a/' + filename)}\n"
+    out[1] = f"+++ {diff_path('b/' + filename)}\n"
+    return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in out)

@@ -11,6 +11,7 @@ exactly as in one process; the parent writes the report through the same writer
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -139,13 +140,14 @@ def _optimize_job(settings: OptimizeSettings, job: dict[str, Any], progress: Pro
     from autoopt.workload.load import load_model_file
 
     d = settings.distributed
-    settings.model_path = settings.model_path or str(default_model_path())
+    settings.model_path = os.path.abspath(settings.model_path or str(default_model_path()))  # a symlink stays one
     check_args(settings.model_path, d.nproc, settings.device, 1)
     job["spec"] = spec = load_model_file(settings.model_path)
-    settings.model_path, settings.device = str(spec.path), resolved_device(settings.device)
+    settings.device = resolved_device(settings.device)
     started, started_at = time.perf_counter(), time.time()  # the ranks count the time budget from here
     progress("budget", budget_line(settings.search.time_budget_s))
-    job["out"] = out = new_report_dir(settings.reports_root, f"{spec.name}-ddp{d.nproc}", settings.out_dir)
+    job["out"] = out = new_report_dir(settings.reports_root, f"{spec.name}-ddp{d.nproc}", settings.out_dir,
+                                      settings.force)
     tb = out / "tb"
     tb.mkdir(exist_ok=True)
     job["recs"], launcher = _launch("optimize", settings, where={"tb_dir": str(tb), "started_at": started_at},
@@ -169,7 +171,7 @@ def _interrupted_job(settings: OptimizeSettings, job: dict[str, Any], signum: in
         spec = job.get("spec")
         name = spec.name if spec is not None else path.stem
         out = job.get("out") or new_report_dir(settings.reports_root, f"{name}-ddp{settings.distributed.nproc}",
-                                               settings.out_dir)
+                                               settings.out_dir, settings.force)
         report: Optional[Report] = job.get("report")
         if report is None:  # the ranks hand their measurements back only when the job ends
             phase, where = "search", (
@@ -207,6 +209,8 @@ def _report(settings: OptimizeSettings, spec, recs: list[dict], analysis: dict, 
     for r in recs:
         notes += [n for n in r.get("notes", []) if n not in notes]
     notes += [f"patch: {s['name']} could not be written into the file: {s['reason']}" for s in patch["skipped"]]
+    if patch.get("check") and not patch["check"]["ok"]:
+        notes.append(f"patch: none written: the patched model file failed its check: {patch['check']['reason']}")
     notes += rec0.get("search_notes") or []
     plan = {"plan_version": 1, "autoopt_version": __version__, "model": spec.name, "model_path": str(spec.path),
             "device": (rec0.get("device") or {}).get("type", settings.device), "mode": rec0.get("mode"),
@@ -227,7 +231,8 @@ def _report(settings: OptimizeSettings, spec, recs: list[dict], analysis: dict, 
         findings=[finding_entry(f, accepted=False) for f in findings], variants=variants, final=final,
         search=SearchSummary.from_json(settings.search.strategy, search),
         artifacts=art, analysis={"baseline": analysis.get("ranks"), "baseline_metrics": analysis.get("metrics")},
-        patch=patch["diff"], plan=plan, notes=notes, wall_time_s=time.perf_counter() - started,
+        patch=patch["diff"], patch_check=patch.get("check"), plan=plan, notes=notes,
+        wall_time_s=time.perf_counter() - started,
         distributed=DistributedInfo(
             nproc=settings.distributed.nproc, world_size=rec0.get("world_size"), backend=rec0.get("backend"),
             global_batch_size=sum(r.get("batch_size") or 0 for r in recs),

@@ -9,6 +9,7 @@ No printing here: progress goes through a callback, decisions about findings thr
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -56,17 +57,29 @@ def default_model_path() -> Path:
                     "reinstall autoopt or pass a model file: autoopt optimize path/to/model.py.")
 
 
-def new_report_dir(reports_root: str, name: str, out_dir: Optional[str]) -> Path:
-    """--out, or a fresh reports/<name>-<timestamp> directory."""
+def new_report_dir(reports_root: str, name: str, out_dir: Optional[str], force: bool = False) -> Path:
+    """--out, or a fresh reports/<name>-<timestamp> directory no other run has (created
+    atomically). An --out that holds a report is refused, or with `force` cleared of it first
+    (the output-directory rule: autoopt.validate)."""
+    from autoopt.output.write import clear_report
+    from autoopt.validate import check_dir, check_out
+
     if out_dir:
-        out = Path(out_dir)
+        out = check_out(out_dir, force)  # checked at startup too; again now, just before writing
+        if force:
+            clear_report(out)
     else:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = base = Path(reports_root) / f"{name}-{stamp}"
+        root = check_dir("reports directory", reports_root)
+        out = base = root / f"{name}-{stamp}"
         i = 2
-        while out.exists():
-            out = Path(f"{base}-{i}")
-            i += 1
+        while True:
+            try:
+                out.mkdir(parents=True)
+                break
+            except FileExistsError:
+                out = Path(f"{base}-{i}")
+                i += 1
     out.mkdir(parents=True, exist_ok=True)
     return out.resolve()
 
@@ -95,6 +108,7 @@ class OptimizeRun:
         self.final: Optional[FinalResult] = None
         self.search: Optional[Search] = None
         self.patch_text = ""
+        self.patch_check: Optional[dict] = None
         self.plan: dict = {}
         # set by the stages; an interrupt may come before any of them
         self.phase = "load"
@@ -111,6 +125,7 @@ class OptimizeRun:
         s = self.settings
         check_try_names(s.extra_transforms)  # before minutes of baseline work, not after
         path = s.model_path or str(default_model_path())
+        self.given_path = Path(os.path.abspath(path))  # as given (a symlink stays one), before the file can chdir
         self.progress("load", f"loading {path}")
         self.spec = load_model_file(path)
         self.caps = detect_capabilities(s.device)
@@ -188,14 +203,26 @@ class OptimizeRun:
         if fm.logdir:
             self.analysis["final"] = _first_trace(analyze_run(fm.logdir))
 
-    def _patch_and_plan(self, best: Point) -> None:
-        from autoopt.plan import Plan
+    def _patch(self, best: Point) -> None:
+        """patch.diff's text, checked (autoopt.transforms.patch), naming the model file as the user gave it."""
         from autoopt.transforms.patch import build_patch
 
+        given = self.given_path.name  # a symlink's own name, not its target's
+        res = build_patch(self.spec.path, [(c.transform, c.params) for c in best.chosen], self.workload, name=given)
+        self.patch_text = res.diff
+        self.patch_check = res.check_json()
+        self.notes += [f"patch: {n} could not be written into the file: {r}" for n, r in res.skipped]
+        if res.check_failure:
+            self.notes.append(f"patch: none written: the patched model file failed its check: {res.check_failure}")
+        elif res.diff and self.given_path.is_symlink():
+            self.notes.append(f"patch: {given} is a symbolic link to {self.spec.path}; apply patch.diff beside the "
+                              "link with `patch -p1 --follow-symlinks` (git apply does not write through links)")
+
+    def _patch_and_plan(self, best: Point) -> None:
+        from autoopt.plan import Plan
+
         if best.chosen:
-            res = build_patch(self.spec.path, [(c.transform, c.params) for c in best.chosen], self.workload)
-            self.patch_text = res.diff
-            self.notes += [f"patch: {n} could not be written into the file: {r}" for n, r in res.skipped]
+            self._patch(best)
         self.plan = Plan.from_dict({
             "model": self.spec.name, "model_path": str(self.spec.path), "device": self.caps.device_type,
             "mode": self.workload.mode, "baseline_batch_size": self.base_cfg.batch_size,
@@ -213,7 +240,8 @@ class OptimizeRun:
     def _make_out(self) -> None:
         """The report directory and its tb/ (named after the model file, loaded or not)."""
         name = self.spec.name if self.spec is not None else self._model_path().stem
-        self.out = new_report_dir(self.settings.reports_root, name, self.settings.out_dir)
+        self.out = new_report_dir(self.settings.reports_root, name, self.settings.out_dir,
+                                  self.settings.force)
         self.tb = self.out / "tb"
         self.tb.mkdir(exist_ok=True)
 
@@ -241,7 +269,8 @@ class OptimizeRun:
             search=search.summary() if search else SearchSummary(
                 self.settings.search.strategy, 0, 0.0, time_budget_s=self.settings.search.time_budget_s),
             artifacts=self.artifacts(), batch_search=self._batch_table(), analysis=self.analysis,
-            patch=self.patch_text, plan=self.plan, notes=self.notes + (search.notes if search else []),
+            patch=self.patch_text, patch_check=self.patch_check, plan=self.plan,
+            notes=self.notes + (search.notes if search else []),
             interrupted=interrupted, wall_time_s=time.perf_counter() - self.started, interruption=interruption)
 
     def artifacts(self) -> dict[str, str]:

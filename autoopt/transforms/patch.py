@@ -3,12 +3,17 @@ the source through one SourceEditor (autoopt.patching.editor), in the canonical 
 order, and the result is a unified diff that `patch -p1` applies beside the file.
 
 A transform that cannot patch (PatchError) or whose edit would not compile is skipped with
-its reason, as a value (`PatchResult.skipped`); the others still apply.
+its reason, as a value (`PatchResult.skipped`); the others still apply. The patched file is
+then loaded and checked (autoopt.transforms.patch_check) before a diff is returned: when the
+check fails there is no diff, and `PatchResult.check_failure` says why.
+
+The diff names the file as the user gave it (`name`: a symlink's own name, not its target's).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from autoopt.patching.editor import PatchError, SourceEditor, unified_diff
 from autoopt.transforms import ordered
@@ -22,18 +27,28 @@ class PatchResult:
     new_source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (transform name, reason)
     applied: list[str] = field(default_factory=list)
+    check_failure: Optional[str] = None  # why the patched file failed its check (then diff is "")
 
     def to_json(self) -> dict:
-        return {"applied": self.applied, "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
+        return {"applied": self.applied, "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+                "check_failure": self.check_failure}
+
+    def check_json(self) -> dict:
+        """report.json's "patch_check": whether a patch was checked, passed, and why not."""
+        return {"checked": bool(self.diff or self.check_failure), "ok": self.check_failure is None,
+                "reason": self.check_failure}
 
 
-def build_patch(path, transforms: list[tuple[Transform, dict]], workload: Workload) -> PatchResult:
+def build_patch(path, transforms: list[tuple[Transform, dict]], workload: Optional[Workload],
+                name: Optional[str] = None, check: bool = True) -> PatchResult:
     """Patch the model file at `path` with each (transform, resolved params), in the
     canonical transform order. A transform that cannot patch (PatchError) or whose edit
-    would not compile is skipped with its reason; the others still apply."""
+    would not compile is skipped with its reason; the others still apply. `name`: the file
+    name the diff uses (default path's). With `check`, the patched file is loaded and
+    checked first (patch_check); a failure returns no diff, with the reason."""
     path = Path(path)
     original = path.read_text(encoding="utf-8")
-    filename = path.name
+    filename = name or path.name
     try:
         editor = SourceEditor(original, filename)
     except PatchError as exc:
@@ -55,4 +70,10 @@ def build_patch(path, transforms: list[tuple[Transform, dict]], workload: Worklo
             continue
         applied.append(t.name)
     new = editor.code
+    if check and new != original:
+        from autoopt.transforms.patch_check import check_patched
+
+        problem = check_patched(path, new, workload.spec if workload is not None else None, shown=filename)
+        if problem:
+            return PatchResult("", original, skipped, [], check_failure=problem)
     return PatchResult(unified_diff(original, new, filename), new, skipped, applied)
