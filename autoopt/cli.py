@@ -661,7 +661,8 @@ def _run(args) -> int:
             return user.exit_code
         _report_error(
             f"autoopt hit an internal error: {type(e).__name__}: {e}. This is a bug in autoopt, not in your input; "
-            "run again with --debug for the traceback and report it.", e, debug)
+            "run again with --debug for the traceback and report it."
+            + "".join(f" {n}" for n in getattr(e, "__notes__", ())), e, debug)  # where the work was kept
         return ExitCode.INTERNAL_ERROR
 
 

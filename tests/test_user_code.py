@@ -281,3 +281,32 @@ def test_a_model_failing_at_another_batch_size_fails_the_batch_variant_only(tmp_
     batch = [v for v in report["variants"] if v["name"] == "try-batch_size"]
     assert batch and batch[0]["status"] == "failed", report["variants"]
     assert batch[0]["failure"]["kind"] == "RuntimeError" and "only batches of 4" in batch[0]["failure"]["message"]
+
+
+# ---------------------------------------------------------------- an error after the baseline keeps the work
+@pytest.mark.parametrize("kind", ["model", "bug"])
+def test_an_error_after_the_baseline_still_writes_the_report(tmp_path, capfd, monkeypatch, kind):
+    from autoopt.errors import ModelFileError
+    from autoopt.pipelines import optimize as O
+
+    def final(self, best):
+        if kind == "model":
+            raise ModelFileError(f"{m}: forward: forward(model, batch) raised RuntimeError: broke in the final "
+                                 "re-measurement. Fix: make it work on every call.")
+        raise RuntimeError("a planted bug in the final stage")
+
+    monkeypatch.setattr(O.OptimizeRun, "_final", final)
+    m = _model(tmp_path)
+    out_dir = tmp_path / "rep"
+    rc = main(["optimize", str(m), "--quick", "--quiet", "--accept", "none", "--device", "cpu",
+               "--time-budget", "0", "--out", str(out_dir)])
+    err = capfd.readouterr().err
+    assert rc == (2 if kind == "model" else 1), err[-2000:]
+    assert str(out_dir / "report.json") in err  # the message says where the work is
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["interrupted"] is True
+    i = report["interruption"]
+    assert i["signal"] is None and i["phase"] == "final" and "baseline" in i["measured"]
+    assert ("broke in the final" if kind == "model" else "a planted bug") in i["error"]
+    assert any("stopped by an error" in n for n in report["notes"])
+    assert (out_dir / "report.md").is_file()

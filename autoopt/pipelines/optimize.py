@@ -354,6 +354,40 @@ class OptimizeRun:
                 return self._write()
         except KeyboardInterrupt as e:
             raise self._stop(e) from None
+        except Exception as e:
+            if self.base is None or self.phase == "report":
+                raise  # nothing measured yet, or the report itself failed: the error alone
+            raise self._keep(e) from e
+
+    def _keep(self, exc: Exception) -> Exception:
+        """An error after the baseline (the model file failing at a later call, a bug): write
+        what was measured before it (interrupted: true, with the error) and return the error to
+        raise, its message naming that report."""
+        from autoopt.workload.load import model_file_error
+
+        user = exc if isinstance(exc, UserError) else model_file_error(exc)
+        what = user.message if user is not None else f"{type(exc).__name__}: {exc}"
+        with deferred_signals(reraise=False):
+            info = self.interruption(0)
+            info.update(signal=None, error=what)
+            self.notes.append(f"stopped by an error {PHASES.get(self.phase, self.phase)}: {what}; what was measured "
+                              "before it is in this report" + ("" if self.final else
+                                                               ", the final configuration was not re-measured"))
+            if self.out is None:
+                self._make_out()
+            try:
+                self._write(interrupted=True, interruption=info)
+            except Exception as e:  # noqa: BLE001 - the error to report is exc; keep report.json at least
+                from autoopt.output.write import write_json
+
+                write_json(self.out / "report.json", {"model": self._model_path().stem, "interrupted": True,
+                                                      "interruption": info, "notes": self.notes,
+                                                      "render_error": f"{type(e).__name__}: {e}"})
+        kept = f" What was measured before it is in {self.out / 'report.json'} (interrupted: true)."
+        if user is not None:
+            return type(user)(user.message + kept, cause=user.cause or exc)
+        exc.add_note(kept.strip())
+        return exc
 
 
 def artifacts_of(out: Path) -> dict[str, str]:
