@@ -571,6 +571,7 @@ def _add_export(sub) -> None:
     sp.add_argument("--plan", help="plan.json whose inference-relevant transforms to apply")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--force", action="store_true", help="replace an existing --onnx file")
     _common(sp)
     sp.set_defaults(func=cmd_export)
 

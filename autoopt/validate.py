@@ -236,4 +236,7 @@ def check_args(args) -> None:
         onnx = absolute(args.onnx)
         if onnx.is_dir():
             raise UserError(f"--onnx {args.onnx}: is a directory. Fix: pass a file path such as model.onnx.")
+        if onnx.exists() and not getattr(args, "force", False):
+            raise UserError(f"--onnx {args.onnx}: the file already exists; exporting would overwrite it. Fix: pass "
+                            "another path, or add --force to replace it.")
         check_dir("--onnx", str(onnx.parent))

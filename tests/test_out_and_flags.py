@@ -125,6 +125,17 @@ def test_out_that_is_a_file_is_refused(tripwire, tmp_path, capsys):
     assert f.read_text() == "mine" and not tripwire.with_suffix(".imported").exists()
 
 
+def test_export_never_overwrites_an_onnx_file_without_force(tripwire, tmp_path, capsys):
+    f = tmp_path / "model.onnx"
+    f.write_text("an older export")
+    _one_paragraph_exit_2(capsys, ["export", str(tripwire), "--onnx", str(f)], "--onnx", "already exists",
+                          "--force")
+    assert f.read_text() == "an older export" and not tripwire.with_suffix(".imported").exists()
+    # with --force the flags pass and the model file is imported (the tripwire fires: exit 2, model-file error)
+    assert main(["export", str(tripwire), "--onnx", str(f), "--force"]) == 2
+    assert tripwire.with_suffix(".imported").exists()
+
+
 def test_out_that_is_not_writable_is_refused(tripwire, tmp_path, capsys):
     ro = _read_only_dir(tmp_path)
     try:
