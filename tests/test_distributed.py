@@ -359,8 +359,10 @@ def test_a_crashing_rank_ends_the_job_with_its_error_and_the_other_traces_kept(t
 def test_optimize_distributed_measures_and_verifies_ddp_transforms_side_by_side(tmp_path):
     from autoopt.settings import DistributedSettings, MeasureSettings, OptimizeSettings
 
+    link = tmp_path / "my_ddp.py"  # reached through a symbolic link: the patch names the link
+    link.symlink_to(SCRIPTS / "ddp_tiny.py")
     rep = P.optimize_distributed(OptimizeSettings(
-        model_path=str(SCRIPTS / "ddp_tiny.py"), device="cpu", out_dir=str(tmp_path / "r"),
+        model_path=str(link), device="cpu", out_dir=str(tmp_path / "r"),
         measure=MeasureSettings.quick(), distributed=DistributedSettings(nproc=2, timeout_s=900)))
     for key in ("model", "device", "mode", "batch_size", "baseline", "findings", "variants", "final", "artifacts"):
         assert key in rep
@@ -392,4 +394,6 @@ def test_optimize_distributed_measures_and_verifies_ddp_transforms_side_by_side(
     judged = [v for v in rep["variants"] if v["decision"] is not None]
     assert judged and all("side by side in" in v["reason"] and v["decision"]["rounds"] >= 6 for v in judged)
     if f["transforms"]:
-        assert "DDP_" in Path(rep["artifacts"]["patch"]).read_text()
+        diff = Path(rep["artifacts"]["patch"]).read_text()
+        assert "DDP_" in diff and "a/my_ddp.py" in diff and "ddp_tiny" not in diff.split("@@")[0]
+        assert any("--follow-symlinks" in n for n in rep["notes"])

@@ -211,6 +211,10 @@ def _report(settings: OptimizeSettings, spec, recs: list[dict], analysis: dict, 
     notes += [f"patch: {s['name']} could not be written into the file: {s['reason']}" for s in patch["skipped"]]
     if patch.get("check") and not patch["check"]["ok"]:
         notes.append(f"patch: none written: the patched model file failed its check: {patch['check']['reason']}")
+    elif patch["diff"] and settings.model_path and Path(settings.model_path).is_symlink():
+        from autoopt.pipelines.optimize import symlink_note
+
+        notes.append(symlink_note(Path(settings.model_path), spec.path))
     notes += rec0.get("search_notes") or []
     plan = {"plan_version": 1, "autoopt_version": __version__, "model": spec.name, "model_path": str(spec.path),
             "device": (rec0.get("device") or {}).get("type", settings.device), "mode": rec0.get("mode"),

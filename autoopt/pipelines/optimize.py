@@ -215,8 +215,7 @@ class OptimizeRun:
         if res.check_failure:
             self.notes.append(f"patch: none written: the patched model file failed its check: {res.check_failure}")
         elif res.diff and self.given_path.is_symlink():
-            self.notes.append(f"patch: {given} is a symbolic link to {self.spec.path}; apply patch.diff beside the "
-                              "link with `patch -p1 --follow-symlinks` (git apply does not write through links)")
+            self.notes.append(symlink_note(self.given_path, self.spec.path))
 
     def _patch_and_plan(self, best: Point) -> None:
         from autoopt.plan import Plan
@@ -388,6 +387,12 @@ class OptimizeRun:
             return type(user)(user.message + kept, cause=user.cause or exc)
         exc.add_note(kept.strip())
         return exc
+
+
+def symlink_note(given: Path, target: Path) -> str:
+    """How to apply a patch that names a symbolic link (the model path as the user gave it)."""
+    return (f"patch: {given.name} is a symbolic link to {target}; apply patch.diff beside the link with "
+            "`patch -p1 --follow-symlinks` (git apply does not write through links)")
 
 
 def artifacts_of(out: Path) -> dict[str, str]:
