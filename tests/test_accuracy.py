@@ -264,3 +264,37 @@ def test_evaluate_runs_in_eval_mode_without_gradients_and_puts_the_mode_back(tmp
         assert s.eager_model.training
         assert evaluate_session(s) == {"training": 0.0, "grad": 0.0}
         assert s.eager_model.training
+
+
+def test_reduced_precision_weights_get_their_inputs_cast_while_evaluate_runs(tmp_path):
+    """Inference with bf16 weights (inference_mode's weights_dtype) casts the batch to bf16
+    (autoopt.run.apply.prepare_batch); evaluate()'s own fp32 inputs are cast alike, and the
+    hook that does it is gone after."""
+    from autoopt.env import capabilities_for
+    from autoopt.run.accuracy import evaluate_session
+    from autoopt.run.session import Session
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
+
+    p = tmp_path / "infer.py"
+    p.write_text(textwrap.dedent('''
+        import torch
+        import torch.nn as nn
+
+        def build_model():
+            return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+        def make_batch(batch_size):
+            return torch.randn(batch_size, 4)
+
+        def evaluate(model):
+            out = model(torch.ones(5, 4))
+            return {"mean": out.float().mean().item(), "bf16": float(out.dtype == torch.bfloat16)}
+    '''))
+    caps = capabilities_for("cpu", "test cpu", None, 4096.0, None, ("avx2",))
+    wl = build_workload(load_model_file(p), caps, batch_size=4)
+    cfg = wl.base_config().with_(inference_mode=True, weights_dtype="bfloat16")
+    with Session(wl, cfg) as s:
+        metrics = evaluate_session(s)
+        assert metrics["bf16"] == 1.0 and math.isfinite(metrics["mean"])
+        assert not s.eager_model._forward_pre_hooks

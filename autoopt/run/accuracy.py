@@ -22,6 +22,7 @@ import torch
 from autoopt.run import apply
 from autoopt.run.session import Session
 from autoopt.types import AccuracyCheck, higher_is_better
+from autoopt.workload import contract
 from autoopt.workload.guard import UserCall
 from autoopt.workload.load import check_metrics, display_path, user_code
 
@@ -40,12 +41,33 @@ def evaluate_session(s: Session) -> dict[str, float]:
     s.activate()
     torch.manual_seed(s.workload.seed + EVAL_SEED_OFFSET)
     model.eval()
+    hook = _inputs_in_weights_dtype(model, s)
     try:
         with torch.no_grad(), apply.inference_context(s.cfg), UserCall(spec.path, "evaluate"), user_code():
             result = spec.evaluate(model)
     finally:
+        if hook is not None:
+            hook.remove()
         model.train(was_training)
     return check_metrics(result, display_path(spec.path))
+
+
+def _inputs_in_weights_dtype(model: torch.nn.Module, s: Session):
+    """Inference with reduced-precision weights (the inference_mode transform's weights_dtype)
+    casts the floating inputs to the weights' dtype (autoopt.run.apply.prepare_batch; the patch
+    does it in forward): the same is done here to what evaluate() passes the model, through a
+    forward pre-hook removed after. None when the configuration keeps fp32 weights."""
+    if not s.cfg.weights_dtype or s.train:
+        return None
+    dt = apply.DTYPES[s.cfg.weights_dtype]
+
+    def to(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dt) if t.is_floating_point() else t
+
+    def cast(_module, args, kwargs):
+        return contract.map_tensors(tuple(args), to), contract.map_tensors(dict(kwargs), to)
+
+    return model.register_forward_pre_hook(cast, with_kwargs=True)
 
 
 def _problem(metric: str, base: float, var, allowed: float) -> str:

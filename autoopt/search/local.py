@@ -161,7 +161,7 @@ class LocalEvaluator:
         and evaluated beside the baseline; None without evaluate()."""
         if self.reference_metrics is None:
             return None
-        with Session(self.workload, cfg) as s:
+        with Session(self.workload, cfg, build_loader=False) as s:  # record_run makes its own batches
             record_run(s)  # the same steps as the baseline's reference run
             return self._accuracy(s, "final")
 
