@@ -334,7 +334,8 @@ def _optimize_settings(args):
         force=bool(getattr(args, "force", False)), reports_root=str(absolute("reports")),
         measure=MeasureSettings.quick() if args.quick else MeasureSettings(),
         profile=ProfileSettings(with_stack=args.with_stack),
-        search=SearchSettings(strategy=args.search, time_budget_s=args.time_budget or None),
+        search=SearchSettings(strategy=args.search, time_budget_s=args.time_budget or None,
+                              accuracy_tolerance=args.accuracy_tolerance),
         consent=_consent(args), distributed=DistributedSettings(nproc=args.nproc or 0, launcher_args=args.launcher_arg),
         extra_transforms=[_parse_try(t) for t in args.try_],
     )
@@ -490,6 +491,17 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _tolerance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tolerance: a fraction from 0 up to (not including) 1, "
+                                         "e.g. 0.01 for 1 %")
+    return v
+
+
 def _add_optimize(sub) -> None:
     sp = sub.add_parser("optimize", help="profile, diagnose, apply verified transforms, report and patch")
     sp.add_argument("model", nargs="?", help="model file (default: the bundled example)")
@@ -506,6 +518,9 @@ def _add_optimize(sub) -> None:
                     help=f"time for the baseline and the search (default {DEFAULT_TIME_BUDGET_S:.0f}; 0: no limit); "
                          "trials that would not finish in time are not started, and the report lists them; "
                          "the final re-measurement comes after")
+    sp.add_argument("--accuracy-tolerance", type=_tolerance, default=0.01, metavar="FRACTION",
+                    help="with the model file's evaluate(model): how much worse than the baseline's a metric may get, "
+                         "as a fraction of max(|baseline|, 1) (default 0.01); a variant beyond it is rejected")
     sp.add_argument("--quick", action="store_true", help="fewer timed steps (noisier numbers; for smoke tests)")
     _run_options(sp, "record Python stacks in the traces")
     _common(sp)

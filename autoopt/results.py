@@ -16,7 +16,7 @@ import traceback as _tb
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from autoopt.types import ExecConfig, Finding, Measurement, Stats, Status, Verification
+from autoopt.types import AccuracyCheck, ExecConfig, Finding, Measurement, Stats, Status, Verification
 
 TRACEBACK_CHARS = 8000
 
@@ -161,6 +161,8 @@ class Variant:
     safety: Optional[str] = None
     decision: Optional[Decision] = None
     failure: Optional[Failure] = None
+    # the model file's evaluate() metrics beside the baseline's (None: no evaluate(), or not evaluated)
+    accuracy: Optional[AccuracyCheck] = None
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)
@@ -192,6 +194,7 @@ class Variant:
             "failure": self.failure.to_json() if self.failure else None,
             "config": self.config.to_json() if self.config is not None else None,
             "verification": _verification_json(v),
+            "accuracy": self.accuracy.to_json() if self.accuracy else None,
         }
 
     @classmethod
@@ -216,6 +219,7 @@ class Variant:
             expected_speedup=data.get("expected_speedup"), safety=data.get("safety"),
             decision=Decision.from_json(data["decision"]) if data.get("decision") else None,
             failure=Failure.from_json(data["failure"]) if data.get("failure") else None,
+            accuracy=AccuracyCheck.from_json(data["accuracy"]) if data.get("accuracy") else None,
         )
 
     def wire_json(self) -> dict[str, Any]:
@@ -239,6 +243,7 @@ class FinalResult:
     baseline_remeasured: Optional[Measurement] = None
     note: Optional[str] = None
     ddp: Optional[dict] = None
+    accuracy: Optional[AccuracyCheck] = None  # only with the model file's evaluate()
 
     def to_json(self) -> dict[str, Any]:
         m = self.measurement
@@ -254,6 +259,8 @@ class FinalResult:
             out["note"] = self.note
         if self.ddp is not None:
             out["ddp"] = self.ddp
+        if self.accuracy is not None:
+            out["accuracy"] = self.accuracy.to_json()
         return out
 
     @classmethod
@@ -262,7 +269,8 @@ class FinalResult:
         return cls(codes=list(data.get("codes") or []), transforms=list(data.get("transforms") or []),
                    speedup=data["speedup"], speedup_low=data["speedup_low"], speedup_high=data["speedup_high"],
                    measurement=measurement, baseline_remeasured=Measurement.from_json(base) if base else None,
-                   note=data.get("note"), ddp=data.get("ddp"))
+                   note=data.get("note"), ddp=data.get("ddp"),
+                   accuracy=AccuracyCheck.from_json(data["accuracy"]) if data.get("accuracy") else None)
 
 
 @dataclass

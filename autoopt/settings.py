@@ -89,6 +89,8 @@ class SearchSettings:
     # comes after); None: no limit. Trials that would not finish in time are not started.
     time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S
     noise_check: bool = True  # the baseline beside itself, before the search: what gain can be resolved
+    # how far a model file's evaluate() metric may get worse than the baseline's: this x max(|baseline|, 1)
+    accuracy_tolerance: float = 0.01
 
 
 @dataclass

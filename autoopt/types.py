@@ -74,6 +74,7 @@ class ModelSpec:
     build_optimizer: Optional[Callable[[Any], Any]] = None
     build_dataloader: Optional[Callable[[int], Any]] = None
     default_batch_size: Optional[int] = None
+    evaluate: Optional[Callable[[Any], Any]] = None  # held-out metrics: {name: float}
 
     @property
     def mode(self) -> str:
@@ -333,3 +334,46 @@ class Verification:
     reason: str = ""
     losses_baseline: list[float] = field(default_factory=list)
     losses_variant: list[float] = field(default_factory=list)
+
+
+def higher_is_better(metric: str) -> bool:
+    """An evaluate() metric is better higher unless its name says it is a loss."""
+    return "loss" not in metric.lower()
+
+
+@dataclass
+class AccuracyCheck:
+    """The model file's evaluate(model) metrics of a configuration beside the baseline's, both
+    trained the same verification steps from the same seed (autoopt.run.accuracy). A metric
+    may get worse by at most `tolerance` x max(|baseline|, 1) (1 % of it, and at least 0.01
+    for a metric within [-1, 1]); `ok` is False when one got worse beyond that, or is missing
+    or not finite."""
+
+    baseline: dict[str, float]
+    variant: dict[str, float]
+    tolerance: float
+    ok: bool = True
+    reason: str = ""
+    steps: int = 0  # the training steps before evaluate(model), the same for both
+
+    def allowed(self, metric: str) -> float:
+        return self.tolerance * max(abs(self.baseline[metric]), 1.0)
+
+    def difference(self) -> dict[str, Optional[float]]:
+        """variant - baseline per metric (None where the variant has no finite value)."""
+        out: dict[str, Optional[float]] = {}
+        for k, b in self.baseline.items():
+            v = self.variant.get(k)
+            out[k] = None if v is None or v != v or v in (float("inf"), float("-inf")) else v - b
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"baseline": dict(self.baseline), "variant": dict(self.variant), "difference": self.difference(),
+                "tolerance": self.tolerance, "allowed": {k: self.allowed(k) for k in self.baseline},
+                "higher_is_better": {k: higher_is_better(k) for k in self.baseline}, "steps": self.steps,
+                "ok": self.ok, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "AccuracyCheck":
+        return cls(dict(data["baseline"]), dict(data["variant"]), data["tolerance"], data.get("ok", True),
+                   data.get("reason", ""), data.get("steps", 0))

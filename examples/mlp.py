@@ -1,7 +1,9 @@
 """An MLP classifier on synthetic tabular data, trained with Adam, fed by a DataLoader.
 
 Shows the optional build_dataloader(): the input pipeline is then part of the profiled
-step. make_batch() builds the same kind of batch directly (autoopt uses it to verify
+step, and the optional evaluate(model): held-out metrics autoopt compares between the
+baseline and every variant after the same training steps (a variant that loses accuracy
+is rejected). make_batch() builds the same kind of batch directly (autoopt uses it to verify
 numerics on identical batches). Labels come from a fixed random teacher network, so
 the task is learnable and deterministic.
 """
@@ -14,6 +16,7 @@ BATCH_SIZE = 256
 IN_FEATURES = 64
 NUM_CLASSES = 8
 DATASET_SIZE = 4096
+HELD_OUT_SIZE = 512
 
 
 def build_model() -> nn.Module:
@@ -56,3 +59,15 @@ def build_dataloader(batch_size: int) -> DataLoader:
     g = torch.Generator().manual_seed(7)
     x, y = _samples(DATASET_SIZE, generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
+
+
+def evaluate(model: nn.Module) -> dict:
+    """Accuracy and loss on a small held-out set (its own generator: never the training data).
+    autoopt calls it in eval mode without gradients; the data goes to the model's device."""
+    g = torch.Generator().manual_seed(99)
+    x, y = _samples(HELD_OUT_SIZE, generator=g)
+    device = next(model.parameters()).device
+    logits = model(x.to(device)).float()
+    y = y.to(device)
+    return {"accuracy": (logits.argmax(dim=1) == y).float().mean().item(),
+            "loss": F.cross_entropy(logits, y).item()}

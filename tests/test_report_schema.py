@@ -42,7 +42,11 @@ def check_report(report: dict, plan: dict) -> None:
         _keys(v, SCHEMA["variant"])
         if v["decision"] is not None:
             _keys(v["decision"], SCHEMA["decision"])
+        if v["accuracy"] is not None:
+            _keys(v["accuracy"], SCHEMA["accuracy"])
     _keys(report["final"], SCHEMA["final"]["required"], SCHEMA["final"]["optional"])
+    if "accuracy" in report["final"]:
+        _keys(report["final"]["accuracy"], SCHEMA["accuracy"])
     for f in report["findings"]:
         _keys(f, SCHEMA["finding"], ["sources"])
     _keys(report["search"], SCHEMA["search"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from autoopt.output.format import as_dict, as_list, fmt_x, num, stat
+from autoopt.output.format import DASH, as_dict, as_list, fmt_x, num, stat
 
 BREAKDOWN_KEYS = ("kernel", "memcpy", "memset", "communication", "runtime", "dataloader", "cpu_exec", "other")
 BREAKDOWN_LABELS = {
@@ -318,3 +318,38 @@ def no_patch_text(r: dict) -> str:
         return (f"No patch: the patched model file failed autoopt's check, so no patch was written "
                 f"({check.get('reason')}). The kept transforms are in plan.json.")
     return "No patch: no transform was kept."
+
+
+ACCURACY_NOTE = ("The model file's evaluate(model) after the same training steps from the same seed (verification's), "
+                 "baseline and variant side by side. A metric is better higher unless its name says loss; a variant "
+                 "whose metric got worse by more than the allowed margin is rejected.")
+
+
+def _accuracy_entries(report: dict) -> list[tuple[str, dict]]:
+    """(name, accuracy) of each variant evaluated, then the final configuration's when no
+    variant named final carries it."""
+    out = [(str(v.get("name", "?")), as_dict(v.get("accuracy"))) for v in variants(report)]
+    out = [(n, a) for n, a in out if a]
+    fin = as_dict(as_dict(report.get("final")).get("accuracy"))
+    if fin and not any(n == "final" for n, _ in out):
+        out.append(("final", fin))
+    return out
+
+
+def accuracy_rows(report: dict) -> list[dict[str, Any]]:
+    """One row per evaluated variant and metric: the baseline's value, the variant's, their
+    difference, the margin allowed (the tolerance that decided) and whether it held."""
+    rows = []
+    for name, acc in _accuracy_entries(report):
+        base, var, diff, allowed = (as_dict(acc.get(k)) for k in ("baseline", "variant", "difference", "allowed"))
+        higher = as_dict(acc.get("higher_is_better"))
+        for metric, b in base.items():
+            d, a, up = num(diff.get(metric)), num(allowed.get(metric)), bool(higher.get(metric, True))
+            rows.append({"variant": name, "metric": str(metric), "baseline": num(b), "value": num(var.get(metric)),
+                         "difference": d, "allowed": a, "better": "higher" if up else "lower",
+                         "difference_text": DASH if d is None else f"{d:+.4g}",
+                         # the worst change allowed: a drop for a metric better higher, a rise for a loss
+                         "allowed_text": DASH if a is None else f"{'-' if up else '+'}{a:.4g}",
+                         "ok": bool(acc.get("ok")), "tolerance": num(acc.get("tolerance")),
+                         "steps": acc.get("steps")})
+    return rows

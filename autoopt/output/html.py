@@ -269,6 +269,13 @@ def plots(r: dict) -> list[dict]:
 # tables and text
 
 
+def accuracy(r: dict) -> list[list[str]]:
+    """Rows of the accuracy table (the model file's evaluate(); none without it)."""
+    return [[x["variant"], x["metric"], x["better"], fmt_num(x["baseline"]), fmt_num(x["value"]),
+             x["difference_text"], x["allowed_text"], "yes" if x["ok"] else "no"]
+            for x in D.accuracy_rows(r)]
+
+
 def batch_search(r: dict) -> list[list[str]]:
     """Rows of the batch-size search table."""
     return [[fmt_num(b.get("batch_size"), 0), fmt_tput(b.get("throughput_per_s")), fmt_mb(b.get("peak_memory_mb")),
@@ -342,6 +349,6 @@ def render_html(report: dict) -> str:
     r = as_dict(report)
     return environment().get_template("report.html.j2").render(
         head=header(r), summary=summary(r), variants=variants(r), one_story=D.ONE_STORY, distributed=distributed(r),
-        plots=plots(r),
+        plots=plots(r), accuracy=accuracy(r), accuracy_note=D.ACCURACY_NOTE,
         batch_search=batch_search(r), top=top_tables(r), findings=findings(r), patch=patch(r),
         no_patch=D.no_patch_text(r), artifacts=artifacts(r))

@@ -161,6 +161,19 @@ def final(r: dict) -> list[str]:
             ""]
 
 
+def accuracy(r: dict) -> list[str]:
+    """The model file's evaluate() metrics, baseline and each evaluated variant side by side
+    (none without evaluate())."""
+    rows = D.accuracy_rows(r)
+    if not rows:
+        return []
+    return ["## Accuracy", "", md_text(D.ACCURACY_NOTE), ""] + md_table(
+        ["Variant", "Metric", "Better", "Baseline", "Variant value", "Difference", "Allowed", "Within tolerance"],
+        [[md_code(x["variant"]), md_text(x["metric"]), x["better"], fmt_num(x["baseline"]), fmt_num(x["value"]),
+          x["difference_text"], f"{x['allowed_text']} at most ({fmt_num(x['tolerance'])} tolerance)",
+          "yes" if x["ok"] else "**no**"] for x in rows])
+
+
 def distributed(r: dict) -> list[str]:
     """A distributed run's set-up, one row per rank, and the DDP snippet for a torchrun script."""
     if r.get("distributed") is not True:
@@ -279,8 +292,8 @@ def artifacts(r: dict) -> list[str]:
     return out
 
 
-SECTIONS = (header, result, notes, baseline, variants, final, distributed, search, batch_search, trace_analysis,
-            findings, patch, artifacts)
+SECTIONS = (header, result, notes, baseline, variants, final, accuracy, distributed, search, batch_search,
+            trace_analysis, findings, patch, artifacts)
 
 
 def render_markdown(report: dict) -> str:

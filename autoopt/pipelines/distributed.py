@@ -216,6 +216,9 @@ def _report(settings: OptimizeSettings, spec, recs: list[dict], analysis: dict, 
 
         notes.append(symlink_note(Path(settings.model_path), spec.path))
     notes += rec0.get("search_notes") or []
+    if spec.evaluate is not None:
+        notes.append("accuracy: the model file's evaluate(model) is not run in a distributed job (--nproc); run "
+                     "without --nproc to compare its metrics between the baseline and the variants")
     plan = {"plan_version": 1, "autoopt_version": __version__, "model": spec.name, "model_path": str(spec.path),
             "device": (rec0.get("device") or {}).get("type", settings.device), "mode": rec0.get("mode"),
             "baseline_batch_size": rec0.get("batch_size"), "batch_size": final.measurement.batch_size,

@@ -149,7 +149,8 @@ class OptimizeRun:
         self.notes += self.evaluator.notes
         self.variants.append(Variant(name="baseline", codes=[], transforms=[], accepted=True, status=Status.KEPT,
                                      reason="the model file as written", config=self.base_cfg,
-                                     measurement=self.base.measurement, speedup=1.0, logdir=self.base.logdir))
+                                     measurement=self.base.measurement, speedup=1.0, logdir=self.base.logdir,
+                                     accuracy=self.evaluator.baseline_accuracy()))
         if self.base.logdir:
             self.progress("analyze", "analyzing the baseline trace")
         self.baseline_analysis = analyze_run(self.base.logdir)
@@ -185,9 +186,11 @@ class OptimizeRun:
     def _final(self, best: Point) -> None:
         base_m = self.base.measurement
         if not best.chosen:
-            self.final = FinalResult([], [], 1.0, 1.0, 1.0, base_m, note=NO_CHANGE)
+            self.final = FinalResult([], [], 1.0, 1.0, 1.0, base_m, note=NO_CHANGE,
+                                     accuracy=self.evaluator.baseline_accuracy())
             return
         fm = self.evaluator.final(self.base_cfg, best)
+        accuracy = self._final_accuracy(best)
         # each one's own peak memory comes from its separate measurement (on a CPU the
         # side-by-side process holds both models)
         fm.baseline.peak_memory_mb = base_m.peak_memory_mb
@@ -198,10 +201,22 @@ class OptimizeRun:
                                      status=Status.KEPT, reason="re-measured side by side with the baseline",
                                      config=best.config, measurement=fm.final, speedup=mid, logdir=fm.logdir,
                                      safety=Search.safety(best.chosen),
-                                     verification=self.search.verification_of(best)))
-        self.final = FinalResult(best.codes, transforms, mid, low, high, fm.final, baseline_remeasured=fm.baseline)
+                                     verification=self.search.verification_of(best), accuracy=accuracy))
+        self.final = FinalResult(best.codes, transforms, mid, low, high, fm.final, baseline_remeasured=fm.baseline,
+                                 accuracy=accuracy)
         if fm.logdir:
             self.analysis["final"] = _first_trace(analyze_run(fm.logdir))
+
+    def _final_accuracy(self, best: Point):
+        """The final configuration built afresh, trained like the baseline and evaluated beside
+        it (the model file's evaluate()); None without one. Outside tolerance, a note says so."""
+        if self.spec.evaluate is None:
+            return None
+        self.progress("final", "final: training the final configuration like the baseline and evaluating it")
+        accuracy = self.evaluator.accuracy(best.config)
+        if accuracy is not None and not accuracy.ok:
+            self.notes.append(f"final: {accuracy.reason}; check the model's accuracy before applying the patch")
+        return accuracy
 
     def _patch(self, best: Point) -> None:
         """patch.diff's text, checked (autoopt.transforms.patch), naming the model file as the user gave it."""

@@ -198,7 +198,7 @@ class Search:
         v = Variant(name=name, codes=[c.code for c in combo], transforms=[c.transform_json() for c in combo],
                     accepted=True, status=Status.FAILED, config=cfg, measurement=out.measurement,
                     verification=out.verification, logdir=out.logdir, expected_speedup=self.expected(combo),
-                    safety=self.safety(combo), failure=out.failure)
+                    safety=self.safety(combo), failure=out.failure, accuracy=out.accuracy)
         point = self._judge_variant(v, out, anchor, combo)
         self.variants.append(v)
         return v, point
@@ -209,6 +209,9 @@ class Search:
             return None
         if not out.verified:
             v.status, v.reason = Status.REJECTED, out.verification.reason
+            return None
+        if out.accuracy is not None and not out.accuracy.ok:  # numerics agree, the model file's metric does not
+            v.status, v.reason = Status.REJECTED, out.accuracy.reason
             return None
         d = judge(out.pair, anchor, out.measurement, self.anchor_name(anchor))
         v.decision, v.speedup = d, d.ratio * anchor.speedup

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 from autoopt.errors import UserError
 from autoopt.results import Failure
+from autoopt.run.accuracy import compare_metrics, evaluate_session
 from autoopt.run.measure import (
     Paired,
     RoundPolicy,
@@ -25,7 +26,7 @@ from autoopt.run.verify import RunRecord, compare, record_run
 from autoopt.search.evaluator import FinalMeasurement
 from autoopt.search.trial import Outcome, Point
 from autoopt.settings import MeasureSettings, ProfileSettings, SearchSettings
-from autoopt.types import Capabilities, ExecConfig, Measurement, Workload
+from autoopt.types import AccuracyCheck, Capabilities, ExecConfig, Measurement, Workload
 
 Progress = Callable[..., None]
 
@@ -52,6 +53,7 @@ class LocalEvaluator:
         self.tb_dir = tb_dir  # None: no traces
         self.progress = progress
         self.reference: Optional[RunRecord] = None
+        self.reference_metrics: Optional[dict[str, float]] = None  # the baseline's evaluate(), when the file has one
         self.base_cfg: Optional[ExecConfig] = None
         self.flops_per_sample: Optional[float] = None
         self.variant_times: list[float] = []
@@ -89,6 +91,9 @@ class LocalEvaluator:
                 raise UserError(
                     f"{self.workload.spec.path}: the baseline itself produces inf/NaN losses "
                     f"({self.reference.losses}); fix the model file (learning rate, loss, data) before optimizing it.")
+            if self.workload.spec.evaluate is not None:
+                self.progress("baseline", "baseline: evaluate(model) after the verification steps")
+                self.reference_metrics = evaluate_session(s)
             # Trace before timing: once the profiler has run with CUDA activities, CUPTI stays
             # subscribed in the process and slows kernel launches (pytorch/pytorch#144455), so
             # every measurement, the baseline's included, is taken after the first trace.
@@ -115,6 +120,9 @@ class LocalEvaluator:
                     out.verification = compare(self.reference, record_run(s), tolerance)
                     if not out.verification.ok:
                         return out
+                    out.accuracy = self._accuracy(s, name)
+                    if out.accuracy is not None and not out.accuracy.ok:
+                        return out
                 self._measure(s, name, cfg, anchor, out, compiled_before=out.verification is not None,
                               deadline=deadline)
                 if trace:
@@ -126,6 +134,36 @@ class LocalEvaluator:
             return out
         self.variant_times.append(time.perf_counter() - t0)
         return out
+
+    # ------------------------------------------------------------------ accuracy (the model file's evaluate)
+    @property
+    def accuracy_steps(self) -> int:
+        return len(self.reference.losses) if self.reference is not None else 0
+
+    def _accuracy(self, s: Session, name: str) -> Optional[AccuracyCheck]:
+        """A session's evaluate() metrics beside the baseline's (it was trained by record_run
+        like the baseline); None when the model file has no evaluate()."""
+        if self.reference_metrics is None:
+            return None
+        self.progress("verify", f"{name}: evaluate(model) beside the baseline's", variant=name)
+        return compare_metrics(self.reference_metrics, evaluate_session(s), self.search_settings.accuracy_tolerance,
+                               self.accuracy_steps)
+
+    def baseline_accuracy(self) -> Optional[AccuracyCheck]:
+        """The baseline's evaluate() metrics (beside themselves); None without evaluate()."""
+        if self.reference_metrics is None:
+            return None
+        m = self.reference_metrics
+        return compare_metrics(m, m, self.search_settings.accuracy_tolerance, self.accuracy_steps)
+
+    def accuracy(self, cfg: ExecConfig) -> Optional[AccuracyCheck]:
+        """A configuration built afresh, trained the baseline's verification steps (record_run)
+        and evaluated beside the baseline; None without evaluate()."""
+        if self.reference_metrics is None:
+            return None
+        with Session(self.workload, cfg, build_loader=False) as s:  # record_run makes its own batches
+            record_run(s)  # the same steps as the baseline's reference run
+            return self._accuracy(s, "final")
 
     def _measure(self, s: Session, name: str, cfg: ExecConfig, anchor: Optional[Point], out: Outcome, *,
                  compiled_before: bool, deadline: Optional[float]) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 from autoopt.results import Failure
 from autoopt.run.measure import Paired
 from autoopt.transforms.base import Transform
-from autoopt.types import ExecConfig, Finding, Measurement, Verification
+from autoopt.types import AccuracyCheck, ExecConfig, Finding, Measurement, Verification
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Outcome:
     pair: Optional[Paired] = None
     logdir: Optional[str] = None
     failure: Optional[Failure] = None
+    accuracy: Optional[AccuracyCheck] = None  # the model file's evaluate() beside the baseline's, when it has one
 
     @property
     def verified(self) -> bool:

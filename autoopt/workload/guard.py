@@ -30,6 +30,7 @@ CALLS = {
     "backward": "loss.backward() (through the model's backward, its autograd functions and hooks)",
     "build_optimizer": "the optimizer from build_optimizer(model), in optimizer.step()",
     "build_dataloader": "iterating the data loader from build_dataloader(batch_size)",
+    "evaluate": "evaluate(model)",
 }
 
 

@@ -28,7 +28,7 @@ from autoopt.types import ModelSpec
 
 DEFAULT_BATCH_SIZE = 32
 REQUIRED = ("build_model", "make_batch")
-OPTIONAL = ("forward", "build_optimizer", "build_dataloader")
+OPTIONAL = ("forward", "build_optimizer", "build_dataloader", "evaluate")
 # how each contract function is called, for signature checks and messages
 CALL_FORMS = {
     "build_model": "build_model()",
@@ -36,8 +36,9 @@ CALL_FORMS = {
     "forward": "forward(model, batch)",
     "build_optimizer": "build_optimizer(model)",
     "build_dataloader": "build_dataloader(batch_size)",
+    "evaluate": "evaluate(model)",
 }
-_ARITY = {"build_model": 0, "make_batch": 1, "forward": 2, "build_optimizer": 1, "build_dataloader": 1}
+_ARITY = {"build_model": 0, "make_batch": 1, "forward": 2, "build_optimizer": 1, "build_dataloader": 1, "evaluate": 1}
 
 # import name -> PyPI distribution, where they differ
 _PIP_NAMES = {
@@ -248,6 +249,7 @@ def load_model_file(path: str | os.PathLike) -> ModelSpec:
         build_optimizer=funcs.get("build_optimizer"),
         build_dataloader=funcs.get("build_dataloader"),
         default_batch_size=bs,
+        evaluate=funcs.get("evaluate"),
     )
 
 
@@ -469,6 +471,30 @@ def _bad_leaves(obj: Any, path: str = "batch") -> Iterator[tuple[str, Any]]:
         yield path, obj
 
 
+_METRICS_FIX = ("evaluate(model) must return a dict of metric names to numbers, e.g. "
+                "`return {\"accuracy\": correct / total}` (higher is better unless the name says loss); "
+                "compute them under the model's own forward on a held-out set it builds itself.")
+
+
+def check_metrics(result: Any, shown: str) -> dict[str, float]:
+    """What evaluate(model) returned, as {name: float}: a non-empty dict of string keys to real
+    numbers (Python numbers or one-element tensors). Anything else is a ModelFileError."""
+    import torch
+
+    if not isinstance(result, dict) or not result:
+        what = "an empty dict" if isinstance(result, dict) else _describe(result)
+        raise _fail(shown, "evaluate", f"evaluate(model) returned {what}, not a dict of metrics", _METRICS_FIX)
+    out: dict[str, float] = {}
+    for k, v in result.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
+            v = v.detach().cpu().item()
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _fail(shown, "evaluate", f"evaluate(model) returned {{{k!r}: {_describe(v)}}}: a metric must be a "
+                        "number under a string name", _METRICS_FIX)
+        out[k] = float(v)
+    return out
+
+
 def check_batch(batch: Any, batch_size: int, shown: str, where: str) -> None:
     """A batch is tensors (a tensor, a tuple/list or dict of them, nested) on the CPU, with
     a batch dimension of batch_size."""
@@ -572,6 +598,7 @@ def model_file_error(exc: BaseException) -> Optional[ModelFileError]:
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "check_batch",
+    "check_metrics",
     "display_path",
     "load_model_file",
     "model_file_error",
