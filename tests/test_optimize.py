@@ -67,6 +67,15 @@ def test_only_verified_variants_are_kept(bundled):
             continue
         assert v["max_rel_error"] is not None and v["max_rel_error"] <= v["tolerance"], v
     final = report["final"]
+    # --yes keeps training the same: no larger batch (the Quick start once wrote BATCH_SIZE = 4096
+    # into the example), so the headline speedup is the final one
+    assert all(t["name"] not in ("batch_size", "grad_accumulation") for t in final["transforms"])
+    patch = Path(report["artifacts"]["patch"]).read_text().splitlines()
+    assert not [x for x in patch if x.startswith(("+BATCH_SIZE", "-BATCH_SIZE"))]
+    for v in report["variants"]:
+        if v["safety"] == "manual" and v["status"] == "skipped" and not v["accepted"]:
+            assert f"--accept {v['name']}" in v["reason"]
+    assert final["fixed_batch_speedup"] == final["speedup"] and final["semantic_changes"] is None
     kept_codes = {c for v in report["variants"] if v["status"] == "kept" for c in v["codes"]}
     assert set(final["codes"]) <= kept_codes
     if final["codes"]:

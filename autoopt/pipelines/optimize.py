@@ -22,6 +22,7 @@ from autoopt.procs import deferred_signals, signal_name, signum_of
 from autoopt.results import FinalResult, Report, SearchSummary, Variant, finding_entry
 from autoopt.run.measure import speedup
 from autoopt.search.engine import BATCH, Search
+from autoopt.search.fixed import set_fixed_batch
 from autoopt.search.local import LocalEvaluator
 from autoopt.search.strategies import strategy
 from autoopt.search.trial import Candidate, Point
@@ -185,7 +186,8 @@ class OptimizeRun:
     def _final(self, best: Point) -> None:
         base_m = self.base.measurement
         if not best.chosen:
-            self.final = FinalResult([], [], 1.0, 1.0, 1.0, base_m, note=NO_CHANGE)
+            self.final = set_fixed_batch(FinalResult([], [], 1.0, 1.0, 1.0, base_m, note=NO_CHANGE), [],
+                                         self.variants, self.base_cfg.batch_size)
             return
         fm = self.evaluator.final(self.base_cfg, best)
         # each one's own peak memory comes from its separate measurement (on a CPU the
@@ -199,7 +201,9 @@ class OptimizeRun:
                                      config=best.config, measurement=fm.final, speedup=mid, logdir=fm.logdir,
                                      safety=Search.safety(best.chosen),
                                      verification=self.search.verification_of(best)))
-        self.final = FinalResult(best.codes, transforms, mid, low, high, fm.final, baseline_remeasured=fm.baseline)
+        self.final = set_fixed_batch(FinalResult(best.codes, transforms, mid, low, high, fm.final,
+                                                 baseline_remeasured=fm.baseline),
+                                     best.chosen, self.variants, self.base_cfg.batch_size)
         if fm.logdir:
             self.analysis["final"] = _first_trace(analyze_run(fm.logdir))
 
