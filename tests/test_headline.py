@@ -142,3 +142,71 @@ def test_terminal_final_line_leads_with_the_speedup_with_training_unchanged(caps
     cli._print_optimize_summary(rep)
     final = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Final:"))
     assert final.startswith("Final: 1.00x with training unchanged") and "no change kept" in final
+
+
+TINY = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+BATCH_SIZE = 8
+def build_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+def make_batch(bs):
+    return torch.randn(bs, 3, 8, 8), torch.randint(0, 4, (bs,))
+def forward(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+def build_optimizer(model):
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+'''
+
+
+def _optimize(tmp_path, *flags):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY)
+    out = tmp_path / "rep"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # on a CPU at batch 8 AO402 (a larger batch) fires: the smallest model where it does
+    r = subprocess.run([sys.executable, "-m", "autoopt", "optimize", str(model), "--device", "cpu", "--quick",
+                        "--time-budget", "90", "--reject", "threads,dataloader,amp,compile", "--out", str(out),
+                        *flags], capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout, json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_yes_leaves_the_larger_batch_out_and_says_how_to_apply_it(tmp_path):
+    out, rep, md = _optimize(tmp_path, "--yes")
+    ao402 = next(v for v in rep["variants"] if v["name"] == "AO402")
+    assert ao402["status"] == "skipped" and "--accept AO402" in ao402["reason"]
+    assert "batch_size" not in {t["name"] for t in rep["final"]["transforms"]}
+    assert rep["final"]["batch_size"] == 8 and rep["final"]["semantic_changes"] is None
+    assert rep["final"]["fixed_batch_speedup"] == rep["final"]["speedup"]
+    final = next(line for line in out.splitlines() if line.startswith("Final:"))
+    assert re.match(r"Final: \d+\.\d\dx with training unchanged", final), final
+    assert "Not applied: AO402 (batch_size): changes training; pass --accept AO402 to try it" in out
+    assert "pass --accept AO402 to try it" in md.split("## Result")[1].split("\n## ")[0]
+
+
+@pytest.mark.slow
+def test_accept_ao402_searches_the_batch_and_reports_both_speedups(tmp_path):
+    out, rep, md = _optimize(tmp_path, "--yes", "--accept", "AO402")
+    batch = [v for v in rep["variants"] if "AO402" in v["codes"]]
+    assert batch and batch[0]["status"] in ("kept", "rejected")
+    fin = rep["final"]
+    assert "fixed_batch_speedup" in fin and fin["fixed_batch_how"]
+    if "batch_size" in {t["name"] for t in fin["transforms"]}:
+        assert fin["semantic_changes"].startswith("batch size 8 -> ")
+        assert "which changes training" in next(line for line in out.splitlines() if line.startswith("Final:"))
+    # every size past the start carries the ratio that decided it, and the table shows it
+    judged = [b for b in rep["batch_search"] if b.get("ratio_to_previous") is not None]
+    assert judged and all(b["ratio_low"] <= b["ratio_to_previous"] <= b["ratio_high"] for b in judged)
+    table = md.split("## Batch-size search")[1].split("\n## ")[0]
+    for b in judged:
+        assert f"batch {b['previous_batch_size']} (" in table
