@@ -389,16 +389,35 @@ def _print_optimize_summary(report: dict) -> None:
         for r in rows[1:]:
             t.add_row(*[Text(str(x)) for x in r])  # cells are data, never markup
         out.print(t)
-    f = report.get("final") or {}
-    if f.get("codes"):
-        out.print(f"Final: {f['speedup']:.2f}x (range {f['speedup_low']:.2f}-{f['speedup_high']:.2f}) with "
-                  f"{' + '.join(t['name'] for t in f['transforms'])}", markup=False)
-    else:
-        out.print(f"Final: no change kept. {f.get('note', '')}", markup=False)
+    _print_final_line(out, report)
     _print_search_story(out, report)
     a = report["artifacts"]
     out.print(f"Report: {a['report_md']}\nHTML:   {a['report_html']}\nPatch:  {a['patch']}\nPlan:   {a['plan']}\n"
               f"TensorBoard: autoopt view {os.path.dirname(a['report_md'])}", markup=False)
+
+
+def _print_final_line(out, report: dict) -> None:
+    """The findings left out because they change training, then the final line, which leads
+    with the speedup with training unchanged (final.fixed_batch_speedup)."""
+    from autoopt.output.data import manual_skip_lines
+
+    for line in manual_skip_lines(report):
+        out.print(f"Not applied: {_name(line)}", markup=False)
+    f = report.get("final") or {}
+    fs, lo, hi = f.get("fixed_batch_speedup"), f.get("fixed_batch_low"), f.get("fixed_batch_high")
+    if fs is not None:
+        lead = f"{fs:.2f}x with training unchanged" + (f" (range {lo:.2f}-{hi:.2f})" if lo is not None
+                                                       and hi is not None else "")
+    else:
+        lead = "training unchanged: not measured"
+    if f.get("codes"):
+        what = ' + '.join(_name(t['name']) for t in f['transforms'])
+        sem = f.get("semantic_changes")
+        tail = (f"; {f['speedup']:.2f}x (range {f['speedup_low']:.2f}-{f['speedup_high']:.2f}) with "
+                f"{_name(sem)}, which changes training" if sem else "")
+        out.print(f"Final: {lead}{tail}; kept {what}", markup=False)
+    else:
+        out.print(f"Final: {lead}; no change kept. {f.get('note', '')}", markup=False)
 
 
 def _print_search_story(out, report: dict) -> None:
@@ -505,7 +524,9 @@ def _tolerance(text: str) -> float:
 def _add_optimize(sub) -> None:
     sp = sub.add_parser("optimize", help="profile, diagnose, apply verified transforms, report and patch")
     sp.add_argument("model", nargs="?", help="model file (default: the bundled example)")
-    sp.add_argument("--yes", "-y", action="store_true", help="accept every finding")
+    sp.add_argument("--yes", "-y", action="store_true",
+                    help="accept every finding that keeps training the same (safe and unsafe transforms); "
+                         "a manual one that changes training (batch size, gradient accumulation) needs --accept")
     sp.add_argument("--accept", help="comma-separated rule codes or transform names to accept")
     sp.add_argument("--reject", help="comma-separated rule codes or transform names to reject")
     sp.add_argument("--out", help="report directory (default reports/<model>-<timestamp>); "

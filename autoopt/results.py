@@ -244,6 +244,20 @@ class FinalResult:
     note: Optional[str] = None
     ddp: Optional[dict] = None
     accuracy: Optional[AccuracyCheck] = None  # only with the model file's evaluate()
+    # the speedup with training unchanged (same batch size and semantics: the kept transforms
+    # minus those that change training), its 95 % interval and how it was measured; None
+    # where not measured. `semantic_changes` names what the final changes in training, if anything.
+    fixed_batch_speedup: Optional[float] = None
+    fixed_batch_low: Optional[float] = None
+    fixed_batch_high: Optional[float] = None
+    fixed_batch_how: str = ""
+    semantic_changes: str = ""
+
+    def set_fixed_batch(self, speedup: Optional[float], low: Optional[float], high: Optional[float],
+                        how: str) -> "FinalResult":
+        self.fixed_batch_speedup, self.fixed_batch_low, self.fixed_batch_high = speedup, low, high
+        self.fixed_batch_how = how
+        return self
 
     def to_json(self) -> dict[str, Any]:
         m = self.measurement
@@ -252,6 +266,9 @@ class FinalResult:
             "speedup_low": round(self.speedup_low, 4), "speedup_high": round(self.speedup_high, 4),
             "step_time_ms": m.step_time_ms.to_json(), "throughput_per_s": round(m.throughput_per_s, 3),
             "peak_memory_mb": _round(m.peak_memory_mb, 2), "batch_size": m.batch_size, "mfu": _round(m.mfu, 5),
+            "fixed_batch_speedup": _round(self.fixed_batch_speedup, 4),
+            "fixed_batch_low": _round(self.fixed_batch_low, 4), "fixed_batch_high": _round(self.fixed_batch_high, 4),
+            "fixed_batch_how": self.fixed_batch_how or None, "semantic_changes": self.semantic_changes or None,
         }
         if self.baseline_remeasured is not None:
             out["baseline_remeasured"] = self.baseline_remeasured.to_json()
@@ -270,7 +287,10 @@ class FinalResult:
                    speedup=data["speedup"], speedup_low=data["speedup_low"], speedup_high=data["speedup_high"],
                    measurement=measurement, baseline_remeasured=Measurement.from_json(base) if base else None,
                    note=data.get("note"), ddp=data.get("ddp"),
-                   accuracy=AccuracyCheck.from_json(data["accuracy"]) if data.get("accuracy") else None)
+                   accuracy=AccuracyCheck.from_json(data["accuracy"]) if data.get("accuracy") else None,
+                   fixed_batch_speedup=data.get("fixed_batch_speedup"), fixed_batch_low=data.get("fixed_batch_low"),
+                   fixed_batch_high=data.get("fixed_batch_high"), fixed_batch_how=data.get("fixed_batch_how") or "",
+                   semantic_changes=data.get("semantic_changes") or "")
 
 
 @dataclass

@@ -96,20 +96,29 @@ class SearchSettings:
 @dataclass
 class Consent:
     """Which findings may be applied: --yes, --accept CODES, --reject CODES. Codes are rule
-    codes or transform names, upper-cased. Without a terminal and without --yes / --accept,
-    only `safe` transforms are applied."""
+    codes or transform names, upper-cased. `--yes` accepts `safe` and `unsafe` transforms
+    (numerics verified within tolerance), never a `manual` one that changes training (batch
+    size, gradient accumulation): that is applied only when named (`--accept AO402` or
+    `--accept batch_size`) or accepted at the prompt. Without a terminal and without --yes /
+    --accept, only `safe` transforms are applied."""
 
     yes: bool = False
     accept: list[str] = field(default_factory=list)
     reject: list[str] = field(default_factory=list)
+
+    def named(self, code: str, transform: str) -> bool:
+        """Whether --accept names this finding (by rule code or transform name)."""
+        return bool({code.upper(), transform.upper()} & {c.upper() for c in self.accept})
 
     def decide(self, code: str, transform: str, safety: str) -> Optional[bool]:
         """True / False when the flags decide, None when a person should be asked."""
         names = {code.upper(), transform.upper()}
         if names & {c.upper() for c in self.reject}:
             return False
-        if self.yes or names & {c.upper() for c in self.accept}:
+        if self.named(code, transform):
             return True
+        if self.yes:
+            return str(safety) != "manual"  # --yes never changes training unasked
         if self.accept:
             return False
         return None
@@ -119,6 +128,12 @@ class Consent:
         training semantics."""
         d = self.decide(code, transform, safety)
         return d if d is not None else str(safety) == "safe"
+
+
+def manual_skip_reason(code: str, transform: str) -> str:
+    """Why a `manual` finding was not applied, and how to apply it."""
+    return (f"not applied: {code} {transform} changes training; pass --accept {code} to try it "
+            "(--yes accepts only transforms that keep training the same)")
 
 
 @dataclass

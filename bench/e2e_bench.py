@@ -3,7 +3,8 @@ check how much of the reported speedup the patched file reproduces on its own.
 
     python bench/e2e_bench.py [--model examples/simplenet.py] [--repeat 2]
 
-For each repeat: `autoopt optimize --yes` (the whole loop), then `patch -p1` on a copy of
+For each repeat: `autoopt optimize --yes` (the whole loop, as the Quick start runs it: no
+change of training such as a larger batch, which --yes leaves out), then `patch -p1` on a copy of
 the model file, then the original and the patched file are measured back to back by the
 same harness `autoopt profile` uses (warm-up, synchronised timed steps, median). Printed:
 the reported final speedup (with its range) and the speedup of the patched file over the
@@ -45,15 +46,18 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=str(ROOT / "examples" / "simplenet.py"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--accept", default="", help="codes or transforms that change training to apply too, as "
+                    "`autoopt optimize --accept` (e.g. batch_size); by default, as --yes: none")
     args = ap.parse_args(argv)
 
     import torch
 
     from autoopt.env import detect_capabilities
     from autoopt.pipelines.optimize import run_optimize
-    from autoopt.settings import MeasureSettings, OptimizeSettings
+    from autoopt.settings import Consent, MeasureSettings, OptimizeSettings
 
     caps = detect_capabilities(args.device)
+    consent = Consent(yes=True, accept=[c for c in args.accept.split(",") if c.strip()])
     settings = MeasureSettings(min_steps=15, min_time_s=2.0, max_time_s=10.0)
     model = Path(args.model).resolve()
     rows = []
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             rep = run_optimize(OptimizeSettings(model_path=str(model), device=args.device,
                                                out_dir=str(Path(tmp) / f"run{i}"), measure=settings),
-                               decide=lambda f, t: t is not None)
+                               decide=lambda f, t: t is not None and bool(consent.decide(f.code, t.name, f.safety)))
             wall = time.perf_counter() - t0
             fin = rep["final"]
             work = Path(tmp) / f"patched{i}"

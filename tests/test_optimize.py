@@ -67,6 +67,15 @@ def test_only_verified_variants_are_kept(bundled):
             continue
         assert v["max_rel_error"] is not None and v["max_rel_error"] <= v["tolerance"], v
     final = report["final"]
+    # --yes keeps training the same: no larger batch (the Quick start once wrote BATCH_SIZE = 4096
+    # into the example), so the headline speedup is the final one
+    assert all(t["name"] not in ("batch_size", "grad_accumulation") for t in final["transforms"])
+    patch = Path(report["artifacts"]["patch"]).read_text().splitlines()
+    assert not [x for x in patch if x.startswith(("+BATCH_SIZE", "-BATCH_SIZE"))]
+    for v in report["variants"]:
+        if v["safety"] == "manual" and v["status"] == "skipped" and not v["accepted"]:
+            assert f"--accept {v['name']}" in v["reason"]
+    assert final["fixed_batch_speedup"] == final["speedup"] and final["semantic_changes"] is None
     kept_codes = {c for v in report["variants"] if v["status"] == "kept" for c in v["codes"]}
     assert set(final["codes"]) <= kept_codes
     if final["codes"]:
@@ -194,6 +203,9 @@ def test_without_a_terminal_only_safe_transforms_are_accepted(monkeypatch):
     decide = _make_decider(args, console=None)
     assert decide(f("AO104", "unsafe"), get_transform("amp")) is True
     assert decide(f("AO402", "manual"), get_transform("batch_size")) is False
+    args.reject = None  # --yes alone: still not a change of training
+    decide = _make_decider(args, console=None)
+    assert decide(f("AO402", "manual"), get_transform("batch_size")) is False
 
 
 def test_try_parses_transform_parameters():
@@ -294,3 +306,80 @@ def test_paired_ratio_noise_and_when_a_call_is_settled():
     worse = Paired(None, _m(1.0, 0.01), [0.9, 0.92, 0.88, 0.91])
     assert not worse.better and worse.settled
     assert Paired(None, _m(1.0, 0.01), [1.5]).noise == float("inf") and Paired(None, _m(1.0, 0.01), []).settled
+
+
+def _tiny_workload(tmp_path):
+    from autoopt.env import detect_capabilities
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
+
+    model = tmp_path / "tiny_consent.py"
+    model.write_text(TINY)
+    caps = detect_capabilities("cpu")
+    return build_workload(load_model_file(model), caps, seed=0), caps
+
+
+def _batch_finding():
+    from autoopt.types import Finding
+
+    return Finding(code="AO402", name="batch-size-small", title="t", message="m", evidence={}, safety="manual",
+                   transform="batch_size", params={})
+
+
+def _consent_candidates(tmp_path, monkeypatch, tty=False, answers="", **flags):
+    """The candidates the CLI's decider lets through for an AO402 finding (and an unsafe one)."""
+    import io
+
+    from rich.console import Console
+
+    from autoopt.cli import _make_decider
+    from autoopt.pipelines.candidates import CandidateBuilder
+    from autoopt.types import Finding
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: tty, raising=False)
+    monkeypatch.setattr(sys.stdin, "readline", io.StringIO(answers).readline, raising=False)
+    args = SimpleNamespace(**{"accept": None, "reject": None, "yes": False, "json_no_prompt": not tty, **flags})
+    wl, caps = _tiny_workload(tmp_path)
+    variants = []
+    builder = CandidateBuilder(wl, caps, _make_decider(args, Console(file=io.StringIO())), variants)
+    amp = Finding(code="AO104", name="amp", title="t", message="m", evidence={}, safety="unsafe", transform="amp",
+                  params={"dtype": "bfloat16"})
+    out = builder.from_findings([_batch_finding(), amp])
+    return {c.code for c in out}, {v.name: v for v in variants}, builder
+
+
+def test_yes_does_not_apply_a_change_of_training(tmp_path, monkeypatch):
+    """--yes accepts unsafe transforms (numerics within tolerance), not AO402, which changes
+    training; the skipped finding says how to apply it."""
+    codes, skipped, builder = _consent_candidates(tmp_path, monkeypatch, yes=True)
+    assert "AO402" not in codes and builder.accepted["AO402"] is False
+    assert builder.accepted["AO104"] is True
+    v = skipped["AO402"]
+    assert v.status == "skipped" and v.safety == "manual" and not v.accepted
+    assert "changes training" in v.reason and "--accept AO402" in v.reason
+
+
+@pytest.mark.parametrize("name", ["AO402", "batch_size", "ao402"])
+def test_accept_names_a_change_of_training(tmp_path, monkeypatch, name):
+    codes, skipped, _ = _consent_candidates(tmp_path, monkeypatch, yes=True, accept=name)
+    assert "AO402" in codes and "AO402" not in skipped
+    assert "AO104" in codes  # --yes still accepts the rest
+
+
+def test_the_prompt_applies_a_change_of_training_when_answered_yes(tmp_path, monkeypatch):
+    codes, _, _ = _consent_candidates(tmp_path, monkeypatch, tty=True, answers="y\nn\n")
+    assert codes == {"AO402"}  # AO402 asked first: yes; AO104: no
+    codes, skipped, _ = _consent_candidates(tmp_path, monkeypatch, tty=True, answers="n\nn\n")
+    assert codes == set() and "--accept AO402" in skipped["AO402"].reason
+
+
+def test_consent_flags_decide_by_safety():
+    from autoopt.settings import Consent
+
+    yes = Consent(yes=True)
+    assert yes.decide("AO202", "channels_last", "safe") is True and yes.decide("AO104", "amp", "unsafe") is True
+    assert yes.decide("AO402", "batch_size", "manual") is False
+    assert yes.decide("AO403", "grad_accumulation", "manual") is False
+    assert Consent(yes=True, accept=["GRAD_ACCUMULATION"]).decide("AO403", "grad_accumulation", "manual") is True
+    assert Consent(yes=True, accept=["AO402"], reject=["batch_size"]).decide("AO402", "batch_size", "manual") is False
+    assert Consent(yes=True).unattended("AO402", "batch_size", "manual") is False

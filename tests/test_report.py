@@ -531,9 +531,11 @@ def test_one_story_each_row_shows_the_measurement_that_decided_it():
         "batch_search": [
             {"batch_size": 32, "throughput_per_s": 1200.0, "status": "ok", "relative_throughput": 1.0},
             {"batch_size": 64, "throughput_per_s": 5200.0, "status": "chosen", "ratio_to_best": 1.1,
-             "relative_throughput": 1.1, "relative_low": 1.05, "relative_high": 1.15},
+             "relative_throughput": 1.1, "relative_low": 1.05, "relative_high": 1.15, "previous_batch_size": 32,
+             "ratio_to_previous": 1.1, "ratio_low": 1.05, "ratio_high": 1.15, "side_by_side": True},
             {"batch_size": 128, "throughput_per_s": 1300.0, "status": "no_gain", "ratio_to_best": 1.01,
-             "relative_throughput": 1.111, "relative_low": 1.0, "relative_high": 1.23},
+             "relative_throughput": 1.111, "relative_low": 1.0, "relative_high": 1.23, "previous_batch_size": 64,
+             "ratio_to_previous": 1.01, "ratio_low": 0.98, "ratio_high": 1.04, "side_by_side": True},
         ],
     }
     rows = {r[0]: r for r in R.final_table_rows(rep)}
@@ -549,5 +551,12 @@ def test_one_story_each_row_shows_the_measurement_that_decided_it():
     assert dict(zip(head, table[4]))["Decided by"] == "re-measured beside the baseline"
     html = R.render_html(rep)
     batch = html.split('data-plot="batch_search"')[1].split("</svg>")[0]
-    assert "relative to batch 32" in batch and batch.count('class="errbar"') == 2
+    # each size by the pairwise ratio that decided it, never the compounded product (1.111)
+    assert "against the size before it" in batch and batch.count('class="errbar"') == 2
+    assert "1.01× the samples/s of the size before it" in batch and "1.11" not in batch
+    bt = next(t for t in _md_tables(md) if t[0][0] == "Batch size")
+    ratios = {r[0]: dict(zip(bt[0], r))["× size before (deciding ratio)"] for r in bt[2:]}
+    assert ratios["128"] == "1.01× batch 64 (0.98×–1.04×, side by side)" and ratios["32"] == "—"
+    assert "1.11" not in "".join(ratios.values())
+    assert "1.01× batch 64 (0.98×–1.04×, side by side)" in html.split('id="batch-search"')[1]
     assert "5,200" not in batch  # the sizes' own throughputs, measured apart, are not what is drawn

@@ -84,7 +84,8 @@ def fixed_report() -> Report:
                 failure=Failure("BackendCompilerFailed", "boom", "Traceback (most recent call last): ...")),
     ]
     final = FinalResult(["AO202"], [{"name": "channels_last", "params": {}}], 1.24, 1.1, 1.4, _m(8.0),
-                        baseline_remeasured=_m(9.9))
+                        baseline_remeasured=_m(9.9)).set_fixed_batch(
+        1.24, 1.1, 1.4, "the final configuration itself (training unchanged), re-measured beside the baseline")
     return Report(
         model="net", model_path="/m/net.py", device={"type": "cpu"}, mode="train", batch_size=8, seed=0,
         created_at="2026-11-30T12:00:00", autoopt_version="0.1.0", torch_version="2.13.0+cpu", baseline=_m(10.0),
@@ -94,7 +95,11 @@ def fixed_report() -> Report:
                                          "anchor": "the baseline",
                                          "why": "still within the noise after the most rounds"}],
                              noise=NoiseCheck(1.01, 0.03, 6, 0.02)), artifacts={"report_md": "/r/report.md"},
-        batch_search=[{"batch_size": 8, "throughput_per_s": 800.0, "peak_memory_mb": 1.0, "status": "chosen"}],
+        batch_search=[{"batch_size": 8, "throughput_per_s": 800.0, "peak_memory_mb": 1.0, "status": "chosen"},
+                      {"batch_size": 16, "throughput_per_s": 810.0, "peak_memory_mb": 2.0, "status": "no gain",
+                       "ratio_to_best": 1.01, "relative_throughput": 1.01, "relative_low": 0.99,
+                       "relative_high": 1.03, "previous_batch_size": 8, "ratio_to_previous": 1.01,
+                       "ratio_low": 0.99, "ratio_high": 1.03, "side_by_side": True}],
         analysis={"baseline": None}, patch="--- a/net.py\n", plan={"plan_version": 1}, notes=["n"], wall_time_s=20.5)
 
 

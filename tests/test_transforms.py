@@ -717,6 +717,9 @@ def test_batch_search_judges_each_size_beside_the_best_so_far():
 
     without = search_batch_size(ExecConfig(batch_size=16), noisy, memory_budget_mb=None)
     assert without.batch_size == 16  # a real 12 % gain lost in the noise
+    apart = {r["batch_size"]: r for r in without.table}
+    assert apart[32]["previous_batch_size"] == 16 and apart[32]["side_by_side"] is False
+    assert apart[32]["ratio_to_previous"] == pytest.approx(1.06, abs=1e-3)
     res = search_batch_size(ExecConfig(batch_size=16), noisy, memory_budget_mb=None, against=against)
     assert res.batch_size == 64
     # every larger size measured beside the best so far; 128 (2 % slower) and 256 lose
@@ -726,6 +729,15 @@ def test_batch_search_judges_each_size_beside_the_best_so_far():
     assert rows[128]["ratio_to_best"] == pytest.approx(0.979, abs=1e-3)
     assert rows[64]["status"] == "chosen" and rows[128]["status"] == rows[256]["status"] == "no_gain"
     assert "ratio_to_best" not in rows[16]  # the start, measured alone
+    # each row carries the ratio that decided it: beside the size before it, with its interval,
+    # not the product along the chain (256 was judged beside 64, its ratio 0.80, not 0.90)
+    assert "ratio_to_previous" not in rows[16]
+    assert rows[64]["previous_batch_size"] == 32 and rows[64]["ratio_to_previous"] == pytest.approx(1.06, abs=1e-3)
+    assert rows[256]["previous_batch_size"] == 64 and rows[256]["ratio_to_previous"] == pytest.approx(0.801, abs=1e-3)
+    for b in (32, 64, 128, 256):
+        r = rows[b]
+        assert r["ratio_low"] < r["ratio_to_previous"] < r["ratio_high"] and r["side_by_side"] is True
+    assert rows[64]["relative_throughput"] == pytest.approx(1.1236, abs=1e-3)  # the compounded value, kept
     assert res.relative == pytest.approx(1.1236, abs=1e-3)  # chained side-by-side ratios
     assert res.to_json()["relative_throughput"] == pytest.approx(1.1236, abs=1e-3)
     assert "side by side" in res.reason

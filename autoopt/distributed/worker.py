@@ -240,6 +240,7 @@ class Worker:
         from autoopt.results import FinalResult, Variant
         from autoopt.run.measure import speedup
         from autoopt.search.engine import Search
+        from autoopt.search.fixed import set_fixed_batch
         from autoopt.types import Status
 
         if not best.chosen:
@@ -256,6 +257,7 @@ class Worker:
                                     safety=Search.safety(best.chosen), verification=search.verification_of(best)))
             f = FinalResult(best.codes, transforms, mid, low, high, fm.final, baseline_remeasured=fm.baseline,
                             ddp=best.config.ddp)
+        set_fixed_batch(f, list(best.chosen), variants, self.base_cfg.batch_size)
         return dict(f.to_json(), measurement=f.measurement.to_json())
 
     def _patch(self, best) -> dict:

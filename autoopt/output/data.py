@@ -353,3 +353,59 @@ def accuracy_rows(report: dict) -> list[dict[str, Any]]:
                          "ok": bool(acc.get("ok")), "tolerance": num(acc.get("tolerance")),
                          "steps": acc.get("steps")})
     return rows
+
+
+def pairwise_text(row: dict) -> str:
+    """The ratio that decided a batch size: '1.42× batch 64 (1.38×–1.46×, side by side)', or ''
+    (the start size, or a size not measured)."""
+    ratio, prev = num(row.get("ratio_to_previous")), num(row.get("previous_batch_size"))
+    if ratio is None or prev is None:
+        return ""
+    lo, hi = num(row.get("ratio_low")), num(row.get("ratio_high"))
+    how = "side by side" if row.get("side_by_side") is not False else "measured apart"
+    iv = f"{fmt_x(lo)}–{fmt_x(hi)}, " if lo is not None and hi is not None else ""
+    return f"{fmt_x(ratio)} batch {prev:.0f} ({iv}{how})"
+
+
+def manual_skipped(report: dict) -> list[dict]:
+    """The findings not applied because they change training and nobody named them: skipped,
+    not accepted, safety `manual`."""
+    return [v for v in variants(report) if v.get("status") == "skipped" and v.get("accepted") is False
+            and v.get("safety") == "manual"]
+
+
+def manual_skip_lines(report: dict) -> list[str]:
+    """'AO402 (batch_size): changes training; pass --accept AO402 to try it', one per finding."""
+    out = []
+    for v in manual_skipped(report):
+        code = str(v.get("name") or "?")
+        names = [str(as_dict(t).get("name", "?")) for t in as_list(v.get("transforms"))]
+        out.append(f"{code} ({', '.join(names) or '?'}): changes training; pass --accept {code} to try it")
+    return out
+
+
+def fixed_batch(report: dict) -> tuple[Optional[float], Optional[float], Optional[float], str]:
+    """(speedup, low, high, how) with training unchanged (final.fixed_batch_*); Nones and ''
+    where the report does not have it (older reports, no final)."""
+    fin = as_dict(report.get("final"))
+    s = num(fin.get("fixed_batch_speedup"))
+    return s, num(fin.get("fixed_batch_low")), num(fin.get("fixed_batch_high")), str(fin.get("fixed_batch_how") or "")
+
+
+def semantic_text(report: dict) -> str:
+    """What the final configuration changes in training ('batch size 16 -> 128'), or ''."""
+    return str(as_dict(report.get("final")).get("semantic_changes") or "")
+
+
+def headline_text(report: dict) -> str:
+    """The headline: the speedup with training unchanged first, then, when a change of training
+    was accepted, the speedup with it, named as such. Falls back to the final speedup alone."""
+    s, lo, hi, _ = fixed_batch(report)
+    if s is None:
+        return speedup_text(report)
+    iv = f" (95 % interval {fmt_x(lo)}–{fmt_x(hi)})" if lo is not None and hi is not None else ""
+    text = f"{fmt_x(s)}{iv} with training unchanged"
+    sem = semantic_text(report)
+    if sem:
+        text += f"; {speedup_text(report)} with {sem}, which changes training"
+    return text

@@ -104,9 +104,9 @@ def _cards(r: dict) -> list[tuple[str, str, str, str]]:
     bst, fst = as_dict(before.get("step_time_ms")), as_dict(after.get("step_time_ms"))
     bl, al = D.batch_label(before), D.batch_label(after)
     tone = "" if s is not None and s >= 1 else " slow" if s is not None else " none"
-    return [
-        ("big" + tone, "Final speedup", fmt_x(s) if s is not None else "not measured",
-         f"spread {fmt_x(lo)}–{fmt_x(hi)}" if lo is not None and hi is not None else "throughput vs baseline"),
+    final_card = ("big" + tone, "Final speedup", fmt_x(s) if s is not None else "not measured",
+                  f"spread {fmt_x(lo)}–{fmt_x(hi)}" if lo is not None and hi is not None else "throughput vs baseline")
+    return _headline_cards(r, final_card) + [
         ("", "Device", D.device_name(r), D.device_detail(r)),
         ("", "Throughput", f"{fmt_tput(before.get('throughput_per_s'))} → {fmt_tput(after.get('throughput_per_s'))}",
          "samples/s" + (" (baseline re-measured side by side)" if D.remeasured(r) else "")),
@@ -115,6 +115,23 @@ def _cards(r: dict) -> list[tuple[str, str, str, str]]:
         ("", "Peak memory", f"{fmt_mb(before.get('peak_memory_mb'))} → {fmt_mb(after.get('peak_memory_mb'))} MB", ""),
         ("", "Kept", codes_text(fin.get("codes"), ", ") or "nothing", transforms_text(fin.get("transforms"))),
     ]
+
+
+def _headline_cards(r: dict, final_card: tuple[str, str, str, str]) -> list[tuple[str, str, str, str]]:
+    """The headline first: the speedup with training unchanged; then, when a change of
+    training was accepted, the final speedup named as such (else the final card alone, for
+    reports without final.fixed_batch_speedup)."""
+    fs, flo, fhi, how = D.fixed_batch(r)
+    if fs is None and not D.fixed_batch(r)[3]:
+        return [final_card]
+    sem = D.semantic_text(r)
+    fixed = ("big" + ("" if fs is not None and fs >= 1 else " slow" if fs is not None else " none"),
+             "Speedup, training unchanged", fmt_x(fs) if fs is not None else "not measured",
+             (f"95 % interval {fmt_x(flo)}–{fmt_x(fhi)}; " if flo is not None and fhi is not None else "") + how)
+    if not sem:
+        return [fixed]
+    return [fixed, (final_card[0].replace("big", "").strip(), f"With {sem} (changes training)", final_card[2],
+                    final_card[3])]
 
 
 def summary(r: dict) -> dict:
@@ -131,7 +148,7 @@ def summary(r: dict) -> dict:
     fin = as_dict(r.get("final"))
     note = fin.get("note") if D.final_speedup(r)[0] is None and fin.get("note") else None
     return {"cards": _cards(r), "extra": " · ".join(extra), "note": note, "notes": D.notes(r),
-            "search": D.search_info(r)}
+            "search": D.search_info(r), "not_applied": D.manual_skip_lines(r)}
 
 
 def _variant_row(r: dict, v: dict) -> dict:
@@ -216,18 +233,20 @@ def _batch_plot(r: dict) -> Optional[P.Plot]:
     if not rows:
         return None
     measured = [b for b in rows if num(b.get("throughput_per_s")) is not None]
-    start = next((b for b in measured if num(b.get("relative_throughput")) == 1.0), None)
-    if start is not None and all(num(b.get("relative_throughput")) is not None for b in measured):
-        # one story: each size through the side-by-side ratios that decided it, with their intervals
-        pts = [(num(b["batch_size"]), num(b.get("relative_throughput")) if b in measured else None,
-                str(b.get("status", ""))) for b in rows]
-        errors = [(num(b["relative_low"]), num(b["relative_high"]))
-                  if num(b.get("relative_low")) is not None and num(b.get("relative_high")) is not None else None
-                  for b in rows]
-        title = (f"Throughput against batch size, relative to batch {fmt_num(start['batch_size'], 0)} "
-                 "(side-by-side ratios; whiskers: 95 % interval)")
-        return P.batch_plot(pts, title, "batch size", "samples/s relative to the start",
-                            highlight=D.chosen_batch(r), errors=errors, relative=True)
+    if any(num(b.get("ratio_to_previous")) is not None for b in measured):
+        # each size by the ratio that decided it: beside the size before it, with its interval
+        # (never the compounded product along the chain)
+        judged = [b for b in rows if num(b.get("ratio_to_previous")) is not None or b not in measured]
+        pts = [(num(b["batch_size"]), num(b.get("ratio_to_previous")),
+                f"{b.get('status', '')}" + (f", beside batch {fmt_num(b['previous_batch_size'], 0)}"
+                                           if num(b.get("previous_batch_size")) is not None else ""))
+               for b in judged]
+        errors = [(num(b["ratio_low"]), num(b["ratio_high"]))
+                  if num(b.get("ratio_low")) is not None and num(b.get("ratio_high")) is not None else None
+                  for b in judged]
+        return P.batch_plot(pts, "Each batch size against the size before it (the ratio that decided it; "
+                            "whiskers: 95 % interval)", "batch size", "samples/s over the size before",
+                            highlight=D.chosen_batch(r), errors=errors, pairwise=True)
     pts = [(num(b["batch_size"]), num(b.get("throughput_per_s")), str(b.get("status", ""))) for b in rows]
     return P.batch_plot(pts, "Throughput against batch size (batch search; each size measured on its own)",
                         "batch size", "samples/s", highlight=D.chosen_batch(r))
@@ -277,9 +296,10 @@ def accuracy(r: dict) -> list[list[str]]:
 
 
 def batch_search(r: dict) -> list[list[str]]:
-    """Rows of the batch-size search table."""
+    """Rows of the batch-size search table: each size with the ratio that decided it."""
     return [[fmt_num(b.get("batch_size"), 0), fmt_tput(b.get("throughput_per_s")), fmt_mb(b.get("peak_memory_mb")),
-             str(b.get("status", "?"))] for b in D.batch_search(r) if num(b.get("batch_size")) is not None]
+             D.pairwise_text(b) or "—", str(b.get("status", "?"))]
+            for b in D.batch_search(r) if num(b.get("batch_size")) is not None]
 
 
 def top_tables(r: dict) -> list[dict]:

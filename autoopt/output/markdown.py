@@ -81,7 +81,7 @@ def result(r: dict) -> list[str]:
     before, after = D.before_after(r)
     bst, fst = as_dict(before.get("step_time_ms")), as_dict(after.get("step_time_ms"))
     remeasured = " (the baseline re-measured side by side)" if D.remeasured(r) else ""
-    return out + [
+    return out + _headline(r) + [
         f"**{md_text(D.speedup_text(r))}** in throughput{remeasured}: "
         f"{fmt_tput(before.get('throughput_per_s'))} → {fmt_tput(after.get('throughput_per_s'))} samples/s; "
         f"{fmt_ms(stat(bst, 'median'))} ms per step at {md_text(D.batch_label(before) or '?')} → "
@@ -90,7 +90,29 @@ def result(r: dict) -> list[str]:
         f"Kept: {md_text(codes_text(fin.get('codes'), ', ') or 'nothing')} "
         f"({md_code(transforms_text(fin.get('transforms')))}).",
         "",
-    ]
+    ] + not_applied(r)
+
+
+def _headline(r: dict) -> list[str]:
+    """The speedup with training unchanged, first; the one with a change of training named as such."""
+    fs, _, _, how = D.fixed_batch(r)
+    if fs is None and not how:
+        return []
+    out = [f"**Speedup: {md_text(D.headline_text(r))}.**", ""]
+    if how:
+        out += [f"Training unchanged (same batch size and semantics): {md_text(how)}.", ""]
+    if D.semantic_text(r):
+        out += [f"The final configuration below changes training ({md_text(D.semantic_text(r))}); its speedup:", ""]
+    return out
+
+
+def not_applied(r: dict) -> list[str]:
+    """The findings not applied because they change training, with how to apply them."""
+    lines = D.manual_skip_lines(r)
+    if not lines:
+        return []
+    return (["Not applied, because they change training (`--yes` accepts only transforms that keep training "
+             "the same):", ""] + [f"- {md_text(x)}" for x in lines] + [""])
 
 
 def notes(r: dict) -> list[str]:
@@ -157,8 +179,10 @@ def final(r: dict) -> list[str]:
             f"- **Throughput:** {fmt_tput(fin.get('throughput_per_s'))} samples/s at batch size "
             f"{md_text(fin.get('batch_size', r.get('batch_size', DASH)))}",
             f"- **Peak memory:** {fmt_mb(fin.get('peak_memory_mb'))} MB",
-            f"- **Speedup:** {md_text(D.speedup_text(r))}",
-            ""]
+            f"- **Speedup:** {md_text(D.speedup_text(r))}"
+            + (f" (with {md_text(D.semantic_text(r))}, which changes training)" if D.semantic_text(r) else ""),
+            ] + ([f"- **Speedup with training unchanged:** {md_text(D.headline_text(r).split('; ')[0])}"]
+                 if D.fixed_batch(r)[0] is not None else []) + [""]
 
 
 def accuracy(r: dict) -> list[str]:
@@ -218,10 +242,14 @@ def batch_search(r: dict) -> list[str]:
     bs = D.batch_search(r)
     if not bs:
         return []
-    return ["## Batch-size search", "", f"Chosen by throughput, within the memory budget. {BATCH_SEMANTICS}",
-            ""] + md_table(["Batch size", "Samples/s", "Peak memory (MB)", "Status"],
+    return ["## Batch-size search", "", f"Chosen by throughput, within the memory budget. {BATCH_SEMANTICS} "
+            "Each size is judged by its samples/s over the size before it, measured side by side: that ratio, "
+            "with its 95 % interval, decided (not a product along the chain).",
+            ""] + md_table(["Batch size", "Samples/s", "Peak memory (MB)", "× size before (deciding ratio)",
+                            "Status"],
                            [[md_text(b.get("batch_size", "?")), fmt_tput(b.get("throughput_per_s")),
-                             fmt_mb(b.get("peak_memory_mb")), md_text(b.get("status", "?"))] for b in bs])
+                             fmt_mb(b.get("peak_memory_mb")), md_text(D.pairwise_text(b) or DASH),
+                             md_text(b.get("status", "?"))] for b in bs])
 
 
 def trace_analysis(r: dict) -> list[str]:

@@ -200,7 +200,7 @@ def hbar_plot(bars: list[Bar], title: str, unit: str, ref: Optional[float] = Non
 
 
 def _batch_point(plot: Plot, ax, i: int, point: tuple[float, Optional[float], str], hl: bool,
-                 relative: bool = False) -> None:
+                 pairwise: bool = False) -> None:
     """One marked point: a cross on the x axis where nothing was measured."""
     x, y, status = point
     if y is None:
@@ -210,7 +210,7 @@ def _batch_point(plot: Plot, ax, i: int, point: tuple[float, Optional[float], st
     (m,) = ax.plot([x], [y], linestyle="none", marker="o", markersize=11 if hl else 8,
                    color=HIGHLIGHT if hl else LINE_COLOR, markeredgecolor=INK if hl else LINE_COLOR,
                    markeredgewidth=1.5 if hl else 0)
-    value = f"{y:.2f}× the start's samples/s" if relative else f"{fmt_tput(y)} samples/s"
+    value = f"{y:.2f}× the samples/s of the size before it" if pairwise else f"{fmt_tput(y)} samples/s"
     plot.mark(m, f"pt-{i}", "pt hl" if hl else "pt", f"batch {fmt_num(x, 0)}: {value} ({status})")
 
 
@@ -222,11 +222,12 @@ def _vwhisker(plot: Plot, ax, i: int, x: float, lo: float, hi: float) -> None:
 
 def batch_plot(points: list[tuple[float, Optional[float], str]], title: str, xlabel: str, ylabel: str,
                highlight: Optional[float] = None, errors: Optional[list[Optional[tuple[float, float]]]] = None,
-               relative: bool = False) -> Plot:
+               pairwise: bool = False) -> Plot:
     """Points (x, y or None, status) joined by a line, x on a log2 axis when it spans more
     than a factor 4. Points without y (out of memory, over budget) are crosses on the axis;
     the point at `highlight` is drawn larger; `errors` are vertical whiskers (low, high) per
-    point; `relative`: y is a ratio to the first size (labelled so)."""
+    point; `pairwise`: y is each size's ratio to the size before it (labelled so, not joined:
+    the ratios are separate comparisons, with a reference line at 1)."""
     errors = (errors or []) + [None] * len(points)
     xs = [p[0] for p in points]
     ys = [p[1] for p in points if p[1] is not None] + [e[1] for e in errors if e]
@@ -239,13 +240,16 @@ def batch_plot(points: list[tuple[float, Optional[float], str]], title: str, xla
         if xs and min(xs) > 0 and max(xs) / min(xs) > 4:
             ax.set_xscale("log", base=2)
         ok = sorted((p for p in points if p[1] is not None), key=lambda p: p[0])
-        if len(ok) > 1:
+        if pairwise:
+            plot.mark(ax.axhline(1.0, color=MISS, linestyle=(0, (5, 4)), linewidth=1.5), "ref", "ref",
+                      "1× the size before: no gain")
+        elif len(ok) > 1:
             ax.plot([p[0] for p in ok], [p[1] for p in ok], color=LINE_COLOR, linewidth=2)
         for i, p in enumerate(points):
             e = errors[i]
             if e and p[1] is not None:
                 _vwhisker(plot, ax, i, p[0], e[0], e[1])
-            _batch_point(plot, ax, i, p, highlight is not None and p[0] == highlight, relative)
+            _batch_point(plot, ax, i, p, highlight is not None and p[0] == highlight, pairwise)
         ticks = sorted(set(xs))
         ax.set_xticks(ticks, labels=[fmt_num(x, 0) for x in ticks])
         ax.minorticks_off()

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 from autoopt.errors import UserError
 from autoopt.results import Variant
 from autoopt.search.trial import Candidate
+from autoopt.settings import manual_skip_reason
 from autoopt.transforms import get_transform
 from autoopt.transforms.base import Transform
 from autoopt.types import Capabilities, Finding, Status, Workload
@@ -70,7 +71,9 @@ class CandidateBuilder:
         the transform's other parameter sets worth measuring come along (a rule proposes a
         transform; a --try request asks for one parameter set)."""
         if not ok:
-            self._skip(f, t.name, params, accepted=False, reason="not accepted")
+            manual = str(t.safety_for(params)) == "manual"
+            self._skip(f, t.name, params, accepted=False,
+                       reason=manual_skip_reason(f.code, t.name) if manual else "not accepted")
             return None
         if t.name in self.proposed:
             self._skip(f, t.name, params, accepted=True,

@@ -22,6 +22,7 @@ from autoopt.procs import deferred_signals, signal_name, signum_of
 from autoopt.results import FinalResult, Report, SearchSummary, Variant, finding_entry
 from autoopt.run.measure import speedup
 from autoopt.search.engine import BATCH, Search
+from autoopt.search.fixed import set_fixed_batch
 from autoopt.search.local import LocalEvaluator
 from autoopt.search.strategies import strategy
 from autoopt.search.trial import Candidate, Point
@@ -186,8 +187,9 @@ class OptimizeRun:
     def _final(self, best: Point) -> None:
         base_m = self.base.measurement
         if not best.chosen:
-            self.final = FinalResult([], [], 1.0, 1.0, 1.0, base_m, note=NO_CHANGE,
-                                     accuracy=self.evaluator.baseline_accuracy())
+            self.final = set_fixed_batch(FinalResult([], [], 1.0, 1.0, 1.0, base_m, note=NO_CHANGE,
+                                                     accuracy=self.evaluator.baseline_accuracy()),
+                                         [], self.variants, self.base_cfg.batch_size)
             return
         fm = self.evaluator.final(self.base_cfg, best)
         accuracy = self._final_accuracy(best)
@@ -202,8 +204,9 @@ class OptimizeRun:
                                      config=best.config, measurement=fm.final, speedup=mid, logdir=fm.logdir,
                                      safety=Search.safety(best.chosen),
                                      verification=self.search.verification_of(best), accuracy=accuracy))
-        self.final = FinalResult(best.codes, transforms, mid, low, high, fm.final, baseline_remeasured=fm.baseline,
-                                 accuracy=accuracy)
+        self.final = set_fixed_batch(FinalResult(best.codes, transforms, mid, low, high, fm.final,
+                                                 baseline_remeasured=fm.baseline, accuracy=accuracy),
+                                     best.chosen, self.variants, self.base_cfg.batch_size)
         if fm.logdir:
             self.analysis["final"] = _first_trace(analyze_run(fm.logdir))
 

@@ -9,7 +9,11 @@ once; a start size that does not fit is halved until one does.
 
 Each larger size is judged beside the best size so far: with `against`, in alternating
 rounds (autoopt.run.measure.measure_against), free of the machine's drift between two
-measurements taken seconds apart; its row records `ratio_to_best`. Where the pair has no
+measurements taken seconds apart; its row records `ratio_to_best`, and every size judged
+records the ratio that decided it: `ratio_to_previous` (its samples/s over `previous_batch_size`,
+the best size before it) with its 95 % interval `ratio_low`-`ratio_high` and `side_by_side`.
+The rows' `relative_*` keys are the compounded product of those ratios along the chain (a
+number for report.json readers, never the one that decided). Where the pair has no
 anchor (the two did not fit together), or without `against`, the sizes' own measurements
 are compared, and their noise is two standard errors of the two medians, at least 3 %
 (autoopt.run.measure.noise_between).
@@ -104,14 +108,20 @@ class _Searcher:
         if beside_best and pair is not None and pair.anchor is not None:
             t.ratio, t.noise = pair.ratio, self.noise if self.noise is not None else pair.noise
             row["ratio_to_best"] = round(t.ratio, 4)
-            # throughput relative to the start size, through the side-by-side ratios (free of the
-            # drift between pairs measured minutes apart), with the 95 % interval of this pair's ratio
+            # compounded: throughput relative to the start size, the product of the side-by-side
+            # ratios along the chain (kept for report.json readers; the report shows the pair's own)
             rel = self.relative * t.ratio
             row.update(relative_throughput=round(rel, 4), relative_low=round(rel / (1 + t.noise), 4),
                        relative_high=round(rel * (1 + t.noise), 4))
         elif beside_best:
             t.ratio = m.throughput_per_s / self.best_m.throughput_per_s
             t.noise = self.noise if self.noise is not None else noise_between(self.best_m, m, APART_FLOOR)
+        if beside_best:
+            # the ratio that decided this size: its samples/s over the size before it (the best so
+            # far), side by side where the pair held together, with its 95 % interval
+            row.update(previous_batch_size=self.best, ratio_to_previous=round(t.ratio, 4),
+                       ratio_low=round(t.ratio / (1 + t.noise), 4), ratio_high=round(t.ratio * (1 + t.noise), 4),
+                       side_by_side="ratio_to_best" in row)
         self.table.append(row)
         if self.budget is not None and m.peak_memory_mb is not None and m.peak_memory_mb > self.budget:
             row["status"] = t.status = BatchTry.OVER_BUDGET
