@@ -219,3 +219,22 @@ def test_growth_text(summary, expected):
     from autoopt.run.health import growth_text
 
     assert growth_text(summary) == expected
+
+
+def test_grad_scaler_norms_are_unscaled_and_its_scale_recorded(tmp_path):
+    from autoopt.env import detect_capabilities
+    from autoopt.run.session import Session
+    from autoopt.run.verify import record_run
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
+
+    path = tmp_path / "net.py"
+    path.write_text(HEALTHY)
+    wl = build_workload(load_model_file(str(path)), detect_capabilities("cpu"), seed=0)
+    with Session(wl, wl.base_config()) as s:
+        plain = record_run(s, health=True).health
+    with Session(wl, wl.base_config().with_(grad_scaler=True)) as s:
+        scaled = record_run(s, health=True).health
+    assert plain["grad_scaler"] is None
+    assert scaled["grad_scaler"]["skipped_steps"] == 0 and scaled["grad_scaler"]["scale"][0] > 1
+    assert scaled["grad_norm"][0] == pytest.approx(plain["grad_norm"][0], rel=1e-4)
