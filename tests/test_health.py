@@ -238,3 +238,18 @@ def test_grad_scaler_norms_are_unscaled_and_its_scale_recorded(tmp_path):
     assert plain["grad_scaler"] is None
     assert scaled["grad_scaler"]["skipped_steps"] == 0 and scaled["grad_scaler"]["scale"][0] > 1
     assert scaled["grad_norm"][0] == pytest.approx(plain["grad_norm"][0], rel=1e-4)
+
+
+def test_report_md_shows_the_largest_and_smallest_layers():
+    from autoopt.output.markdown import health
+
+    layers = [{"name": f"blocks.{i}.lin", "grad_norm": 10.0 ** -i, "grad_norm_last": 10.0 ** -i, "update_ratio": 1e-3,
+               "nonfinite": 0} for i in range(14)]
+    r = {"health": {"steps": 4, "loss": [2.0, 1.9], "grad_norm": [1.0, 0.9], "layers": layers, "nonfinite_grads": 0,
+                    "update_ratio": 1e-3, "grad_scaler": None}}
+    text = "\n".join(health(r))
+    assert text.startswith("## Gradient health")
+    shown = [f"blocks.{i}.lin" for i in range(14) if f"`blocks.{i}.lin`" in text]
+    assert shown == [f"blocks.{i}.lin" for i in (0, 1, 2, 3, 4, 9, 10, 11, 12, 13)]
+    assert "4 more in report.json" in text and "1e-13" in text
+    assert health({"health": None}) == []
