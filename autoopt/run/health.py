@@ -7,7 +7,7 @@ the verification steps. After backward and before the optimizer step it reads, p
 (unscaled by the GradScaler's scale when there is one) with one `torch._foreach_norm` over
 the gradients, and the count of inf/NaN gradient elements where a norm is not finite; it
 keeps a copy of the weights, and after the step reads the update-to-weight ratio
-||w_after - w_before|| / ||w_before|| per layer. Each step costs one host read of a few
+||w_after - w_before|| / ||w_before|| per layer. Each step costs two host reads of a few
 numbers per parameter and one copy of the weights, on four steps of a run.
 
 `summary()` turns the steps into a plain JSON-able dict (report.json's `health`); the rule
@@ -61,6 +61,7 @@ class HealthMonitor:
         self.lr = _first_lr(optimizer)
         self.steps: list[StepHealth] = []
         self._before: Optional[list[torch.Tensor]] = None
+        self._weight_norms: list[float] = []
         self._with_grad: list[int] = []
 
     def _by_layer(self, values: list[float], which: list[int]) -> dict[str, float]:
@@ -72,12 +73,19 @@ class HealthMonitor:
 
     @torch.no_grad()
     def before_step(self) -> None:
-        """After backward, before optimizer.step: gradient norms and inf/NaN counts; a copy of the weights."""
+        """After backward, before optimizer.step: gradient and weight norms (one host read),
+        inf/NaN counts where a norm is not finite, and a copy of the weights."""
         which = [i for i, p in enumerate(self.params) if p.grad is not None]
         self._with_grad = which
+        if not which:
+            self.steps.append(StepHealth({}, {}))
+            return
         grads = [self.params[i].grad.detach() for i in which]
         grads = [g.float() if g.dtype != torch.float32 else g for g in grads]
-        norms = [float(x) for x in torch.stack(torch._foreach_norm(grads)).cpu()] if grads else []
+        weights = [self.params[i].detach() for i in which]
+        weights32 = [w.float() if w.dtype != torch.float32 else w for w in weights]
+        both = [float(x) for x in torch.stack(torch._foreach_norm(grads + weights32)).cpu()]
+        norms, self._weight_norms = both[:len(which)], both[len(which):]
         scale = float(self.scaler.get_scale()) if self.scaler is not None else None
         if scale:
             norms = [n / scale for n in norms]
@@ -87,23 +95,26 @@ class HealthMonitor:
                 name = self.layers[self.layer_index[i]]
                 nonfinite[name] = nonfinite.get(name, 0) + int((~torch.isfinite(g)).sum())
         self.steps.append(StepHealth(self._by_layer(norms, which), nonfinite, scale=scale))
-        self._before = [self.params[i].detach().clone() for i in which]
+        try:
+            self._before = [w.clone() for w in weights]
+        except torch.OutOfMemoryError:  # no room for a copy of the weights: no update ratios, the step goes on
+            self._before = None
 
     @torch.no_grad()
     def after_step(self, stepped: bool = True) -> None:
-        """After optimizer.step: the update-to-weight ratio per layer."""
+        """After optimizer.step: the update-to-weight ratio per layer (one host read)."""
         before, self._before = self._before, None
-        if before is None or not self.steps:
+        if not self.steps:
             return
         rec = self.steps[-1]
         rec.stepped = stepped
-        after = [self.params[i].detach() for i in self._with_grad]
-        if not after:
+        if not before:
             return
-        deltas = torch._foreach_sub([a.float() for a in after], [b.float() for b in before])
+        after = [self.params[i].detach() for i in self._with_grad]
+        torch._foreach_sub_(before, after)  # the copy becomes the step's update (its sign does not matter)
+        deltas = [d.float() if d.dtype != torch.float32 else d for d in before]
         d = [float(x) for x in torch.stack(torch._foreach_norm(deltas)).cpu()]
-        w = [float(x) for x in torch.stack(torch._foreach_norm([b.float() for b in before])).cpu()]
-        dl, wl = self._by_layer(d, self._with_grad), self._by_layer(w, self._with_grad)
+        dl, wl = self._by_layer(d, self._with_grad), self._by_layer(self._weight_norms, self._with_grad)
         rec.update_ratios = {k: dl[k] / wl[k] for k in dl if wl.get(k) and math.isfinite(dl[k])}
 
     def summary(self, losses: list[float]) -> dict[str, Any]:
