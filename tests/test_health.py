@@ -253,3 +253,14 @@ def test_report_md_shows_the_largest_and_smallest_layers():
     assert shown == [f"blocks.{i}.lin" for i in (0, 1, 2, 3, 4, 9, 10, 11, 12, 13)]
     assert "4 more in report.json" in text and "1e-13" in text
     assert health({"health": None}) == []
+
+
+def test_report_html_plots_the_per_layer_gradient_norms():
+    from autoopt.output.html import plots
+
+    layers = [{"name": "enc.0", "grad_norm": 1e-9, "grad_norm_max": 2e-9, "nonfinite": 0},
+              {"name": "head", "grad_norm": 0.5, "grad_norm_max": 0.7, "nonfinite": 3}]
+    figs = [str(f["svg"]) for f in plots({"health": {"steps": 4, "layers": layers}}) if f["svg"]]
+    grad = [svg for svg in figs if "Gradient norm per layer" in svg]
+    assert len(grad) == 1 and "enc.0" in grad[0] and "3 inf/NaN" in grad[0]
+    assert not [f for f in plots({"health": None}) if "Gradient norm" in str(f["svg"])]
