@@ -134,7 +134,7 @@ FACTS: dict[str, tuple[str, str]] = {
     "health.grad_norm": ("number", "total gradient norm at the first measured step (unscaled)"),
     "health.grad_norm_growth": ("number", "total gradient norm at the last finite measured step over the first's"),
     "health.layer_grad_spread": ("number", "smallest over largest per-layer gradient norm at the first step, 0..1"),
-    "health.vanishing_layer_count": ("number", "layers whose gradient norm is below 1e-4 of the largest layer's"),
+    "health.vanishing_layer_count": ("number", "layers whose gradient norm is below 1e-6 of the largest layer's"),
     "health.vanishing_layers": ("string", "those layers, input side first (named as in named_parameters())"),
     "health.max_layer_grad_norm": ("number", "largest finite per-layer gradient norm over the measured steps"),
     "health.exploding_layer_count": ("number", "layers whose gradient norm reached 1e3 on a measured step"),

@@ -264,3 +264,24 @@ def test_report_html_plots_the_per_layer_gradient_norms():
     grad = [svg for svg in figs if "Gradient norm per layer" in svg]
     assert len(grad) == 1 and "enc.0" in grad[0] and "3 inf/NaN" in grad[0]
     assert not [f for f in plots({"health": None}) if "Gradient norm" in str(f["svg"])]
+
+
+@pytest.mark.parametrize("model", [
+    "style_nanogpt.py",
+    # attention's query/key weights start with gradients ~1e-4 of the largest: not vanishing
+    pytest.param("style_hf_bert.py", marks=pytest.mark.slow),
+])
+def test_transformers_written_elsewhere_get_no_health_finding(model):
+    from autoopt.diagnosis.facts_builder import health_facts
+    from autoopt.diagnosis.rules import evaluate, load_rules
+    from autoopt.env import detect_capabilities
+    from autoopt.run.session import Session
+    from autoopt.run.verify import record_run
+    from autoopt.workload.build import build_workload
+    from autoopt.workload.load import load_model_file
+
+    wl = build_workload(load_model_file(str(ROOT / "tests" / "models" / model)), detect_capabilities("cpu"), seed=0)
+    with Session(wl, wl.base_config()) as s:
+        health = record_run(s, health=True).health
+    rules = [r for r in load_rules() if r.code.startswith("AO0")]
+    assert [f.code for f in evaluate(rules, health_facts(health))] == [], health["layers"]

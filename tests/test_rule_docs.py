@@ -55,8 +55,9 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
          {"health.fp16": False, "health.fp16_without_scaler": False}],
     ),
     "AO005": (
-        {**HEALTHY, "health.loss_first": 2.0, "health.loss_last": 9.0, "health.loss_growth": 4.5},
-        [{"health.loss_growth": 1.5}, {"health.loss_growth": None}],
+        {**HEALTHY, "health.loss_first": 2.0, "health.loss_last": 9.0, "health.loss_growth": 4.5,
+         "health.grad_norm_growth": 30.0},
+        [{"health.loss_growth": 1.5}, {"health.loss_growth": None}, {"health.grad_norm_growth": 0.3}],
     ),
     "AO006": (
         {**HEALTHY, "health.update_ratio": 2e-8, "health.update_ratio_decades": 4.7, "health.lr": 1e-7},

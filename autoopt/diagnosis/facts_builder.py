@@ -135,7 +135,7 @@ def _layer_facts(layers: list[dict[str, Any]], thresholds: dict[str, Any]) -> di
     top = max((n for _, n in first), default=0.0)
     if top > 0:
         out["health.layer_grad_spread"] = min(n for _, n in first) / top
-        vanishing = [name for name, n in first if n < thresholds.get("vanishing_fraction", 1e-4) * top]
+        vanishing = [name for name, n in first if n < thresholds.get("vanishing_fraction", 1e-6) * top]
         out["health.vanishing_layer_count"] = len(vanishing)
         out["health.vanishing_layers"] = _names(vanishing)
     peaks = sorted(((r["name"], r["grad_norm_max"]) for r in layers if r.get("grad_norm_max") is not None),

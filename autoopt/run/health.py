@@ -22,8 +22,9 @@ from typing import Any, Optional
 
 import torch
 
-# A layer whose gradient norm is below this fraction of the largest layer's is vanishing.
-VANISHING_FRACTION = 1e-4
+# A layer whose gradient norm is below this fraction of the largest layer's is vanishing
+# (a transformer's attention query/key weights start near 1e-4 of the largest: not vanishing).
+VANISHING_FRACTION = 1e-6
 # A layer gradient norm at or above this (unscaled, any measured step) is exploding.
 EXPLODING_NORM = 1e3
 NAMED_LAYERS = 5  # layers named in a fact's list before "and N more"
