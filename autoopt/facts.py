@@ -10,6 +10,8 @@ Producers:
 - workload.*  autoopt.workload.build and .inspect (the model file's contract functions)
 - env.*       autoopt.env (global torch settings at run time)
 - metrics.*   autoopt.analyze (the Kineto trace) and autoopt.run.measure (timed steps)
+- health.*    autoopt.run.health (gradient health on the baseline's verification steps), through
+              autoopt.diagnosis.facts_builder.health_facts
 """
 from __future__ import annotations
 
@@ -127,6 +129,30 @@ FACTS: dict[str, tuple[str, str]] = {
     "metrics.graph_breaks": ("number", "torch.compile graph breaks"),
     "metrics.recompilations": ("number", "torch.compile recompilations"),
     "metrics.nan_or_inf": ("bool", "a loss or output was inf/NaN, or the GradScaler skipped steps"),
+    # --- health: gradient health on the verification steps (autoopt.run.health) ---
+    "health.steps": ("number", "training steps whose gradients were measured (the verification steps)"),
+    "health.grad_norm": ("number", "total gradient norm at the first measured step (unscaled)"),
+    "health.grad_norm_growth": ("number", "total gradient norm at the last finite measured step over the first's"),
+    "health.layer_grad_spread": ("number", "smallest over largest per-layer gradient norm at the first step, 0..1"),
+    "health.vanishing_layer_count": ("number", "layers whose gradient norm is below 1e-6 of the largest layer's"),
+    "health.vanishing_layers": ("string", "those layers, input side first (named as in named_parameters())"),
+    "health.max_layer_grad_norm": ("number", "largest finite per-layer gradient norm over the measured steps"),
+    "health.exploding_layer_count": ("number", "layers whose gradient norm reached 1e3 on a measured step"),
+    "health.exploding_layers": ("string", "those layers, largest gradient norm first, with their norms"),
+    "health.nonfinite_grads": ("number", "inf/NaN gradient elements over the measured steps"),
+    "health.first_nonfinite_layer": ("string", "the first layer (input side first) with an inf/NaN gradient"),
+    "health.first_nonfinite_step": ("number", "the measured step (1-based) where a gradient was first inf/NaN"),
+    "health.grad_scaler": ("bool", "the training step scales the loss with a GradScaler"),
+    "health.scaler_skipped_steps": ("number", "measured steps the GradScaler skipped (inf/NaN gradients)"),
+    "health.loss_scale": ("number", "the GradScaler's scale at the last measured step"),
+    "health.fp16": ("bool", "training runs fp16: fp16 parameters, or autoopt's fp16 autocast"),
+    "health.fp16_without_scaler": ("bool", "health.fp16 and no GradScaler"),
+    "health.loss_first": ("number", "loss at the first measured step"),
+    "health.loss_last": ("number", "loss at the last measured step with a finite loss"),
+    "health.loss_growth": ("number", "health.loss_last over health.loss_first (positive losses only)"),
+    "health.update_ratio": ("number", "median over layers and steps of ||weight update|| / ||weight||"),
+    "health.update_ratio_decades": ("number", "|log10(health.update_ratio / 1e-3)|: decades off the ~1e-3 norm"),
+    "health.lr": ("number", "learning rate of the optimizer's first parameter group"),
 }
 
 

@@ -368,6 +368,8 @@ class Report:
     interruption: Optional[dict[str, Any]] = None
     # the patched file's check before patch.diff is written: {"checked", "ok", "reason"} (None: no patch tried)
     patch_check: Optional[dict[str, Any]] = None
+    # gradient health of the baseline's verification steps (autoopt.run.health; None: not measured)
+    health: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         d = self.distributed
@@ -396,6 +398,7 @@ class Report:
         out.update({"patch": self.patch, "plan": self.plan, "notes": self.notes, "interrupted": self.interrupted,
                     "wall_time_s": round(self.wall_time_s, 2), "artifacts": self.artifacts})
         out["patch_check"] = self.patch_check
+        out["health"] = self.health
         if self.interruption is not None:
             out["interruption"] = self.interruption
         return out

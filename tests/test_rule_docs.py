@@ -26,7 +26,44 @@ SPR = {**EPYC, "device.name": "Intel Xeon Platinum 8480", "device.bf16": True, "
        "device.cpu_amx": True}
 
 # code -> (facts that fire the rule, near misses: each a change to those facts that must keep it silent)
+HEALTHY = {"health.steps": 4, "health.nonfinite_grads": 0, "health.grad_scaler": False, "health.fp16": False,
+           "health.fp16_without_scaler": False, "health.vanishing_layer_count": 0, "health.exploding_layer_count": 0,
+           "health.max_layer_grad_norm": 0.3, "health.layer_grad_spread": 0.4, "health.loss_first": 2.0,
+           "health.loss_last": 1.9, "health.loss_growth": 0.95, "health.update_ratio": 2e-3,
+           "health.update_ratio_decades": 0.3, "health.grad_norm_growth": 1.1, "health.lr": 1e-3}
+
 CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
+    "AO001": (
+        {**HEALTHY, "health.vanishing_layer_count": 3, "health.vanishing_layers": "0, 2, 4",
+         "health.layer_grad_spread": 1e-9},
+        [{"health.vanishing_layer_count": 0}, {"health.nonfinite_grads": 12}, {"health.vanishing_layer_count": None}],
+    ),
+    "AO002": (
+        {**HEALTHY, "health.exploding_layer_count": 2, "health.exploding_layers": "blocks.0 (2e+03), head (1e+03)",
+         "health.max_layer_grad_norm": 2e3},
+        [{"health.exploding_layer_count": 0}, {"health.exploding_layer_count": None}],
+    ),
+    "AO003": (
+        {**HEALTHY, "health.nonfinite_grads": 40, "health.first_nonfinite_step": 3, "health.first_nonfinite_layer": "0"},
+        [{"health.nonfinite_grads": 0}, {"health.grad_scaler": True},
+         {"health.fp16": True, "health.fp16_without_scaler": True}],
+    ),
+    "AO004": (
+        {**HEALTHY, "health.nonfinite_grads": 40, "health.first_nonfinite_step": 1, "health.first_nonfinite_layer": "fc",
+         "health.fp16": True, "health.fp16_without_scaler": True},
+        [{"health.nonfinite_grads": 0}, {"health.fp16_without_scaler": False, "health.grad_scaler": True},
+         {"health.fp16": False, "health.fp16_without_scaler": False}],
+    ),
+    "AO005": (
+        {**HEALTHY, "health.loss_first": 2.0, "health.loss_last": 9.0, "health.loss_growth": 4.5,
+         "health.grad_norm_growth": 30.0},
+        [{"health.loss_growth": 1.5}, {"health.loss_growth": None}, {"health.grad_norm_growth": 0.3}],
+    ),
+    "AO006": (
+        {**HEALTHY, "health.update_ratio": 2e-8, "health.update_ratio_decades": 4.7, "health.lr": 1e-7},
+        [{"health.update_ratio_decades": 1.5}, {"health.vanishing_layer_count": 2}, {"health.nonfinite_grads": 3},
+         {"health.update_ratio_decades": None}],
+    ),
     "AO101": (
         {**A100, "metrics.matmul_fraction": 0.6, "metrics.fp32_matmul_fraction": 0.9, "metrics.kernel_fraction": 0.8,
          "workload.autocast": False, "model.param_dtype": "float32"},

@@ -220,7 +220,7 @@ def test_advice_only_rule_and_empty_transform(tmp_path):
         ({"safety": None}, "lacks safety"),
         ({"wehn": '["device.bf16 == true"]'}, "did you mean 'when'"),
         ({"code": '"AO12"', "_file": "AO12-test-rule.md"}, "does not follow AO###-slug.md"),
-        ({"code": '"AO012"', "_file": "AO012-test-rule.md"}, "AO100..AO999"),
+        ({"code": '"AO000"', "_file": "AO000-test-rule.md"}, "AO001..AO999"),
         ({"code": '"AO102"', "_file": "AO101-test-rule.md"}, "rename the file to AO102-test-rule.md"),
         ({"name": '"Test_Rule"', "_file": "AO101-test-rule.md"}, "lowercase words"),
         ({"family": '"layout"'}, "does not match the code range AO1xx"),

@@ -11,13 +11,15 @@ better:
 5. the configuration that ran (`config_facts`): a configuration with channels_last says
    workload.channels_last is true, so the rules judge what ran, not the model file;
 6. the timed measurement (`measurement_facts`);
-7. facts only the caller knows (a distributed job's rank skew).
+7. gradient health on the baseline's verification steps (`health_facts`, health.*);
+8. facts only the caller knows (a distributed job's rank skew).
 
 `diagnose` evaluates the rules on them and adds what the analysis knows beyond facts (the
 straggler rank). Torch-free unless `live` is asked for.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from autoopt.diagnosis.rules import Rule, evaluate, load_rules
@@ -120,6 +122,76 @@ def measurement_facts(m: Measurement, total_memory_mb: Optional[float] = None) -
     return out
 
 
+UPDATE_RATIO_NORM = 1e-3  # the rule of thumb for ||update|| / ||weight|| per step
+
+
+def _names(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _layer_facts(layers: list[dict[str, Any]], thresholds: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    first = [(r["name"], r["grad_norm"]) for r in layers if r.get("grad_norm") is not None]
+    top = max((n for _, n in first), default=0.0)
+    if top > 0:
+        out["health.layer_grad_spread"] = min(n for _, n in first) / top
+        vanishing = [name for name, n in first if n < thresholds.get("vanishing_fraction", 1e-6) * top]
+        out["health.vanishing_layer_count"] = len(vanishing)
+        out["health.vanishing_layers"] = _names(vanishing)
+    peaks = sorted(((r["name"], r["grad_norm_max"]) for r in layers if r.get("grad_norm_max") is not None),
+                   key=lambda x: -x[1])
+    if peaks:
+        out["health.max_layer_grad_norm"] = peaks[0][1]
+        big = [f"{name} ({n:.3g})" for name, n in peaks if n >= thresholds.get("exploding_norm", 1e3)]
+        out["health.exploding_layer_count"] = len(big)
+        out["health.exploding_layers"] = _names(big)
+    return out
+
+
+def _loss_facts(losses: list[Optional[float]]) -> dict[str, Any]:
+    finite = [x for x in losses if x is not None]
+    if not finite or losses[0] is None:
+        return {}
+    out: dict[str, Any] = {"health.loss_first": finite[0], "health.loss_last": finite[-1]}
+    if finite[0] > 0 and finite[-1] >= 0:
+        out["health.loss_growth"] = finite[-1] / finite[0]
+    return out
+
+
+def health_facts(health: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """health.* facts from autoopt.run.health's summary (report.json's `health`)."""
+    if not health or not health.get("steps"):
+        return {}
+    norms = [n for n in health.get("grad_norm") or [] if n is not None]
+    scaler = health.get("grad_scaler")
+    fp16 = bool(health.get("fp16"))
+    out: dict[str, Any] = {
+        "health.steps": health["steps"], "health.nonfinite_grads": health.get("nonfinite_grads", 0),
+        "health.grad_scaler": scaler is not None, "health.fp16": fp16,
+        "health.fp16_without_scaler": fp16 and scaler is None, "health.lr": health.get("lr"),
+    }
+    if norms and (health.get("grad_norm") or [None])[0] is not None:
+        out["health.grad_norm"] = norms[0]
+        if norms[0] > 0:
+            out["health.grad_norm_growth"] = norms[-1] / norms[0]
+    out.update(_layer_facts(health.get("layers") or [], health.get("thresholds") or {}))
+    bad = health.get("first_nonfinite")
+    if bad:
+        out["health.first_nonfinite_layer"] = bad["layer"]
+        out["health.first_nonfinite_step"] = bad["step"]
+    if scaler is not None:
+        out["health.scaler_skipped_steps"] = scaler.get("skipped_steps", 0)
+        scales = [x for x in scaler.get("scale") or [] if x is not None]
+        if scales:
+            out["health.loss_scale"] = scales[-1]
+    out.update(_loss_facts(health.get("loss") or []))
+    ratio = health.get("update_ratio")
+    if ratio is not None:
+        out["health.update_ratio"] = ratio
+        out["health.update_ratio_decades"] = abs(math.log10(max(ratio, 1e-12) / UPDATE_RATIO_NORM))
+    return out
+
+
 def build_facts(
     *,
     analysis: Optional[dict[str, Any]] = None,
@@ -129,11 +201,13 @@ def build_facts(
     workload: Optional[dict[str, Any]] = None,
     config: Optional[ExecConfig] = None,
     measurement: Optional[Measurement] = None,
+    health: Optional[dict[str, Any]] = None,
     extra: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The facts the rules read, from whatever producers the caller has (see the module
     docstring for the order). `live` reads the torch settings of this process (env.*);
-    `env` gives them instead (a run in another process, such as a script or a rank)."""
+    `env` gives them instead (a run in another process, such as a script or a rank);
+    `health` is autoopt.run.health's summary of the verification steps."""
     facts = from_analysis(analysis)
     if device is not None:
         facts.update(device.facts())
@@ -147,6 +221,7 @@ def build_facts(
         facts.update(config_facts(config))
     if measurement is not None:
         facts.update(measurement_facts(measurement, device.total_memory_mb if device else None))
+    facts.update(health_facts(health))
     facts.update(extra or {})
     facts.update({k: v for k, v in cpu_share_facts(facts).items() if k not in (extra or {})})
     return facts

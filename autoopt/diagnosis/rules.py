@@ -55,6 +55,7 @@ from autoopt.facts import FACTS
 from autoopt.types import SAFETY_LEVELS, Finding
 
 FAMILIES: dict[str, str] = {
+    "0": "training health",
     "1": "precision",
     "2": "memory layout",
     "3": "compilation and launch overhead",
@@ -94,7 +95,7 @@ ALLOWED_KEYS = frozenset(
 )
 
 _FILE_RE = re.compile(r"^(AO\d{3})-([a-z0-9]+(?:-[a-z0-9]+)*)\.md$")
-_CODE_RE = re.compile(r"^AO[1-9]\d{2}$")
+_CODE_RE = re.compile(r"^AO(?!000)\d{3}$")
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 
 
@@ -272,8 +273,9 @@ def _check_identity(path: Path, meta: dict[str, Any], m: re.Match) -> tuple[str,
     """(code, name, family): the code's range, the name's form, the file name, the safety level."""
     code, name = meta["code"], meta["name"]
     if not _CODE_RE.match(code):
-        raise _rule_error(path, f"code {code!r} is not AO followed by three digits in AO100..AO999",
-                          "use a code like AO101; the first digit is the family (1 precision ... 9 environment)")
+        raise _rule_error(path, f"code {code!r} is not AO followed by three digits in AO001..AO999",
+                          "use a code like AO101; the first digit is the family (0 training health, 1 precision "
+                          "... 9 environment)")
     if not _NAME_RE.match(name):
         raise _rule_error(path, f"name {name!r} is not lowercase words joined by hyphens",
                           "write it like enable-bf16-autocast")

@@ -409,3 +409,15 @@ def headline_text(report: dict) -> str:
     if sem:
         text += f"; {speedup_text(report)} with {sem}, which changes training"
     return text
+
+
+def health_layers(report: dict, limit: int = 5) -> tuple[list[dict], int]:
+    """report.json's per-layer gradient health rows to show: all of them when there are at
+    most 2 * limit, else the `limit` layers with the largest and the `limit` with the smallest
+    first-step gradient norm (in the model's order); and the number of layers left out."""
+    rows = [r for r in as_list(as_dict(report.get("health")).get("layers")) if isinstance(r, dict)]
+    if len(rows) <= 2 * limit:
+        return rows, 0
+    by_norm = sorted(range(len(rows)), key=lambda i: num(rows[i].get("grad_norm")) or 0.0)
+    keep = set(by_norm[:limit]) | set(by_norm[-limit:])
+    return [r for i, r in enumerate(rows) if i in keep], len(rows) - len(keep)

@@ -263,6 +263,17 @@ def _top_plot(label: str, a: Any) -> Optional[P.Plot]:
     return P.hbar_plot(bars, f"Top {kind}, {label}", f"ms over {n} traced steps" if n else "ms", label_chars=40)
 
 
+def _grad_norm_plot(r: dict) -> Optional[P.Plot]:
+    rows, left = D.health_layers(r, limit=15)
+    layers = [(str(x.get("name", "?")), num(x.get("grad_norm_max")) or 0.0, int(num(x.get("nonfinite")) or 0))
+              for x in rows]
+    if not layers:
+        return None
+    more = f"; {left} layers between them left out" if left else ""
+    return P.grad_norm_plot(layers, f"Gradient norm per layer on the baseline's verification steps (input "
+                                    f"side first{more})")
+
+
 def _figure(kind: str, build: Callable[[], Optional[P.Plot]]) -> Optional[dict]:
     """{"svg": markup, "error": None} of one plot, {"svg": None, "error": why} where
     matplotlib failed on this data, None where the report has nothing to plot."""
@@ -277,9 +288,10 @@ def _figure(kind: str, build: Callable[[], Optional[P.Plot]]) -> Optional[dict]:
 
 
 def plots(r: dict) -> list[dict]:
-    """The inline SVG figures: breakdown, speedup, batch search, top kernels/operators."""
+    """The inline SVG figures: breakdown, speedup, batch search, per-layer gradient norms,
+    top kernels/operators."""
     figs = [_figure("breakdown", lambda: _breakdown_plot(r)), _figure("speedup", lambda: _speedup_plot(r)),
-            _figure("batch_search", lambda: _batch_plot(r))]
+            _figure("batch_search", lambda: _batch_plot(r)), _figure("grad_norms", lambda: _grad_norm_plot(r))]
     figs += [_figure(f"top_{label}", lambda label=label, a=a: _top_plot(label, a)) for label, a in D.analyses(r)]
     return [f for f in figs if f]
 

@@ -290,6 +290,37 @@ def _finding(f: dict) -> list[str]:
     return out + [f"- Documentation: {md_code('autoopt explain ' + str(f.get('code', '')))}", ""]
 
 
+def _sci(x) -> str:
+    return f"{x:.3g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else DASH
+
+
+def health(r: dict) -> list[str]:
+    """Gradient health of the baseline's verification steps: a line of totals and a short
+    per-layer table (the layers with the largest and smallest gradient norms)."""
+    h = as_dict(r.get("health"))
+    if not h.get("steps"):
+        return []
+    losses = [x for x in h.get("loss") or [] if x is not None]
+    norms = [x for x in h.get("grad_norm") or [] if x is not None]
+    scaler = as_dict(h.get("grad_scaler"))
+    line = (f"Over the baseline's {h['steps']} verification steps: loss {_sci(losses[0] if losses else None)} -> "
+            f"{_sci(losses[-1] if losses else None)}, total gradient norm {_sci(norms[0] if norms else None)} -> "
+            f"{_sci(norms[-1] if norms else None)}, median update/weight ratio {_sci(h.get('update_ratio'))} "
+            f"(norm ~1e-3), inf/NaN gradient elements {h.get('nonfinite_grads', 0)}")
+    if scaler:
+        line += f", GradScaler skipped {scaler.get('skipped_steps', 0)} step(s)"
+    rows, left = D.health_layers(r)
+    out = ["## Gradient health", "", md_text(line + "."), ""]
+    out += md_table(["Layer", "Grad norm (step 1)", "Grad norm (last)", "Update/weight", "inf/NaN"],
+                    [[md_code(short(str(x.get("name", "?")), 80)), _sci(x.get("grad_norm")),
+                      _sci(x.get("grad_norm_last")), _sci(x.get("update_ratio")), md_text(str(x.get("nonfinite", 0)))]
+                     for x in rows])
+    if left:
+        out += [f"The {len(rows) // 2} layers with the largest and the smallest gradient norms, in the model's "
+                    f"order; {left} more in report.json's `health.layers`.", ""]
+    return out
+
+
 def findings(r: dict) -> list[str]:
     """Each rule that fired: message, safety, transform, evidence, where its docs are."""
     fs = D.findings(r)
@@ -321,7 +352,7 @@ def artifacts(r: dict) -> list[str]:
 
 
 SECTIONS = (header, result, notes, baseline, variants, final, accuracy, distributed, search, batch_search,
-            trace_analysis, findings, patch, artifacts)
+            trace_analysis, health, findings, patch, artifacts)
 
 
 def render_markdown(report: dict) -> str:

@@ -1,6 +1,6 @@
 """The report's figures, drawn with matplotlib: the step-time breakdown (stacked bars), the
-speedup per variant and the top kernels/operators (horizontal bars), and throughput
-against batch size (a line of points).
+speedup per variant, the top kernels/operators and the per-layer gradient norms
+(horizontal bars), and throughput against batch size (a line of points).
 
 Each builder returns a Plot: a matplotlib Figure (built directly, never through pyplot)
 plus the marks to label, keyed by the gid set on their artist. `svg_markup` writes the
@@ -196,6 +196,28 @@ def hbar_plot(bars: list[Bar], title: str, unit: str, ref: Optional[float] = Non
         ax.set_ylim(len(bars) - 0.5, -0.5)
         ax.set_xlim(0, vmax * 1.02)
         ax.set_xlabel(_label(unit), parse_math=False)
+    return plot
+
+
+def grad_norm_plot(layers: list[tuple[str, float, int]], title: str) -> Plot:
+    """Per-layer gradient norms as horizontal bars on a log axis, one per (layer, norm,
+    inf/NaN count), in the model's order; a layer with inf/NaN gradients is drawn red."""
+    texts = [f"{n:.3g}" + (f" ({bad} inf/NaN)" if bad else "") for _, n, bad in layers]
+    left, right = _bar_margins([name for name, _, _ in layers], 34, texts)
+    positive = [n for _, n, _ in layers if n > 0] or [1.0]
+    lo, hi = min(positive) / 3, max(positive) * 3
+    with _style():
+        plot, ax = _new_plot(max(1.6, TOP_IN + 0.3 * len(layers) + AXIS_IN), title, left, right, AXIS_IN)
+        ax.set_xscale("log")
+        for i, (name, n, bad) in enumerate(layers):
+            rect = ax.barh(i, max(n, lo) - lo, left=lo, height=0.7, color=MISS if bad else LINE_COLOR)[0]
+            plot.mark(rect, f"bar-{i}", "bar", f"{name}: gradient norm {texts[i]}")
+            ax.annotate(texts[i], (max(n, lo), i), xytext=(4, 0), textcoords="offset points", va="center",
+                        parse_math=False)
+        _bar_labels(plot, ax, [name for name, _, _ in layers], 34)
+        ax.set_ylim(len(layers) - 0.5, -0.5)
+        ax.set_xlim(lo, hi)
+        ax.set_xlabel("largest gradient norm over the verification steps (log scale)")
     return plot
 
 

@@ -114,6 +114,7 @@ class OptimizeRun:
         # set by the stages; an interrupt may come before any of them
         self.phase = "load"
         self.spec = self.caps = self.workload = self.base_cfg = self.builder = None
+        self.evaluator: Optional[LocalEvaluator] = None
         self.out: Optional[Path] = None
         self.candidates: Optional[list[Candidate]] = None
 
@@ -158,8 +159,10 @@ class OptimizeRun:
         self.analysis["baseline"] = _first_trace(self.baseline_analysis)
 
     def _diagnose(self, point: Point, analysis: Optional[dict]) -> list:
+        # gradient health is the baseline's (its verification steps): judged once, on the baseline
+        health = self.evaluator.health if point is self.base else None
         facts = build_facts(analysis=analysis, device=self.caps, live=True, workload=self.workload.facts,
-                            config=point.config, measurement=point.measurement)
+                            config=point.config, measurement=point.measurement, health=health)
         return diagnose(facts, analysis)
 
     def _candidates(self) -> list[Candidate]:
@@ -288,7 +291,8 @@ class OptimizeRun:
             artifacts=self.artifacts(), batch_search=self._batch_table(), analysis=self.analysis,
             patch=self.patch_text, patch_check=self.patch_check, plan=self.plan,
             notes=self.notes + (search.notes if search else []),
-            interrupted=interrupted, wall_time_s=time.perf_counter() - self.started, interruption=interruption)
+            interrupted=interrupted, wall_time_s=time.perf_counter() - self.started, interruption=interruption,
+            health=self.evaluator.health if self.evaluator else None)
 
     def artifacts(self) -> dict[str, str]:
         return artifacts_of(self.out)

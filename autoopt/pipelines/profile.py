@@ -12,6 +12,7 @@ from autoopt.results import ProfileResult
 from autoopt.run.measure import count_flops, measure
 from autoopt.run.session import Session
 from autoopt.run.trace import new_run_dir, trace_session
+from autoopt.run.verify import record_run
 from autoopt.settings import MeasureSettings, ProfileSettings
 from autoopt.types import Capabilities
 
@@ -53,7 +54,11 @@ def profile_model(
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg = wl.base_config().with_(grad_accum_steps=int(getattr(spec.module, "GRAD_ACCUM_STEPS", 1) or 1))
     notes: list[str] = []
+    health = None
     with Session(wl, cfg) as s:
+        if s.train:  # gradient health on a few seeded steps from the initial weights, before any timed step
+            progress("health", "measuring gradient health (4 training steps)")
+            health = record_run(s, health=True).health
         progress("measure", "measuring (warm-up, then timed steps)")
         flops = count_flops(s, notes)
         m = measure(s, caps, measure_settings or MeasureSettings(), flops_per_step=flops)
@@ -63,6 +68,7 @@ def profile_model(
     progress("analyze", "analyzing the trace")
     result = analyze_paths([str(run.run_dir)])
     result["notes"] = list(result.get("notes") or []) + notes
-    facts = build_facts(analysis=result, device=caps, live=True, workload=wl.facts, config=cfg, measurement=m)
+    facts = build_facts(analysis=result, device=caps, live=True, workload=wl.facts, config=cfg, measurement=m,
+                        health=health)
     return ProfileResult(result, spec.name, str(spec.path), wl.mode, caps.to_json(), m.to_json(),
-                         str(run.run_dir.resolve()), diagnose(facts, result)).to_json()
+                         str(run.run_dir.resolve()), diagnose(facts, result), extra={"health": health}).to_json()

@@ -240,7 +240,8 @@ class TrainingStep:
     """One optimizer step over a list of micro-batches (one, without gradient accumulation):
     forward and loss under autocast, the loss divided by the number of micro-batches,
     backward (scaled for fp16), DDP's no_sync around all but the last micro-batch, then the
-    optimizer step. With count_skips (verification), counts the steps the GradScaler skipped."""
+    optimizer step. With count_skips (verification), counts the steps the GradScaler skipped;
+    with a `monitor` (verification), reads gradient health around the optimizer step."""
 
     def __init__(self, spec, model, optimizer, cfg: ExecConfig, *, scaler=None, ddp=None):
         self.spec = spec
@@ -251,6 +252,7 @@ class TrainingStep:
         self.ddp = ddp  # the DistributedDataParallel wrapper, for no_sync
         self.count_skips = False
         self.skipped_steps = 0
+        self.monitor = None  # an autoopt.run.health.HealthMonitor on verification steps only
 
     def _micro_context(self, index: int, count: int):
         if self.ddp is not None and (self.cfg.ddp or {}).get("no_sync") and index < count - 1:
@@ -273,8 +275,12 @@ class TrainingStep:
                     backward(loss, accum_steps=n, scaler=self.scaler)
             part = loss.detach() / n if n > 1 else loss.detach()
             total = part if total is None else total + part
+        if self.monitor is not None:
+            self.monitor.before_step()
         with UserCall(self.spec.path, "build_optimizer"):
             stepped = optimizer_step(self.optimizer, self.scaler, detect_skip=self.count_skips)
+        if self.monitor is not None:
+            self.monitor.after_step(stepped)
         if not stepped:
             self.skipped_steps += 1
         return total

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from autoopt.run.health import HealthMonitor
 from autoopt.run.session import Session, seeded_batch, split_batch
 from autoopt.types import Verification
 from autoopt.workload import contract
@@ -42,6 +43,7 @@ class RunRecord:
     losses: list[float] = field(default_factory=list)
     checksum: str = ""
     scaler_skips: int = 0
+    health: Optional[dict] = None  # autoopt.run.health's summary, when asked for
     params: Optional[list[torch.Tensor]] = None  # after the last step, when asked for
 
 
@@ -65,17 +67,20 @@ def eager_rng_in_compiled_graphs():
         inductor_config.fallback_random = old
 
 
-def record_run(s: Session, steps: int = DEFAULT_STEPS, *, keep_params: bool = False) -> RunRecord:
+def record_run(s: Session, steps: int = DEFAULT_STEPS, *, keep_params: bool = False,
+               health: bool = False) -> RunRecord:
     """Run a freshly built session on the verification batches and record what it computes.
     Call it before anything else steps the session, so it starts from the initial weights.
     A compiled session compiles here, with eager's random streams (eager_rng_in_compiled_graphs):
     its timing afterwards runs that graph, so a model with dropout is, if anything, timed a
-    little slow (its own torch.compile draws with Inductor's faster generator)."""
+    little slow (its own torch.compile draws with Inductor's faster generator).
+    With `health`, a training run also reads gradient health on these steps
+    (autoopt.run.health) into the record's `health`."""
     with eager_rng_in_compiled_graphs():
-        return _record(s, steps, keep_params)
+        return _record(s, steps, keep_params, health)
 
 
-def _record(s: Session, steps: int, keep_params: bool) -> RunRecord:
+def _record(s: Session, steps: int, keep_params: bool, health: bool = False) -> RunRecord:
     workload = s.workload
     rec = RunRecord(outputs=[], checksum=s.initial_checksum)
     if not s.train:
@@ -85,6 +90,9 @@ def _record(s: Session, steps: int, keep_params: bool) -> RunRecord:
         return rec
     step = s.training_step
     step.count_skips = True
+    if health:
+        step.monitor = HealthMonitor(s.eager_model, scaler=s.scaler, fp16=s.cfg.amp_dtype == "float16",
+                                     optimizer=s.optimizer)
     # the baseline's effective batch; a variant that accumulates runs it as its micro-batches
     effective = workload.batch_size if s.accum == 1 else s.cfg.batch_size * s.accum
     try:
@@ -95,7 +103,10 @@ def _record(s: Session, steps: int, keep_params: bool) -> RunRecord:
             rec.losses.append(float(loss.detach().float().cpu()))
     finally:
         step.count_skips = False
+        monitor, step.monitor = step.monitor, None
     rec.scaler_skips = step.skipped_steps
+    if monitor is not None:
+        rec.health = monitor.summary(rec.losses)
     if keep_params:
         rec.params = [p.detach().float().cpu().clone() for p in s.eager_model.parameters()]
     s.sync()

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 from autoopt.errors import UserError
 from autoopt.results import Failure
 from autoopt.run.accuracy import compare_metrics, evaluate_session
+from autoopt.run.health import growth_text
 from autoopt.run.measure import (
     Paired,
     RoundPolicy,
@@ -39,6 +40,17 @@ def _compiles(*cfgs: ExecConfig) -> bool:
     return any(c.compile_call_mode is not None for c in cfgs)
 
 
+def baseline_nonfinite_message(path: str, rec: RunRecord) -> str:
+    """The exit-2 paragraph for a baseline whose loss went inf/NaN: why, from its gradient
+    health (which layer, which step, how fast the gradient norm grew), and what to change."""
+    why = growth_text(rec.health or {})
+    return (f"{path}: the baseline itself produces inf/NaN losses ({rec.losses})"
+            + (f": {why}" if why else "")
+            + ". Fix the model file before optimizing it: a smaller learning rate, gradient clipping "
+            "(torch.nn.utils.clip_grad_norm_), normalised inputs and targets, or a numerically stable loss "
+            "(see `autoopt explain AO003` and AO005).")
+
+
 class LocalEvaluator:
     """Evaluates configurations of `workload` in this process."""
 
@@ -54,6 +66,7 @@ class LocalEvaluator:
         self.progress = progress
         self.reference: Optional[RunRecord] = None
         self.reference_metrics: Optional[dict[str, float]] = None  # the baseline's evaluate(), when the file has one
+        self.health: Optional[dict] = None  # gradient health of the baseline's verification steps
         self.base_cfg: Optional[ExecConfig] = None
         self.flops_per_sample: Optional[float] = None
         self.variant_times: list[float] = []
@@ -94,6 +107,10 @@ class LocalEvaluator:
             if self.workload.spec.evaluate is not None:
                 self.progress("baseline", "baseline: evaluate(model) after the verification steps")
                 self.reference_metrics = evaluate_session(s)
+            self.reference = record_run(s, health=True)
+            self.health = self.reference.health
+            if any(not math.isfinite(x) for x in self.reference.losses):
+                raise UserError(baseline_nonfinite_message(str(self.workload.spec.path), self.reference))
             # Trace before timing: once the profiler has run with CUDA activities, CUPTI stays
             # subscribed in the process and slows kernel launches (pytorch/pytorch#144455), so
             # every measurement, the baseline's included, is taken after the first trace.
