@@ -98,19 +98,13 @@ class LocalEvaluator:
         self.base_cfg = cfg
         self.progress("baseline", "baseline: verifying and measuring")
         with Session(self.workload, cfg) as s:
-            self.reference = record_run(s)
-            bad = [x for x in self.reference.losses if not math.isfinite(x)]
-            if bad:
-                raise UserError(
-                    f"{self.workload.spec.path}: the baseline itself produces inf/NaN losses "
-                    f"({self.reference.losses}); fix the model file (learning rate, loss, data) before optimizing it.")
-            if self.workload.spec.evaluate is not None:
-                self.progress("baseline", "baseline: evaluate(model) after the verification steps")
-                self.reference_metrics = evaluate_session(s)
             self.reference = record_run(s, health=True)
             self.health = self.reference.health
             if any(not math.isfinite(x) for x in self.reference.losses):
                 raise UserError(baseline_nonfinite_message(str(self.workload.spec.path), self.reference))
+            if self.workload.spec.evaluate is not None:
+                self.progress("baseline", "baseline: evaluate(model) after the verification steps")
+                self.reference_metrics = evaluate_session(s)
             # Trace before timing: once the profiler has run with CUDA activities, CUPTI stays
             # subscribed in the process and slows kernel launches (pytorch/pytorch#144455), so
             # every measurement, the baseline's included, is taken after the first trace.
