@@ -377,7 +377,8 @@ def test_cli_json_prints_only_json(tmp_path, capsys):
     assert data["model"] == "mlp" and Path(data["onnx_path"]) == dest.resolve() and dest.is_file()
     assert isinstance(data["max_abs_error"], float) and data["onnx_checker"] == "ok"
 
-    rc = main(["export", str(EXAMPLES / "mlp.py"), "--onnx", str(dest), "--batch-size", "8"])
+    # the file exists now: replacing it takes --force
+    rc = main(["export", str(EXAMPLES / "mlp.py"), "--onnx", str(dest), "--batch-size", "8", "--force"])
     out, _ = capsys.readouterr()
     assert rc == 0 and "max abs error" in out and "mlp.onnx" in out
 
