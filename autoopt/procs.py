@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Iterator, Optional, Sequence
 
 # Ctrl-C, then what schedulers and a closed terminal send (no SIGHUP on Windows)
@@ -173,6 +174,33 @@ def _killpg(pgid: int, sig: int) -> bool:
         return False
 
 
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group pgid still runs (zombies waiting to be reaped do not count).
+    Linux reads /proc; elsewhere a signal 0 to the group answers (zombies included)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return _killpg(pgid, 0)
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
+def _wait_group(pgid: int, timeout_s: float) -> None:
+    """Wait until the group's processes have ended (a SIGKILL is delivered asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while _group_running(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def stop_group(proc: subprocess.Popen, grace_s: float = 10.0, *, reraise: bool = True) -> Optional[int]:
     """End `proc` and everything in its process group: SIGTERM, then SIGKILL after grace_s.
     Members left behind by a leader that already exited are ended too. Returns its exit code.
@@ -185,6 +213,7 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0, *, reraise: bool =
             except subprocess.TimeoutExpired:
                 pass
             _killpg(proc.pid, signal.SIGKILL)  # the leader's own children that ignored SIGTERM
+            _wait_group(proc.pid, min(grace_s, 5.0))  # ... and gone before we return
         if proc.poll() is None:
             proc.kill()
         try:
