@@ -248,3 +248,30 @@ def test_start_and_stop_a_real_tensorboard(logdir):
     port = int(url.rstrip("/").rsplit(":", 1)[1])
     with socket.socket() as s:  # the port is free again
         s.bind(("127.0.0.1", port))
+
+
+def test_gradient_health_goes_to_the_summary_run(rep, tmp_path):
+    rep["health"] = {
+        "steps": 3, "loss": [2.0, 1.5, None], "grad_norm": [1.0, 4.0, 16.0],
+        "layers": [{"name": "embed", "grad_norm": 1e-9, "grad_norm_last": 1e-9, "grad_norm_max": 1e-9,
+                    "update_ratio": 1e-7, "nonfinite": 0},
+                   {"name": "head|out", "grad_norm": 3.0, "grad_norm_last": 5.0, "grad_norm_max": 5.0,
+                    "update_ratio": None, "nonfinite": 2}],
+        "nonfinite_grads": 2, "first_nonfinite": {"step": 3, "layer": "head|out"}, "update_ratio": 1e-3,
+        "lr": 0.1, "fp16": False, "grad_scaler": {"scale": [65536.0, 32768.0, 32768.0], "skipped_steps": 1},
+        "thresholds": {"vanishing_fraction": 1e-6, "exploding_norm": 1e3}}
+    dirs = tbsummary.write_summaries(rep, tmp_path / "tb")
+    acc = _load(dirs["baseline"])
+    got = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+           if tag.startswith("autoopt/health/")}
+    assert got["autoopt/health/loss"] == [(1, 2.0), (2, 1.5)]  # an inf/NaN loss (null) is left out
+    assert got["autoopt/health/grad_norm"] == [(1, 1.0), (2, 4.0), (3, 16.0)]
+    assert got["autoopt/health/grad_scale"] == [(1, 65536.0), (2, 32768.0), (3, 32768.0)]
+    assert [s for s, _ in got["autoopt/health/layer_grad_norm"]] == [0, 1]  # the depth, input side first
+    assert got["autoopt/health/layer_grad_norm"][0][1] == pytest.approx(1e-9)
+    table = _text(acc, "autoopt/health")
+    assert "| 0 | embed |" in table and "head\\|out" in table and "| 2 |" in table
+    # a report without health writes none of it
+    del rep["health"]
+    acc = _load(tbsummary.write_summaries(rep, tmp_path / "tb2")["baseline"])
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("autoopt/health/")]

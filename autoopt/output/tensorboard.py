@@ -14,6 +14,10 @@ untouched. Into the same directories this module writes event files with:
   table) and `autoopt/findings` in the summary run (the baseline run).
 - Images: `autoopt/step_time_breakdown` (baseline against final) in the summary run, and
   each analysed run's own breakdown.
+- Gradient health (the summary run, when the report has `health`): `autoopt/health/loss`,
+  `autoopt/health/grad_norm` and `autoopt/health/grad_scale` per verification step, and
+  `autoopt/health/layer_grad_norm` with the layer's depth as the step; `autoopt/health` text
+  names the layers.
 - HParams: one session per variant (its transforms as hyperparameters, the scalars above
   as metrics), so the HParams dashboard compares every variant in one table.
 
@@ -305,6 +309,7 @@ def _write_summary_run(w, report: dict) -> None:
     if bars:
         w.add_image("autoopt/step_time_breakdown", breakdown_image(bars, "Step-time breakdown, before and after"), 0,
                     dataformats="HWC")
+    _write_health(w, F.as_dict(report.get("health")))
     for b in F.as_list(report.get("batch_search")):
         if not isinstance(b, dict):
             continue
@@ -315,3 +320,29 @@ def _write_summary_run(w, report: dict) -> None:
             val = F.num(b.get(key))
             if val is not None:
                 w.add_scalar(f"autoopt/batch_search/{key}", val, int(bs))
+
+
+def _write_health(w, health: dict) -> None:
+    """The baseline's gradient health (report.json `health`): the loss, the total gradient norm
+    and the GradScaler's scale per verification step, and each layer's first gradient norm with
+    the layer's depth as the step (input side first: a curve that falls or climbs steeply over
+    depth is vanishing or exploding), the depth -> layer names in a text table."""
+    if not health:
+        return
+    per_step = {"autoopt/health/loss": F.as_list(health.get("loss")),
+                "autoopt/health/grad_norm": F.as_list(health.get("grad_norm")),
+                "autoopt/health/grad_scale": F.as_list(F.as_dict(health.get("grad_scaler")).get("scale"))}
+    for tag, values in per_step.items():
+        for step, val in enumerate(values, start=1):
+            if F.num(val) is not None:
+                w.add_scalar(tag, F.num(val), step)
+    lines = ["| depth | layer | gradient norm (first step) | update ratio | inf/NaN |", "|---|---|---|---|---|"]
+    for depth, row in enumerate(r for r in F.as_list(health.get("layers")) if isinstance(r, dict)):
+        norm = F.num(row.get("grad_norm"))
+        if norm is not None:
+            w.add_scalar("autoopt/health/layer_grad_norm", norm, depth)
+        ratio = F.num(row.get("update_ratio"))
+        lines.append(f"| {depth} | {F.md_text(str(row.get('name', '?')))} | "
+                     f"{'—' if norm is None else f'{norm:.3g}'} | {'—' if ratio is None else f'{ratio:.3g}'} | "
+                     f"{int(F.num(row.get('nonfinite')) or 0)} |")
+    _add_text(w, "autoopt/health", "\n".join(lines))
