@@ -221,3 +221,68 @@ def test_tensorboard_has_both_loss_curves(tmp_path):
     cand = [(e.step, e.value) for e in acc.Scalars("autoopt/convergence/candidate_loss")]
     assert cand == [(1, 1.0), (2, 0.5)]
     assert [e.value for e in acc.Scalars("autoopt/convergence/baseline_loss_seed1")] == pytest.approx([1.1, 0.9, 0.7])
+
+
+class _Ev:
+    """A fake evaluator: every trial 1.3x faster; the convergence check answers `ok`."""
+
+    caps = None
+
+    def __init__(self, ok: bool) -> None:
+        from types import SimpleNamespace
+
+        self.workload = SimpleNamespace(mode="train", batch_size=64, facts={})
+        self.ok, self.checks = ok, []
+
+    def agree(self, flag):
+        return flag
+
+    def trial(self, name, cfg, *, tolerance, anchor, verify=True, trace=True, deadline=None):
+        from autoopt.run.measure import Paired
+        from autoopt.search.trial import Outcome
+
+        return Outcome(measurement=_meas(10.0 / 1.3), pair=Paired(_meas(10.0), _meas(10.0 / 1.3), [1.3] * 6))
+
+    def convergence(self, before, cfg, steps):
+        self.checks.append((before.grad_accum_steps, cfg.grad_accum_steps, steps))
+        return {"steps": steps, "seeds": [0, 1, 2], "baseline_final_loss": 1.0, "band": [0.9, 1.1],
+                "candidate_final_loss": 1.0 if self.ok else 5.0, "ok": self.ok,
+                "reason": "within the band" if self.ok else "above the band 0.9-1.1"}
+
+    def memory_budget_mb(self, fraction):
+        return None
+
+
+def _meas(ms):
+    from autoopt.types import Measurement, Stats
+
+    st = Stats(median=ms, mean=ms, min=ms, max=ms, p25=ms, p75=ms, stdev=0.0, n=10)
+    return Measurement(step_time_ms=st, batch_size=64, throughput_per_s=64000.0 / ms, peak_memory_mb=10.0)
+
+
+@pytest.mark.parametrize("ok,steps", [(False, 25), (True, 25), (None, 0)])
+def test_the_convergence_check_decides_a_manual_change_of_training(ok, steps):
+    from autoopt.search.engine import Search
+    from autoopt.search.strategies import strategy
+    from autoopt.search.trial import Candidate, Point
+    from autoopt.settings import SearchSettings
+    from autoopt.types import Finding, Status
+
+    ev = _Ev(bool(ok))
+    search = Search(ev, SearchSettings(time_budget_s=None, follow_diagnosis=False, noise_check=False,
+                                       convergence_steps=steps))
+    f = Finding(code="AO403", name="grad_accumulation", title="t", message="m", evidence={}, safety="manual",
+                transform="grad_accumulation", expected_speedup=1.3)
+    c = Candidate("AO403", f, get_transform("grad_accumulation"), {"steps": 2})
+    best = search.run(strategy("greedy"), [c], Point(ExecConfig(batch_size=64), [], _meas(10.0)))
+    v = next(x for x in search.variants if x.codes == ["AO403"])
+    if steps == 0:  # --convergence-steps 0: no check, the faster variant is kept
+        assert ev.checks == [] and v.convergence is None and v.status == Status.KEPT
+        return
+    assert ev.checks == [(1, 2, 25)]  # the configuration without the change beside the candidate
+    assert v.convergence["ok"] is ok
+    if ok:
+        assert v.status == Status.KEPT and best.codes == ["AO403"] and "convergence check passed" in v.reason
+    else:
+        assert v.status == Status.REJECTED and best.codes == []
+        assert v.reason.startswith("rejected by the convergence check: above the band 0.9-1.1")
