@@ -6,7 +6,8 @@ The configuration without the change (the baseline of the check) and the candida
 trained from the model file's initial weights for `steps` optimizer steps each, on fresh
 batches from make_batch (seeded: every run of one seed sees the same data stream at its
 own batch size). The baseline runs with SEEDS seeds (weights and data), the candidate with
-the first of them.
+the first of them. Both run eager (without torch.compile or CUDA graphs, which change how fast,
+not what, a step computes).
 
 The losses are compared at equal numbers of optimizer steps, not at equal samples seen: the
 candidate sees k x the samples per step, and at equal samples a run of N steps would leave
@@ -123,6 +124,8 @@ def check_convergence(workload: Workload, base_cfg: ExecConfig, cfg: ExecConfig,
                       seeds: int = SEEDS) -> dict[str, Any]:
     """The check of the module docstring: report.json's variant "convergence"."""
     seed_list = [workload.seed + i for i in range(seeds)]
+    # eager: torch.compile and CUDA graphs do not change what trains, and compiling four runs costs minutes
+    base_cfg, cfg = (c.with_(compile_mode=None, cuda_graphs=False) for c in (base_cfg, cfg))
     res = Convergence(steps, seed_list)
     res.baseline_curves = [loss_curve(workload, base_cfg, steps, s) for s in seed_list]
     res.candidate_curve = loss_curve(workload, cfg, steps, seed_list[0])
