@@ -286,3 +286,16 @@ def test_the_convergence_check_decides_a_manual_change_of_training(ok, steps):
     else:
         assert v.status == Status.REJECTED and best.codes == []
         assert v.reason.startswith("rejected by the convergence check: above the band 0.9-1.1")
+
+
+def test_a_plan_applies_the_lr_rule_and_names_it():
+    from autoopt.plan import Plan
+
+    rule = lr_rule({"previous": 8, "batch_size": 32, "optimizer": "Adam", "lr": 1e-3})
+    plan = Plan.from_dict(Plan.from_transforms(
+        [("batch_size", {"previous": 8, "batch_size": 32, "optimizer": "Adam", "lr": 1e-3, "lr_rule": rule})],
+        baseline_batch_size=8).to_dict())
+    model = torch.nn.Linear(4, 1)
+    opt = plan.prepare_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3))
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3)  # sqrt(32 / 8) = 2
+    assert any("x2" in c and "square-root scaling" in c for c in plan.caveats())
