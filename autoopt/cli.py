@@ -335,7 +335,8 @@ def _optimize_settings(args):
         measure=MeasureSettings.quick() if args.quick else MeasureSettings(),
         profile=ProfileSettings(with_stack=args.with_stack),
         search=SearchSettings(strategy=args.search, time_budget_s=args.time_budget or None,
-                              accuracy_tolerance=args.accuracy_tolerance),
+                              accuracy_tolerance=args.accuracy_tolerance,
+                              convergence_steps=getattr(args, "convergence_steps", None)),
         consent=_consent(args), distributed=DistributedSettings(nproc=args.nproc or 0, launcher_args=args.launcher_arg),
         extra_transforms=[_parse_try(t) for t in args.try_],
     )
@@ -521,6 +522,17 @@ def _tolerance(text: str) -> float:
     return v
 
 
+def _steps(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps: a whole number from 0 up, e.g. 50 "
+                                         "(0 turns the convergence check off)")
+    return v
+
+
 def _add_optimize(sub) -> None:
     sp = sub.add_parser("optimize", help="profile, diagnose, apply verified transforms, report and patch")
     sp.add_argument("model", nargs="?", help="model file (default: the bundled example)")
@@ -542,6 +554,10 @@ def _add_optimize(sub) -> None:
     sp.add_argument("--accuracy-tolerance", type=_tolerance, default=0.01, metavar="FRACTION",
                     help="with the model file's evaluate(model): how much worse than the baseline's a metric may get, "
                          "as a fraction of max(|baseline|, 1) (default 0.01); a variant beyond it is rejected")
+    sp.add_argument("--convergence-steps", type=_steps, default=None, metavar="N",
+                    help="an accepted change of training (a larger batch, gradient accumulation) is kept only when "
+                         "N optimizer steps of it train like the baseline (loss within the band of 3 baseline "
+                         "seeds); default: as many steps as fit in 10 %% of the time budget, 20-200; 0: no check")
     sp.add_argument("--quick", action="store_true", help="fewer timed steps (noisier numbers; for smoke tests)")
     _run_options(sp, "record Python stacks in the traces")
     _common(sp)

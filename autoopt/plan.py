@@ -32,8 +32,10 @@ For inference, `with plan.inference(): out = model(plan.prepare_batch(x))` adds
 torch.inference_mode when the plan has it.
 
 `plan.batch_size` is the per-step (micro-)batch; `plan.effective_batch_size` the samples per
-optimizer step. A plan that changes the batch size changes training: scale the learning
-rate with it (linear scaling rule, with warm-up) — `plan.caveats()` lists such notes.
+optimizer step. A plan that changes the batch size changes training: its batch_size entry
+carries the learning-rate rule (`lr_rule`, autoopt.transforms.batch_size), and
+`prepare_optimizer` applies it — every group's lr scaled, with its warm-up over the first
+optimizer steps; `plan.caveats()` names it.
 """
 from __future__ import annotations
 
@@ -220,7 +222,8 @@ class Plan:
 
         out = []
         if self.config.batch_size * self.config.grad_accum_steps != self.baseline_batch_size:
-            out.append(lr_caveat(self.baseline_batch_size, self.effective_batch_size, self.mode))
+            rule = next((i["params"].get("lr_rule") for i in self.transforms if i["name"] == "batch_size"), None)
+            out.append(lr_caveat(self.baseline_batch_size, self.effective_batch_size, self.mode, rule))
         if self.config.grad_accum_steps > 1:
             out.append(
                 f"gradients accumulate over {self.config.grad_accum_steps} micro-batches of {self.batch_size}; "

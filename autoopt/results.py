@@ -163,6 +163,10 @@ class Variant:
     failure: Optional[Failure] = None
     # the model file's evaluate() metrics beside the baseline's (None: no evaluate(), or not evaluated)
     accuracy: Optional[AccuracyCheck] = None
+    # a changed batch's learning-rate rule (autoopt.transforms.batch_size.lr_rule), and the
+    # convergence check of an accepted change of training (autoopt.run.convergence)
+    lr_rule: Optional[dict[str, Any]] = None
+    convergence: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)
@@ -195,6 +199,8 @@ class Variant:
             "config": self.config.to_json() if self.config is not None else None,
             "verification": _verification_json(v),
             "accuracy": self.accuracy.to_json() if self.accuracy else None,
+            "lr_rule": self.lr_rule,
+            "convergence": self.convergence,
         }
 
     @classmethod
@@ -220,6 +226,7 @@ class Variant:
             decision=Decision.from_json(data["decision"]) if data.get("decision") else None,
             failure=Failure.from_json(data["failure"]) if data.get("failure") else None,
             accuracy=AccuracyCheck.from_json(data["accuracy"]) if data.get("accuracy") else None,
+            lr_rule=data.get("lr_rule"), convergence=data.get("convergence"),
         )
 
     def wire_json(self) -> dict[str, Any]:

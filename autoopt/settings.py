@@ -91,6 +91,9 @@ class SearchSettings:
     noise_check: bool = True  # the baseline beside itself, before the search: what gain can be resolved
     # how far a model file's evaluate() metric may get worse than the baseline's: this x max(|baseline|, 1)
     accuracy_tolerance: float = 0.01
+    # optimizer steps of the convergence check of an accepted change of training
+    # (autoopt.run.convergence); None: sized to the step time and the budget; 0: no check
+    convergence_steps: Optional[int] = None
 
 
 @dataclass

@@ -155,6 +155,11 @@ class ExecConfig:
     # the DistributedDataParallel wrapper in a --nproc job (autoopt.transforms.ddp): bucket_cap_mb,
     # gradient_as_bucket_view, static_graph, no_sync; None outside a distributed job
     ddp: Optional[dict] = None
+    # the learning-rate rule that goes with a changed batch (autoopt.transforms.batch_size):
+    # every parameter group's lr times lr_scale, reached by a linear warm-up over
+    # lr_warmup_steps optimizer steps; None / 0 leave the optimizer's lr alone
+    lr_scale: Optional[float] = None
+    lr_warmup_steps: int = 0
 
     def with_(self, **changes: Any) -> "ExecConfig":
         return dataclasses.replace(self, **changes)

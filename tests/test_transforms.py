@@ -388,9 +388,12 @@ def test_batch_size_is_manual_and_needs_a_choice():
     assert t.check(w, CPU, {}) is None
     assert "already" in t.check(w, CPU, {"batch_size": 8})
     p = t.resolve_params(w, CPU, {"batch_size": 64})
-    assert p == {"previous": 8, "batch_size": 64}
-    assert t.apply(ExecConfig(batch_size=8), p).batch_size == 64
-    assert "learning rate" in t.caveat(p) and "x8" in t.caveat(p)
+    assert p == {"previous": 8, "batch_size": 64, "optimizer": "SGD", "lr": 0.05}
+    cfg = t.apply(ExecConfig(batch_size=8), p)
+    assert cfg.batch_size == 64
+    # SGD at k = 8: linear scaling with a warm-up (autoopt.transforms.batch_size.lr_rule)
+    assert (cfg.lr_scale, cfg.lr_warmup_steps) == (8.0, 40)
+    assert "learning rate" in t.caveat(p) and "x8" in t.caveat(p) and "0.05 -> 0.4" in t.caveat(p)
     with pytest.raises(ValueError, match="search_batch_size"):
         t.apply(ExecConfig(), {})
 

@@ -222,6 +222,10 @@ class DistributedEvaluator:
         job = _gathered_measurement(pair.measurement, self.rank)[0]
         return Paired(pair.anchor, job, pair.round_ratios, pair.floor, cut_short=pair.cut_short)
 
+    def convergence(self, before: ExecConfig, cfg: ExecConfig, steps: int) -> Optional[dict]:
+        """Not run in a distributed job (None): its ranks would each train the runs."""
+        return None
+
     def memory_budget_mb(self, fraction: float) -> Optional[float]:
         return self.caps.total_memory_mb * fraction if self.caps.total_memory_mb else None
 

@@ -336,6 +336,41 @@ def _accuracy_entries(report: dict) -> list[tuple[str, dict]]:
     return out
 
 
+CONVERGENCE_NOTE = ("An accepted change of training (a larger batch with its scaled learning rate, gradient "
+                    "accumulation) trained beside the configuration without it for the same number of optimizer "
+                    "steps; the band is the spread of the baseline's smoothed final loss over its seeds. The change "
+                    "is kept only when its smoothed final loss lies within or below the band.")
+
+
+def convergence_rows(report: dict) -> list[dict[str, Any]]:
+    """One row per variant that ran the convergence check."""
+    rows = []
+    for v in variants(report):
+        c = as_dict(v.get("convergence"))
+        if not c:
+            continue
+        band = as_list(c.get("band")) + [None, None]
+        rule = as_dict(v.get("lr_rule"))
+        rows.append({"variant": str(v.get("name", "?")), "steps": c.get("steps"),
+                     "seeds": len(as_list(c.get("seeds"))), "baseline": num(c.get("baseline_final_loss")),
+                     "low": num(band[0]), "high": num(band[1]), "candidate": num(c.get("candidate_final_loss")),
+                     "ok": bool(c.get("ok")), "reason": str(c.get("reason") or ""),
+                     "lr_rule": (f"{rule.get('rule')} x{num(rule.get('factor')) or 0:g}"
+                                 + (f", warm-up {rule.get('warmup_steps')} steps" if rule.get("warmup_steps") else "")
+                                 if rule else DASH)})
+    return rows
+
+
+def convergence_curves(report: dict) -> Optional[tuple[str, list[list[float]], list[float]]]:
+    """(variant name, baseline curves, candidate curve) of the first variant with curves."""
+    for v in variants(report):
+        c = as_dict(v.get("convergence"))
+        base, cand = as_list(c.get("baseline_curves")), as_list(c.get("candidate_curve"))
+        if base and cand:
+            return str(v.get("name", "?")), [[num(x) for x in as_list(b)] for b in base], [num(x) for x in cand]
+    return None
+
+
 def accuracy_rows(report: dict) -> list[dict[str, Any]]:
     """One row per evaluated variant and metric: the baseline's value, the variant's, their
     difference, the margin allowed (the tolerance that decided) and whether it held."""

@@ -291,7 +291,8 @@ def plots(r: dict) -> list[dict]:
     """The inline SVG figures: breakdown, speedup, batch search, per-layer gradient norms,
     top kernels/operators."""
     figs = [_figure("breakdown", lambda: _breakdown_plot(r)), _figure("speedup", lambda: _speedup_plot(r)),
-            _figure("batch_search", lambda: _batch_plot(r)), _figure("grad_norms", lambda: _grad_norm_plot(r))]
+            _figure("batch_search", lambda: _batch_plot(r)), _figure("grad_norms", lambda: _grad_norm_plot(r)),
+            _figure("convergence", lambda: _convergence_plot(r))]
     figs += [_figure(f"top_{label}", lambda label=label, a=a: _top_plot(label, a)) for label, a in D.analyses(r)]
     return [f for f in figs if f]
 
@@ -305,6 +306,22 @@ def accuracy(r: dict) -> list[list[str]]:
     return [[x["variant"], x["metric"], x["better"], fmt_num(x["baseline"]), fmt_num(x["value"]),
              x["difference_text"], x["allowed_text"], "yes" if x["ok"] else "no"]
             for x in D.accuracy_rows(r)]
+
+
+def convergence(r: dict) -> list[list[str]]:
+    """Rows of the convergence-check table (none when no check ran)."""
+    return [[x["variant"], x["lr_rule"], str(x["steps"]), str(x["seeds"]), fmt_num(x["baseline"]),
+             f"{fmt_num(x['low'])}-{fmt_num(x['high'])}", fmt_num(x["candidate"]), "yes" if x["ok"] else "no",
+             x["reason"]] for x in D.convergence_rows(r)]
+
+
+def _convergence_plot(r: dict) -> Optional[P.Plot]:
+    got = D.convergence_curves(r)
+    if got is None:
+        return None
+    name, base, cand = got
+    return P.convergence_plot(base, cand, f"Training loss of {name} beside the configuration without the change "
+                                          f"(convergence check, {len(base)} baseline seeds)")
 
 
 def batch_search(r: dict) -> list[list[str]]:
@@ -381,6 +398,7 @@ def render_html(report: dict) -> str:
     r = as_dict(report)
     return environment().get_template("report.html.j2").render(
         head=header(r), summary=summary(r), variants=variants(r), one_story=D.ONE_STORY, distributed=distributed(r),
-        plots=plots(r), accuracy=accuracy(r), accuracy_note=D.ACCURACY_NOTE,
+        plots=plots(r), accuracy=accuracy(r), accuracy_note=D.ACCURACY_NOTE, convergence=convergence(r),
+        convergence_note=D.CONVERGENCE_NOTE,
         batch_search=batch_search(r), top=top_tables(r), findings=findings(r), patch=patch(r),
         no_patch=D.no_patch_text(r), artifacts=artifacts(r))

@@ -198,6 +198,19 @@ def accuracy(r: dict) -> list[str]:
           "yes" if x["ok"] else "**no**"] for x in rows])
 
 
+def convergence(r: dict) -> list[str]:
+    """The convergence check of each accepted change of training (none when not run)."""
+    rows = D.convergence_rows(r)
+    if not rows:
+        return []
+    return ["## Convergence check", "", md_text(D.CONVERGENCE_NOTE), ""] + md_table(
+        ["Variant", "Learning-rate rule", "Steps", "Seeds", "Baseline loss", "Band", "Candidate loss", "Kept",
+         "Why"],
+        [[md_code(x["variant"]), md_text(x["lr_rule"]), str(x["steps"]), str(x["seeds"]), fmt_num(x["baseline"]),
+          f"{fmt_num(x['low'])}-{fmt_num(x['high'])}", fmt_num(x["candidate"]), "yes" if x["ok"] else "**no**",
+          md_text(x["reason"])] for x in rows])
+
+
 def distributed(r: dict) -> list[str]:
     """A distributed run's set-up, one row per rank, and the DDP snippet for a torchrun script."""
     if r.get("distributed") is not True:
@@ -351,7 +364,7 @@ def artifacts(r: dict) -> list[str]:
     return out
 
 
-SECTIONS = (header, result, notes, baseline, variants, final, accuracy, distributed, search, batch_search,
+SECTIONS = (header, result, notes, baseline, variants, final, accuracy, convergence, distributed, search, batch_search,
             trace_analysis, health, findings, patch, artifacts)
 
 

@@ -221,6 +221,36 @@ def grad_norm_plot(layers: list[tuple[str, float, int]], title: str) -> Plot:
     return plot
 
 
+def convergence_plot(baseline: list[list[Optional[float]]], candidate: list[Optional[float]], title: str) -> Plot:
+    """The convergence check's loss curves against the optimizer step: the baseline seeds'
+    band (their min-max per step, shaded) and the candidate's curve; a loss that is not finite
+    (None) ends its curve, marked by a cross at the top of the axis."""
+    steps = list(range(1, max(len(c) for c in baseline + [candidate]) + 1))
+    finite = [x for c in baseline + [candidate] for x in c if x is not None]
+    top = max(finite) if finite else 1.0
+    with _style():
+        plot, ax = _new_plot(4.2, title, 0.9, 0.3, AXIS_IN)
+        ax.grid(True, axis="y", color=GRID, linewidth=0.8)
+        cols = list(zip(*[[x for x in c] + [None] * (len(steps) - len(c)) for c in baseline]))
+        xs = [s for s, col in zip(steps, cols) if all(v is not None for v in col)]
+        lo = [min(col) for col in cols if all(v is not None for v in col)]
+        hi = [max(col) for col in cols if all(v is not None for v in col)]
+        if xs:
+            band = ax.fill_between(xs, lo, hi, color=LINE_COLOR, alpha=0.3, linewidth=0)
+            plot.mark(band, "band", "band", f"baseline: min-max over {len(baseline)} seeds")
+        ys = [(s, v) for s, v in zip(steps, candidate) if v is not None]
+        if ys:
+            (line,) = ax.plot([s for s, _ in ys], [v for _, v in ys], color=HIGHLIGHT, linewidth=2)
+            plot.mark(line, "candidate", "line", "candidate (the change of training)")
+        if len(ys) < len(candidate):
+            (m,) = ax.plot([len(ys) + 1], [top], linestyle="none", marker="x", markersize=9, markeredgewidth=2,
+                           color=MISS)
+            plot.mark(m, "diverged", "miss", f"the candidate's loss is inf/NaN from step {len(ys) + 1}")
+        ax.set_xlabel("optimizer step (equal steps; the candidate sees k x the samples per step)", parse_math=False)
+        ax.set_ylabel("training loss", parse_math=False)
+    return plot
+
+
 def _batch_point(plot: Plot, ax, i: int, point: tuple[float, Optional[float], str], hl: bool,
                  pairwise: bool = False) -> None:
     """One marked point: a cross on the x axis where nothing was measured."""

@@ -268,6 +268,7 @@ def write_summaries(report: dict, tb_dir) -> dict[str, Path]:
                 if val is not None:
                     w.add_scalar(tag, val, 0)
             _add_text(w, "autoopt/variant", _variant_text(report, v))
+            _write_convergence(w, v)
             a = analysis.get(name)
             if F.as_dict(a):
                 w.add_image("autoopt/step_time_breakdown_run",
@@ -297,6 +298,19 @@ def write_summaries(report: dict, tb_dir) -> dict[str, Path]:
             w.close()
         written[SUMMARY_RUN_FALLBACK] = summary_dir
     return written
+
+
+def _write_convergence(w, v: dict) -> None:
+    """The convergence check's loss curves, per optimizer step: each baseline seed's and the
+    candidate's (a step whose loss was not finite is left out)."""
+    c = F.as_dict(v.get("convergence"))
+    curves = [(f"autoopt/convergence/baseline_loss_seed{s}", b)
+              for s, b in zip(F.as_list(c.get("seeds")), F.as_list(c.get("baseline_curves")))]
+    curves.append(("autoopt/convergence/candidate_loss", c.get("candidate_curve")))
+    for tag, curve in curves:
+        for step, val in enumerate(F.as_list(curve), start=1):
+            if F.num(val) is not None:
+                w.add_scalar(tag, F.num(val), step)
 
 
 def _write_summary_run(w, report: dict) -> None:

@@ -136,17 +136,45 @@ def wrap_ddp(model, cfg: ExecConfig, device_ids: Optional[list[int]] = None):
 
 
 # ---------------------------------------------------------------------------- optimizer, loader, batches
+def scale_lr(optimizer, scale: Optional[float], warmup_steps: int = 0):
+    """Every parameter group's learning rate times `scale` (the batch-size transform's rule),
+    reached by a linear warm-up over `warmup_steps` optimizer steps: a step pre-hook sets
+    lr = target x (i + 1) / warmup_steps for step i < warmup_steps, then the target. A
+    scheduler the user builds afterwards starts from the scaled lr."""
+    if optimizer is None or not scale or scale == 1.0:
+        return optimizer
+    targets = []
+    for g in optimizer.param_groups:
+        g["lr"] = g["lr"] * scale
+        if "initial_lr" in g:
+            g["initial_lr"] = g["initial_lr"] * scale
+        targets.append(g["lr"])
+    if warmup_steps and warmup_steps > 0:
+        state = {"step": 0}
+
+        def warm(opt, args, kwargs):
+            i = state["step"]
+            if i <= warmup_steps:
+                for g, target in zip(opt.param_groups, targets):
+                    g["lr"] = target * min(1.0, (i + 1) / warmup_steps)
+            state["step"] = i + 1
+
+        optimizer.register_step_pre_hook(warm)
+    return optimizer
+
+
 def prepare_optimizer(optimizer, cfg: ExecConfig):
     """The optimizer rebuilt with the configuration's fused / foreach implementation (same
-    class, groups, hyper-parameters and state), or unchanged."""
+    class, groups, hyper-parameters and state), or unchanged; its learning rate scaled (with
+    warm-up) by the configuration's lr_scale (scale_lr)."""
     if not cfg.optimizer_impl or optimizer is None:
-        return optimizer
+        return scale_lr(optimizer, cfg.lr_scale, cfg.lr_warmup_steps)
     device = cfg.device
     for group in optimizer.param_groups:
         if group["params"]:
             device = group["params"][0].device.type
             break
-    return rebuild_optimizer(optimizer, cfg.optimizer_impl, device)
+    return scale_lr(rebuild_optimizer(optimizer, cfg.optimizer_impl, device), cfg.lr_scale, cfg.lr_warmup_steps)
 
 
 def prepare_loader(loader, cfg: ExecConfig):

@@ -27,13 +27,16 @@ import time
 from typing import Callable, Optional
 
 from autoopt.results import Decision, Failure, NoiseCheck, SearchSummary, Variant
+from autoopt.run.convergence import SEEDS, default_steps
 from autoopt.run.measure import Paired, noise_between, speedup
 from autoopt.run.session import is_oom
 from autoopt.search.batch import search_batch_size
 from autoopt.search.evaluator import Evaluator
+from autoopt.search.fixed import semantic
 from autoopt.search.trial import Candidate, Outcome, Point
 from autoopt.settings import APART_FLOOR, SearchSettings
 from autoopt.transforms import apply_transforms
+from autoopt.transforms.batch_size import lr_rule
 from autoopt.types import Measurement, Status
 from autoopt.workload.guard import user_call_of
 
@@ -221,6 +224,11 @@ class Search:
         if not d.settled:
             low, high = d.interval
             v.reason += f"; too close to call ({low:.2f}x-{high:.2f}x: {d.unsettled_why})"
+        if d.better and any(semantic(c) for c in combo):
+            before = apply_transforms(self.base.config, [(c.transform, c.params) for c in combo if not semantic(c)],
+                                      self.ev.workload)
+            if not self._converges(v, before, v.config):
+                return None
         return Point(v.config, list(combo), out.measurement, v.speedup, out.logdir)
 
     def solo(self, c: Candidate) -> tuple[Variant, Optional[Point]]:
@@ -285,10 +293,13 @@ class Search:
             result = None
             failure = Failure.of(e, oom=is_oom(e))
         params = dict(c.params, batch_size=result.batch_size if result else None, previous=start.config.batch_size)
+        rule = lr_rule(params)
+        if rule is not None:
+            params["lr_rule"] = rule
         v = Variant(name=name, codes=start.codes + [c.code],
                     transforms=[x.transform_json() for x in start.chosen] + [{"name": BATCH, "params": params}],
                     accepted=True, status=Status.REJECTED, expected_speedup=c.finding.expected_speedup,
-                    safety=self.safety(start.chosen + [c]))
+                    safety=self.safety(start.chosen + [c]), lr_rule=rule)
         self.variants.append(v)
         if result is None:
             v.status, v.failure = Status.FAILED, failure
@@ -314,7 +325,7 @@ class Search:
             v.status, v.reason = Status.FAILED, out.failure.summary if out.failure else "no measurement"
             return None
         better = self._batch_verdict(v, c, params, result.relative, start, best, out, from_best)
-        if not better:
+        if not better or not self._converges(v, start.config, cfg):
             return None
         return Point(cfg, start.chosen + [c.with_params(params)], out.measurement, v.speedup, out.logdir)
 
@@ -335,6 +346,31 @@ class Search:
         pair = self.ev.measure_pair(cur, new, deadline=self.round_deadline())
         self.trial_times.append(self.clock() - t0)
         return pair
+
+    def _converges(self, v: Variant, before, cfg) -> bool:
+        """An accepted change of training is kept only when `cfg` trains like `before` (the same
+        configuration without the change): autoopt.run.convergence, its result on v.convergence.
+        True when the check is off (--convergence-steps 0), not run, or passed."""
+        if self.ev.workload.mode != "train":
+            return True
+        steps = self.settings.convergence_steps
+        if steps is None:
+            step_s = self.base.measurement.step_time_ms.median / 1000 if self.base.measurement else None
+            steps = default_steps(step_s, self.settings.time_budget_s)
+        if steps == 0:
+            return True
+        self.progress("convergence", f"convergence check: {steps} optimizer steps of {v.name} beside the "
+                                     f"configuration without the change, {SEEDS} seeds")
+        res = self.ev.convergence(before, cfg, steps)
+        if res is None:
+            return True
+        v.convergence = res
+        if not res["ok"]:
+            v.status = Status.REJECTED
+            v.reason = f"rejected by the convergence check: {res['reason']}; {v.reason}"
+        else:
+            v.reason += f"; convergence check passed: {res['reason']}"
+        return bool(res["ok"])
 
     def _batch_verdict(self, v: Variant, c: Candidate, params: dict, relative: float, start: Point, best: Point,
                        out: Outcome, from_best: bool) -> bool:

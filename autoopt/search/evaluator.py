@@ -48,6 +48,10 @@ class Evaluator(Protocol):
         """`cfg` measured beside `anchor` in alternating rounds (may raise out of memory); more
         rounds while unsettled when `extend`, none that would end after `deadline`."""
 
+    def convergence(self, before: ExecConfig, cfg: ExecConfig, steps: int) -> Optional[dict]:
+        """`cfg` (a change of training) trained beside `before` for `steps` optimizer steps
+        (autoopt.run.convergence): report.json's variant "convergence", or None when not run."""
+
     def memory_budget_mb(self, fraction: float) -> Optional[float]:
         """The memory a configuration may use: `fraction` of the device's (or host's)."""
 

@@ -206,6 +206,12 @@ class LocalEvaluator:
         with Session(self.workload, cfg) as s:
             return self._against(s, anchor, self.flops(cfg), deadline, extend)
 
+    def convergence(self, before: ExecConfig, cfg: ExecConfig, steps: int) -> Optional[dict]:
+        """The convergence check of a change of training (autoopt.run.convergence)."""
+        from autoopt.run.convergence import check_convergence
+
+        return check_convergence(self.workload, before, cfg, steps)
+
     def memory_budget_mb(self, fraction: float) -> Optional[float]:
         total = self.caps.total_memory_mb or (cpu_memory_total_mb() if self.caps.device_type == "cpu" else None)
         return total * fraction if total else None

@@ -494,7 +494,14 @@ def _workload_facts(spec: ModelSpec, bs: int, batch, static: bool, optimizer, au
         "workload.autocast": bool(autocast),
         "workload.compiled": compiled,
         "workload.cpu_count": available_cpus(),
+        # the first group's learning rate, for the batch-size transform's rule (private: not a reported fact)
+        "_optimizer_lr": _lr_of(optimizer),
     }
+
+
+def _lr_of(optimizer) -> Optional[float]:
+    lr = optimizer.param_groups[0].get("lr") if optimizer is not None and optimizer.param_groups else None
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
 def _eager_view(model):

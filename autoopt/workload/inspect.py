@@ -243,6 +243,9 @@ def _built_facts(workload: Workload) -> dict[str, Any]:
         out["workload.optimizer"] = type(opt).__name__
         out["workload.optimizer_impl"] = _impl_on_device(opt, optimizer_impl(opt), workload.caps.device_type)
         out["_optimizer_class"] = type(opt)
+        lr = opt.param_groups[0].get("lr") if opt.param_groups else None
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            out["_optimizer_lr"] = float(lr)  # the batch-size transform's learning-rate rule reads it
     return out
 
 
