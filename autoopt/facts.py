@@ -139,6 +139,11 @@ FACTS: dict[str, tuple[str, str]] = {
     "health.max_layer_grad_norm": ("number", "largest finite per-layer gradient norm over the measured steps"),
     "health.exploding_layer_count": ("number", "layers whose gradient norm reached 1e3 on a measured step"),
     "health.exploding_layers": ("string", "those layers, largest gradient norm first, with their norms"),
+    "health.max_activation_rms": ("number", "the largest output RMS of a layer on the first verification step"),
+    "health.first_activation_rms": ("number", "the output RMS of the first layer (input side) on that step"),
+    "health.exploding_activation_count": (
+        "number", "layers whose output RMS is at least 100 and 100 times the first layer's (activations that grow)"),
+    "health.exploding_activations": ("string", "those layers in depth order (where the growth shows first), with RMS"),
     "health.nonfinite_grads": ("number", "inf/NaN gradient elements over the measured steps"),
     "health.first_nonfinite_layer": ("string", "the first layer (input side first) with an inf/NaN gradient"),
     "health.first_nonfinite_step": ("number", "the measured step (1-based) where a gradient was first inf/NaN"),

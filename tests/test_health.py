@@ -144,8 +144,16 @@ def test_vanishing_gradients_name_the_input_side_layers(tmp_path):
 def test_growing_activations_explode_the_gradients_naming_the_blocks(tmp_path):
     result = _profile(tmp_path, GROWING)
     found = _health_codes(result)
-    assert set(found) == {"AO002"}, found
+    assert set(found) == {"AO002", "AO007"}, found
     assert "blocks." in found["AO002"]["message"]
+    # the activations: named in depth order, from where they first pass 100x the first layer's
+    grown = found["AO007"]["evidence"]["health.exploding_activations"]
+    assert grown.startswith("blocks.") and "head" in grown
+    rms = [r["activation_rms"] for r in result["health"]["layers"]]
+    assert all(b > a for a, b in zip(rms, rms[1:]))  # they grow with depth
+    assert found["AO007"]["evidence"]["health.first_activation_rms"] == pytest.approx(rms[0], rel=1e-3)
+    assert all(r["activation_rms"] >= 100 * rms[0] for r in result["health"]["layers"]
+               if r["name"] in grown)
     assert found["AO002"]["evidence"]["health.max_layer_grad_norm"] >= 1e3
     rows = result["health"]["layers"]
     assert [r["name"] for r in rows][:2] == ["blocks.0.lin", "blocks.1.lin"] and rows[-1]["name"] == "head"

@@ -64,6 +64,12 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
         [{"health.update_ratio_decades": 1.5}, {"health.vanishing_layer_count": 2}, {"health.nonfinite_grads": 3},
          {"health.update_ratio_decades": None}],
     ),
+    "AO007": (
+        {**HEALTHY, "health.exploding_activation_count": 3, "health.first_activation_rms": 0.6,
+         "health.exploding_activations": "blocks.5.lin (115), blocks.6.lin (265), head (610)",
+         "health.max_activation_rms": 610.0},
+        [{"health.exploding_activation_count": 0}, {"health.exploding_activation_count": None}],
+    ),
     "AO101": (
         {**A100, "metrics.matmul_fraction": 0.6, "metrics.fp32_matmul_fraction": 0.9, "metrics.kernel_fraction": 0.8,
          "workload.autocast": False, "model.param_dtype": "float32"},

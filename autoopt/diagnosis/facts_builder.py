@@ -145,7 +145,22 @@ def _layer_facts(layers: list[dict[str, Any]], thresholds: dict[str, Any]) -> di
         big = [f"{name} ({n:.3g})" for name, n in peaks if n >= thresholds.get("exploding_norm", 1e3)]
         out["health.exploding_layer_count"] = len(big)
         out["health.exploding_layers"] = _names(big)
+    out.update(_activation_facts(layers, thresholds))
     return out
+
+
+def _activation_facts(layers: list[dict[str, Any]], thresholds: dict[str, Any]) -> dict[str, Any]:
+    """Where activations grow: the layers (in depth order) whose output RMS is at least the
+    threshold and that many times the first layer's."""
+    acts = [(r["name"], r["activation_rms"]) for r in layers if r.get("activation_rms") is not None]
+    if not acts:
+        return {}
+    limit = thresholds.get("exploding_activation", 100.0)
+    first = acts[0][1]
+    grown = [(name, a) for name, a in acts if a >= limit and a >= limit * first]
+    return {"health.max_activation_rms": max(a for _, a in acts), "health.first_activation_rms": first,
+            "health.exploding_activation_count": len(grown),
+            "health.exploding_activations": _names([f"{name} ({a:.3g})" for name, a in grown])}
 
 
 def _loss_facts(losses: list[Optional[float]]) -> dict[str, Any]:

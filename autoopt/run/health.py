@@ -7,8 +7,10 @@ the verification steps. After backward and before the optimizer step it reads, p
 (unscaled by the GradScaler's scale when there is one) with one `torch._foreach_norm` over
 the gradients, and the count of inf/NaN gradient elements where a norm is not finite; it
 keeps a copy of the weights, and after the step reads the update-to-weight ratio
-||w_after - w_before|| / ||w_before|| per layer. Each step costs two host reads of a few
-numbers per parameter and one copy of the weights, on four steps of a run.
+||w_after - w_before|| / ||w_before|| per layer. Forward hooks read each layer's output RMS
+on the first step's forward (activations that grow with depth), then are removed. Each step
+costs two host reads of a few numbers per parameter and one copy of the weights, on four
+steps of a run.
 
 `summary()` turns the steps into a plain JSON-able dict (report.json's `health`); the rule
 facts (`health.*`) are derived from it in autoopt.diagnosis.facts_builder.health_facts,
@@ -27,6 +29,9 @@ import torch
 VANISHING_FRACTION = 1e-6
 # A layer gradient norm at or above this (unscaled, any measured step) is exploding.
 EXPLODING_NORM = 1e3
+# Activations explode where a layer's output RMS is at least this, and this many times the
+# first layer's (a model fed raw pixel values starts large; a normalized one stays near 1).
+EXPLODING_ACTIVATION = 100.0
 NAMED_LAYERS = 5  # layers named in a fact's list before "and N more"
 
 
@@ -41,6 +46,7 @@ class StepHealth:
     update_ratios: dict[str, float] = field(default_factory=dict)
     scale: Optional[float] = None
     stepped: bool = True
+    activation_rms: dict[str, float] = field(default_factory=dict)
 
 
 class HealthMonitor:
@@ -64,6 +70,34 @@ class HealthMonitor:
         self._before: Optional[list[torch.Tensor]] = None
         self._weight_norms: list[float] = []
         self._with_grad: list[int] = []
+        # each layer's output RMS on the step's first forward through it (forward hooks)
+        self._acts: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self._hooks = [modules[name].register_forward_hook(self._activation_hook(name))
+                       for name in self.layers if name in modules]
+
+    def _activation_hook(self, name: str):
+        def hook(_module, _inputs, output) -> None:
+            if name in self._acts:
+                return
+            t = output[0] if isinstance(output, (tuple, list)) and output else output
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                with torch.no_grad():  # one reduction, accumulated in fp32, no copy of the activation
+                    self._acts[name] = torch.linalg.vector_norm(t.detach(), dtype=torch.float32) / math.sqrt(t.numel())
+        return hook
+
+    def detach(self) -> None:
+        """Remove the forward hooks (the model goes on without them)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _take_activations(self) -> dict[str, float]:
+        acts, self._acts = self._acts, {}
+        if not acts:
+            return {}
+        values = [float(x) for x in torch.stack(list(acts.values())).cpu()]  # one host read
+        return dict(zip(acts, values))
 
     def _by_layer(self, values: list[float], which: list[int]) -> dict[str, float]:
         sq: dict[str, float] = {}
@@ -78,8 +112,10 @@ class HealthMonitor:
         inf/NaN counts where a norm is not finite, and a copy of the weights."""
         which = [i for i, p in enumerate(self.params) if p.grad is not None]
         self._with_grad = which
+        acts = self._take_activations()
+        self.detach()  # activations are read on the first step only: the other steps run without hooks
         if not which:
-            self.steps.append(StepHealth({}, {}))
+            self.steps.append(StepHealth({}, {}, activation_rms=acts))
             return
         grads = [self.params[i].grad.detach() for i in which]
         grads = [g.float() if g.dtype != torch.float32 else g for g in grads]
@@ -95,7 +131,7 @@ class HealthMonitor:
             if not math.isfinite(n):
                 name = self.layers[self.layer_index[i]]
                 nonfinite[name] = nonfinite.get(name, 0) + int((~torch.isfinite(g)).sum())
-        self.steps.append(StepHealth(self._by_layer(norms, which), nonfinite, scale=scale))
+        self.steps.append(StepHealth(self._by_layer(norms, which), nonfinite, scale=scale, activation_rms=acts))
         try:
             self._before = [w.clone() for w in weights]
         except torch.OutOfMemoryError:  # no room for a copy of the weights: no update ratios, the step goes on
@@ -154,7 +190,8 @@ def _layer_rows(steps: list[StepHealth], layers: list[str]) -> list[dict[str, An
                      "grad_norm_last": _clean(finite[-1] if finite else None),
                      "grad_norm_max": _clean(max(finite) if finite else None),
                      "update_ratio": _clean(_median(ratios)),
-                     "nonfinite": sum(s.nonfinite.get(name, 0) for s in steps)})
+                     "nonfinite": sum(s.nonfinite.get(name, 0) for s in steps),
+                     "activation_rms": _clean(steps[0].activation_rms.get(name)) if steps else None})
     return rows
 
 
@@ -177,7 +214,8 @@ def summarize(steps: list[StepHealth], layers: list[str], losses: list[float], *
         "fp16": fp16,
         "grad_scaler": {"scale": [s.scale for s in steps], "skipped_steps": sum(not s.stepped for s in steps)}
         if scaler else None,
-        "thresholds": {"vanishing_fraction": VANISHING_FRACTION, "exploding_norm": EXPLODING_NORM},
+        "thresholds": {"vanishing_fraction": VANISHING_FRACTION, "exploding_norm": EXPLODING_NORM,
+                       "exploding_activation": EXPLODING_ACTIVATION},
     }
 
 

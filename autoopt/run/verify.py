@@ -104,6 +104,8 @@ def _record(s: Session, steps: int, keep_params: bool, health: bool = False) -> 
     finally:
         step.count_skips = False
         monitor, step.monitor = step.monitor, None
+        if monitor is not None:
+            monitor.detach()
     rec.scaler_skips = step.skipped_steps
     if monitor is not None:
         rec.health = monitor.summary(rec.losses)
