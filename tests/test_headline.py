@@ -5,6 +5,7 @@ accept them."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -144,19 +145,7 @@ def test_terminal_final_line_leads_with_the_speedup_with_training_unchanged(caps
     assert final.startswith("Final: 1.00x with training unchanged") and "no change kept" in final
 
 
-TINY = '''
-import torch, torch.nn as nn, torch.nn.functional as F
-BATCH_SIZE = 8
-def build_model():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
-def make_batch(bs):
-    return torch.randn(bs, 3, 8, 8), torch.randint(0, 4, (bs,))
-def forward(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-def build_optimizer(model):
-    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-'''
+TINY = (Path(__file__).resolve().parent / "models" / "tiny_conv.py").read_text()
 
 
 def _optimize(tmp_path, *flags):

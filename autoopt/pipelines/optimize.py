@@ -335,23 +335,29 @@ class OptimizeRun:
             text += "; the rules had not yet proposed the variants to try"
         return text
 
+    def _write_partial(self, info: dict[str, Any], note: str) -> None:
+        """Write the report of a run cut short (interrupted: true, `info` as its interruption),
+        with `note` added; when a renderer trips on the partial run, report.json alone. Called
+        with further signals held back."""
+        self.notes.append(note)
+        if self.out is None:
+            self._make_out()
+        try:
+            self._write(interrupted=True, interruption=info)
+        except Exception as e:  # noqa: BLE001 - a partial run a renderer trips on: report.json alone
+            from autoopt.output.write import write_json
+
+            self.notes.append(f"the report could not be rendered: {type(e).__name__}: {e}")
+            write_json(self.out / "report.json", {"model": self._model_path().stem, "interrupted": True,
+                                                  "interruption": info, "notes": self.notes})
+
     def _stop(self, exc: BaseException) -> Interrupted:
         """Write what was done until the interrupt (further signals held back meanwhile) and
         return the Interrupted to raise."""
         with deferred_signals(reraise=False):
             signum = signum_of(exc)
             info = self.interruption(signum)
-            self.notes.append(self.interruption_note(info))
-            if self.out is None:
-                self._make_out()
-            try:
-                self._write(interrupted=True, interruption=info)
-            except Exception as e:  # noqa: BLE001 - a partial run a renderer trips on: report.json alone
-                from autoopt.output.write import write_json
-
-                self.notes.append(f"the report could not be rendered: {type(e).__name__}: {e}")
-                write_json(self.out / "report.json", {"model": self._model_path().stem, "interrupted": True,
-                                                      "interruption": info, "notes": self.notes})
+            self._write_partial(info, self.interruption_note(info))
         return Interrupted(str(self.out), signum, measured=self.base is not None)
 
     # ------------------------------------------------------------------ run
@@ -391,19 +397,9 @@ class OptimizeRun:
         with deferred_signals(reraise=False):
             info = self.interruption(0)
             info.update(signal=None, error=what)
-            self.notes.append(f"stopped by an error {PHASES.get(self.phase, self.phase)}: {what}; what was measured "
-                              "before it is in this report" + ("" if self.final else
-                                                               ", the final configuration was not re-measured"))
-            if self.out is None:
-                self._make_out()
-            try:
-                self._write(interrupted=True, interruption=info)
-            except Exception as e:  # noqa: BLE001 - the error to report is exc; keep report.json at least
-                from autoopt.output.write import write_json
-
-                write_json(self.out / "report.json", {"model": self._model_path().stem, "interrupted": True,
-                                                      "interruption": info, "notes": self.notes,
-                                                      "render_error": f"{type(e).__name__}: {e}"})
+            self._write_partial(info, f"stopped by an error {PHASES.get(self.phase, self.phase)}: {what}; what was "
+                                "measured before it is in this report"
+                                + ("" if self.final else ", the final configuration was not re-measured"))
         kept = f" What was measured before it is in {self.out / 'report.json'} (interrupted: true)."
         if user is not None:
             return type(user)(user.message + kept, cause=user.cause or exc)
