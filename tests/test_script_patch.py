@@ -588,3 +588,63 @@ def test_patched_module_loop_runs_with_fp16_scaler_on_cpu(tmp_path):
     assert len(base) == len(ours) == 3
     assert ours != base
     assert ours == pytest.approx(base, rel=2e-2)
+
+
+def test_model_bound_in_the_main_block_and_read_as_a_global_stays_in_that_block():
+    source = src('''
+        import torch
+
+
+        def train(batches):
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for x in batches:
+                loss = model(x).sum()
+                loss.backward()
+                opt.step()
+
+
+        if __name__ == "__main__":
+            model = torch.nn.Linear(4, 4)
+            train([torch.randn(2, 4)])
+    ''')
+    sites = loop_sites(source, forward="loss = model(x)", backward="loss.backward()", step="opt.step()",
+                       optimizer="torch.optim.SGD(", optimizer_var="opt")
+    p = patch_script(source, sites, {"channels_last": True,
+                                     "amp": {"device_type": "cuda", "dtype": "float16", "scaler": True}})
+    assert p.applied == ["amp", "channels_last"]
+    main_block = compiles(p.code).body[-1]
+    assert statements(main_block.body) == ["model = torch.nn.Linear(4, 4)",
+                                           "model = model.to(memory_format=torch.channels_last)",
+                                           "train([torch.randn(2, 4)])"]
+    assert statements(function(p.code, "train").body) == [
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)", "scaler = torch.amp.GradScaler('cuda')",
+        "for x in batches:"]
+
+
+def test_autograd_backward_call_and_settings_turned_off():
+    source = src('''
+        import torch
+
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x in [torch.randn(2, 4)]:
+            out = model(x)
+            loss = out.pow(2).mean()
+            print(loss.item())
+            torch.autograd.backward(loss)
+            opt.step()
+    ''')
+    sites = loop_sites(source, forward="out = model(x)", backward="torch.autograd.backward(", step="opt.step()",
+                       optimizer="torch.optim.SGD(", optimizer_var="opt")
+    p = patch_script(source, sites, {"amp": BF16_CPU, "cudnn_benchmark": False,
+                                     "dataloader": {"non_blocking": True}})
+    assert p.applied == ["amp", "cudnn_benchmark"]
+    (block,) = autocast_blocks(p.code)
+    assert body_of(block) == ["out = model(x)", "loss = out.pow(2).mean()"]
+    assert "torch.backends.cudnn.benchmark = False" in statements(compiles(p.code).body)
+    assert p.skipped == [("dataloader", "none of these loader settings is an argument of DataLoader(...) "
+                                        "(non_blocking)")]
+    fp16 = patch_script(source, sites, {"amp": {"device_type": "cuda", "dtype": "float16", "scaler": True}})
+    assert fp16.code == source
+    assert fp16.skipped == [("amp", "the loss is backpropagated with torch.autograd.backward(...) (line 9); the "
+                                    "fp16 GradScaler needs `scaler.scale(loss).backward()` written by hand")]

@@ -433,14 +433,31 @@ class _Patcher:
             st = st.parent
         return st
 
-    @staticmethod
-    def lift(st: _Stmt, keep: Optional[int]) -> _Stmt:
-        """The statement to insert after so that what follows runs whichever branch bound it:
-        out of `if`/`try`/`match` statements that do not hold line `keep`."""
-        st = _Patcher.in_block(st)
-        while st.parent is not None and isinstance(st.parent.node, _CONDITIONAL) and not (
-                keep is not None and st.parent.start <= keep <= st.parent.end):
-            st = _Patcher.in_block(st.parent)
+    def uses(self) -> list[int]:
+        """Lines of this script where the model and optimizer are used (the forward, the
+        backward, the step, the optimizer's construction): an edit after a binding must run
+        before these."""
+        out = []
+        for key in ("forward", "backward", "step", "optimizer"):
+            s = self.sites.get(key)
+            if s and s.get("line") is not None and not s.get("file"):
+                out.append(int(s["line"]))
+        return out
+
+    def lift(self, st: _Stmt, name: Optional[str]) -> _Stmt:
+        """The statement to insert after: the binding itself, or, when `name` is bound in more
+        than one branch of an `if`/`try`/`match` (so which one ran is not known here), that
+        whole statement, unless it holds a use of the model or optimizer."""
+        st = self.in_block(st)
+        keep = self.uses()
+        while st.parent is not None and isinstance(st.parent.node, _CONDITIONAL):
+            top = self.in_block(st.parent)
+            if any(top.start <= k <= top.end for k in keep) or name is None:
+                break
+            binds = [b for b in self._scope_bindings(name, st.scope, None) if top.start <= b.start <= top.end]
+            if len(binds) < 2:
+                break
+            st = top
         return st
 
     # -- the model's binding ---------------------------------------------------------------
@@ -484,7 +501,7 @@ class _Patcher:
                         f"only: add the change where {var} is assigned")
         found = self.binding(var, at) if var else None
         if found is not None:
-            return self.lift(found, int(fwd["line"])), var
+            return self.lift(found, var), var
         via = self._binding_via_optimizer()
         if via is not None:
             return via
@@ -503,7 +520,7 @@ class _Patcher:
                         f"only: add the change where {shown} is assigned")
         if not var or var not in names:
             raise _Skip(f"line {line} of {self.filename} does not assign the model's variable {var or '?'}")
-        return self.lift(st, None), var
+        return self.lift(st, var), var
 
     def _binding_via_optimizer(self) -> Optional[tuple[_Stmt, str]]:
         """The variable X in the optimizer's `X.parameters()` and its last binding before the
@@ -520,7 +537,7 @@ class _Patcher:
                 name = v.func.value.value
                 found = self.binding(name, call.stmt)
                 if found is not None:
-                    return self.lift(found, int(self.sites["optimizer"]["line"])), name
+                    return self.lift(found, name), name
         return None
 
     def optimizer_call(self) -> _CallAt:
@@ -581,16 +598,19 @@ class _Patcher:
             remove = {"persistent_workers", "prefetch_factor"}
             for k in remove:
                 kwargs.pop(k, None)
+        threads = settings.get("intra_op_threads")
+        if not kwargs and not (threads and not self._changes.get("num_threads")):
+            raise _Skip("none of these loader settings is an argument of DataLoader(...) "
+                        f"({', '.join(sorted(settings)) or 'none given'})")
         sites = self.sites.get("dataloaders") or []
         if not sites and kwargs:
             raise _Skip(f"the run recorded no DataLoader(...) call in {self.filename}")
         plan = _Plan(needs_torch=False)
-        for s in sites if kwargs or remove else []:
+        for s in sites if kwargs else []:
             self._same_file(s, "DataLoader construction")
             call = self.call_at(int(s["line"]), lambda c: _last(_callee(c)) == "DataLoader", "DataLoader(...)")
             self._no_splat(call, "DataLoader")
             plan.calls.append((call.node, _set_kwargs(kwargs, remove)))
-        threads = settings.get("intra_op_threads")
         if threads and not self._changes.get("num_threads"):
             plan.lines.extend(self._setting_lines("set_num_threads", repr(int(threads))))
             if not plan.lines:
@@ -670,8 +690,7 @@ class _Patcher:
 
     def _backward_call(self, bwd: _Stmt) -> _CallAt:
         line = int(self.sites["backward"]["line"])
-        return self.call_at(line, lambda c: isinstance(c.func, cst.Attribute) and c.func.attr.value == "backward",
-                            "`.backward()`")
+        return self.call_at(line, _is_backward, "`.backward()`")
 
     def _autocast_range(self, fwd: _Stmt, bwd: _Stmt) -> tuple[cst.CSTNode, int, int]:
         """(block, first, last index) of the statements to run under autocast: from the one
@@ -693,7 +712,7 @@ class _Patcher:
                         f"autocast needs the forward and the loss in statements of their own")
         if sibling is cur or sibling.index < cur.index:
             raise _Skip(f"the forward ({fwd.where()}) and the backward ({bwd.where()}) are in different blocks")
-        loss_names = _names(self._backward_call(bwd).node.func.value)
+        loss_names = _names(_loss_of(self._backward_call(bwd).node))
         body = cur.block.body
         last = sibling.index - 1
         binders = [k for k in range(cur.index, sibling.index) if _bound(body[k]) & loss_names]
@@ -712,11 +731,14 @@ class _Patcher:
 
     def _plan_scaler(self, plan: _Plan, device: str, bwd: _Stmt) -> None:
         call = self._backward_call(bwd)
-        loss = call.node.func.value
+        loss = _loss_of(call.node)
         if isinstance(loss, cst.Call) and _last(_callee(loss)) == "scale":
             return  # the script scales its loss with its own GradScaler already
+        if loss is not call.node.func.value:
+            raise _Skip(f"the loss is backpropagated with {_callee(call.node)}(...) ({bwd.where()}); the fp16 "
+                        f"GradScaler needs `scaler.scale(loss).backward()` written by hand")
         step_site = self.site("step")
-        opt_var = step_site.get("optimizer_var")
+        opt_var = step_site.get("optimizer_var") or (self.sites.get("optimizer") or {}).get("var")
         if not opt_var:
             raise _Skip("autoopt could not tell which variable holds the optimizer, so the fp16 GradScaler "
                         "cannot step it")
@@ -743,9 +765,10 @@ class _Patcher:
             opt = self.optimizer_call()
         except _Skip:
             opt = None
-        if opt is not None and opt.stmt is not None and (opt.stmt.scope is None or opt.stmt.scope is bwd.scope) \
-                and opt.start < bwd.start:
-            st = self.lift(opt.stmt, bwd.start)
+        if opt is not None and opt.stmt is not None and (
+                opt.stmt.scope is None or (opt.stmt.scope is bwd.scope and opt.start < bwd.start)):
+            var = (self.sites.get("optimizer") or {}).get("var")
+            st = self.lift(opt.stmt, var if var and "." not in var else None)
             return st.block, st.index, "after"
         loops = [st for st in bwd.chain() if isinstance(st.node, (cst.For, cst.While))
                  and st.scope is bwd.scope and st.start <= step.start <= st.end and st.block is not None]
@@ -769,6 +792,21 @@ class _Patcher:
         if top:
             editor.add_statements("".join(top), comment="autoopt: process-wide settings of the kept configuration")
         return editor.code
+
+
+def _is_backward(call: cst.Call) -> bool:
+    func = call.func
+    return (isinstance(func, cst.Attribute) and func.attr.value == "backward") or (
+        isinstance(func, cst.Name) and func.value == "backward")
+
+
+def _loss_of(call: cst.Call) -> cst.CSTNode:
+    """The loss a backward call backpropagates: `loss` of `loss.backward()` or of
+    `torch.autograd.backward(loss)`."""
+    name = _callee(call) or ""
+    if name == "backward" or name.endswith("autograd.backward"):
+        return call.args[0].value if call.args else call
+    return call.func.value
 
 
 def _scaled_backward(scaler: str):
@@ -835,7 +873,8 @@ def _requested(changes: dict) -> list[tuple[str, object]]:
         value = changes.get(key)
         if key == "framework_kwargs":
             value = value if value and (value.get("kwargs") or {}) else None
-        if value is None or value is False or (key in ("dataloader", "num_threads") and not value):
+        if value is None or (value is False and key != "cudnn_benchmark") or (
+                key in ("dataloader", "num_threads") and not value):
             continue
         out.append((key, value))
     return out
