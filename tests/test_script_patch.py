@@ -176,7 +176,8 @@ def test_module_level_loop_and_fp16_grad_scaler():
     assert body_of(block) == ["pred = model(data[i])", "loss = ((pred - target[i]) ** 2).mean()"]
     assert statements(loop_body(compiles(p.code))) == [
         "with torch.autocast(device_type='cuda', dtype=torch.float16):", "opt.zero_grad(set_to_none=True)",
-        "scaler.scale(loss).backward()", "scaler.step(opt)", "scaler.update()", "print(f'step {i} loss {loss.item():.6f}')"]
+        "scaler.scale(loss).backward()", "scaler.step(opt)", "scaler.update()",
+        "print(f'step {i} loss {loss.item():.6f}')"]
 
 
 def test_fp16_scaler_goes_before_the_loop_when_the_optimizer_is_built_elsewhere():

@@ -42,12 +42,36 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import libcst as cst
-from libcst.metadata import MetadataWrapper, PositionProvider
+from libcst.metadata import MetadataWrapper
 
-from autoopt.patching.editor import PatchError, SourceEditor, _CallKwargs, _dotted, unified_diff
+from autoopt.patching.editor import PatchError, SourceEditor, _dotted, unified_diff
+from autoopt.patching.script_cst import (
+    SCOPES,
+    Apply,
+    CallAt,
+    Collector,
+    Plan,
+    Stmt,
+    assigned,
+    bound_names,
+    callee,
+    code_of,
+    is_autocast_with,
+    is_backward,
+    last_part,
+    loss_of,
+    names_in,
+    parse_stmt,
+    quote_style,
+    replace_assigned,
+    replace_call_arg,
+    scaled_backward,
+    scaled_step,
+    set_kwargs,
+)
 
 __all__ = ["ScriptPatch", "patch_script", "unified_diff", "CHANGE_ORDER"]
 
@@ -62,7 +86,6 @@ _DTYPES = {"bfloat16": "torch.bfloat16", "float16": "torch.float16"}
 _SITE_WHAT = {"forward": "model's forward call", "backward": "backward call", "step": "optimizer step",
               "optimizer": "optimizer construction", "framework": "framework call"}
 _CONDITIONAL = (cst.If, cst.Try, cst.TryStar, cst.Match)
-_SCOPES = (cst.FunctionDef, cst.ClassDef)
 
 
 @dataclass
@@ -81,283 +104,6 @@ class _Skip(Exception):
         self.reason = reason
 
 
-# ---------------------------------------------------------------------------- the script's index
-@dataclass(eq=False)
-class _Stmt:
-    node: cst.BaseStatement
-    block: Optional[cst.CSTNode]  # the Module / IndentedBlock whose body holds it (None: an elif)
-    index: Optional[int]
-    parent: Optional["_Stmt"]
-    start: int
-    end: int
-
-    def chain(self) -> Iterable["_Stmt"]:
-        """This statement and its enclosing ones, innermost first."""
-        st = self
-        while st is not None:
-            yield st
-            st = st.parent
-
-    @property
-    def scope(self) -> Optional["_Stmt"]:
-        """The def/class this statement runs in (None: the module)."""
-        for st in list(self.chain())[1:]:
-            if isinstance(st.node, _SCOPES):
-                return st
-        return None
-
-    def where(self) -> str:
-        scope = self.scope
-        if scope is None:
-            return f"line {self.start}"
-        return f"line {self.start}, in {scope.node.name.value}()"
-
-
-@dataclass(eq=False)
-class _CallAt:
-    node: cst.Call
-    start: int
-    end: int
-    stmt: Optional[_Stmt]
-
-
-class _Collector(cst.CSTVisitor):
-    """Every statement (with its block, index and enclosing statement) and call, with lines."""
-
-    METADATA_DEPENDENCIES = (PositionProvider,)
-
-    def __init__(self):
-        super().__init__()
-        self.stmts: list[_Stmt] = []
-        self.calls: list[_CallAt] = []
-        self._stack: list[_Stmt] = []
-        self._slot: dict[int, tuple[cst.CSTNode, int]] = {}
-
-    def on_visit(self, node: cst.CSTNode) -> bool:
-        if isinstance(node, (cst.Module, cst.IndentedBlock)):
-            for i, s in enumerate(node.body):
-                self._slot[id(s)] = (node, i)
-        elif isinstance(node, cst.BaseStatement):
-            pos = self.get_metadata(PositionProvider, node)
-            block, idx = self._slot.get(id(node), (None, None))
-            st = _Stmt(node, block, idx, self._stack[-1] if self._stack else None, pos.start.line, pos.end.line)
-            self.stmts.append(st)
-            self._stack.append(st)
-        elif isinstance(node, cst.Call):
-            pos = self.get_metadata(PositionProvider, node)
-            self.calls.append(_CallAt(node, pos.start.line, pos.end.line, self._stack[-1] if self._stack else None))
-        return True
-
-    def on_leave(self, original_node: cst.CSTNode) -> None:
-        if isinstance(original_node, cst.BaseStatement):
-            self._stack.pop()
-
-
-def _target_names(target: cst.BaseExpression) -> set[str]:
-    if isinstance(target, cst.Name):
-        return {target.value}
-    if isinstance(target, (cst.Tuple, cst.List)):
-        out: set[str] = set()
-        for el in target.elements:
-            out |= _target_names(el.value)
-        return out
-    if isinstance(target, cst.StarredElement):
-        return _target_names(target.value)
-    return set()
-
-
-class _Binder(cst.CSTVisitor):
-    """Names bound by assignment inside a statement (not in nested defs, classes or lambdas)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def visit_FunctionDef(self, node) -> bool:
-        return False
-
-    def visit_ClassDef(self, node) -> bool:
-        return False
-
-    def visit_Lambda(self, node) -> bool:
-        return False
-
-    def visit_Assign(self, node) -> None:
-        for t in node.targets:
-            self.names |= _target_names(t.target)
-
-    def visit_AnnAssign(self, node) -> None:
-        if node.value is not None:
-            self.names |= _target_names(node.target)
-
-    def visit_AugAssign(self, node) -> None:
-        self.names |= _target_names(node.target)
-
-    def visit_NamedExpr(self, node) -> None:
-        self.names |= _target_names(node.target)
-
-    def visit_For(self, node) -> None:
-        self.names |= _target_names(node.target)
-
-    def visit_AsName(self, node) -> None:
-        self.names |= _target_names(node.name)
-
-
-def _bound(node: cst.CSTNode) -> set[str]:
-    v = _Binder()
-    node.visit(v)
-    return v.names
-
-
-def _assigned(stmt: cst.BaseStatement) -> tuple[set[str], list[str]]:
-    """(names, attribute targets such as self.model) a simple statement line assigns."""
-    names: set[str] = set()
-    attrs: list[str] = []
-    if not isinstance(stmt, cst.SimpleStatementLine):
-        return names, attrs
-    for s in stmt.body:
-        targets = [t.target for t in s.targets] if isinstance(s, cst.Assign) else (
-            [s.target] if isinstance(s, cst.AnnAssign) and s.value is not None else [])
-        for t in targets:
-            names |= _target_names(t)
-            if isinstance(t, cst.Attribute) and _dotted(t):
-                attrs.append(_dotted(t))
-    return names, attrs
-
-
-class _Names(cst.CSTVisitor):
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def visit_Name(self, node) -> None:
-        self.names.add(node.value)
-
-
-def _names(node: cst.CSTNode) -> set[str]:
-    v = _Names()
-    node.visit(v)
-    return v.names
-
-
-def _callee(call: cst.Call) -> Optional[str]:
-    return _dotted(call.func)
-
-
-def _last(name: Optional[str]) -> Optional[str]:
-    return None if name is None else name.rsplit(".", 1)[-1]
-
-
-def _is_autocast_with(node: cst.CSTNode) -> bool:
-    return isinstance(node, cst.With) and any(
-        isinstance(i.item, cst.Call) and _last(_callee(i.item)) == "autocast" for i in node.items)
-
-
-def _stmt(code: str) -> cst.BaseStatement:
-    return cst.parse_statement(code)
-
-
-def _code_of(node: cst.CSTNode) -> str:
-    return cst.Module(body=[]).code_for_node(node)
-
-
-# ---------------------------------------------------------------------------- edits
-@dataclass
-class _Plan:
-    """The edits of one change: call rewrites, statement rewrites, statements inserted before or
-    after a statement of a block, a range of a block wrapped in `with`, and module-level
-    statements after the imports (`top`, written through SourceEditor)."""
-
-    calls: list[tuple[cst.Call, Callable[[cst.Call], cst.Call]]] = field(default_factory=list)
-    lines: list[tuple[cst.SimpleStatementLine, Callable]] = field(default_factory=list)
-    after: list[tuple[cst.CSTNode, int, list[cst.BaseStatement]]] = field(default_factory=list)
-    before: list[tuple[cst.CSTNode, int, list[cst.BaseStatement]]] = field(default_factory=list)
-    wraps: list[tuple[cst.CSTNode, int, int, str]] = field(default_factory=list)
-    top: list[str] = field(default_factory=list)
-    needs_torch: bool = True
-
-
-class _Apply(cst.CSTTransformer):
-    """All plans' edits in one pass over the original tree (nodes matched by identity, so the
-    lines the sites name stay valid)."""
-
-    def __init__(self, plans: list[_Plan]):
-        super().__init__()
-        self.calls: dict[int, list] = {}
-        self.lines: dict[int, list] = {}
-        self.after: dict[int, dict[int, list]] = {}
-        self.before: dict[int, dict[int, list]] = {}
-        self.wraps: dict[int, dict[int, tuple[int, str]]] = {}
-        for p in plans:
-            for node, fn in p.calls:
-                self.calls.setdefault(id(node), []).append(fn)
-            for node, fn in p.lines:
-                self.lines.setdefault(id(node), []).append(fn)
-            for block, idx, stmts in p.after:
-                self.after.setdefault(id(block), {}).setdefault(idx, []).extend(stmts)
-            for block, idx, stmts in p.before:
-                self.before.setdefault(id(block), {}).setdefault(idx, []).extend(stmts)
-            for block, i, j, item in p.wraps:
-                self.wraps.setdefault(id(block), {})[i] = (j, item)
-
-    def leave_Call(self, original, updated):
-        for fn in self.calls.get(id(original), []):
-            updated = fn(updated)
-        return updated
-
-    def leave_SimpleStatementLine(self, original, updated):
-        for fn in self.lines.get(id(original), []):
-            updated = fn(updated)
-        return updated
-
-    def _body(self, original, body) -> list:
-        key = id(original)
-        if key not in self.after and key not in self.before and key not in self.wraps:
-            return list(body)
-        after, before, wraps = self.after.get(key, {}), self.before.get(key, {}), self.wraps.get(key, {})
-        out: list = []
-        i = 0
-        while i < len(body):
-            out.extend(before.get(i, []))
-            if i in wraps:
-                j, item = wraps[i]
-                inner: list = []
-                for k in range(i, j + 1):
-                    if k > i:
-                        inner.extend(before.get(k, []))
-                    inner.append(body[k])
-                    if k < j:
-                        inner.extend(after.get(k, []))
-                out.append(_with_block(item, inner))
-                out.extend(after.get(j, []))
-                i = j + 1
-                continue
-            out.append(body[i])
-            out.extend(after.get(i, []))
-            i += 1
-        return out
-
-    def leave_Module(self, original, updated):
-        return updated.with_changes(body=self._body(original, updated.body))
-
-    def leave_IndentedBlock(self, original, updated):
-        return updated.with_changes(body=self._body(original, updated.body))
-
-
-def _with_block(item: str, stmts: list) -> cst.With:
-    first = stmts[0]
-    inner = [first.with_changes(leading_lines=[]), *stmts[1:]]
-    return cst.With(items=[cst.WithItem(item=cst.parse_expression(item))], body=cst.IndentedBlock(body=inner),
-                    leading_lines=first.leading_lines)
-
-
-def _set_kwargs(kwargs: dict[str, str], remove: Iterable[str] = ()) -> Callable[[cst.Call], cst.Call]:
-    def edit(call: cst.Call) -> cst.Call:
-        name = _last(_callee(call)) or ""
-        return _CallKwargs({name}, kwargs, set(remove)).leave_Call(call, call)
-    return edit
-
-
 # ---------------------------------------------------------------------------- the patcher
 class _Patcher:
     def __init__(self, source: str, sites: dict, changes: dict, filename: str):
@@ -367,11 +113,11 @@ class _Patcher:
         self.filename = filename
         self.wrapper = MetadataWrapper(cst.parse_module(source))
         self.module = self.wrapper.module
-        col = _Collector()
+        col = Collector()
         self.wrapper.visit(col)
         self.stmts, self.calls = col.stmts, col.calls
-        self.used_names = _names(self.module)
-        self.quote = _quote_style(self.module)
+        self.used_names = names_in(self.module)
+        self.quote = quote_style(self.module)
 
     def lit(self, value) -> str:
         """`value` as Python source, a string in the script's own quotes."""
@@ -400,7 +146,7 @@ class _Patcher:
             return
         raise _Skip(f"the {what} is at {other}:{s.get('line')}, not in {self.filename}; make that change there")
 
-    def stmt_at(self, line: int, what: str) -> _Stmt:
+    def stmt_at(self, line: int, what: str) -> Stmt:
         """The innermost statement holding this line."""
         best = None
         for st in self.stmts:
@@ -410,7 +156,7 @@ class _Patcher:
             raise _Skip(f"line {line} of {self.filename} (the {what}) holds no statement")
         return best
 
-    def call_at(self, line: int, pred: Callable[[cst.Call], bool], what: str) -> _CallAt:
+    def call_at(self, line: int, pred: Callable[[cst.Call], bool], what: str) -> CallAt:
         """The innermost call satisfying pred whose lines hold `line` (or, failing that, the
         only such call in the statement holding it)."""
         here = [c for c in self.calls if c.start <= line <= c.end and pred(c.node)]
@@ -423,12 +169,12 @@ class _Patcher:
         inside = [c for c in self.calls if c.stmt is st and pred(c.node)]
         if len(inside) == 1:
             return inside[0]
-        found = [_code_of(c.node.func) for c in self.calls if c.start <= line <= c.end]
+        found = [code_of(c.node.func) for c in self.calls if c.start <= line <= c.end]
         seen = f" (it calls {', '.join(f'{f}(...)' for f in found)})" if found else ""
         raise _Skip(f"line {line} of {self.filename} holds no {what} call that autoopt can edit{seen}")
 
     @staticmethod
-    def in_block(st: _Stmt) -> _Stmt:
+    def in_block(st: Stmt) -> Stmt:
         while st.block is None and st.parent is not None:
             st = st.parent
         return st
@@ -444,7 +190,7 @@ class _Patcher:
                 out.append(int(s["line"]))
         return out
 
-    def lift(self, st: _Stmt, name: Optional[str]) -> _Stmt:
+    def lift(self, st: Stmt, name: Optional[str]) -> Stmt:
         """The statement to insert after: the binding itself, or, when `name` is bound in more
         than one branch of an `if`/`try`/`match` (so which one ran is not known here), that
         whole statement, unless it holds a use of the model or optimizer."""
@@ -461,19 +207,19 @@ class _Patcher:
         return st
 
     # -- the model's binding ---------------------------------------------------------------
-    def _scope_bindings(self, name: str, scope: Optional[_Stmt], before: Optional[int]) -> list[_Stmt]:
+    def _scope_bindings(self, name: str, scope: Optional[Stmt], before: Optional[int]) -> list[Stmt]:
         return [st for st in self.stmts
                 if isinstance(st.node, cst.SimpleStatementLine) and st.scope is scope
-                and (before is None or st.start < before) and name in _assigned(st.node)[0]]
+                and (before is None or st.start < before) and name in assigned(st.node)[0]]
 
     @staticmethod
-    def _params(scope: Optional[_Stmt]) -> set[str]:
+    def _params(scope: Optional[Stmt]) -> set[str]:
         if scope is None or not isinstance(scope.node, cst.FunctionDef):
             return set()
         p = scope.node.params
         return {a.name.value for a in (*p.posonly_params, *p.params, *p.kwonly_params)}
 
-    def binding(self, name: str, at: _Stmt) -> Optional[_Stmt]:
+    def binding(self, name: str, at: Stmt) -> Optional[Stmt]:
         """The last assignment to `name` before `at` in its scope; for a name a function only
         reads (neither its parameter nor assigned in it), the module's last one."""
         scope = at.scope
@@ -482,12 +228,12 @@ class _Patcher:
             return found[-1]
         if scope is None or name in self._params(scope) or self._scope_bindings(name, scope, None):
             return None
-        if any(name in _bound(st.node) for st in self.stmts if st.scope is scope):
+        if any(name in bound_names(st.node) for st in self.stmts if st.scope is scope):
             return None
         module = self._scope_bindings(name, None, None)
         return module[-1] if module else None
 
-    def model_binding(self) -> tuple[_Stmt, str]:
+    def model_binding(self) -> tuple[Stmt, str]:
         """(the statement to put model edits after, the model's variable)."""
         given = self.sites.get("model_def")
         if given and given.get("line") is not None:
@@ -510,10 +256,10 @@ class _Patcher:
         raise _Skip(f"no assignment to {var} precedes the forward ({at.where()}) in its scope, nor one to the "
                     f"variable the optimizer takes .parameters() of; add the change where the model is built")
 
-    def _given_binding(self, given: dict) -> tuple[_Stmt, str]:
+    def _given_binding(self, given: dict) -> tuple[Stmt, str]:
         line, var = int(given["line"]), given.get("var")
         st = self.stmt_at(line, "model's definition")
-        names, attrs = _assigned(st.node)
+        names, attrs = assigned(st.node)
         if var and "." in var or (not var and attrs):
             shown = var or attrs[0]
             raise _Skip(f"the model is the attribute {shown} ({st.where()}); autoopt edits a plain variable "
@@ -522,7 +268,7 @@ class _Patcher:
             raise _Skip(f"line {line} of {self.filename} does not assign the model's variable {var or '?'}")
         return self.lift(st, var), var
 
-    def _binding_via_optimizer(self) -> Optional[tuple[_Stmt, str]]:
+    def _binding_via_optimizer(self) -> Optional[tuple[Stmt, str]]:
         """The variable X in the optimizer's `X.parameters()` and its last binding before the
         optimizer is built (the model is what the optimizer trains)."""
         try:
@@ -540,12 +286,12 @@ class _Patcher:
                     return self.lift(found, name), name
         return None
 
-    def optimizer_call(self) -> _CallAt:
+    def optimizer_call(self) -> CallAt:
         s = self.site("optimizer")
         line = int(s["line"])
 
         def is_opt(call: cst.Call) -> bool:
-            return _last(_callee(call)) in _OPTIMIZERS
+            return last_part(callee(call)) in _OPTIMIZERS
 
         try:
             return self.call_at(line, is_opt, "torch.optim optimizer")
@@ -561,11 +307,12 @@ class _Patcher:
         return first if len(first) <= 80 else first[:77] + "..."
 
     # -- plans ------------------------------------------------------------------------------
-    def plan_channels_last(self, _value) -> _Plan:
+    def plan_channels_last(self, _value) -> Plan:
         st, var = self.model_binding()
-        return _Plan(after=[(st.block, st.index, [_stmt(f"{var} = {var}.to(memory_format=torch.channels_last)\n")])])
+        line = parse_stmt(f"{var} = {var}.to(memory_format=torch.channels_last)\n")
+        return Plan(after=[(st.block, st.index, [line])])
 
-    def plan_compile(self, value: dict) -> _Plan:
+    def plan_compile(self, value: dict) -> Plan:
         st, var = self.model_binding()
         value = value or {}
         args = []
@@ -573,22 +320,23 @@ class _Patcher:
             args.append(f"mode={self.lit(value['mode'])}")
         if value.get("backend") not in (None, "inductor"):
             args.append(f"backend={self.lit(value['backend'])}")
-        return _Plan(after=[(st.block, st.index, [_stmt(f"{var}.compile({', '.join(args)})\n")])], needs_torch=False)
+        line = parse_stmt(f"{var}.compile({', '.join(args)})\n")
+        return Plan(after=[(st.block, st.index, [line])], needs_torch=False)
 
-    def plan_optimizer_impl(self, impl: str) -> _Plan:
+    def plan_optimizer_impl(self, impl: str) -> Plan:
         if impl not in ("fused", "foreach"):
             raise _Skip(f"unknown optimizer implementation {impl!r}")
         call = self.optimizer_call()
         self._no_splat(call, "optimizer")
         other = "foreach" if impl == "fused" else "fused"
-        return _Plan(calls=[(call.node, _set_kwargs({impl: "True"}, remove={other}))], needs_torch=False)
+        return Plan(calls=[(call.node, set_kwargs({impl: "True"}, remove={other}))], needs_torch=False)
 
-    def _no_splat(self, call: _CallAt, what: str) -> None:
+    def _no_splat(self, call: CallAt, what: str) -> None:
         if any(a.star == "**" for a in call.node.args):
             raise _Skip(f"the {what} call at line {call.start} passes **kwargs, so its keyword arguments "
                         f"cannot be set safely")
 
-    def plan_dataloader(self, settings: dict) -> _Plan:
+    def plan_dataloader(self, settings: dict) -> Plan:
         unknown = set(settings) - set(_LOADER_KWARGS) - {"intra_op_threads", "non_blocking"}
         if unknown:
             raise _Skip(f"{', '.join(sorted(unknown))} is not a DataLoader argument")
@@ -605,12 +353,12 @@ class _Patcher:
         sites = self.sites.get("dataloaders") or []
         if not sites and kwargs:
             raise _Skip(f"the run recorded no DataLoader(...) call in {self.filename}")
-        plan = _Plan(needs_torch=False)
+        plan = Plan(needs_torch=False)
         for s in sites if kwargs else []:
             self._same_file(s, "DataLoader construction")
-            call = self.call_at(int(s["line"]), lambda c: _last(_callee(c)) == "DataLoader", "DataLoader(...)")
+            call = self.call_at(int(s["line"]), lambda c: last_part(callee(c)) == "DataLoader", "DataLoader(...)")
             self._no_splat(call, "DataLoader")
-            plan.calls.append((call.node, _set_kwargs(kwargs, remove)))
+            plan.calls.append((call.node, set_kwargs(kwargs, remove)))
         if threads and not self._changes.get("num_threads"):
             plan.lines.extend(self._setting_lines("set_num_threads", repr(int(threads))))
             if not plan.lines:
@@ -618,7 +366,7 @@ class _Patcher:
             plan.needs_torch = True
         return plan
 
-    def plan_framework_kwargs(self, value: dict) -> _Plan:
+    def plan_framework_kwargs(self, value: dict) -> Plan:
         kwargs = dict((value or {}).get("kwargs") or {})
         if not kwargs:
             raise _Skip("no framework arguments were given")
@@ -629,9 +377,9 @@ class _Patcher:
                 raise _Skip(f"the value of {k} is not a Python expression: {expr!r}") from None
         s = self.site("framework")
         name = s.get("call") or "Trainer"
-        call = self.call_at(int(s["line"]), lambda c: _last(_callee(c)) == name, f"{name}(...)")
+        call = self.call_at(int(s["line"]), lambda c: last_part(callee(c)) == name, f"{name}(...)")
         self._no_splat(call, name)
-        return _Plan(calls=[(call.node, _set_kwargs({k: str(v) for k, v in kwargs.items()}))], needs_torch=False)
+        return Plan(calls=[(call.node, set_kwargs({k: str(v) for k, v in kwargs.items()}))], needs_torch=False)
 
     # settings: in place of the script's own, else after the imports
     def _setting_lines(self, func: str, arg: str) -> list:
@@ -642,32 +390,32 @@ class _Patcher:
                 continue
             for small in st.node.body:
                 if (isinstance(small, cst.Expr) and isinstance(small.value, cst.Call)
-                        and _callee(small.value) == f"torch.{func}"):
-                    out.append((st.node, _replace_call_arg(func, arg)))
+                        and callee(small.value) == f"torch.{func}"):
+                    out.append((st.node, replace_call_arg(func, arg)))
                     break
         return out
 
-    def plan_matmul_precision(self, value: str) -> _Plan:
+    def plan_matmul_precision(self, value: str) -> Plan:
         arg = self.lit(str(value))
         lines = self._setting_lines("set_float32_matmul_precision", arg)
-        return _Plan(lines=lines, top=[] if lines else [f"torch.set_float32_matmul_precision({arg})\n"])
+        return Plan(lines=lines, top=[] if lines else [f"torch.set_float32_matmul_precision({arg})\n"])
 
-    def plan_num_threads(self, value: int) -> _Plan:
+    def plan_num_threads(self, value: int) -> Plan:
         arg = repr(int(value))
         lines = self._setting_lines("set_num_threads", arg)
-        return _Plan(lines=lines, top=[] if lines else [f"torch.set_num_threads({arg})\n"])
+        return Plan(lines=lines, top=[] if lines else [f"torch.set_num_threads({arg})\n"])
 
-    def plan_cudnn_benchmark(self, value: bool) -> _Plan:
+    def plan_cudnn_benchmark(self, value: bool) -> Plan:
         lines = []
         for st in self.stmts:
             if isinstance(st.node, cst.SimpleStatementLine) and any(
                     isinstance(s, cst.Assign) and any(_dotted(t.target) == "torch.backends.cudnn.benchmark"
                                                       for t in s.targets) for s in st.node.body):
-                lines.append((st.node, _replace_assigned("torch.backends.cudnn.benchmark", repr(bool(value)))))
-        return _Plan(lines=lines, top=[] if lines else [f"torch.backends.cudnn.benchmark = {bool(value)!r}\n"])
+                lines.append((st.node, replace_assigned("torch.backends.cudnn.benchmark", repr(bool(value)))))
+        return Plan(lines=lines, top=[] if lines else [f"torch.backends.cudnn.benchmark = {bool(value)!r}\n"])
 
     # amp
-    def plan_amp(self, amp: dict) -> _Plan:
+    def plan_amp(self, amp: dict) -> Plan:
         dtype = _DTYPES.get(str(amp.get("dtype") or "bfloat16"))
         if dtype is None:
             raise _Skip(f"unknown autocast dtype {amp.get('dtype')!r}")
@@ -678,21 +426,21 @@ class _Patcher:
         for st in fwd.chain():
             if st.scope is not fwd.scope:
                 break
-            if _is_autocast_with(st.node):
+            if is_autocast_with(st.node):
                 raise _Skip(f"the forward ({fwd.where()}) already runs under the script's own autocast "
                             f"(line {st.start}); turn that one on instead")
         block, i, j = self._autocast_range(fwd, bwd)
         item = f"torch.autocast(device_type={self.lit(device)}, dtype={dtype})"
-        plan = _Plan(wraps=[(block, i, j, item)])
+        plan = Plan(wraps=[(block, i, j, item)])
         if amp.get("scaler"):
             self._plan_scaler(plan, device, bwd)
         return plan
 
-    def _backward_call(self, bwd: _Stmt) -> _CallAt:
+    def _backward_call(self, bwd: Stmt) -> CallAt:
         line = int(self.sites["backward"]["line"])
-        return self.call_at(line, _is_backward, "`.backward()`")
+        return self.call_at(line, is_backward, "`.backward()`")
 
-    def _autocast_range(self, fwd: _Stmt, bwd: _Stmt) -> tuple[cst.CSTNode, int, int]:
+    def _autocast_range(self, fwd: Stmt, bwd: Stmt) -> tuple[cst.CSTNode, int, int]:
         """(block, first, last index) of the statements to run under autocast: from the one
         holding the forward through the last one assigning a name the backward's loss uses."""
         if fwd.scope is not bwd.scope:
@@ -704,7 +452,7 @@ class _Patcher:
             if sibling is not None:
                 break
             parent = cur.parent
-            if parent is None or isinstance(parent.node, _SCOPES):
+            if parent is None or isinstance(parent.node, SCOPES):
                 raise _Skip(f"the forward ({fwd.where()}) and the backward ({bwd.where()}) are in different blocks")
             cur = self.in_block(parent)
         if sibling is cur and cur is self.in_block(fwd):
@@ -712,10 +460,10 @@ class _Patcher:
                         f"autocast needs the forward and the loss in statements of their own")
         if sibling is cur or sibling.index < cur.index:
             raise _Skip(f"the forward ({fwd.where()}) and the backward ({bwd.where()}) are in different blocks")
-        loss_names = _names(_loss_of(self._backward_call(bwd).node))
+        loss_names = names_in(loss_of(self._backward_call(bwd).node))
         body = cur.block.body
         last = sibling.index - 1
-        binders = [k for k in range(cur.index, sibling.index) if _bound(body[k]) & loss_names]
+        binders = [k for k in range(cur.index, sibling.index) if bound_names(body[k]) & loss_names]
         if binders:
             last = binders[-1]
         return cur.block, cur.index, last
@@ -729,13 +477,13 @@ class _Patcher:
             k += 1
         return f"{names[0]}{k}"
 
-    def _plan_scaler(self, plan: _Plan, device: str, bwd: _Stmt) -> None:
+    def _plan_scaler(self, plan: Plan, device: str, bwd: Stmt) -> None:
         call = self._backward_call(bwd)
-        loss = _loss_of(call.node)
-        if isinstance(loss, cst.Call) and _last(_callee(loss)) == "scale":
+        loss = loss_of(call.node)
+        if isinstance(loss, cst.Call) and last_part(callee(loss)) == "scale":
             return  # the script scales its loss with its own GradScaler already
         if loss is not call.node.func.value:
-            raise _Skip(f"the loss is backpropagated with {_callee(call.node)}(...) ({bwd.where()}); the fp16 "
+            raise _Skip(f"the loss is backpropagated with {callee(call.node)}(...) ({bwd.where()}); the fp16 "
                         f"GradScaler needs `scaler.scale(loss).backward()` written by hand")
         step_site = self.site("step")
         opt_var = step_site.get("optimizer_var") or (self.sites.get("optimizer") or {}).get("var")
@@ -752,13 +500,13 @@ class _Patcher:
                         f"GradScaler cannot take over the step")
         name = self._fresh("scaler", "grad_scaler", "amp_scaler")
         block, idx, where = self._scaler_home(bwd, line, name)
-        create = _stmt(f"{name} = torch.amp.GradScaler({self.lit(device)})\n")
+        create = parse_stmt(f"{name} = torch.amp.GradScaler({self.lit(device)})\n")
         (plan.after if where == "after" else plan.before).append((block, idx, [create]))
-        plan.calls.append((call.node, _scaled_backward(name)))
-        plan.calls.append((step.node, _scaled_step(name)))
-        plan.after.append((line.block, line.index, [_stmt(f"{name}.update()\n")]))
+        plan.calls.append((call.node, scaled_backward(name)))
+        plan.calls.append((step.node, scaled_step(name)))
+        plan.after.append((line.block, line.index, [parse_stmt(f"{name}.update()\n")]))
 
-    def _scaler_home(self, bwd: _Stmt, step: _Stmt, name: str) -> tuple[cst.CSTNode, int, str]:
+    def _scaler_home(self, bwd: Stmt, step: Stmt, name: str) -> tuple[cst.CSTNode, int, str]:
         """Where the GradScaler is created: after the optimizer when that is in the loop's scope
         (or the module's), else before the outermost loop holding the backward and the step."""
         try:
@@ -778,11 +526,11 @@ class _Patcher:
                     f"elsewhere; create `{name} = torch.amp.GradScaler(...)` once where the optimizer is built")
 
     # -- running the plans ------------------------------------------------------------------
-    def plan(self, key: str, value) -> _Plan:
+    def plan(self, key: str, value) -> Plan:
         return getattr(self, f"plan_{key}")(value)
 
-    def render(self, plans: list[_Plan]) -> str:
-        module = self.module.visit(_Apply(plans))
+    def render(self, plans: list[Plan]) -> str:
+        module = self.module.visit(Apply(plans))
         code = module.code
         top = [s for p in plans for s in p.top]
         if not any(p.needs_torch for p in plans):
@@ -792,79 +540,6 @@ class _Patcher:
         if top:
             editor.add_statements("".join(top), comment="autoopt: process-wide settings of the kept configuration")
         return editor.code
-
-
-def _is_backward(call: cst.Call) -> bool:
-    func = call.func
-    return (isinstance(func, cst.Attribute) and func.attr.value == "backward") or (
-        isinstance(func, cst.Name) and func.value == "backward")
-
-
-def _loss_of(call: cst.Call) -> cst.CSTNode:
-    """The loss a backward call backpropagates: `loss` of `loss.backward()` or of
-    `torch.autograd.backward(loss)`."""
-    name = _callee(call) or ""
-    if name == "backward" or name.endswith("autograd.backward"):
-        return call.args[0].value if call.args else call
-    return call.func.value
-
-
-def _scaled_backward(scaler: str):
-    """`loss.backward(...)` -> `scaler.scale(loss).backward(...)`."""
-    def edit(call: cst.Call) -> cst.Call:
-        scaled = cst.Call(func=cst.parse_expression(f"{scaler}.scale"), args=[cst.Arg(call.func.value)])
-        return call.with_changes(func=call.func.with_changes(value=scaled))
-    return edit
-
-
-def _scaled_step(scaler: str):
-    """`opt.step(...)` -> `scaler.step(opt, ...)`."""
-    def edit(call: cst.Call) -> cst.Call:
-        comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")) if call.args else cst.MaybeSentinel.DEFAULT
-        first = cst.Arg(call.func.value, comma=comma)
-        return call.with_changes(func=cst.parse_expression(f"{scaler}.step"), args=[first, *call.args])
-    return edit
-
-
-class _Quotes(cst.CSTVisitor):
-    def __init__(self):
-        super().__init__()
-        self.double = self.single = 0
-
-    def visit_SimpleString(self, node) -> None:
-        body = node.value.lstrip("rbuRBUfF")
-        if body.startswith('"'):
-            self.double += 1
-        elif body.startswith("'"):
-            self.single += 1
-
-
-def _quote_style(module: cst.Module) -> str:
-    v = _Quotes()
-    module.visit(v)
-    return "'" if v.single > v.double else '"'
-
-
-def _replace_call_arg(func: str, arg: str):
-    def edit(line: cst.SimpleStatementLine) -> cst.SimpleStatementLine:
-        body = []
-        for s in line.body:
-            if isinstance(s, cst.Expr) and isinstance(s.value, cst.Call) and _callee(s.value) == f"torch.{func}":
-                s = s.with_changes(value=s.value.with_changes(args=[cst.Arg(cst.parse_expression(arg))]))
-            body.append(s)
-        return line.with_changes(body=body)
-    return edit
-
-
-def _replace_assigned(target: str, value: str):
-    def edit(line: cst.SimpleStatementLine) -> cst.SimpleStatementLine:
-        body = []
-        for s in line.body:
-            if isinstance(s, cst.Assign) and any(_dotted(t.target) == target for t in s.targets):
-                s = s.with_changes(value=cst.parse_expression(value))
-            body.append(s)
-        return line.with_changes(body=body)
-    return edit
 
 
 def _requested(changes: dict) -> list[tuple[str, object]]:
@@ -897,7 +572,7 @@ def patch_script(source: str, sites: dict, changes: dict, filename: str = "train
     except cst.ParserSyntaxError as exc:
         reason = f"{filename} cannot be parsed for patching: {exc.message} (line {exc.raw_line})"
         return ScriptPatch(source, [], [(k, reason) for k, _ in todo])
-    plans: dict[str, _Plan] = {}
+    plans: dict[str, Plan] = {}
     skipped: list[tuple[str, str]] = []
     for key, value in todo:
         try:
