@@ -649,3 +649,69 @@ def test_autograd_backward_call_and_settings_turned_off():
     assert fp16.code == source
     assert fp16.skipped == [("amp", "the loss is backpropagated with torch.autograd.backward(...) (line 9); the "
                                     "fp16 GradScaler needs `scaler.scale(loss).backward()` written by hand")]
+
+
+def test_a_model_call_before_the_training_loop_is_not_taken_for_the_forward():
+    source = src('''
+        import torch
+
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        print(model(torch.zeros(1, 4)))  # a sanity check before training
+        for x in [torch.randn(2, 4)]:
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+    ''')
+    sites = loop_sites(source, forward="print(model(", backward="loss.backward()", step="opt.step()",
+                       optimizer="torch.optim.SGD(", optimizer_var="opt")
+    p = patch_script(source, sites, {"amp": BF16_CPU})
+    assert p.code == source
+    assert p.skipped == [("amp", "the model call recorded (line 5) runs outside the loop (line 6) that holds the "
+                                 "backward (line 8); put the training forward under torch.autocast by hand")]
+
+
+def test_autocast_through_a_context_variable_is_the_scripts_own():
+    source = src('''
+        from contextlib import nullcontext
+
+        import torch
+
+        dtype = "float32"
+        ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x in [torch.randn(2, 4)]:
+            with ctx:
+                loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+    ''')
+    sites = loop_sites(source, forward="loss = model(x)", backward="loss.backward()", step="opt.step()",
+                       optimizer="torch.optim.SGD(", optimizer_var="opt")
+    p = patch_script(source, sites, {"amp": BF16_CPU})
+    assert p.skipped == [("amp", "the forward (line 11) already runs under the script's own autocast (line 10); "
+                                 "turn that one on instead")]
+    plain = source.replace("with ctx:", "with nullcontext():")
+    assert patch_script(plain, sites, {"amp": BF16_CPU}).applied == ["amp"]
+
+
+def test_long_loader_calls_wrap_and_a_loader_built_each_epoch_is_edited_once():
+    source = src('''
+        import torch
+        from torch.utils.data import DataLoader
+
+
+        def main(data):
+            for epoch in range(2):
+                loader = DataLoader(data, batch_size=64, shuffle=True, drop_last=True, num_workers=0)
+                for batch in loader:
+                    pass
+    ''')
+    site = {"line": 7, "function": "main"}
+    p = patch_script(source, {"dataloaders": [site, dict(site)]},
+                     {"dataloader": {"num_workers": 2, "pin_memory": True, "persistent_workers": False}})
+    assert p.applied == ["dataloader"]
+    assert p.code == source.replace(
+        "num_workers=0)\n",
+        "num_workers=2,\n                            pin_memory=True, persistent_workers=False)\n")

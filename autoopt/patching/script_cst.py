@@ -25,6 +25,7 @@ class Stmt:
     parent: Optional["Stmt"]
     start: int
     end: int
+    col: int = 0  # its indentation
 
     def chain(self) -> Iterable["Stmt"]:
         """This statement and its enclosing ones, innermost first."""
@@ -54,6 +55,7 @@ class CallAt:
     start: int
     end: int
     stmt: Optional[Stmt]
+    col: int = 0  # of the call's first character
 
 
 class Collector(cst.CSTVisitor):
@@ -75,12 +77,14 @@ class Collector(cst.CSTVisitor):
         elif isinstance(node, cst.BaseStatement):
             pos = self.get_metadata(PositionProvider, node)
             block, idx = self._slot.get(id(node), (None, None))
-            st = Stmt(node, block, idx, self._stack[-1] if self._stack else None, pos.start.line, pos.end.line)
+            st = Stmt(node, block, idx, self._stack[-1] if self._stack else None, pos.start.line, pos.end.line,
+                      pos.start.column)
             self.stmts.append(st)
             self._stack.append(st)
         elif isinstance(node, cst.Call):
             pos = self.get_metadata(PositionProvider, node)
-            self.calls.append(CallAt(node, pos.start.line, pos.end.line, self._stack[-1] if self._stack else None))
+            self.calls.append(CallAt(node, pos.start.line, pos.end.line, self._stack[-1] if self._stack else None,
+                                     pos.start.column))
         return True
 
     def on_leave(self, original_node: cst.CSTNode) -> None:
@@ -291,6 +295,21 @@ def set_kwargs(kwargs: dict[str, str], remove: Iterable[str] = ()) -> Callable[[
         name = last_part(callee(call)) or ""
         return _CallKwargs({name}, kwargs, set(remove)).leave_Call(call, call)
     return edit
+
+
+def wrap_new_args(old: cst.Call, new: cst.Call, hanging: int) -> cst.Call:
+    """`new` (old with keyword arguments added) with the added ones on a continuation line
+    `hanging` columns in from the statement's indentation (aligned with the open paren)."""
+    had = {a.keyword.value for a in old.args if a.keyword is not None}
+    first = next((i for i, a in enumerate(new.args) if a.keyword is not None and a.keyword.value not in had), 0)
+    if first == 0:
+        return new
+    brk = cst.Comma(whitespace_after=cst.ParenthesizedWhitespace(
+        first_line=cst.TrailingWhitespace(), empty_lines=[], indent=True,
+        last_line=cst.SimpleWhitespace(" " * hanging)))
+    args = list(new.args)
+    args[first - 1] = args[first - 1].with_changes(comma=brk)
+    return new.with_changes(args=args)
 
 
 def is_backward(call: cst.Call) -> bool:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import libcst as cst
 from libcst.metadata import MetadataWrapper
@@ -71,6 +71,7 @@ from autoopt.patching.script_cst import (
     scaled_backward,
     scaled_step,
     set_kwargs,
+    wrap_new_args,
 )
 
 __all__ = ["ScriptPatch", "patch_script", "unified_diff", "CHANGE_ORDER"]
@@ -118,6 +119,8 @@ class _Patcher:
         self.stmts, self.calls = col.stmts, col.calls
         self.used_names = names_in(self.module)
         self.quote = quote_style(self.module)
+        self.source_lines = source.splitlines()
+        self.width = max([79, *(len(ln) for ln in self.source_lines)])
 
     def lit(self, value) -> str:
         """`value` as Python source, a string in the script's own quotes."""
@@ -252,7 +255,8 @@ class _Patcher:
         if via is not None:
             return via
         if not var:
-            raise _Skip(f"autoopt could not tell which variable holds the model called at {at.where()}")
+            raise _Skip(f"autoopt could not tell which variable holds the model called at {at.where()} "
+                        f"(`{self._key(at.node)}`); add the change where the model is built")
         raise _Skip(f"no assignment to {var} precedes the forward ({at.where()}) in its scope, nor one to the "
                     f"variable the optimizer takes .parameters() of; add the change where the model is built")
 
@@ -329,7 +333,25 @@ class _Patcher:
         call = self.optimizer_call()
         self._no_splat(call, "optimizer")
         other = "foreach" if impl == "fused" else "fused"
-        return Plan(calls=[(call.node, set_kwargs({impl: "True"}, remove={other}))], needs_torch=False)
+        return Plan(calls=[(call.node, self.kwargs_edit(call, {impl: "True"}, remove={other}))], needs_torch=False)
+
+    def kwargs_edit(self, call: CallAt, kwargs: dict[str, str], remove: Iterable[str] = ()) -> Callable:
+        """Set (and drop) keyword arguments of a call; on a one-line call that would grow longer
+        than the script's longest line, the added ones go on a continuation line under the
+        first argument, as a person would wrap it."""
+        base = set_kwargs(kwargs, remove)
+        if call.start != call.end or call.stmt is None:
+            return base
+        text = self.source_lines[call.start - 1] if call.start <= len(self.source_lines) else ""
+        paren = call.col + len(code_of(call.node.func)) + len(code_of(call.node.whitespace_after_func))
+        hanging = paren + 1 - call.stmt.col
+
+        def edit(node: cst.Call) -> cst.Call:
+            new = base(node)
+            if len(text) + len(code_of(new)) - len(code_of(node)) <= self.width:
+                return new
+            return wrap_new_args(node, new, hanging)
+        return edit
 
     def _no_splat(self, call: CallAt, what: str) -> None:
         if any(a.star == "**" for a in call.node.args):
@@ -358,7 +380,8 @@ class _Patcher:
             self._same_file(s, "DataLoader construction")
             call = self.call_at(int(s["line"]), lambda c: last_part(callee(c)) == "DataLoader", "DataLoader(...)")
             self._no_splat(call, "DataLoader")
-            plan.calls.append((call.node, set_kwargs(kwargs, remove)))
+            if all(node is not call.node for node, _ in plan.calls):  # a loader built in a loop: one site a call
+                plan.calls.append((call.node, self.kwargs_edit(call, kwargs, remove)))
         if threads and not self._changes.get("num_threads"):
             plan.lines.extend(self._setting_lines("set_num_threads", repr(int(threads))))
             if not plan.lines:
@@ -379,7 +402,8 @@ class _Patcher:
         name = s.get("call") or "Trainer"
         call = self.call_at(int(s["line"]), lambda c: last_part(callee(c)) == name, f"{name}(...)")
         self._no_splat(call, name)
-        return Plan(calls=[(call.node, set_kwargs({k: str(v) for k, v in kwargs.items()}))], needs_torch=False)
+        return Plan(calls=[(call.node, self.kwargs_edit(call, {k: str(v) for k, v in kwargs.items()}))],
+                    needs_torch=False)
 
     # settings: in place of the script's own, else after the imports
     def _setting_lines(self, func: str, arg: str) -> list:
@@ -426,7 +450,7 @@ class _Patcher:
         for st in fwd.chain():
             if st.scope is not fwd.scope:
                 break
-            if is_autocast_with(st.node):
+            if isinstance(st.node, cst.With) and self._autocast_with(st.node):
                 raise _Skip(f"the forward ({fwd.where()}) already runs under the script's own autocast "
                             f"(line {st.start}); turn that one on instead")
         block, i, j = self._autocast_range(fwd, bwd)
@@ -435,6 +459,20 @@ class _Patcher:
         if amp.get("scaler"):
             self._plan_scaler(plan, device, bwd)
         return plan
+
+    def _autocast_with(self, node: cst.With) -> bool:
+        """`with torch.autocast(...)` / `with autocast(...)`, or `with ctx:` where the script
+        assigns ctx something that builds an autocast (`ctx = nullcontext() if ... else
+        torch.autocast(...)`)."""
+        if is_autocast_with(node):
+            return True
+        names = {i.item.value for i in node.items if isinstance(i.item, cst.Name)}
+        for st in self.stmts:
+            if isinstance(st.node, cst.SimpleStatementLine) and assigned(st.node)[0] & names and any(
+                    isinstance(c.node.func, (cst.Name, cst.Attribute)) and last_part(callee(c.node)) == "autocast"
+                    for c in self.calls if c.stmt is st):
+                return True
+        return False
 
     def _backward_call(self, bwd: Stmt) -> CallAt:
         line = int(self.sites["backward"]["line"])
@@ -446,6 +484,11 @@ class _Patcher:
         if fwd.scope is not bwd.scope:
             raise _Skip(f"the forward ({fwd.where()}) and the backward ({bwd.where()}) are in different "
                         f"functions; put the code that computes the loss under torch.autocast by hand")
+        loops = [b for b in list(bwd.chain())[1:] if b.scope is bwd.scope and isinstance(b.node, (cst.For, cst.While))]
+        loop = loops[0] if loops else None
+        if loop is not None and not loop.start <= fwd.start <= loop.end:
+            raise _Skip(f"the model call recorded ({fwd.where()}) runs outside the loop (line {loop.start}) that "
+                        f"holds the backward ({bwd.where()}); put the training forward under torch.autocast by hand")
         cur = self.in_block(fwd)
         while True:
             sibling = next((b for b in bwd.chain() if b.block is not None and b.block is cur.block), None)
