@@ -715,3 +715,50 @@ def test_long_loader_calls_wrap_and_a_loader_built_each_epoch_is_edited_once():
     assert p.code == source.replace(
         "num_workers=0)\n",
         "num_workers=2,\n                            pin_memory=True, persistent_workers=False)\n")
+
+
+def test_a_model_rebound_in_an_optional_branch_gets_its_edits_after_the_branch():
+    source = src('''
+        import torch
+
+
+        def main(resume, batches):
+            model = torch.nn.Linear(4, 4)
+            if resume:
+                model.load_state_dict(torch.load(resume))
+                model = model.double()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for x in batches:
+                model(x).sum().backward()
+                opt.step()
+    ''')
+    sites = loop_sites(source, forward="model(x).sum()", backward="model(x).sum()", step="opt.step()",
+                       optimizer="torch.optim.SGD(", optimizer_var="opt")
+    p = patch_script(source, sites, {"channels_last": True})
+    assert statements(function(p.code, "main").body)[:4] == [
+        "model = torch.nn.Linear(4, 4)", "if resume:", "model = model.to(memory_format=torch.channels_last)",
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)"]
+    # bound at import as a placeholder, then in the main block with more work after it: right after it
+    source = src('''
+        import torch
+
+        model = None
+
+
+        def train(batches):
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for x in batches:
+                model(x).sum().backward()
+                opt.step()
+
+
+        if __name__ == "__main__":
+            model = torch.nn.Linear(4, 4)
+            train([torch.randn(2, 4)])
+    ''')
+    sites = loop_sites(source, forward="model(x).sum()", backward="model(x).sum()", step="opt.step()",
+                       optimizer="torch.optim.SGD(", optimizer_var="opt")
+    p = patch_script(source, sites, {"channels_last": True})
+    assert statements(compiles(p.code).body[-1].body) == [
+        "model = torch.nn.Linear(4, 4)", "model = model.to(memory_format=torch.channels_last)",
+        "train([torch.randn(2, 4)])"]

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import libcst as cst
-from libcst.metadata import MetadataWrapper
+from libcst.metadata import MetadataWrapper, PositionProvider
 
 from autoopt.patching.editor import PatchError, SourceEditor, _dotted, unified_diff
 from autoopt.patching.script_cst import (
@@ -116,6 +116,7 @@ class _Patcher:
         self.module = self.wrapper.module
         col = Collector()
         self.wrapper.visit(col)
+        self.positions = self.wrapper.resolve(PositionProvider)
         self.stmts, self.calls = col.stmts, col.calls
         self.used_names = names_in(self.module)
         self.quote = quote_style(self.module)
@@ -194,20 +195,41 @@ class _Patcher:
         return out
 
     def lift(self, st: Stmt, name: Optional[str]) -> Stmt:
-        """The statement to insert after: the binding itself, or, when `name` is bound in more
-        than one branch of an `if`/`try`/`match` (so which one ran is not known here), that
-        whole statement, unless it holds a use of the model or optimizer."""
+        """The statement to insert after: the binding itself, or the `if`/`try`/`match` holding
+        it when that binding ends its branch and which branch ran is not known here (`name` is
+        bound in another branch too, or already before the statement), unless the statement
+        holds a use of the model or optimizer."""
         st = self.in_block(st)
         keep = self.uses()
-        while st.parent is not None and isinstance(st.parent.node, _CONDITIONAL):
+        while name is not None and st.parent is not None and isinstance(st.parent.node, _CONDITIONAL):
             top = self.in_block(st.parent)
-            if any(top.start <= k <= top.end for k in keep) or name is None:
+            if any(top.start <= k <= top.end for k in keep) or st.index != len(st.block.body) - 1:
                 break
-            binds = [b for b in self._scope_bindings(name, st.scope, None) if top.start <= b.start <= top.end]
-            if len(binds) < 2:
+            binds = [b.start for b in self._scope_bindings(name, st.scope, None)]
+            branches = sum(1 for lo, hi in self._branches(top.node) if any(lo <= b <= hi for b in binds))
+            if branches < 2 and not any(b < top.start for b in binds):
                 break
             st = top
         return st
+
+    def _branches(self, node: cst.CSTNode) -> list[tuple[int, int]]:
+        """(first, last line) of each branch of an if/elif/else, try/except/else/finally or match."""
+        blocks: list[cst.CSTNode] = []
+        while isinstance(node, cst.If):
+            blocks.append(node.body)
+            node = node.orelse
+        if isinstance(node, cst.Else):
+            blocks.append(node.body)
+        if isinstance(node, (cst.Try, cst.TryStar)):
+            blocks += [node.body, *(h.body for h in node.handlers)]
+            blocks += [x.body for x in (node.orelse, node.finalbody) if x is not None]
+        if isinstance(node, cst.Match):
+            blocks += [c.body for c in node.cases]
+        out = []
+        for b in blocks:
+            pos = self.positions[b]
+            out.append((pos.start.line, pos.end.line))
+        return out
 
     # -- the model's binding ---------------------------------------------------------------
     def _scope_bindings(self, name: str, scope: Optional[Stmt], before: Optional[int]) -> list[Stmt]:
