@@ -268,7 +268,7 @@ def test_training_arguments_call_gets_the_framework_kwargs():
     kwargs = {"bf16": "True", "fp16": "False", "dataloader_num_workers": "2", "optim": '"adamw_torch_fused"'}
     p = patch_script(source, sites, {"framework_kwargs": {"kwargs": kwargs}, "channels_last": True})
     assert p.applied == ["framework_kwargs"]
-    assert p.skipped == [("channels_last", "the run recorded no model's forward call in train.py")]
+    assert p.skipped == [("channels_last", "the run recorded no call of the model in train.py")]
     (kw,) = call_kwargs(p.code, "TrainingArguments")
     assert kw == {"output_dir": "'out'", "per_device_train_batch_size": "8", "num_train_epochs": "1",
                   "fp16": "False", "report_to": "[]", "bf16": "True", "dataloader_num_workers": "2",
@@ -504,6 +504,12 @@ def test_existing_settings_are_changed_in_place():
         "torch.backends.cudnn.benchmark = True", "torch.set_num_threads(2)",
         "torch.set_float32_matmul_precision('high')"]
     assert statements(compiles(p.code).body) == ["import torch", "def main():"]
+    # the script's own setting runs only on a flag: changed, and set after the imports too
+    flagged = source.replace("    torch.set_num_threads(8)\n", "    if THREADS:\n        torch.set_num_threads(8)\n")
+    p = patch_script(flagged, {}, {"num_threads": 2, "cudnn_benchmark": True})
+    assert statements(compiles(p.code).body) == ["import torch", "torch.set_num_threads(2)", "def main():"]
+    assert "    if THREADS:\n        torch.set_num_threads(2)\n" in p.code
+    assert "    torch.backends.cudnn.benchmark = True\n" in p.code
 
 
 def test_import_torch_is_ensured_and_dataloader_threads_written():
@@ -762,3 +768,19 @@ def test_a_model_rebound_in_an_optional_branch_gets_its_edits_after_the_branch()
     assert statements(compiles(p.code).body[-1].body) == [
         "model = torch.nn.Linear(4, 4)", "model = model.to(memory_format=torch.channels_last)",
         "train([torch.randn(2, 4)])"]
+
+
+def test_training_arguments_from_the_command_line_get_the_flags_in_the_reason():
+    source = src('''
+        from transformers import HfArgumentParser, TrainingArguments
+
+        parser = HfArgumentParser(TrainingArguments)
+        (training_args,) = parser.parse_args_into_dataclasses()
+    ''')
+    sites = {"framework": {"kind": "transformers", "line": 4, "call": "TrainingArguments"}}
+    p = patch_script(source, sites, {"framework_kwargs": {"kwargs": {"bf16": "True", "optim": "'adamw_torch_fused'"}}})
+    assert p.code == source
+    assert p.skipped == [("framework_kwargs", "line 4 of train.py holds no TrainingArguments(...) call that autoopt "
+                                              "can edit (it calls parser.parse_args_into_dataclasses(...)); if the "
+                                              "script reads TrainingArguments from its command line, pass --bf16 True "
+                                              "--optim adamw_torch_fused")]

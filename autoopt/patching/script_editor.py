@@ -14,25 +14,31 @@ another file of the user's carries a "file" key and the edits that need it are s
 `changes` (a plain dict, from the kept configuration) and where each lands:
 
 - matmul_precision / cudnn_benchmark / num_threads: `torch.set_float32_matmul_precision(...)`,
-  `torch.backends.cudnn.benchmark = ...`, `torch.set_num_threads(n)` right after the imports, or
-  in place of the script's own setting of the same thing.
+  `torch.backends.cudnn.benchmark = ...`, `torch.set_num_threads(n)` right after the imports;
+  the script's own setting of the same thing is changed in place (and then nothing is added
+  unless that one runs only under an if/try/loop).
 - channels_last: `model = model.to(memory_format=torch.channels_last)` right after the statement
-  that binds the model, in the same block (after an enclosing `if`/`try` that does not hold the
-  training loop).
-- compile: `model.compile(mode=..., backend=...)` after that (in place, as the run applied it:
-  the model object, its class and its state_dict keys stay the same).
+  that binds the model, in the same block; when that binding ends a branch of an if/try/match
+  and the model is also bound in another branch (or before it), after that whole statement.
+- compile: `model.compile(mode=..., backend=...)` after that: in place, as the run applied it,
+  so the model object, its class and its state_dict keys stay what the rest of the script
+  expects (`torch.compile(model)` would return a wrapper with `_orig_mod.` keys).
 - optimizer_impl: `fused=True` / `foreach=True` in the optimizer's construction call (the
   other flag removed).
 - dataloader: the keyword arguments in each recorded `DataLoader(...)` call (workers 0: no
-  persistent_workers / prefetch_factor); its `intra_op_threads` is written as num_threads.
-- amp: the statements from the forward's statement through the last one that computes the
-  loss backpropagated (never the backward itself) in `with torch.autocast(device_type=...,
-  dtype=...):`; forward and backward in different blocks of one function: the statement of the
-  forward's block holding it is wrapped. fp16 with `scaler`: `scaler = torch.amp.GradScaler(...)`
-  after the optimizer (or before the training loop), `scaler.scale(loss).backward()`,
-  `scaler.step(opt)` and `scaler.update()`.
+  persistent_workers / prefetch_factor); its `intra_op_threads` is written as num_threads and
+  `non_blocking` left to the script's own `.to()` calls, as the run does.
+- amp: `with torch.autocast(device_type=..., dtype=...):` around the statements from the
+  forward's through the last one assigning a name the backpropagated loss uses (never the
+  backward itself, nor the logging after the loss). A forward nested in an if/loop that ends
+  before the backward (same function): that whole statement is the first one wrapped. fp16
+  with `scaler`: `scaler = torch.amp.GradScaler(...)` after the optimizer (or before the
+  training loop), `scaler.scale(loss).backward()`, `scaler.step(opt)` and `scaler.update()`.
 - framework_kwargs: the keyword arguments set in the `TrainingArguments(...)` / `Trainer(...)`
   call (an existing keyword's value replaced).
+
+Arguments added to a one-line call that would outgrow the script's longest line go on a
+continuation line under the first argument; strings are written in the script's own quotes.
 
 An edit that cannot be placed safely is not made: `ScriptPatch.skipped` holds (change, reason)
 with the reason in one line; `applied` the changes written. Each change is all or nothing.
@@ -40,6 +46,7 @@ with the reason in one line; `applied` the changes written. Each change is all o
 """
 from __future__ import annotations
 
+import ast
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -84,7 +91,7 @@ _OPTIMIZERS = {"SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax
                "Rprop", "SparseAdam", "LBFGS", "Adafactor", "Muon"}
 _LOADER_KWARGS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
 _DTYPES = {"bfloat16": "torch.bfloat16", "float16": "torch.float16"}
-_SITE_WHAT = {"forward": "model's forward call", "backward": "backward call", "step": "optimizer step",
+_SITE_WHAT = {"forward": "call of the model", "backward": "backward call", "step": "optimizer step",
               "optimizer": "optimizer construction", "framework": "framework call"}
 _CONDITIONAL = (cst.If, cst.Try, cst.TryStar, cst.Match)
 
@@ -405,10 +412,8 @@ class _Patcher:
             if all(node is not call.node for node, _ in plan.calls):  # a loader built in a loop: one site a call
                 plan.calls.append((call.node, self.kwargs_edit(call, kwargs, remove)))
         if threads and not self._changes.get("num_threads"):
-            plan.lines.extend(self._setting_lines("set_num_threads", repr(int(threads))))
-            if not plan.lines:
-                plan.top.append(f"torch.set_num_threads({int(threads)})\n")
-            plan.needs_torch = True
+            setting = self._setting("set_num_threads", repr(int(threads)))
+            plan.lines, plan.top, plan.needs_torch = setting.lines, setting.top, True
         return plan
 
     def plan_framework_kwargs(self, value: dict) -> Plan:
@@ -422,43 +427,59 @@ class _Patcher:
                 raise _Skip(f"the value of {k} is not a Python expression: {expr!r}") from None
         s = self.site("framework")
         name = s.get("call") or "Trainer"
-        call = self.call_at(int(s["line"]), lambda c: last_part(callee(c)) == name, f"{name}(...)")
+        try:
+            call = self.call_at(int(s["line"]), lambda c: last_part(callee(c)) == name, f"{name}(...)")
+        except _Skip as exc:
+            raise _Skip(exc.reason + _command_line_hint(s.get("kind"), kwargs)) from None
         self._no_splat(call, name)
         return Plan(calls=[(call.node, self.kwargs_edit(call, {k: str(v) for k, v in kwargs.items()}))],
                     needs_torch=False)
 
     # settings: in place of the script's own, else after the imports
-    def _setting_lines(self, func: str, arg: str) -> list:
-        """Rewrites of the script's own `torch.<func>(...)` expression statements."""
-        out = []
-        for st in self.stmts:
-            if not isinstance(st.node, cst.SimpleStatementLine):
-                continue
-            for small in st.node.body:
-                if (isinstance(small, cst.Expr) and isinstance(small.value, cst.Call)
-                        and callee(small.value) == f"torch.{func}"):
-                    out.append((st.node, replace_call_arg(func, arg)))
-                    break
-        return out
-
-    def plan_matmul_precision(self, value: str) -> Plan:
-        arg = self.lit(str(value))
-        lines = self._setting_lines("set_float32_matmul_precision", arg)
-        return Plan(lines=lines, top=[] if lines else [f"torch.set_float32_matmul_precision({arg})\n"])
-
-    def plan_num_threads(self, value: int) -> Plan:
-        arg = repr(int(value))
-        lines = self._setting_lines("set_num_threads", arg)
-        return Plan(lines=lines, top=[] if lines else [f"torch.set_num_threads({arg})\n"])
-
-    def plan_cudnn_benchmark(self, value: bool) -> Plan:
-        lines = []
+    def _setting(self, func: str, arg: str) -> Plan:
+        """`torch.<func>(arg)`: the script's own calls of it changed in place; after the imports
+        unless one of those runs unconditionally (not under an if/try/loop of its function)."""
+        plan = Plan()
         for st in self.stmts:
             if isinstance(st.node, cst.SimpleStatementLine) and any(
-                    isinstance(s, cst.Assign) and any(_dotted(t.target) == "torch.backends.cudnn.benchmark"
-                                                      for t in s.targets) for s in st.node.body):
-                lines.append((st.node, replace_assigned("torch.backends.cudnn.benchmark", repr(bool(value)))))
-        return Plan(lines=lines, top=[] if lines else [f"torch.backends.cudnn.benchmark = {bool(value)!r}\n"])
+                    isinstance(small, cst.Expr) and isinstance(small.value, cst.Call)
+                    and callee(small.value) == f"torch.{func}" for small in st.node.body):
+                plan.lines.append((st.node, replace_call_arg(func, arg)))
+        if not any(self._unconditional(st) for st in self._setting_stmts(plan)):
+            plan.top = [f"torch.{func}({arg})\n"]
+        return plan
+
+    def _setting_stmts(self, plan: Plan) -> list[Stmt]:
+        nodes = {id(node) for node, _ in plan.lines}
+        return [st for st in self.stmts if id(st.node) in nodes]
+
+    @staticmethod
+    def _unconditional(st: Stmt) -> bool:
+        """Runs whenever its function (or the module) runs: no if/try/match/loop around it."""
+        for up in list(st.chain())[1:]:
+            if isinstance(up.node, SCOPES):
+                return True
+            if isinstance(up.node, (*_CONDITIONAL, cst.For, cst.While)):
+                return False
+        return True
+
+    def plan_matmul_precision(self, value: str) -> Plan:
+        return self._setting("set_float32_matmul_precision", self.lit(str(value)))
+
+    def plan_num_threads(self, value: int) -> Plan:
+        return self._setting("set_num_threads", repr(int(value)))
+
+    def plan_cudnn_benchmark(self, value: bool) -> Plan:
+        target = "torch.backends.cudnn.benchmark"
+        plan = Plan()
+        for st in self.stmts:
+            if isinstance(st.node, cst.SimpleStatementLine) and any(
+                    isinstance(s, cst.Assign) and any(_dotted(t.target) == target for t in s.targets)
+                    for s in st.node.body):
+                plan.lines.append((st.node, replace_assigned(target, repr(bool(value)))))
+        if not any(self._unconditional(st) for st in self._setting_stmts(plan)):
+            plan.top = [f"{target} = {bool(value)!r}\n"]
+        return plan
 
     # amp
     def plan_amp(self, amp: dict) -> Plan:
@@ -607,6 +628,23 @@ class _Patcher:
         return editor.code
 
 
+def _command_line_hint(kind: Optional[str], kwargs: dict) -> str:
+    """For TrainingArguments parsed from the command line (HfArgumentParser): the flags that
+    set these arguments, when every value is a plain literal."""
+    if kind != "transformers":
+        return ""
+    flags = []
+    for k, expr in kwargs.items():
+        try:
+            value = ast.literal_eval(str(expr))
+        except (ValueError, SyntaxError):
+            return ""
+        if not isinstance(value, (bool, int, float, str)):
+            return ""
+        flags.append(f"--{k} {value}")
+    return f"; if the script reads TrainingArguments from its command line, pass {' '.join(flags)}"
+
+
 def _requested(changes: dict) -> list[tuple[str, object]]:
     out = []
     for key in CHANGE_ORDER:
@@ -630,7 +668,8 @@ def _compiles(code: str, filename: str) -> bool:
 
 def patch_script(source: str, sites: dict, changes: dict, filename: str = "train.py") -> ScriptPatch:
     """The script with `changes` written where `sites` say; see the module docstring. A change
-    that cannot be placed safely is left out, with its reason, and the others still apply."""
+    that cannot be placed safely is left out, with its reason, and the others still apply.
+    `filename`: the script's name as the reasons show it."""
     todo = _requested(changes or {})
     try:
         patcher = _Patcher(source, sites, dict(changes or {}), filename)
