@@ -784,3 +784,34 @@ def test_training_arguments_from_the_command_line_get_the_flags_in_the_reason():
                                               "can edit (it calls parser.parse_args_into_dataclasses(...)); if the "
                                               "script reads TrainingArguments from its command line, pass --bf16 True "
                                               "--optim adamw_torch_fused")]
+
+
+def test_fp16_in_a_step_function_without_the_optimizer_is_skipped_and_unknown_changes_named():
+    source = src('''
+        import torch
+
+
+        def train_step(model, opt, x):
+            loss = model(x).sum()
+            loss.backward()
+            opt.step()
+
+
+        def main():
+            model = torch.nn.Linear(4, 4)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(3):
+                train_step(model, opt, torch.randn(2, 4))
+    ''')
+    sites = loop_sites(source, forward="loss = model(x)", backward="loss.backward()", step="opt.step()",
+                       optimizer="torch.optim.SGD(", optimizer_var="opt")
+    p = patch_script(source, sites, {"amp": {"device_type": "cuda", "dtype": "float16", "scaler": True},
+                                     "grad_accum_steps": 4, "weights_dtype": None})
+    assert p.code == source
+    assert p.skipped == [
+        ("amp", "the backward (line 6, in train_step()) runs in no loop of its own and the optimizer is built "
+                "elsewhere; create `scaler = torch.amp.GradScaler(...)` once where the optimizer is built"),
+        ("grad_accum_steps", "autoopt does not know how to write grad_accum_steps into a script")]
+    bf16 = patch_script(source, sites, {"amp": BF16_CPU})
+    (block,) = autocast_blocks(bf16.code)
+    assert body_of(block) == ["loss = model(x).sum()"]

@@ -690,6 +690,9 @@ def patch_script(source: str, sites: dict, changes: dict, filename: str = "train
                 skipped.append((key, "the edit would not compile"))
                 del plans[key]
         code = patcher.render(list(plans.values()))
+    for key in sorted(set(changes or {}) - set(CHANGE_ORDER)):
+        if (changes or {})[key] not in (None, False, {}, []):
+            skipped.append((key, f"autoopt does not know how to write {key} into a script"))
     order = {k: i for i, k in enumerate(CHANGE_ORDER)}
     skipped.sort(key=lambda kv: order.get(kv[0], len(order)))
     return ScriptPatch(code, [k for k, _ in todo if k in plans], skipped)
