@@ -815,3 +815,32 @@ def test_fp16_in_a_step_function_without_the_optimizer_is_skipped_and_unknown_ch
     bf16 = patch_script(source, sites, {"amp": BF16_CPU})
     (block,) = autocast_blocks(bf16.code)
     assert body_of(block) == ["loss = model(x).sum()"]
+
+
+def test_model_found_through_the_parameters_the_optimizer_is_given():
+    source = src('''
+        import torch
+
+
+        def train_one_epoch(net, optimizer, batches):
+            for x in batches:
+                loss = net(x).sum()
+                loss.backward()
+                optimizer.step()
+
+
+        def main(args):
+            model = torch.nn.Linear(4, 4)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.SGD(params, lr=args.lr)
+            train_one_epoch(model, optimizer, [torch.randn(2, 4)])
+    ''')
+    sites = loop_sites(source, forward="loss = net(x)", backward="loss.backward()", step="optimizer.step()",
+                       optimizer="torch.optim.SGD(", model_var="net")
+    p = patch_script(source, sites, {"channels_last": True})
+    assert statements(function(p.code, "main").body)[:2] == [
+        "model = torch.nn.Linear(4, 4)", "model = model.to(memory_format=torch.channels_last)"]
+    # two models' parameters in one optimizer: which to edit is not known
+    two = source.replace("params = [p for p in model.parameters() if p.requires_grad]",
+                         "params = [*model.parameters(), *head.parameters()]")
+    assert "no assignment to net precedes" in patch_script(two, sites, {"channels_last": True}).skipped[0][1]

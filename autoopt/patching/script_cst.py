@@ -312,6 +312,25 @@ def wrap_new_args(old: cst.Call, new: cst.Call, hanging: int) -> cst.Call:
     return new.with_changes(args=args)
 
 
+class _ParamOwners(cst.CSTVisitor):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def visit_Call(self, node: cst.Call) -> None:
+        f = node.func
+        if isinstance(f, cst.Attribute) and "param" in f.attr.value and isinstance(f.value, cst.Name):
+            self.names.add(f.value.value)
+
+
+def param_owners(node: cst.CSTNode) -> set[str]:
+    """Names X of the `X.parameters()` / `X.named_parameters()` / `X.<...param...>(...)` calls in
+    a node: whose parameters it hands on."""
+    v = _ParamOwners()
+    node.visit(v)
+    return v.names
+
+
 def is_backward(call: cst.Call) -> bool:
     func = call.func
     return (isinstance(func, cst.Attribute) and func.attr.value == "backward") or (

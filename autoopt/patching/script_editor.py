@@ -71,6 +71,7 @@ from autoopt.patching.script_cst import (
     last_part,
     loss_of,
     names_in,
+    param_owners,
     parse_stmt,
     quote_style,
     replace_assigned,
@@ -302,22 +303,27 @@ class _Patcher:
         return self.lift(st, var), var
 
     def _binding_via_optimizer(self) -> Optional[tuple[Stmt, str]]:
-        """The variable X in the optimizer's `X.parameters()` and its last binding before the
-        optimizer is built (the model is what the optimizer trains)."""
+        """The variable X whose parameters the optimizer is given (`X.parameters()`,
+        `X.named_parameters()`, a method of X with "param" in its name, in its arguments or in
+        the statement binding a variable passed to it) and X's last binding before the
+        optimizer is built: the model is what the optimizer trains."""
         try:
             call = self.optimizer_call()
         except _Skip:
             return None
-        for arg in call.node.args:
-            v = arg.value
-            if (isinstance(v, cst.Call) and isinstance(v.func, cst.Attribute)
-                    and v.func.attr.value in ("parameters", "named_parameters")
-                    and isinstance(v.func.value, cst.Name) and call.stmt is not None):
-                name = v.func.value.value
-                found = self.binding(name, call.stmt)
-                if found is not None:
-                    return self.lift(found, name), name
-        return None
+        if call.stmt is None:
+            return None
+        owners = param_owners(call.node)
+        passed = set().union(*(names_in(a.value) for a in call.node.args)) if call.node.args else set()
+        for name in sorted(passed):
+            found = self.binding(name, call.stmt)
+            if found is not None and isinstance(found.node, cst.SimpleStatementLine):
+                owners |= param_owners(found.node)
+        if len(owners) != 1:
+            return None
+        (name,) = owners
+        found = self.binding(name, call.stmt)
+        return None if found is None else (self.lift(found, name), name)
 
     def optimizer_call(self) -> CallAt:
         s = self.site("optimizer")
