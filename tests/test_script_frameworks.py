@@ -118,6 +118,43 @@ def test_install_reads_the_framework_from_the_recorded_script_and_plain_scripts_
         fw.install(CFG, CPU, {})
 
 
+def test_call_site_is_the_users_call_or_marked_indirect(tmp_path, monkeypatch):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "fakelib_builder.py").write_text("def build(cls):\n    return cls()\n")
+    monkeypatch.setattr(fw, "_LIB_DIRS", (*fw._LIB_DIRS, str(lib.resolve())))
+    monkeypatch.syspath_prepend(str(lib))
+    import fakelib_builder
+
+    class Args:
+        def __init__(self):
+            self.site = fw._call_site(self)
+
+    first = sys._getframe().f_lineno + 1
+    direct = Args()
+    assert direct.site == {"file": str(Path(__file__).resolve()), "line": first,
+                           "function": "test_call_site_is_the_users_call_or_marked_indirect", "direct": True}
+    indirect = fakelib_builder.build(Args)  # a library builds it for the script (HfArgumentParser, a Trainer)
+    assert indirect.site["direct"] is False and indirect.site["line"] == first + 3
+
+
+def test_accelerator_config_is_merged_not_replaced(tmp_path):
+    assert fw._merge_accelerator_config(None, {"non_blocking": True}) == {"non_blocking": True}
+    assert fw._merge_accelerator_config({"split_batches": True}, {"non_blocking": True}) == {
+        "split_batches": True, "non_blocking": True}
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps({"even_batches": False}))
+    assert fw._merge_accelerator_config(str(path), {"non_blocking": True}) == {
+        "even_batches": False, "non_blocking": True}
+
+    class Config:
+        split_batches = True
+        non_blocking = False
+
+    cfg = Config()
+    assert fw._merge_accelerator_config(cfg, {"non_blocking": True}) is cfg and cfg.non_blocking is True
+
+
 # ---------------------------------------------------------------------------- the scripts, run
 RUNNER = r'''
 import json, runpy, sys

@@ -57,6 +57,7 @@ import dataclasses
 import functools
 import importlib.abc
 import inspect
+import json
 import sys
 import sysconfig
 from pathlib import Path
@@ -397,13 +398,9 @@ class _State:
 
         @functools.wraps(post)
         def __post_init__(args, *a, **k):
-            if getattr(args, "_autoopt_knobs_set", False):  # a subclass's __post_init__ calling ours again
+            if not state.set_training_args(args):
                 return post(args, *a, **k)
-            object.__setattr__(args, "_autoopt_knobs_set", True)
-            hold_tf32 = state.set_training_args(args)
-            if not hold_tf32:
-                return post(args, *a, **k)
-            with _tf32_held(module, args):
+            with _Tf32Held(module):
                 return post(args, *a, **k)
 
         __post_init__._autoopt_framework = True
@@ -470,10 +467,7 @@ class _State:
 
         @functools.wraps(init)
         def __init__(trainer, *args, **kwargs):
-            if not getattr(trainer, "_autoopt_knobs_set", False):
-                trainer._autoopt_knobs_set = True
-                kwargs = state.set_pl_kwargs(trainer, kwargs)
-            return init(trainer, *args, **kwargs)
+            return init(trainer, *args, **state.set_pl_kwargs(trainer, kwargs))
 
         __init__._autoopt_framework = True
         cls.__init__ = __init__
@@ -500,8 +494,8 @@ def _merge_accelerator_config(current, wanted: dict) -> Any:
         return dict(wanted)
     if isinstance(current, dict):
         return {**current, **wanted}
-    if isinstance(current, (str, Path)):  # a JSON file: transformers reads it; the wanted keys cannot join it
-        return current
+    if isinstance(current, (str, Path)):  # a JSON file, as transformers reads it, then the wanted keys
+        return {**json.loads(Path(current).read_text(encoding="utf-8")), **wanted}
     for key, value in wanted.items():
         setattr(current, key, value)
     return current
@@ -513,13 +507,13 @@ def _has_precision_plugin(plugins) -> bool:
                                                                 for c in type(p).__mro__) for p in items)
 
 
-class _tf32_held:
+class _Tf32Held:
     """transformers turns TF32 on with torch_compile on an Ampere GPU unless told tf32=False
     (and tf32=False turns cuDNN's TF32 off too). While a TrainingArguments whose torch_compile
     is autoopt's validates itself, its module's enable_tf32 does nothing, so the compile
     variant changes compilation only."""
 
-    def __init__(self, module, args):
+    def __init__(self, module):
         self.module = module
         self.saved = module.__dict__.get("enable_tf32")
 
