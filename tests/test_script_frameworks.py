@@ -291,10 +291,12 @@ def test_lightning_script_gets_bf16_mixed_and_leaves_the_rest_to_the_generic_hoo
 
 @needs_pl
 @pytest.mark.slow
-def test_lightning_script_without_install_runs_in_full_precision(tmp_path):
-    res = _run(tmp_path, PL_SCRIPT, "lightning", ["--max-steps", "2"], install=False)
+def test_lightning_baseline_configuration_changes_nothing_but_records_the_call_site(tmp_path):
+    # the baseline's child installs with a configuration that sets nothing: the patch needs the call site
+    res = _run(tmp_path, PL_SCRIPT, "lightning", ["--max-steps", "2"], install=True, cfg=ExecConfig())
     assert res["seen"]["precision"] == "32-true" and res["seen"]["autocast"] is None
-    assert res["record"] is None
+    assert res["applied"] == [] and res["record"]["kwargs"] == {}
+    assert res["record"]["line"] == _line_of(PL_SCRIPT, "trainer = L.Trainer(")
 
 
 # ---------------------------------------------------------------------------- corner cases, one process

@@ -239,11 +239,41 @@ _GENERIC = "the driver's generic hook applies it"
 _PROCESS = "a process-wide setting the driver applies before the script"
 
 
-def _plan_transformers(cfg: ExecConfig, caps: Capabilities, optim: str) -> KnobPlan:  # noqa: C901 - one mapping per field
+def _plan_transformers(cfg: ExecConfig, caps: Capabilities, optim: str) -> KnobPlan:
     kw: dict[str, Any] = {}
     fields: set[str] = set()
     why: dict[str, str] = {}
     cpu = caps.device_type != "cuda"
+    _hf_amp(cfg, cpu, kw, fields, why)
+    if cfg.compile_mode:
+        kw.update(torch_compile=True, torch_compile_mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                  torch_compile_backend=cfg.compile_backend)
+        fields.update({"compile_mode", "compile_backend"})
+    if cfg.optimizer_impl == "fused" and optim in ADAMW_OPTIMS:
+        kw["optim"] = "adamw_torch_fused"
+        fields.add("optimizer_impl")
+    elif cfg.optimizer_impl == "fused":
+        why["optimizer_impl"] = (f"the Trainer's optimizer is optim={optim!r}, not AdamW, so "
+                                 f"optim='adamw_torch_fused' would change the optimizer; {_GENERIC}")
+    elif cfg.optimizer_impl:
+        why["optimizer_impl"] = f"TrainingArguments has no {cfg.optimizer_impl} optimizer switch; {_GENERIC}"
+    if cfg.matmul_precision == "high" and not cpu:
+        kw["tf32"] = True
+        fields.add("matmul_precision")
+    elif cfg.matmul_precision:
+        why["matmul_precision"] = ("TF32 is a CUDA math mode (tf32=True fails elsewhere); " if cpu else
+                                   f"TrainingArguments has no matmul precision {cfg.matmul_precision!r}; ") + _PROCESS
+    if cfg.dataloader:
+        loader = {k: v for k, v in cfg.dataloader.items() if v is not None}
+        kw.update({arg: loader[key] for key, arg in _LOADER_ARGS.items() if key in loader})
+        if loader.get("non_blocking") and not cpu:
+            kw["accelerator_config"] = {"non_blocking": True}
+        fields.add("dataloader")
+    _generic_rest(cfg, fields, why, channels="TrainingArguments has no memory-format argument")
+    return KnobPlan(TRANSFORMERS, kw, frozenset(fields), why)
+
+
+def _hf_amp(cfg: ExecConfig, cpu: bool, kw: dict[str, Any], fields: set[str], why: dict[str, str]) -> None:
     if cfg.amp_dtype == "bfloat16":
         kw.update(bf16=True, fp16=False)
         if cpu:
@@ -256,35 +286,6 @@ def _plan_transformers(cfg: ExecConfig, caps: Capabilities, optim: str) -> KnobP
             fields.add("grad_scaler")
     elif cfg.amp_dtype:
         why["amp_dtype"] = f"TrainingArguments has no autocast dtype {cfg.amp_dtype!r}; {_GENERIC}"
-    if cfg.compile_mode:
-        kw.update(torch_compile=True, torch_compile_mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
-                  torch_compile_backend=cfg.compile_backend)
-        fields.update({"compile_mode", "compile_backend"})
-    if cfg.optimizer_impl == "fused":
-        if optim in ADAMW_OPTIMS:
-            kw["optim"] = "adamw_torch_fused"
-            fields.add("optimizer_impl")
-        else:
-            why["optimizer_impl"] = (f"the Trainer's optimizer is optim={optim!r}, not AdamW, so "
-                                     f"optim='adamw_torch_fused' would change the optimizer; {_GENERIC}")
-    elif cfg.optimizer_impl:
-        why["optimizer_impl"] = f"TrainingArguments has no {cfg.optimizer_impl} optimizer switch; {_GENERIC}"
-    if cfg.matmul_precision == "high" and not cpu:
-        kw["tf32"] = True
-        fields.add("matmul_precision")
-    elif cfg.matmul_precision:
-        why["matmul_precision"] = ("TF32 is a CUDA math mode (tf32=True fails elsewhere); " if cpu else
-                                   f"TrainingArguments has no matmul precision {cfg.matmul_precision!r}; ") + _PROCESS
-    if cfg.dataloader:
-        loader = {k: v for k, v in cfg.dataloader.items() if v is not None}
-        for key, arg in _LOADER_ARGS.items():
-            if key in loader:
-                kw[arg] = loader[key]
-        if loader.get("non_blocking") and not cpu:
-            kw["accelerator_config"] = {"non_blocking": True}
-        fields.add("dataloader")
-    _generic_rest(cfg, fields, why, channels="TrainingArguments has no memory-format argument")
-    return KnobPlan(TRANSFORMERS, kw, frozenset(fields), why)
 
 
 def _plan_lightning(cfg: ExecConfig, caps: Capabilities) -> KnobPlan:
@@ -346,10 +347,8 @@ def install(cfg: ExecConfig, caps: Capabilities, record: dict, *, framework: Opt
         framework = detect(Path(script).read_text(encoding="utf-8", errors="replace"))
         if framework is None:
             return set()
-    first = plan(framework, cfg, caps)
-    applied = set(first.fields)
-    if not first.kwargs:
-        return applied
+    applied = set(plan(framework, cfg, caps).fields)
+    # installed for a configuration without knobs too (the baseline): the call site is recorded for the patch
     state = _State(framework, cfg, caps, record, applied)
     if framework == TRANSFORMERS:
         patches = {_TA_MODULE: state.patch_training_args, _HF_TRAINER_MODULE: state.patch_hf_trainer}
