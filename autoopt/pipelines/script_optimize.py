@@ -58,6 +58,12 @@ ADVICE_ONLY = {
 }
 
 
+# ExecConfig field -> the key of patch_script's changes that writes it
+_CHANGE_OF_FIELD = {"amp_dtype": "amp", "grad_scaler": "amp", "compile_mode": "compile", "optimizer_impl":
+                    "optimizer_impl", "matmul_precision": "matmul_precision", "dataloader": "dataloader",
+                    "cudnn_benchmark": "cudnn_benchmark", "channels_last": "channels_last", "num_threads": "num_threads"}
+
+
 def advice_reason(name: str) -> Optional[str]:
     """Why transform `name` is advice only on a script (None: the driver applies it)."""
     if name in SCRIPT_TRANSFORMS:
@@ -175,11 +181,9 @@ class ScriptOptimizeRun(OptimizeRun):
         ev = self.evaluator
         changes = script_changes(best.config, self.base_cfg)
         if ev.framework:
-            from autoopt.scripting.frameworks import knob_exprs
-
-            changes["framework_kwargs"] = {"kwargs": knob_exprs(ev.framework, best.config, self.caps)}
+            self._framework_changes(changes, best.config)
         source = self.target.path.read_text(encoding="utf-8")
-        res = patch_script(source, ev.sites, changes)
+        res = patch_script(source, ev.sites, changes, self.given_path.name)
         self.notes += [f"patch: {n} could not be written into the script: {r}" for n, r in res.skipped]
         if not res.applied:
             self.patch_check = {"checked": False, "ok": False, "reason": "no change could be written into the script"}
@@ -192,6 +196,20 @@ class ScriptOptimizeRun(OptimizeRun):
             self.notes.append("patch: the patched script runs only part of the kept configuration (see the notes "
                               "above): its gain may be smaller than measured")
         self.patch_text = unified_diff(source, res.code, self.given_path.name)
+
+    def _framework_changes(self, changes: dict[str, Any], cfg: ExecConfig) -> None:
+        """A Trainer script: what the framework's own arguments apply goes into its Trainer /
+        TrainingArguments call (the arguments the run set), not into generic edits."""
+        from autoopt.scripting.frameworks import knob_exprs, plan
+
+        site = (self.evaluator.sites or {}).get("framework") or {}
+        p = plan(self.evaluator.framework, cfg, self.caps, optim=site.get("optim"))
+        handled = set(p.fields) - set(site.get("dropped") or {})
+        for fld in handled:
+            key = _CHANGE_OF_FIELD.get(fld)
+            if key is not None:
+                changes[key] = False if key == "channels_last" else None
+        changes["framework_kwargs"] = {"kwargs": knob_exprs(self.evaluator.framework, cfg, self.caps, site=site)}
 
     def _check_patched(self, code: str, best: Point) -> dict[str, Any]:
         """Run the patched script (beside nothing else: the baseline configuration, no hooks
