@@ -139,13 +139,36 @@ def command(entry: dict, work_dir: Path) -> tuple[list[str], Path]:
     return [sys.executable, str(entry["dir"] / entry["script"]), *entry["args"]], work_dir
 
 
-def _run(entry: dict, work_dir: Path) -> subprocess.CompletedProcess:
+# Counts the optimizer steps of the process it is loaded into (through PYTHONPATH, as
+# sitecustomize), writing the count at exit to $CORPUS_STEPS_FILE: the script itself, its
+# argv, cwd, sys.path[0] and stdout are as in a plain run.
+_STEP_COUNTER = """
+import atexit, os
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_steps = [0]
+register_optimizer_step_post_hook(lambda opt, args, kwargs: _steps.__setitem__(0, _steps[0] + 1))
+atexit.register(lambda: open(os.environ["CORPUS_STEPS_FILE"], "w").write(str(_steps[0])))
+"""
+
+
+def _run(entry: dict, work_dir: Path, count_steps: bool = False) -> subprocess.CompletedProcess:
     argv, cwd = command(entry, work_dir)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of autoopt's on its path
     # one thread: on this shared 2-core machine, two OpenMP threads spin while the other is
     # descheduled and a 4 s run takes 30 s
     env["OMP_NUM_THREADS"] = "1"
+    if count_steps:
+        site = work_dir / "_step_counter"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(_STEP_COUNTER)
+        env["PYTHONPATH"] = str(site)
+        env["CORPUS_STEPS_FILE"] = str(site / "steps")
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _steps_run(work_dir: Path) -> int:
+    return int((work_dir / "_step_counter" / "steps").read_text())
 
 
 def _params():
@@ -156,8 +179,9 @@ def _params():
 
 @pytest.mark.parametrize("entry", list(_params()))
 def test_script_runs_plain_and_learns(entry, tmp_path):
-    proc = _run(entry, tmp_path)
+    proc = _run(entry, tmp_path, count_steps=True)
     assert proc.returncode == 0, f"{entry['name']} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert _steps_run(tmp_path) == entry["steps"]
     losses = [float(m) for m in re.findall(entry["loss_re"], proc.stdout)]
     assert len(losses) >= 3, proc.stdout[-2000:]
     assert losses[-1] < 0.8 * losses[0], (entry["name"], losses)
