@@ -405,10 +405,12 @@ def _print_optimize_summary(report: dict) -> None:
 def _print_final_line(out, report: dict) -> None:
     """The findings left out because they change training, then the final line, which leads
     with the speedup with training unchanged (final.fixed_batch_speedup)."""
-    from autoopt.output.data import manual_skip_lines
+    from autoopt.output.data import advice_lines, manual_skip_lines
 
     for line in manual_skip_lines(report):
         out.print(f"Not applied: {_name(line)}", markup=False)
+    for line in advice_lines(report):
+        out.print(f"Advice (not applied to a script): {_name(line)}", markup=False)
     f = report.get("final") or {}
     fs, lo, hi = f.get("fixed_batch_speedup"), f.get("fixed_batch_low"), f.get("fixed_batch_high")
     if fs is not None:

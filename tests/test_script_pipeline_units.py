@@ -35,6 +35,18 @@ def test_batch_size_finding_becomes_skipped_advice_not_a_candidate():
     assert "advice only on a script" in v.reason and "--batch-size" in v.reason
 
 
+def test_advice_is_listed_as_advice_not_as_a_manual_finding_to_accept():
+    r = {"variants": [
+        {"name": "AO402", "status": "skipped", "accepted": False, "safety": "manual",
+         "reason": advice_reason("batch_size"), "transforms": [{"name": "batch_size", "params": {}}]},
+        {"name": "AO404", "status": "skipped", "accepted": False, "safety": "manual",
+         "reason": "not applied: AO404 grad_accumulation changes training; pass --accept AO404 to try it",
+         "transforms": [{"name": "grad_accumulation", "params": {}}]}]}
+    assert D.manual_skip_lines(r) == ["AO404 (grad_accumulation): changes training; pass --accept AO404 to try it"]
+    (line,) = D.advice_lines(r)
+    assert line.startswith("AO402 (batch_size): autoopt does not change the batch")
+
+
 def test_script_changes_names_only_what_the_kept_config_changes():
     base = ExecConfig(device="cpu", batch_size=32)
     assert script_changes(base, base) == {

@@ -406,7 +406,22 @@ def manual_skipped(report: dict) -> list[dict]:
     """The findings not applied because they change training and nobody named them: skipped,
     not accepted, safety `manual`."""
     return [v for v in variants(report) if v.get("status") == "skipped" and v.get("accepted") is False
-            and v.get("safety") == "manual"]
+            and v.get("safety") == "manual" and not str(v.get("reason") or "").startswith(ADVICE_PREFIX)]
+
+
+ADVICE_PREFIX = "advice only on a script: "
+
+
+def advice_lines(report: dict) -> list[str]:
+    """`optimize --script`: the findings hooks cannot apply to a script, one line each with the
+    reason ('AO402 (batch_size): autoopt does not change the batch a script builds ...')."""
+    out = []
+    for v in variants(report):
+        reason = str(v.get("reason") or "")
+        if v.get("status") == "skipped" and reason.startswith(ADVICE_PREFIX):
+            names = [str(as_dict(t).get("name", "?")) for t in as_list(v.get("transforms"))]
+            out.append(f"{v.get('name')} ({', '.join(names) or '?'}): {reason[len(ADVICE_PREFIX):]}")
+    return out
 
 
 def manual_skip_lines(report: dict) -> list[str]:

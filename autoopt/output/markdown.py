@@ -369,8 +369,8 @@ def artifacts(r: dict) -> list[str]:
     return out
 
 
-SECTIONS = (header, result, notes, script, baseline, variants, final, accuracy, convergence, distributed, search, batch_search,
-            trace_analysis, health, findings, patch, artifacts)
+SECTIONS = (header, result, notes, script, baseline, variants, final, accuracy, convergence, distributed, search,
+            batch_search, trace_analysis, health, findings, patch, artifacts)
 
 
 def render_markdown(report: dict) -> str:

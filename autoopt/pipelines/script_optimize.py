@@ -29,6 +29,7 @@ from typing import Any, Optional
 from autoopt import __version__
 from autoopt.diagnosis.facts_builder import build_facts, diagnose
 from autoopt.errors import UserError
+from autoopt.output.data import ADVICE_PREFIX
 from autoopt.pipelines.candidates import CandidateBuilder, Decide, check_try_names
 from autoopt.pipelines.optimize import OptimizeRun, Progress, _noop, analyze_run
 from autoopt.results import Variant
@@ -59,9 +60,10 @@ ADVICE_ONLY = {
 
 
 # ExecConfig field -> the key of patch_script's changes that writes it
-_CHANGE_OF_FIELD = {"amp_dtype": "amp", "grad_scaler": "amp", "compile_mode": "compile", "optimizer_impl":
-                    "optimizer_impl", "matmul_precision": "matmul_precision", "dataloader": "dataloader",
-                    "cudnn_benchmark": "cudnn_benchmark", "channels_last": "channels_last", "num_threads": "num_threads"}
+_CHANGE_OF_FIELD = {"amp_dtype": "amp", "grad_scaler": "amp", "compile_mode": "compile",
+                    "optimizer_impl": "optimizer_impl", "matmul_precision": "matmul_precision",
+                    "dataloader": "dataloader", "cudnn_benchmark": "cudnn_benchmark",
+                    "channels_last": "channels_last", "num_threads": "num_threads"}
 
 
 def advice_reason(name: str) -> Optional[str]:
@@ -69,7 +71,7 @@ def advice_reason(name: str) -> Optional[str]:
     if name in SCRIPT_TRANSFORMS:
         return None
     why = ADVICE_ONLY.get(name, "autoopt cannot apply it to a script through hooks")
-    return f"advice only on a script: {why}"
+    return f"{ADVICE_PREFIX}{why}"
 
 
 class ScriptCandidateBuilder(CandidateBuilder):
@@ -264,7 +266,8 @@ class ScriptOptimizeRun(OptimizeRun):
         r = super().report(interrupted, interruption)
         ev = self.evaluator
         r.script = {
-            "path": str(self._model_path()), "shown": self.settings.script_path, "args": list(self.settings.script_args),
+            "path": str(self._model_path()), "shown": self.settings.script_path,
+            "args": list(self.settings.script_args),
             "cwd": str(self.target.cwd) if self.target else None,
             "framework": getattr(ev, "framework", None),
             "reproducible": getattr(ev, "reproducible", None), "seed_spread": getattr(ev, "seed_spread", None),
