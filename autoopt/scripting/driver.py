@@ -168,6 +168,7 @@ class Driver:
         self.times: list[float] = []
         self.warmup_times: list[float] = []
         self.left = 0
+        self.skip = 0
         self.prof = None
         self.trace_cmd: Optional[dict] = None
         self.step_fired = False
@@ -564,6 +565,9 @@ class Driver:
             self.ready()
 
     def _boundary_measure(self, dt: Optional[float]) -> None:
+        if self.skip > 0:  # the window's first steps wake the process up (thread pools, caches): not timed
+            self.skip -= 1
+            return
         self.times.append(dt)
         self.left -= 1
         if self.left <= 0:
@@ -614,6 +618,7 @@ class Driver:
 
             reset_peak_memory(self.device)
             self.phase, self.left, self.times = "measure", max(1, int(cmd["steps"])), []
+            self.skip = max(0, int(cmd.get("warmup", 0)))
         elif what == "trace":
             self.start_trace(cmd)
         else:

@@ -10,7 +10,7 @@ child -> parent  {"event": "ready", "losses", "steps", "facts", "sites", "device
                  {"event": "traced", "files"}
                  {"event": "ended", "steps", "times_ms"}      the script returned on its own
                  {"event": "error", "kind", "message", "where", "traceback"}
-parent -> child  {"cmd": "measure", "steps": N} | {"cmd": "trace", "dir", "worker", "warmup",
+parent -> child  {"cmd": "measure", "steps": N, "warmup": n} | {"cmd": "trace", "dir", "worker", "warmup",
                   "active"} | {"cmd": "stop"}
 
 This module imports no torch: the parent checks a configuration against what a script can

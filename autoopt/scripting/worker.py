@@ -231,10 +231,11 @@ class ScriptWorker:
         per = (self.step_ms or 1000.0) / 1000.0
         return 120.0 + 20.0 * per * steps
 
-    def measure(self, steps: int) -> tuple[list[float], Optional[float]]:
-        """`steps` timed optimizer steps: their times (ms) and the peak memory (MB)."""
-        self.conn.send({"cmd": "measure", "steps": int(steps)})
-        msg = self.receive(self._step_timeout(steps), f"measuring {steps} step(s)")
+    def measure(self, steps: int, warmup: int = 1) -> tuple[list[float], Optional[float]]:
+        """`steps` timed optimizer steps after `warmup` untimed ones (a child that waited for
+        its turn wakes up first): their times (ms) and the peak memory (MB)."""
+        self.conn.send({"cmd": "measure", "steps": int(steps), "warmup": int(warmup)})
+        msg = self.receive(self._step_timeout(steps + warmup), f"measuring {steps} step(s)")
         if msg.get("event") != "measured":
             self._fail("setup", f"unexpected message {msg.get('event')!r} instead of measured")
         times = [float(t) for t in msg["times_ms"]]
