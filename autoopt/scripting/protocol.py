@@ -70,10 +70,9 @@ def cannot_apply(cfg: ExecConfig, handled: Iterable[str] = (), batch_size: Optio
         if name in done:
             continue
         value = getattr(cfg, name)
-        if name == "lr_scale" and value in (None, 1, 1.0):
+        if value is None or value is False or value == getattr(base, name) or (name == "lr_scale" and value == 1):
             continue
-        if value != getattr(base, name) and value not in (None, False, 1):
-            out.append(f"{name}={value!r} cannot be applied to a script: {why}")
+        out.append(f"{name}={value!r} cannot be applied to a script: {why}")
     if batch_size is not None and cfg.batch_size != batch_size and "batch_size" not in done:
         out.append(f"batch_size={cfg.batch_size} cannot be applied to a script: the script builds its own batches "
                    f"of {batch_size} (change its batch-size argument instead)")
