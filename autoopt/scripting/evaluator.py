@@ -106,20 +106,32 @@ class ScriptEvaluator:
         self._names[safe] = n
         return safe if n == 1 else f"{safe}-{n}"
 
-    def _new_worker(self, cfg: ExecConfig, name: str, *, target: Optional[ScriptTarget] = None,
-                    warmup: Optional[int] = None) -> ScriptWorker:
+    def _spawn(self, cfg: ExecConfig, name: str, *, target: Optional[ScriptTarget] = None,
+               warmup: Optional[int] = None) -> ScriptWorker:
+        """A started child (not yet ready)."""
         kw = {} if self.ready_timeout_s is None else {"ready_timeout_s": self.ready_timeout_s}
         w = ScriptWorker(target or self.target, cfg, name=self._log_name(name), seed=self.seed,
                          verify_steps=self.verify_steps, warmup_steps=self.warmup_steps if warmup is None else warmup,
                          log_dir=self.log_dir, framework_knobs=self.framework_knobs, **kw)
         try:
-            w.start()
+            return w.start()
+        except BaseException:
+            w.kill()
+            raise
+
+    def _ready(self, w: ScriptWorker, name: str) -> ScriptWorker:
+        """A started child once it has sent "ready" (killed when it fails)."""
+        try:
             w.wait_ready()
         except BaseException:
             w.kill()
             raise
         self.applied[name] = list((w.ready or {}).get("applied") or [])
         return w
+
+    def _new_worker(self, cfg: ExecConfig, name: str, *, target: Optional[ScriptTarget] = None,
+                    warmup: Optional[int] = None) -> ScriptWorker:
+        return self._ready(self._spawn(cfg, name, target=target, warmup=warmup), name)
 
     def _worker(self, cfg: ExecConfig, name: str, keep: tuple[str, ...] = ()) -> ScriptWorker:
         """A ready child for cfg: one kept alive, else a new one (the least recently used
@@ -257,11 +269,23 @@ class ScriptEvaluator:
             f"is in {self.log_dir}.", cause=e)
 
     def baseline(self, cfg: ExecConfig) -> Point:
-        self.progress("baseline", f"baseline: running {self.target.shown} as written")
+        self.progress("baseline", f"baseline: running {self.target.shown} as written, twice from one seed (is it "
+                      "reproducible?)")
+        # both start together (the imports and the script's set-up overlap); neither is timed meanwhile
+        w = self._spawn(cfg, "baseline")
         try:
-            w = self._new_worker(cfg, "baseline")
+            again = self._spawn(cfg, "baseline-same-seed", warmup=0)
+        except BaseException:
+            w.kill()
+            raise
+        try:
+            self._ready(w, "baseline")
         except (WorkerFailed, ScriptEnded) as e:
+            again.kill()
             raise self._baseline_error(e) from e
+        except BaseException:
+            again.kill()
+            raise
         ready = w.ready or {}
         self.facts = dict(ready.get("facts") or {})
         self.sites = dict(ready.get("sites") or {})
@@ -273,7 +297,7 @@ class ScriptEvaluator:
         self.base_cfg = base
         self._alive[_key(base)] = w
         self._check_losses()
-        self._reproducibility(base)
+        self._reproducibility(again)
         try:
             logdir = self._trace(base, "baseline")
             m = self._alone(base, "baseline")
@@ -292,12 +316,11 @@ class ScriptEvaluator:
             self.notes.append(f"the script's loss was seen on {len(losses)} of its first {self.verify_steps} steps "
                               "(a scalar tensor it calls backward() on): variants are verified on those only")
 
-    def _reproducibility(self, base: ExecConfig) -> None:
-        """A second baseline from the same seed: its losses equal the first's, or the spread
-        between them widens every tolerance."""
-        self.progress("baseline", "baseline: a second run from the same seed (is the script reproducible?)")
+    def _reproducibility(self, w: ScriptWorker) -> None:
+        """The second baseline from the same seed (`w`, started): its losses equal the first's,
+        or the spread between them widens every tolerance."""
         try:
-            w = self._new_worker(base, "baseline-same-seed", warmup=0)
+            self._ready(w, "baseline-same-seed")
         except (WorkerFailed, ScriptEnded) as e:
             raise self._baseline_error(e) from e
         again = [float(x) for x in (w.ready or {}).get("losses") or []]
