@@ -141,7 +141,8 @@ def test_a_variant_is_applied_at_construction_and_first_use(tmp_path, base_probe
 
 def test_fp16_gets_a_grad_scaler_and_the_loss_is_recorded_unscaled(tmp_path, base_probe):
     base, seen0 = base_probe
-    ready, seen = _probe(tmp_path, ExecConfig(amp_dtype="float16", grad_scaler=True))
+    # with an LR scheduler, which wraps optimizer.step as a bound method
+    ready, seen = _probe(tmp_path, ExecConfig(amp_dtype="float16", grad_scaler=True), extra=("--scheduler",))
     assert "grad_scaler" in ready["applied"]
     assert seen["grad_norm"] / seen0["grad_norm"] > 1000  # backward ran on the scaled loss
     assert all(abs(a - b) / b < 0.05 for a, b in zip(base["losses"], ready["losses"]))

@@ -190,6 +190,12 @@ def test_a_script_too_short_says_how_many_steps_it_ran(tmp_path):
         ev.baseline(ExecConfig())
 
 
+def test_a_script_without_an_optimizer_step_says_so(tmp_path):
+    ev = _evaluator(tmp_path, "no_optimizer.py", [])
+    with pytest.raises(UserError, match="without stepping a torch.optim optimizer"):
+        ev.baseline(ExecConfig())
+
+
 def test_close_stops_every_child(tmp_path):
     ev = _evaluator(tmp_path, "loop.py", [])
     ev._worker(ExecConfig(), "a")

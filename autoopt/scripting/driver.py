@@ -42,6 +42,7 @@ import runpy
 import sys
 import time
 import traceback
+import types
 import weakref
 from pathlib import Path
 from typing import Any, Optional
@@ -207,9 +208,13 @@ class Driver:
         """HF Trainer / Lightning scripts: their own knobs apply what they can express."""
         if not self.spec.get("framework_knobs"):
             return
+        import importlib
+
         try:
-            from autoopt.scripting import frameworks
-        except ImportError:  # this autoopt has no framework support: the generic hooks apply everything
+            frameworks = importlib.import_module("autoopt.scripting.frameworks")
+        except ModuleNotFoundError as e:  # an autoopt without framework support: the generic hooks apply all
+            if e.name != "autoopt.scripting.frameworks":
+                raise
             return
         source = Path(self.script).read_text(encoding="utf-8", errors="replace")
         self.framework = frameworks.detect(source)
@@ -387,18 +392,19 @@ class Driver:
         original = opt.step
         state = {"inner": False}
 
-        def step(*args, **kwargs):
-            if state["inner"]:
+        def step(optimizer, *args, **kwargs):
+            if state["inner"]:  # the scaler's own call, after unscaling
                 return original(*args, **kwargs)
             state["inner"] = True
             try:
-                out = scaler.step(opt, *args, **kwargs)
+                out = scaler.step(optimizer, *args, **kwargs)
                 scaler.update()
             finally:
                 state["inner"] = False
             return out
 
-        opt.step = step
+        # a bound method, as LR schedulers expect when they wrap optimizer.step
+        opt.step = types.MethodType(step, opt)
         self._applied("grad_scaler")
 
     def install_scaler_hooks(self) -> None:

@@ -251,6 +251,11 @@ class ScriptEvaluator:
     # ------------------------------------------------------------------ the baseline
     def _baseline_error(self, e: BaseException) -> UserError:
         shown = self.target.shown
+        if isinstance(e, ScriptEnded) and e.steps == 0:
+            return UserError(
+                f"The script {shown} ended without stepping a torch.optim optimizer, so autoopt saw no training "
+                f"step to verify or time. Fix: optimize a script whose loop calls optimizer.step() on a "
+                f"torch.optim optimizer (profile it as a whole with autoopt profile --script {shown}).", cause=e)
         if isinstance(e, ScriptEnded):
             need = self.verify_steps + self.warmup_steps + self.measure_settings.min_steps
             return UserError(
@@ -372,6 +377,8 @@ class ScriptEvaluator:
                            "this configuration ran (pass arguments that make it train longer)")
         if isinstance(e, WorkerFailed):
             where = f" (at {e.where})" if e.where else ""
+            if not e.where and e.log:  # no line of the script to name: what the child printed last
+                where = " — its output ends: " + " ".join(e.log[-300:].split())
             kind = "out of memory" if e.kind == OOM else (e.exc_type or e.kind)
             log = f"\n--- the end of its log ---\n{e.log}" if e.log else ""
             return Failure(kind, f"{e.message}{where}", (e.traceback or "") + log)

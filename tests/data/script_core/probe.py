@@ -34,6 +34,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--own-scaler", action="store_true")
+    parser.add_argument("--scheduler", action="store_true")
     args = parser.parse_args()
     SEEN.update(argv=sys.argv[1:], cwd=os.getcwd(), path0=sys.path[0], random=random.random(),
                 matmul=torch.get_float32_matmul_precision(), threads=torch.get_num_threads())
@@ -42,6 +43,7 @@ def main():
     model = Net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu") if args.own_scaler else None
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1000) if args.scheduler else None
     for _ in range(args.epochs):
         for x, y in loader:
             out = model(x)
@@ -61,6 +63,8 @@ def main():
                 scaler.update()
             else:
                 opt.step()
+            if sched:
+                sched.step()
 
 
 if __name__ == "__main__":
