@@ -218,3 +218,34 @@ def test_a_hanging_script_times_out_and_is_killed(tmp_path):
     assert ei.value.kind == "timeout"
     assert proc.poll() is not None  # the child's group was ended
 
+
+
+# ------------------------------------------------------------------------------ --nproc
+def test_a_jobs_reply_is_its_slowest_ranks():
+    from autoopt.scripting.worker import merge_ranks
+
+    one = {"event": "measured", "times_ms": [1.0, 5.0, 2.0], "peak_memory_mb": 10.0}
+    assert merge_ranks([one]) is one
+    two = merge_ranks([one, {"event": "measured", "times_ms": [3.0, 1.0, 2.5], "peak_memory_mb": 12.0}])
+    assert two["times_ms"] == [3.0, 5.0, 2.5] and two["peak_memory_mb"] == 12.0
+    ready = merge_ranks([{"event": "ready", "losses": [1.0], "warmup_times_ms": [2.0], "facts": {"a": 0}},
+                         {"event": "ready", "losses": [2.0], "warmup_times_ms": [4.0], "facts": {"a": 1}}])
+    assert ready["losses"] == [1.0] and ready["rank_losses"] == [[1.0], [2.0]] and ready["facts"] == {"a": 0}
+    assert ready["warmup_times_ms"] == [4.0]
+    assert merge_ranks([{"files": ["r0"]}, {"files": ["r1"]}])["files"] == ["r0", "r1"]
+
+
+@pytest.mark.slow
+def test_a_torchrun_style_script_runs_one_driver_per_rank(tmp_path):
+    with _worker(tmp_path, "ddp.py", [], ExecConfig(optimizer_impl="foreach"), nproc=2) as w:
+        w.start()
+        ready = w.wait_ready()
+        assert len(w.conns) == 2 and ready["applied"] == ["optimizer_impl"]
+        assert len(ready["rank_losses"]) == 2 and ready["rank_losses"][0] != ready["rank_losses"][1]  # own shards
+        assert ready["losses"] == ready["rank_losses"][0]
+        times, _ = w.measure(3)
+        assert len(times) == 3
+        files = w.trace(tmp_path / "tb", "ddp", 1, 1)
+        assert sorted(Path(f).name.split(".")[0] for f in files) == ["rank0", "rank1"]
+        w.stop()
+        assert w.proc.returncode == 0

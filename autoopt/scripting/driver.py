@@ -142,6 +142,8 @@ class Driver:
         self.conn = conn
         self.cfg = ExecConfig.from_json(spec["config"])
         self.script = os.path.abspath(spec["script"])
+        self.nproc = int(spec.get("nproc") or 1)
+        self.rank = int(os.environ.get("RANK", "0")) if self.nproc > 1 else 0
         self.verify_steps = int(spec["verify_steps"])
         self.warmup_steps = int(spec["warmup_steps"])
         self.phase = "verify"  # verify -> warmup -> (wait) -> measure | trace
@@ -639,6 +641,8 @@ class Driver:
 
         warmup, active = int(cmd.get("warmup", 1)), int(cmd.get("active", 3))
         Path(cmd["dir"]).mkdir(parents=True, exist_ok=True)
+        if self.nproc > 1:  # one file per rank, named as autoopt's distributed traces are
+            cmd = dict(cmd, worker=f"rank{self.rank}")
         self.trace_cmd = cmd
         self.prof = profile(
             activities=activities_for(self.device),
@@ -789,6 +793,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     conn = Client(spec["address"], family="AF_UNIX", authkey=bytes.fromhex(spec["authkey"]))
+    conn.send({"event": "hello", "rank": int(os.environ.get("RANK", "0")) if int(spec.get("nproc") or 1) > 1 else 0})
     driver = Driver(spec, conn)
     try:
         code = _run(driver)

@@ -68,7 +68,7 @@ class ScriptEvaluator:
                  profile_settings: ProfileSettings, search_settings: SearchSettings, tb_dir: Optional[Path],
                  log_dir: Path, seed: int = 0, progress: Progress = _noop, verify_steps: int = VERIFY_STEPS,
                  warmup_steps: int = WARMUP_STEPS, framework_knobs: bool = True, max_alive: int = MAX_ALIVE,
-                 ready_timeout_s: Optional[float] = None):
+                 ready_timeout_s: Optional[float] = None, nproc: int = 1):
         self.target = target
         self.caps = caps
         self.measure_settings = measure_settings
@@ -83,6 +83,7 @@ class ScriptEvaluator:
         self.framework_knobs = framework_knobs
         self.max_alive = max(2, max_alive)
         self.ready_timeout_s = ready_timeout_s
+        self.nproc = max(1, int(nproc))  # torchrun-style scripts: ranks per job (each its own batches)
         self.workload: Optional[Workload] = None
         self.facts: dict = {}
         self.sites: dict = {}
@@ -112,7 +113,7 @@ class ScriptEvaluator:
         kw = {} if self.ready_timeout_s is None else {"ready_timeout_s": self.ready_timeout_s}
         w = ScriptWorker(target or self.target, cfg, name=self._log_name(name), seed=self.seed,
                          verify_steps=self.verify_steps, warmup_steps=self.warmup_steps if warmup is None else warmup,
-                         log_dir=self.log_dir, framework_knobs=self.framework_knobs, **kw)
+                         log_dir=self.log_dir, framework_knobs=self.framework_knobs, nproc=self.nproc, **kw)
         try:
             return w.start()
         except BaseException:
@@ -194,9 +195,10 @@ class ScriptEvaluator:
 
     def _measurement(self, times: list[float], peak: Optional[float], warmup: int) -> Measurement:
         bs = self.batch_size or 1
+        samples = bs * self.nproc  # a job's step: every rank's batch, at the slowest rank's pace
         st = Stats.of(times)
-        return Measurement(step_time_ms=st, batch_size=bs, throughput_per_s=bs / (st.median / 1000.0),
-                           peak_memory_mb=peak, warmup_steps=warmup)
+        return Measurement(step_time_ms=st, batch_size=bs, throughput_per_s=samples / (st.median / 1000.0),
+                           peak_memory_mb=peak, warmup_steps=warmup, samples_per_step=samples)
 
     def _alone(self, cfg: ExecConfig, name: str) -> Measurement:
         w = self._worker(cfg, name)

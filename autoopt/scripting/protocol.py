@@ -4,7 +4,8 @@ The parent writes a SPEC (JSON) and listens on a unix socket (multiprocessing.co
 with an authentication key); the child connects and sends dict messages, each with an
 "event"; the parent answers at the child's step boundaries with dicts, each with a "cmd":
 
-child -> parent  {"event": "ready", "losses", "steps", "facts", "sites", "device", "batch_size",
+child -> parent  {"event": "hello", "rank"}                     first, from every rank
+                 {"event": "ready", "losses", "steps", "facts", "sites", "device", "batch_size",
                   "framework", "applied", "notes", "warmup_times_ms"}
                  {"event": "measured", "times_ms", "peak_memory_mb"}
                  {"event": "traced", "files"}
@@ -12,6 +13,9 @@ child -> parent  {"event": "ready", "losses", "steps", "facts", "sites", "device
                  {"event": "error", "kind", "message", "where", "traceback"}
 parent -> child  {"cmd": "measure", "steps": N, "warmup": n} | {"cmd": "trace", "dir", "worker", "warmup",
                   "active"} | {"cmd": "stop"}
+
+With --nproc N the child is torch.distributed.run's launcher and every rank connects: commands
+go to every rank, and the parent merges the ranks' replies (autoopt.scripting.worker.merge_ranks).
 
 This module imports no torch: the parent checks a configuration against what a script can
 take (`cannot_apply`) before it starts a child for it.
@@ -36,14 +40,13 @@ COMMANDS = ("measure", "trace", "stop")
 
 
 def make_spec(*, script: Path, args: list[str], cwd: Path, cfg: ExecConfig, seed: int, address: str, authkey: bytes,
-              verify_steps: int, warmup_steps: int, framework_knobs: bool = True,
-              rank: Optional[int] = None) -> dict[str, Any]:
+              verify_steps: int, warmup_steps: int, framework_knobs: bool = True, nproc: int = 1) -> dict[str, Any]:
     """The SPEC the driver reads (JSON-able)."""
     return {
         "script": str(script), "args": [str(a) for a in args], "cwd": str(cwd), "sys_path0": str(script.parent),
         "config": cfg.to_json(), "seed": int(seed), "address": address, "authkey": authkey.hex(),
         "verify_steps": int(verify_steps), "warmup_steps": int(warmup_steps),
-        "framework_knobs": bool(framework_knobs), "rank": rank,
+        "framework_knobs": bool(framework_knobs), "nproc": int(nproc),
     }
 
 
