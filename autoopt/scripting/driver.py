@@ -58,6 +58,17 @@ from autoopt.scripting.facts import (
     optimizer_impl_of,
     user_frame,
 )
+from autoopt.scripting.live import (
+    channels_last_inputs,
+    describe,
+    flat_tensors,
+    is_oom,
+    jsonable,
+    map_tensors,
+    name_of,
+    site,
+    to_float32,
+)
 from autoopt.types import ExecConfig
 
 
@@ -69,69 +80,6 @@ class _Stop(BaseException):
 class CannotApply(Exception):
     """The configuration cannot be applied to this script (error kind "transform")."""
 
-
-
-def _is_oom(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return type(exc).__name__ in ("OutOfMemoryError",) or "out of memory" in text or "can't allocate memory" in text
-
-
-def _map_tensors(obj, fn):
-    """obj with fn applied to every tensor in it (tuples, lists, dicts and their subclasses)."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map_tensors(v, fn) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    if isinstance(obj, dict):
-        items = {k: _map_tensors(v, fn) for k, v in obj.items()}
-        try:
-            return type(obj)(items)
-        except TypeError:
-            for k, v in items.items():
-                obj[k] = v
-            return obj
-    return obj
-
-
-def _to_float32(t):
-    import torch
-
-    return t.float() if t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _to_channels_last(t):
-    import torch
-
-    if t.dim() == 4 and t.is_floating_point():
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
-
-
-def _channels_last_inputs(module, args, kwargs):
-    return _map_tensors(args, _to_channels_last), _map_tensors(kwargs, _to_channels_last)
-
-
-def _site(frame, script: str) -> dict[str, Any]:
-    """{"line", "function"} of a frame (with "file" when it is not the script)."""
-    out: dict[str, Any] = {"line": frame.f_lineno, "function": frame.f_code.co_name}
-    if os.path.abspath(frame.f_code.co_filename) != script:
-        out["file"] = frame.f_code.co_filename
-    return out
-
-
-def _name_of(obj, frame) -> Optional[str]:
-    """The variable bound to `obj` in the frame's locals, else its globals (None: not found)."""
-    if frame is None:
-        return None
-    for scope in (frame.f_locals, frame.f_globals):
-        for k, v in list(scope.items()):
-            if v is obj and not k.startswith("__"):
-                return k
-    return None
 
 
 class Driver:
@@ -273,7 +221,7 @@ class Driver:
         self.optimizers[key] = {"type": type(opt).__name__, "module": type(opt).__module__, "impl": None,
                                 "ref": weakref.ref(opt)}
         if self.sites["optimizer"] is None and frame is not None:
-            self.sites["optimizer"] = dict(_site(frame, self.script), var=None)
+            self.sites["optimizer"] = dict(site(frame, self.script), var=None)
         if self.cfg.optimizer_impl and "optimizer_impl" not in self.handled:
             self.set_impl(opt)
         self.optimizers[key]["impl"] = optimizer_impl_of(opt)
@@ -326,7 +274,7 @@ class Driver:
         cfg = self.cfg
         if cfg.channels_last and "channels_last" not in self.handled:
             m.to(memory_format=torch.channels_last)
-            m.register_forward_pre_hook(_channels_last_inputs, with_kwargs=True)
+            m.register_forward_pre_hook(channels_last_inputs, with_kwargs=True)
             self._applied("channels_last")
         if cfg.amp_dtype and "amp_dtype" not in self.handled:
             self.wrap_autocast(m)
@@ -354,7 +302,7 @@ class Driver:
         def amp_forward(*args, **kwargs):
             with torch.autocast(device_type=device, dtype=dtype):
                 out = forward(*args, **kwargs)
-            return _map_tensors(out, _to_float32)
+            return map_tensors(out, to_float32)
 
         m.forward = amp_forward
         self._applied("amp_dtype")
@@ -366,11 +314,11 @@ class Driver:
         self.autocast_seen = self.autocast_seen or autocast_on()
         import torch
 
-        self.shapes.add(tuple(tuple(t.shape) for t in _flat_tensors((args, kwargs), torch)))
+        self.shapes.add(tuple(tuple(t.shape) for t in flat_tensors((args, kwargs), torch)))
         if self.sites["forward"] is None:
             frame = self._script_frame(user_frame(2))
             if frame is not None:
-                self.sites["forward"] = dict(_site(frame, self.script), model_var=_name_of(module, frame))
+                self.sites["forward"] = dict(site(frame, self.script), model_var=name_of(module, frame))
 
     def _script_frame(self, frame):
         """The innermost frame in the script file from `frame` outwards, else `frame`."""
@@ -466,7 +414,7 @@ class Driver:
         if self.sites["backward"] is None:
             frame = self._script_frame(user_frame(3))
             if frame is not None:
-                self.sites["backward"] = _site(frame, self.script)
+                self.sites["backward"] = site(frame, self.script)
         if self.scaler is not None and entry is None:
             return self.scaler.scale(t)
         return t
@@ -527,7 +475,7 @@ class Driver:
         self.loaders.append(weakref.ref(loader))
         frame = self._script_frame(user_frame(3))
         if frame is not None:
-            self.sites["dataloaders"].append(_site(frame, self.script))
+            self.sites["dataloaders"].append(site(frame, self.script))
 
     # ------------------------------------------------------------------ the step boundary
     def on_step(self, opt) -> None:
@@ -554,8 +502,8 @@ class Driver:
         frame = self._script_frame(user_frame(3))
         if frame is None:
             return
-        var = _name_of(opt, frame)
-        self.sites["step"] = dict(_site(frame, self.script), optimizer_var=var)
+        var = name_of(opt, frame)
+        self.sites["step"] = dict(site(frame, self.script), optimizer_var=var)
         if self.sites["optimizer"] is not None and self.sites["optimizer"].get("var") is None:
             self.sites["optimizer"]["var"] = var
 
@@ -673,36 +621,9 @@ class Driver:
         if model is not None:
             out.update(model_facts(model, self.batch, self.autocast_seen))
         out["workload.static_shapes"] = len(self.shapes) <= 1
-        out["_dataloader"] = _describe(loaders, bs)
+        out["_dataloader"] = describe(loaders, bs)
         out.update(env_facts())
-        return {k: v for k, v in out.items() if _jsonable(v)}
-
-
-def _describe(loaders: list, bs: Optional[int]) -> Optional[dict]:
-    if not loaders:
-        return None
-    from autoopt.workload.inspect import describe_loader
-
-    match = [ld for ld in loaders if bs is not None and ld.batch_size == bs]
-    return describe_loader((match or loaders)[0])
-
-
-def _jsonable(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def _flat_tensors(obj, torch) -> list:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _flat_tensors(v, torch)]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _flat_tensors(v, torch)]
-    return []
+        return {k: v for k, v in out.items() if jsonable(v)}
 
 
 # ---------------------------------------------------------------------------- running the script
@@ -780,7 +701,7 @@ def _run_script(driver: Driver) -> int:
         _error(driver, e, protocol.TRANSFORM)
         return 1
     except BaseException as e:  # noqa: BLE001 - the script's failure, reported with its line
-        _error(driver, e, protocol.OOM if _is_oom(e) else protocol.SCRIPT)
+        _error(driver, e, protocol.OOM if is_oom(e) else protocol.SCRIPT)
         return 1
     driver.send("ended", steps=driver.steps, times_ms=driver.times if driver.phase == "measure" else [],
                 losses=[float(t) for t in driver.losses])

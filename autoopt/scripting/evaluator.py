@@ -99,6 +99,7 @@ class ScriptEvaluator:
         self.variant_times: list[float] = []
         self._alive: "collections.OrderedDict[str, ScriptWorker]" = collections.OrderedDict()
         self._names: dict[str, int] = {}
+        self._baseline_ready_s: Optional[float] = None  # the baseline's start to "ready"
 
     # ------------------------------------------------------------------ children
     def _log_name(self, name: str) -> str:
@@ -111,6 +112,9 @@ class ScriptEvaluator:
                warmup: Optional[int] = None) -> ScriptWorker:
         """A started child (not yet ready)."""
         kw = {} if self.ready_timeout_s is None else {"ready_timeout_s": self.ready_timeout_s}
+        if self.ready_timeout_s is None and self._baseline_ready_s is not None:
+            # a variant that takes far longer than the baseline to reach its first steps hangs
+            kw["ready_timeout_s"] = max(300.0, 5.0 * self._baseline_ready_s)
         w = ScriptWorker(target or self.target, cfg, name=self._log_name(name), seed=self.seed,
                          verify_steps=self.verify_steps, warmup_steps=self.warmup_steps if warmup is None else warmup,
                          log_dir=self.log_dir, framework_knobs=self.framework_knobs, nproc=self.nproc, **kw)
@@ -279,6 +283,7 @@ class ScriptEvaluator:
         self.progress("baseline", f"baseline: running {self.target.shown} as written, twice from one seed (is it "
                       "reproducible?)")
         # both start together (the imports and the script's set-up overlap); neither is timed meanwhile
+        t0 = time.perf_counter()
         w = self._spawn(cfg, "baseline")
         try:
             again = self._spawn(cfg, "baseline-same-seed", warmup=0)
@@ -293,6 +298,7 @@ class ScriptEvaluator:
         except BaseException:
             again.kill()
             raise
+        self._baseline_ready_s = time.perf_counter() - t0
         ready = w.ready or {}
         self.facts = dict(ready.get("facts") or {})
         self.sites = dict(ready.get("sites") or {})
@@ -463,7 +469,7 @@ class ScriptEvaluator:
         """The patched script's first K losses, run with the baseline configuration (its own
         edits carry the kept configuration); WorkerFailed / ScriptEnded when it fails."""
         target = ScriptTarget(path=Path(patched_path).resolve(), args=list(self.target.args), cwd=self.target.cwd,
-                              shown=str(patched_path))
+                              shown=str(patched_path), path0=self.target.path.parent)  # its imports: the script's
         base = self.base_cfg or cfg
         plain = ExecConfig(device=base.device, batch_size=base.batch_size)
         w = self._new_worker(plain, "patched", target=target, warmup=0)

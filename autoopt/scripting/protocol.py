@@ -40,10 +40,12 @@ COMMANDS = ("measure", "trace", "stop")
 
 
 def make_spec(*, script: Path, args: list[str], cwd: Path, cfg: ExecConfig, seed: int, address: str, authkey: bytes,
-              verify_steps: int, warmup_steps: int, framework_knobs: bool = True, nproc: int = 1) -> dict[str, Any]:
+              verify_steps: int, warmup_steps: int, framework_knobs: bool = True, nproc: int = 1,
+              sys_path0: Optional[str] = None) -> dict[str, Any]:
     """The SPEC the driver reads (JSON-able)."""
     return {
-        "script": str(script), "args": [str(a) for a in args], "cwd": str(cwd), "sys_path0": str(script.parent),
+        "script": str(script), "args": [str(a) for a in args], "cwd": str(cwd),
+        "sys_path0": sys_path0 or str(script.parent),
         "config": cfg.to_json(), "seed": int(seed), "address": address, "authkey": authkey.hex(),
         "verify_steps": int(verify_steps), "warmup_steps": int(warmup_steps),
         "framework_knobs": bool(framework_knobs), "nproc": int(nproc),

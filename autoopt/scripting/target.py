@@ -19,6 +19,7 @@ class ScriptTarget:
     args: list[str] = field(default_factory=list)
     cwd: Path = field(default_factory=Path.cwd)
     shown: str = ""
+    path0: Optional[Path] = None  # sys.path[0] when not the script's directory (a patched copy elsewhere)
 
     def __post_init__(self) -> None:
         if not self.shown:
@@ -31,7 +32,7 @@ class ScriptTarget:
 
     @property
     def sys_path0(self) -> str:
-        return str(self.path.parent)
+        return str(self.path0 or self.path.parent)
 
 
 def check_script(script_path: str, command: str = "profile") -> Path:

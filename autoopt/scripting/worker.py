@@ -130,7 +130,7 @@ class ScriptWorker:
         spec = protocol.make_spec(script=self.target.path, args=self.target.args, cwd=self.target.cwd, cfg=self.cfg,
                                   seed=self.seed, address=address, authkey=authkey, verify_steps=self.verify_steps,
                                   warmup_steps=self.warmup_steps, framework_knobs=self.framework_knobs,
-                                  nproc=self.nproc)
+                                  nproc=self.nproc, sys_path0=self.target.sys_path0)
         spec_path = Path(self._tmp) / "spec.json"
         import json
 
