@@ -149,6 +149,16 @@ def test_final_measures_both_side_by_side_and_run_patched_returns_the_losses(cnn
     assert ev.run_patched(copy, point.config) == pytest.approx(ev.reference_losses, rel=1e-6)
 
 
+def test_a_patched_copy_elsewhere_imports_the_scripts_own_modules(tmp_path):
+    ev = _evaluator(tmp_path, "uses_helper.py", [])
+    copy = tmp_path / "elsewhere" / "uses_helper.patched.py"
+    copy.parent.mkdir()
+    copy.write_text((DATA / "uses_helper.py").read_text())
+    losses = ev.run_patched(copy, ExecConfig())
+    assert len(losses) == 3 and all(x > 0 for x in losses)
+    assert not _alive(ev)
+
+
 def test_verification_widens_to_three_times_the_seed_spread(tmp_path):
     ev = _evaluator(tmp_path, "loop.py", [])
     ev.reference_losses = [1.0, 1.0, 1.0]
