@@ -140,6 +140,14 @@ def test_a_failing_variant_is_a_value_with_the_script_line_and_log(cnn):
     assert "cnn.py" in out.failure.message  # where in the script it failed
 
 
+def test_the_baseline_beside_itself_is_two_children(cnn):
+    ev, point, _ = cnn
+    pair = ev.measure_pair(point.config, point.config, extend=False)
+    assert len(pair.round_ratios) == 2 and 0.2 < pair.ratio < 5
+    keys = list(ev._alive)
+    assert any(k.endswith("#copy") for k in keys) and any(k + "#copy" in keys for k in keys)
+
+
 def test_final_measures_both_side_by_side_and_run_patched_returns_the_losses(cnn, tmp_path):
     ev, point, _ = cnn
     f = ev.final(point.config, point)

@@ -138,10 +138,11 @@ class ScriptEvaluator:
                     warmup: Optional[int] = None) -> ScriptWorker:
         return self._ready(self._spawn(cfg, name, target=target, warmup=warmup), name)
 
-    def _worker(self, cfg: ExecConfig, name: str, keep: tuple[str, ...] = ()) -> ScriptWorker:
+    def _worker(self, cfg: ExecConfig, name: str, keep: tuple[str, ...] = (), slot: str = "") -> ScriptWorker:
         """A ready child for cfg: one kept alive, else a new one (the least recently used
-        others stopped beyond MAX_ALIVE, never those in `keep`)."""
-        key = _key(cfg)
+        others stopped beyond MAX_ALIVE, never those in `keep`). `slot` tells apart two
+        children of one configuration (the baseline beside itself)."""
+        key = _key(cfg) + slot
         w = self._alive.get(key)
         if w is not None and w.alive():
             self._alive.move_to_end(key)
@@ -186,15 +187,15 @@ class ScriptEvaluator:
         by_time = max(3, int(s.max_time_s * 1000.0 / max(step_ms, 1e-3)))
         return max(1, min(want, s.max_steps, by_time))
 
-    def _times(self, cfg: ExecConfig, name: str, steps: int,
-               keep: tuple[str, ...] = ()) -> tuple[list[float], Optional[float]]:
+    def _times(self, cfg: ExecConfig, name: str, steps: int, keep: tuple[str, ...] = (),
+               slot: str = "") -> tuple[list[float], Optional[float]]:
         """`steps` timed steps of cfg's child; a child whose script ended is replaced once."""
-        w = self._worker(cfg, name, keep)
+        w = self._worker(cfg, name, keep, slot)
         try:
             return w.measure(steps)
         except ScriptEnded:
-            self._alive.pop(_key(cfg), None)
-            w = self._worker(cfg, name, keep)
+            self._alive.pop(_key(cfg) + slot, None)
+            w = self._worker(cfg, name, keep, slot)
             return w.measure(steps)
 
     def _measurement(self, times: list[float], peak: Optional[float], warmup: int) -> Measurement:
@@ -214,9 +215,10 @@ class ScriptEvaluator:
         """cfg beside anchor in alternating rounds, the anchor first in each."""
         ss = self.search_settings
         policy = RoundPolicy(rounds=ss.rounds, max_rounds=ss.max_rounds if extend else ss.rounds, deadline=deadline)
-        keep = (_key(anchor), _key(cfg))
+        slot = "#copy" if _key(anchor) == _key(cfg) else ""  # the baseline beside itself: a second child
+        keep = (_key(anchor), _key(cfg) + slot)
         wa = self._worker(anchor, "anchor", keep)
-        wc = self._worker(cfg, name, keep)
+        wc = self._worker(cfg, name, keep, slot)
         share = self.measure_settings.round_share(policy.rounds)
         na, nc = self._steps_for(wa, share), self._steps_for(wc, share)
         sa: list[float] = []
@@ -226,7 +228,7 @@ class ScriptEvaluator:
 
         def one_round() -> None:
             ta, _ = self._times(anchor, "anchor", na, keep)
-            tc, peak = self._times(cfg, name, nc, keep)
+            tc, peak = self._times(cfg, name, nc, keep, slot)
             sa.extend(ta)
             sc.extend(tc)
             peaks.append(peak)
