@@ -182,6 +182,14 @@ def test_unsupported_field_is_an_error_before_the_script_runs(tmp_path):
     assert not out.exists()
 
 
+def test_a_setting_the_script_gives_no_place_to_is_an_error(tmp_path):
+    with _worker(tmp_path, "loop.py", [], ExecConfig(dataloader={"num_workers": 2})) as w:  # loop.py has no loader
+        w.start()
+        with pytest.raises(WorkerFailed) as ei:
+            w.wait_ready()
+    assert ei.value.kind == "transform" and "the script builds no torch DataLoader" in ei.value.message
+
+
 def test_a_script_error_names_its_line(tmp_path):
     with _worker(tmp_path, "raises.py", []) as w:
         w.start()

@@ -167,6 +167,13 @@ def test_a_patched_copy_elsewhere_imports_the_scripts_own_modules(tmp_path):
     assert not _alive(ev)
 
 
+def test_a_jobs_step_counts_every_ranks_batch(tmp_path):
+    ev = _evaluator(tmp_path, "ddp.py", [], nproc=2)
+    ev.batch_size = 8
+    m = ev._measurement([10.0, 10.0, 12.0], 5.0, 1)
+    assert m.batch_size == 8 and m.samples_per_step == 16 and m.throughput_per_s == pytest.approx(1600.0)
+
+
 def test_verification_widens_to_three_times_the_seed_spread(tmp_path):
     ev = _evaluator(tmp_path, "loop.py", [])
     ev.reference_losses = [1.0, 1.0, 1.0]

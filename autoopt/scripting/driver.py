@@ -553,7 +553,23 @@ class Driver:
             inductor_config.fallback_random = self.fallback_random
             self.fallback_random = None
 
+    def unapplied(self) -> list[str]:
+        """Fields of the configuration nothing in the script took (no model reached an
+        optimizer, no DataLoader was built): an error, never silently ignored."""
+        cfg, done = self.cfg, set(self.applied) | self.handled
+        wanted = {"amp_dtype": cfg.amp_dtype, "grad_scaler": cfg.grad_scaler, "channels_last": cfg.channels_last,
+                  "compile_mode": cfg.compile_call_mode, "optimizer_impl": cfg.optimizer_impl,
+                  "dataloader": cfg.dataloader}
+        why = {"dataloader": "the script builds no torch DataLoader",
+               "optimizer_impl": "the script builds no torch.optim optimizer"}
+        return [f"{k} cannot be applied to a script: " + why.get(k, "no model whose parameters a torch.optim "
+                                                                   "optimizer holds was found")
+                for k, v in wanted.items() if v and k not in done]
+
     def ready(self) -> None:
+        missing = self.unapplied()
+        if missing:
+            raise CannotApply("; ".join(missing))
         losses = [float(t) for t in self.losses]
         self.send("ready", losses=losses, steps=self.steps, facts=self.facts(), sites=self.sites, device=self.device,
                   batch_size=(self.batch or {}).get("batch_size"), framework=self.framework, applied=self.applied,
