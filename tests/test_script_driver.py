@@ -145,13 +145,15 @@ def test_fp16_gets_a_grad_scaler_and_the_loss_is_recorded_unscaled(tmp_path, bas
     ready, seen = _probe(tmp_path, ExecConfig(amp_dtype="float16", grad_scaler=True), extra=("--scheduler",))
     assert "grad_scaler" in ready["applied"]
     assert seen["grad_norm"] / seen0["grad_norm"] > 1000  # backward ran on the scaled loss
+    assert seen["clip_norm"] == pytest.approx(seen0["clip_norm"], rel=0.05)  # clipping saw unscaled gradients
     assert all(abs(a - b) / b < 0.05 for a, b in zip(base["losses"], ready["losses"]))
 
 
 def test_a_loss_scaled_by_the_scripts_own_grad_scaler_is_divided_by_its_scale(tmp_path, base_probe):
     base, _ = base_probe
     ready, seen = _probe(tmp_path, extra=("--own-scaler",))
-    assert seen["grad_norm"] > 0
+    assert seen["grad_norm"] > 1000 * base_probe[1]["grad_norm"]
+    assert seen["clip_norm"] == pytest.approx(base_probe[1]["clip_norm"], rel=1e-4)
     assert ready["losses"] == pytest.approx(base["losses"], rel=1e-5)
 
 

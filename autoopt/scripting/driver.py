@@ -107,6 +107,8 @@ class Driver:
         self.loss_taken = False
         self.scaled: dict[int, tuple] = {}
         self.scaler = None
+        self.scaled_opt = None  # the optimizer the driver's GradScaler steps
+        self.unscaled = False  # its gradients were unscaled this step (for clipping)
         self.sites: dict[str, Any] = {"script": self.script, "forward": None, "backward": None, "step": None,
                                       "optimizer": None, "dataloaders": [], "model_def": None, "framework": None}
         self.loaders: list = []
@@ -339,6 +341,7 @@ class Driver:
         finally:
             self.internal -= 1
         scaler = self.scaler
+        self.scaled_opt = weakref.ref(opt)
         original = opt.step
         state = {"inner": False}
 
@@ -365,10 +368,11 @@ class Driver:
         scale, step = cls.scale, cls.step
 
         def scale_w(scaler, outputs):
-            if driver.scaler is not None and scaler is not driver.scaler and not driver.internal:
+            enabled = scaler.is_enabled()
+            if enabled and driver.scaler is not None and scaler is not driver.scaler and not driver.internal:
                 raise CannotApply("grad_scaler: the script scales its loss with its own GradScaler already")
             out = scale(scaler, outputs)
-            if isinstance(out, torch.Tensor):
+            if enabled and isinstance(out, torch.Tensor):  # a disabled scaler returns the loss as it is
                 driver.scaled[id(out)] = (weakref.ref(out), scaler)
             return out
 
@@ -380,6 +384,31 @@ class Driver:
             return out
 
         cls.scale, cls.step = scale_w, step_w
+        self.install_clip_hooks()
+
+    def install_clip_hooks(self) -> None:
+        """Gradient clipping sees unscaled gradients under the driver's GradScaler: the pacer's
+        gradients are unscaled first (once per step), as a person adds scaler.unscale_(opt)."""
+        import torch.nn.utils as nn_utils
+
+        driver = self
+        for name in ("clip_grad_norm_", "clip_grad_value_"):
+            original = getattr(nn_utils, name)
+
+            @functools.wraps(original)
+            def clip(*args, _original=original, **kwargs):
+                driver.unscale_for_clipping()
+                return _original(*args, **kwargs)
+
+            setattr(nn_utils, name, clip)
+
+    def unscale_for_clipping(self) -> None:
+        if self.scaler is None or self.unscaled or self.scaled_opt is None:
+            return
+        opt = self.scaled_opt()
+        if opt is not None:
+            self.scaler.unscale_(opt)
+            self.unscaled = True
 
     # ------------------------------------------------------------------ backward: the loss
     def install_backward_hook(self) -> None:
@@ -493,6 +522,7 @@ class Driver:
         dt = None if self.t_last is None else (now - self.t_last) * 1000.0
         self.t_last = now
         self.loss_taken = False
+        self.unscaled = False
         self.scaled.clear()
         if self.steps == 1:
             self.step_site(opt)

@@ -1,6 +1,6 @@
 """A small CNN training script that writes what it sees (argv, working directory, torch's
 settings, the memory format, dtypes and compilation of its model, its optimizer's and loader's
-settings, the first gradient) to the JSON file --out after every step, for the driver's tests."""
+settings, the first gradient and the norm gradient clipping saw) to the JSON file --out after every step, for the driver's tests."""
 import argparse
 import json
 import os
@@ -52,6 +52,10 @@ def main():
             opt.zero_grad()
             (scaler.scale(loss) if scaler else loss).backward()
             SEEN.setdefault("grad_norm", model.fc.weight.grad.norm().item())
+            if scaler:
+                scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)  # clips nothing: reports the norm
+            SEEN.setdefault("clip_norm", norm.item())
             SEEN.update(fused=opt.param_groups[0].get("fused"), foreach=opt.param_groups[0].get("foreach"),
                         workers=loader.num_workers, persistent=loader.persistent_workers,
                         compiled=getattr(model, "_compiled_call_impl", None) is not None,
