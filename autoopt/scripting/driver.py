@@ -103,6 +103,7 @@ class Driver:
         self.batch: Optional[dict] = None
         self.autocast_seen = False
         self.shapes: set = set()
+        self.forward_sites: list[dict] = []
         self.losses: list = []
         self.loss_taken = False
         self.scaled: dict[int, tuple] = {}
@@ -310,17 +311,32 @@ class Driver:
         self._applied("amp_dtype")
 
     def observe(self, module, args, kwargs) -> None:
-        """The model's calls during verification: its batch, shapes, autocast and call site."""
+        """The model's training calls during verification (grad enabled: not an evaluation
+        under torch.no_grad()): its batch, shapes, autocast and call sites."""
+        import torch
+
+        if not torch.is_grad_enabled():
+            return
         if self.batch is None:
             self.batch = batch_facts((args, kwargs))
         self.autocast_seen = self.autocast_seen or autocast_on()
-        import torch
-
         self.shapes.add(tuple(tuple(t.shape) for t in flat_tensors((args, kwargs), torch)))
-        if self.sites["forward"] is None:
-            frame = self._script_frame(user_frame(2))
-            if frame is not None:
-                self.sites["forward"] = dict(site(frame, self.script), model_var=name_of(module, frame))
+        frame = self._script_frame(user_frame(2))
+        if frame is not None and len(self.forward_sites) < 8:
+            where = dict(site(frame, self.script), model_var=name_of(module, frame))
+            if where not in self.forward_sites:
+                self.forward_sites.append(where)
+
+    def forward_site(self) -> Optional[dict]:
+        """The training forward call: the last one before the backward call in the backward's
+        function, else the first one seen."""
+        back = self.sites.get("backward")
+        if back is not None:
+            before = [f for f in self.forward_sites if f["function"] == back["function"]
+                      and f.get("file") == back.get("file") and f["line"] <= back["line"]]
+            if before:
+                return max(before, key=lambda f: f["line"])
+        return self.forward_sites[0] if self.forward_sites else None
 
     def _script_frame(self, frame):
         """The innermost frame in the script file from `frame` outwards, else `frame`."""
@@ -601,6 +617,7 @@ class Driver:
         if missing:
             raise CannotApply("; ".join(missing))
         losses = [float(t) for t in self.losses]
+        self.sites["forward"] = self.forward_site()
         self.send("ready", losses=losses, steps=self.steps, facts=self.facts(), sites=self.sites, device=self.device,
                   batch_size=(self.batch or {}).get("batch_size"), framework=self.framework, applied=self.applied,
                   notes=self.notes, warmup_times_ms=self.warmup_times)

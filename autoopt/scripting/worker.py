@@ -8,6 +8,7 @@ WorkerFailed, which carries the kind, the message, the script's line and the log
 """
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -28,6 +29,7 @@ from autoopt.types import ExecConfig
 START_TIMEOUT_S = 120.0  # the child connects (Python and torch imported) within this
 READY_TIMEOUT_S = 900.0  # the script's own start, data loading, compilation and the first steps
 POLL_S = 0.2
+WAKE_UP_MS = 20.0  # untimed steps of a measured window: about this long (a child idle in its turn wakes up)
 
 
 class WorkerFailed(Exception):
@@ -294,9 +296,12 @@ class ScriptWorker:
         per = (self.step_ms or 1000.0) / 1000.0
         return 120.0 + 20.0 * per * steps
 
-    def measure(self, steps: int, warmup: int = 1) -> tuple[list[float], Optional[float]]:
+    def measure(self, steps: int, warmup: Optional[int] = None) -> tuple[list[float], Optional[float]]:
         """`steps` timed optimizer steps after `warmup` untimed ones (a child that waited for
-        its turn wakes up first): their times (ms) and the peak memory (MB)."""
+        its turn wakes up first; default: steps enough for ~20 ms, 1 to 5): their times (ms)
+        and the peak memory (MB)."""
+        if warmup is None:
+            warmup = max(1, min(5, math.ceil(WAKE_UP_MS / max(self.step_ms or WAKE_UP_MS, 1e-3))))
         self.send({"cmd": "measure", "steps": int(steps), "warmup": int(warmup)})
         msg = self.receive(self._step_timeout(steps + warmup), f"measuring {steps} step(s)")
         if msg.get("event") != "measured":
