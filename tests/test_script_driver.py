@@ -109,6 +109,15 @@ def test_baseline_child_reports_losses_sites_and_facts_then_measures_and_stops(t
         assert w.proc.returncode == 0
 
 
+def test_the_forward_site_is_the_training_call_not_an_evaluation(tmp_path):
+    with _worker(tmp_path, "eval_first.py", []) as w:
+        w.start()
+        ready = w.wait_ready()
+    fwd = ready["sites"]["forward"]
+    assert _line("eval_first.py", fwd) == "pred = net(x)" and fwd["model_var"] == "net" and fwd["function"] == "main"
+    assert ready["batch_size"] == 4  # the training batch, not the evaluation's 64
+
+
 def test_script_runs_like_python_script_args(base_probe):
     ready, seen = base_probe
     assert seen["argv"][0] == "--out" and Path(seen["argv"][1]).name == "seen.json"
