@@ -9,10 +9,12 @@ child -> parent  {"event": "hello", "rank"}                     first, from ever
                   "framework", "applied", "notes", "warmup_times_ms"}
                  {"event": "measured", "times_ms", "peak_memory_mb"}
                  {"event": "traced", "files"}
-                 {"event": "ended", "steps", "times_ms"}      the script returned on its own
-                 {"event": "error", "kind", "message", "where", "traceback"}
-parent -> child  {"cmd": "measure", "steps": N, "warmup": n} | {"cmd": "trace", "dir", "worker", "warmup",
-                  "active"} | {"cmd": "stop"}
+                 {"event": "ended", "steps", "times_ms", "losses"}   the script returned on its own
+                 {"event": "error", "kind", "type", "message", "where", "traceback", "steps"}
+parent -> child  {"cmd": "measure", "steps": N, "warmup": n}   n untimed steps first, then N timed
+                 {"cmd": "trace", "dir", "worker", "warmup", "active", "record_shapes", "profile_memory",
+                  "with_stack"}
+                 {"cmd": "stop"}                                the child exits 0 at the boundary
 
 With --nproc N the child is torch.distributed.run's launcher and every rank connects: commands
 go to every rank, and the parent merges the ranks' replies (autoopt.scripting.worker.merge_ranks).
