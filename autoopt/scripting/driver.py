@@ -298,11 +298,14 @@ class Driver:
         from autoopt.run.apply import DTYPES
 
         forward = m.forward
-        device = self.device if self.device in ("cuda", "cpu") else self.cfg.device
         dtype = DTYPES[self.cfg.amp_dtype]
+        fallback = self.cfg.device if self.cfg.device in ("cuda", "cpu") else "cpu"
 
         @functools.wraps(forward)
         def amp_forward(*args, **kwargs):
+            # where the weights are now (a script may move the model after building its optimizer)
+            p = next(m.parameters(), None)
+            device = p.device.type if p is not None and p.device.type in ("cuda", "cpu") else fallback
             with torch.autocast(device_type=device, dtype=dtype):
                 out = forward(*args, **kwargs)
             return map_tensors(out, to_float32)
@@ -613,6 +616,10 @@ class Driver:
                 for k, v in wanted.items() if v and k not in done]
 
     def ready(self) -> None:
+        if self.roots:  # the device the model trains on now (synchronised around timed steps)
+            p = next(self.roots[0].parameters(), None)
+            if p is not None:
+                self.device = p.device.type
         missing = self.unapplied()
         if missing:
             raise CannotApply("; ".join(missing))
