@@ -118,6 +118,7 @@ class Driver:
         self.notes: list[str] = []
         self.framework: Optional[str] = None
         self.device = "cpu"
+        self.cuda_device = None  # the model's GPU (None: the current one)
         self.t_last: Optional[float] = None
         self.times: list[float] = []
         self.warmup_times: list[float] = []
@@ -139,7 +140,7 @@ class Driver:
         if self.device == "cuda":
             import torch
 
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.cuda_device)  # the model's GPU (a rank's own, under --nproc)
 
     # ------------------------------------------------------------------ setup
     def check_config(self) -> None:
@@ -620,6 +621,7 @@ class Driver:
             p = next(self.roots[0].parameters(), None)
             if p is not None:
                 self.device = p.device.type
+                self.cuda_device = p.device if p.device.type == "cuda" else None
         missing = self.unapplied()
         if missing:
             raise CannotApply("; ".join(missing))
