@@ -37,7 +37,6 @@ import functools
 import gc
 import json
 import os
-import random
 import runpy
 import sys
 import time
@@ -66,6 +65,7 @@ from autoopt.scripting.live import (
     jsonable,
     map_tensors,
     name_of,
+    seed_everything,
     site,
     to_float32,
 )
@@ -603,26 +603,13 @@ class Driver:
             inductor_config.fallback_random = self.fallback_random
             self.fallback_random = None
 
-    def unapplied(self) -> list[str]:
-        """Fields of the configuration nothing in the script took (no model reached an
-        optimizer, no DataLoader was built): an error, never silently ignored."""
-        cfg, done = self.cfg, set(self.applied) | self.handled
-        wanted = {"amp_dtype": cfg.amp_dtype, "grad_scaler": cfg.grad_scaler, "channels_last": cfg.channels_last,
-                  "compile_mode": cfg.compile_call_mode, "optimizer_impl": cfg.optimizer_impl,
-                  "dataloader": cfg.dataloader}
-        why = {"dataloader": "the script builds no torch DataLoader",
-               "optimizer_impl": "the script builds no torch.optim optimizer"}
-        return [f"{k} cannot be applied to a script: " + why.get(k, "no model whose parameters a torch.optim "
-                                                                   "optimizer holds was found")
-                for k, v in wanted.items() if v and k not in done]
-
     def ready(self) -> None:
         if self.roots:  # the device the model trains on now (synchronised around timed steps)
             p = next(self.roots[0].parameters(), None)
             if p is not None:
                 self.device = p.device.type
                 self.cuda_device = p.device if p.device.type == "cuda" else None
-        missing = self.unapplied()
+        missing = protocol.not_taken(self.cfg, set(self.applied) | self.handled)
         if missing:
             raise CannotApply("; ".join(missing))
         losses = [float(t) for t in self.losses]
@@ -699,19 +686,6 @@ class Driver:
 
 
 # ---------------------------------------------------------------------------- running the script
-def _seed(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    try:
-        import numpy
-
-        numpy.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-    torch.manual_seed(seed)
-
-
 def _error(driver: Driver, exc: BaseException, kind: str) -> None:
     message = " ".join(str(exc).split())[:1500] or type(exc).__name__
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-6000:]
@@ -723,7 +697,7 @@ def _run(driver: Driver) -> int:
     """Set up, run the script, report how it ended; the exit status of the child."""
     spec = driver.spec
     try:
-        _seed(int(spec.get("seed", 0)))
+        seed_everything(int(spec.get("seed", 0)))
         driver.frameworks()
         driver.check_config()
         driver.process_settings()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from typing import Any, Optional
 
 
@@ -96,3 +97,17 @@ def flat_tensors(obj, torch) -> list:
     if isinstance(obj, dict):
         return [t for v in obj.values() for t in flat_tensors(v, torch)]
     return []
+
+
+def seed_everything(seed: int) -> None:
+    """random, numpy (when installed) and torch seeded, as before the script runs."""
+    import torch
+
+    random.seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    torch.manual_seed(seed)

@@ -86,6 +86,19 @@ def cannot_apply(cfg: ExecConfig, handled: Iterable[str] = (), batch_size: Optio
     return out
 
 
+def not_taken(cfg: ExecConfig, done: set[str]) -> list[str]:
+    """Fields of `cfg` nothing in the script took (`done`: the fields applied): no model
+    reached a torch.optim optimizer, no DataLoader was built. An error, never ignored."""
+    wanted = {"amp_dtype": cfg.amp_dtype, "grad_scaler": cfg.grad_scaler, "channels_last": cfg.channels_last,
+              "compile_mode": cfg.compile_call_mode, "optimizer_impl": cfg.optimizer_impl,
+              "dataloader": cfg.dataloader}
+    why = {"dataloader": "the script builds no torch DataLoader",
+           "optimizer_impl": "the script builds no torch.optim optimizer"}
+    return [f"{k} cannot be applied to a script: "
+            + why.get(k, "no model whose parameters a torch.optim optimizer holds was found")
+            for k, v in wanted.items() if v and k not in done]
+
+
 def _in(path: str, fr: traceback.FrameSummary) -> bool:
     return os.path.abspath(fr.filename) == path
 
