@@ -151,7 +151,10 @@ class Driver:
     def process_settings(self) -> None:
         from autoopt.run.apply import process_settings_for, read_process_settings, write_process_settings
 
-        write_process_settings(process_settings_for(self.cfg, read_process_settings()))
+        cfg = self.cfg
+        if "matmul_precision" in self.handled:  # TrainingArguments(tf32=True) sets it through torch's newer
+            cfg = cfg.with_(matmul_precision=None)  # fp32_precision API; both APIs at once make torch raise
+        write_process_settings(process_settings_for(cfg, read_process_settings()))
         for name in ("matmul_precision", "cudnn_benchmark", "num_threads"):
             if getattr(self.cfg, name) and name not in self.handled:
                 self.applied.append(name)
@@ -177,8 +180,10 @@ class Driver:
         from autoopt.env import detect_capabilities
 
         caps = detect_capabilities(self.cfg.device)
-        self.handled = set(frameworks.install(self.cfg, caps, self.sites))
-        self.applied.extend(sorted(self.handled))
+        # the same set object install() returns: a field leaves it while the script runs when the
+        # script's own arguments rule it out (optim not AdamW, its own optimizer handed to the
+        # Trainer, a precision plugin); the generic hooks then apply that field (on_step)
+        self.handled = frameworks.install(self.cfg, caps, self.sites)
 
     # ------------------------------------------------------------------ hooks: optimizer
     def wrap_optimizer_init(self, cls) -> None:
@@ -546,7 +551,14 @@ class Driver:
         self.scaled.clear()
         if self.steps == 1:
             self.step_site(opt)
+            self.framework_dropped(opt)
         getattr(self, f"_boundary_{self.phase}")(dt)
+
+    def framework_dropped(self, opt) -> None:
+        """At the first step: optimizer_impl the Trainer's arguments claimed, then dropped (the script
+        handed the Trainer its own optimizer), is applied in place by the generic hook now."""
+        if self.framework and self.cfg.optimizer_impl and "optimizer_impl" not in {*self.handled, *self.applied}:
+            self.set_impl(opt)
 
     def step_site(self, opt) -> None:
         frame = self._script_frame(user_frame(3))
@@ -612,6 +624,9 @@ class Driver:
         missing = protocol.not_taken(self.cfg, set(self.applied) | self.handled)
         if missing:
             raise CannotApply("; ".join(missing))
+        if self.handled and not self.sites.get("framework"):
+            raise CannotApply(f"no {self.framework} Trainer was built to apply {', '.join(sorted(self.handled))}")
+        self.applied += [n for n in sorted(self.handled) if n not in self.applied]
         losses = [float(t) for t in self.losses]
         self.sites["forward"] = self.forward_site()
         self.send("ready", losses=losses, steps=self.steps, facts=self.facts(), sites=self.sites, device=self.device,
