@@ -174,9 +174,10 @@ class ScriptOptimizeRun(OptimizeRun):
         return None  # a script has no evaluate(model) hook
 
     # ------------------------------------------------------------------ patch and plan
-    def _patch(self, best: Point) -> None:
+    def _patch(self, best: Point, expected: Optional[list[float]] = None) -> None:
         """patch.diff for the script itself; written only when the patched script, run as
-        written, reproduces the kept configuration's losses."""
+        written, reproduces the kept configuration's losses (`expected`; by default those of
+        the verification behind `best`)."""
         from autoopt.patching.editor import unified_diff
         from autoopt.patching.script_editor import patch_script
 
@@ -190,7 +191,10 @@ class ScriptOptimizeRun(OptimizeRun):
         if not res.applied:
             self.patch_check = {"checked": False, "ok": False, "reason": "no change could be written into the script"}
             return
-        self.patch_check = self._check_patched(res.code, best)
+        if expected is None:
+            want = self.search.verification_of(best) if self.search else None
+            expected = list(want.losses_variant) if want is not None else []
+        self.patch_check = self._check_patched(res.code, best, expected)
         if not self.patch_check["ok"]:
             self.notes.append(f"patch: none written: the patched script failed its check: {self.patch_check['reason']}")
             return
@@ -213,7 +217,7 @@ class ScriptOptimizeRun(OptimizeRun):
                 changes[key] = False if key == "channels_last" else None
         changes["framework_kwargs"] = {"kwargs": knob_exprs(self.evaluator.framework, cfg, self.caps, site=site)}
 
-    def _check_patched(self, code: str, best: Point) -> dict[str, Any]:
+    def _check_patched(self, code: str, best: Point, expected: list[float]) -> dict[str, Any]:
         """Run the patched script (beside nothing else: the baseline configuration, no hooks
         applying anything) for the verification steps and compare its losses with the kept
         configuration's."""
@@ -224,8 +228,6 @@ class ScriptOptimizeRun(OptimizeRun):
         check_dir.mkdir(exist_ok=True)
         patched = check_dir / self.target.path.name
         patched.write_text(code, encoding="utf-8")
-        want = self.search.verification_of(best) if self.search else None
-        expected = list(want.losses_variant) if want is not None else []
         try:
             got = self.evaluator.run_patched(patched, self.base_cfg)
         except UserError as e:

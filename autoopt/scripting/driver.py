@@ -34,7 +34,6 @@ cannot apply to a script is an error (kind "transform"), never silently ignored.
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import os
 import runpy
@@ -60,6 +59,7 @@ from autoopt.scripting.facts import (
 from autoopt.scripting.live import (
     channels_last_inputs,
     describe,
+    find_roots,
     flat_tensors,
     is_oom,
     jsonable,
@@ -68,6 +68,7 @@ from autoopt.scripting.live import (
     seed_everything,
     site,
     to_float32,
+    wraps_optimizer,
 )
 from autoopt.types import ExecConfig
 
@@ -225,6 +226,8 @@ class Driver:
         return [register_optimizer_step_post_hook(lambda opt, a, k: self.on_step(opt))]
 
     def on_optimizer(self, opt) -> None:
+        if wraps_optimizer(opt):
+            return  # a wrapper (accelerate's AcceleratedOptimizer, ...): the optimizer inside was seen first
         frame = user_frame(3)
         key = id(opt)
         self.optimizers[key] = {"type": type(opt).__name__, "module": type(opt).__module__, "impl": None,
@@ -234,7 +237,7 @@ class Driver:
         if self.cfg.optimizer_impl and "optimizer_impl" not in self.handled:
             self.set_impl(opt)
         self.optimizers[key]["impl"] = optimizer_impl_of(opt)
-        roots = self.find_roots(opt)
+        roots = find_roots(opt)
         if not self.roots:
             self.roots = roots
         for m in roots:
@@ -257,18 +260,6 @@ class Driver:
         opt.__dict__.update(new.__dict__)
         if "optimizer_impl" not in self.applied:
             self.applied.append("optimizer_impl")
-
-    def find_roots(self, opt) -> list:
-        """The outermost modules whose parameters the optimizer holds."""
-        import torch
-
-        held = {id(p) for g in opt.param_groups for p in g["params"]}
-        mods = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]
-        cands = [m for m in mods if any(id(p) in held for p in m.parameters())]
-        inner = {id(s) for m in cands for s in m.modules() if s is not m}
-        roots = [m for m in cands if id(m) not in inner]
-        roots.sort(key=lambda m: -sum(p.numel() for p in m.parameters()))
-        return roots
 
     # ------------------------------------------------------------------ the model
     def prepare_model(self, m) -> None:

@@ -110,7 +110,8 @@ class KnobPlan:
 
 
 # ---------------------------------------------------------------------------- detection
-_HF_ROOTS = ("transformers",)
+# trl's trainers and configs subclass transformers' Trainer and TrainingArguments (SFTTrainer, ...)
+_HF_ROOTS = ("transformers", "trl")
 _PL_ROOTS = ("lightning", "pytorch_lightning")
 
 

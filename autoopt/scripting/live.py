@@ -3,6 +3,7 @@ objects: tensors nested in a model's inputs and outputs, the user's frames and t
 bound to an object there, and what a DataLoader's settings are."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -111,3 +112,23 @@ def seed_everything(seed: int) -> None:
     except ImportError:
         pass
     torch.manual_seed(seed)
+
+
+def wraps_optimizer(opt) -> bool:
+    """A wrapper around another optimizer (accelerate's AcceleratedOptimizer, ...)."""
+    import torch
+
+    return isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer)
+
+
+def find_roots(opt) -> list:
+    """The outermost modules whose parameters the optimizer holds, largest first."""
+    import torch
+
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    mods = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]
+    cands = [m for m in mods if any(id(p) in held for p in m.parameters())]
+    inner = {id(s) for m in cands for s in m.modules() if s is not m}
+    roots = [m for m in cands if id(m) not in inner]
+    roots.sort(key=lambda m: -sum(p.numel() for p in m.parameters()))
+    return roots
