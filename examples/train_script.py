@@ -90,9 +90,9 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
 
     step = 0
-    start = time.time()
     for epoch in range(args.epochs):
         model.train()
+        epoch_start = time.perf_counter()
         for i, (images, labels) in enumerate(train_loader):
             if args.steps_per_epoch is not None and i >= args.steps_per_epoch:
                 break
@@ -104,8 +104,9 @@ def main():
             step += 1
             if step % args.log_every == 0:
                 print(f"epoch {epoch} step {step} loss {loss.item():.4f}")
+        train_time = time.perf_counter() - epoch_start
         accuracy = evaluate(model, val_loader)
-        print(f"epoch {epoch} done: val accuracy {accuracy:.3f} ({time.time() - start:.1f} s)")
+        print(f"epoch {epoch} done: train {train_time:.3f} s, val accuracy {accuracy:.3f}")
 
 
 if __name__ == "__main__":

@@ -301,7 +301,7 @@ def test_example_script_flags_bound_the_run(tmp_path):
     assert _steps_run(tmp_path) == 6
     steps = [int(s) for s in re.findall(r"step (\d+) loss", proc.stdout)]
     assert steps == [2, 4, 6], proc.stdout
-    assert len(re.findall(r"epoch \d+ done: val accuracy", proc.stdout)) == 2, proc.stdout
+    assert len(re.findall(r"epoch \d+ done: train [\d.]+ s, val accuracy", proc.stdout)) == 2, proc.stdout
 
 
 def test_outside_scripts_are_verbatim_with_their_licence():
