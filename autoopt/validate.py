@@ -223,13 +223,13 @@ def _check_script_args(args) -> None:
         raise UserError(f"autoopt optimize got arguments after -- ({' '.join(args.script_args)}) but no --script: "
                         "they are the training script's. Fix: autoopt optimize --script train.py -- "
                         f"{' '.join(args.script_args)}.")
+    if script and getattr(args, "launcher_arg", None):
+        raise UserError(f"--launcher-arg with --script {script}: autoopt runs a script's ranks on this machine "
+                        "(torch.distributed.run --standalone --nproc-per-node N). Fix: drop --launcher-arg; --nproc N "
+                        "sets the number of processes.")
     if script and getattr(args, "batch_size", None) is not None:
         raise UserError(f"--batch-size does not apply to --script {script}: the script builds its own batches. Fix: "
                         "pass the script's own batch-size argument after --, e.g. -- --batch-size 64.")
-    if script and (getattr(args, "nproc", 0) or 0) > 1:
-        raise UserError(f"--script {script} with --nproc {args.nproc}: a torchrun-style script is not yet launched "
-                        "on several processes by autoopt optimize. Fix: run it with --nproc 1 (one process), or "
-                        "profile the job with autoopt profile --script.")
 
 
 def check_args(args) -> None:

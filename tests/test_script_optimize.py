@@ -127,6 +127,28 @@ def test_hf_trainer_script_gets_its_training_arguments_patched(tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_lightning_script_gets_its_trainer_precision_patched(tmp_path):
+    """Our Lightning script: bf16 becomes the Trainer's precision="bf16-mixed" in its L.Trainer(...)
+    call, checked by running the patched script."""
+    d = FRAMEWORK_SCRIPTS / "lightning"
+    args = ["--max-steps", "60"]
+    run = ScriptOptimizeRun(_settings(["python", str(d / "train.py"), *args], tmp_path, tmp_path / "out"),
+                            decide=lambda f, t: False)
+    try:
+        run._setup()
+        run._baseline()
+        assert run.evaluator.framework == "lightning"
+        assert run.evaluator.sites["framework"]["call"] == "Trainer"
+        _verified_patch(run, "amp", {"dtype": "bfloat16"})
+    finally:
+        run.evaluator.close()
+    assert run.patch_check["ok"], (run.patch_check, run.notes)
+    assert "precision='bf16-mixed'" in run.patch_text and "torch.autocast" not in run.patch_text
+    done = _apply_and_run(d, "train.py", run.patch_text, args, tmp_path, {})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_outside_trl_script_parses_its_arguments_so_the_patch_says_which_flags(tmp_path, monkeypatch):
     """trl's sft.py builds its TrainingArguments from the command line: the variant is still driven
     and verified, and the patch, which cannot edit a call the script does not make, says which

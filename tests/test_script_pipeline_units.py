@@ -111,3 +111,11 @@ def test_script_section_says_how_reproducible_the_losses_were(reproducible, spre
     r.pop("script")
     assert "## Script" not in render_markdown(r)
     assert D.patch_note(r) == D.PATCH_NOTE_FILE
+
+
+def test_launcher_args_with_a_script_is_exit_2(tmp_path, capsys):
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    assert main(["optimize", "--script", str(script), "--nproc", "2", "--launcher-arg=--nnodes=2",
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "--standalone" in capsys.readouterr().err

@@ -138,7 +138,8 @@ class ScriptOptimizeRun(OptimizeRun):
         self.evaluator = ScriptEvaluator(self.target, self.caps, measure_settings=s.measure,
                                          profile_settings=s.profile, search_settings=s.search,
                                          tb_dir=self.tb if s.trace else None, log_dir=self.out / "logs",
-                                         seed=s.seed, progress=self.progress)
+                                         seed=s.seed, progress=self.progress,
+                                         nproc=max(1, s.distributed.nproc or 1))
         self.base_cfg = ExecConfig(device=self.caps.device_type)
         self.progress("budget", _budget_line(s.search.time_budget_s))
 
