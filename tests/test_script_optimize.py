@@ -201,6 +201,25 @@ def test_optimize_script_command_end_to_end(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_torchrun_style_script_with_nproc(tmp_path):
+    """A DDP script (it joins the process group itself) as two ranks per configuration: a variant
+    verified on both and measured beside the baseline in rounds, each step the slower rank's."""
+    out = tmp_path / "report"
+    ddp = ROOT / "tests" / "data" / "script_core" / "ddp.py"
+    cmd = [sys.executable, "-m", "autoopt", "optimize", "--script", str(ddp), "--nproc", "2", "--yes", "--json",
+           "--quick", "--time-budget", "90", "--try", "fused_optimizer:impl=foreach", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(p.stdout)
+    assert r["script"]["nproc"] == 2
+    assert r["baseline"]["samples_per_step"] == 16  # batch 8 on each of the two ranks
+    (v,) = [v for v in r["variants"] if v["name"] == "try-fused_optimizer"]
+    assert v["verification"]["ok"] and v["decision"]["rounds"] >= 2, v
+    assert "2 ranks per configuration" in (out / "report.md").read_text()
+
+
 def test_a_script_that_fails_on_its_own_is_exit_2_naming_its_line(tmp_path, capsys):
     bad = tmp_path / "train.py"
     bad.write_text("import torch\n\nmodel = torch.nn.Linear(4, 2)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\n"

@@ -501,6 +501,8 @@ def script_text(report: dict) -> str:
     text = f"The unmodified script {s.get('shown') or s.get('path')}" + (f" with arguments `{args}`" if args else "")
     text += (", run in its own process per configuration (its __main__, its arguments, working directory "
              f"{s.get('cwd')}), stopped after the optimizer steps autoopt needed")
+    if (s.get("nproc") or 1) > 1:
+        text += f"; {s['nproc']} ranks per configuration (torch.distributed.run), each step timed at the slowest rank"
     if s.get("framework"):
         text += f"; a {s['framework']} Trainer script, optimized through the Trainer's own arguments"
     spread = s.get("seed_spread")

@@ -115,6 +115,8 @@ class ScriptOptimizeRun(OptimizeRun):
     """One `autoopt optimize --script` run. `run()` writes the report directory and returns
     report.json's object (with its "script" section)."""
 
+    no_change = "no transform was verified and faster than the baseline; the script is best as written"
+
     def __init__(self, settings: OptimizeSettings, decide: Decide, progress: Progress = _noop):
         super().__init__(settings, decide, progress)
         self.target = None
@@ -277,6 +279,7 @@ class ScriptOptimizeRun(OptimizeRun):
             "sites": getattr(ev, "sites", None) or {},
             "patched_losses": self.patched_losses,
             "advice_only": sorted(ADVICE_ONLY),
+            "nproc": max(1, self.settings.distributed.nproc or 1),
         }
         return r
 
