@@ -339,6 +339,7 @@ def _optimize_settings(args):
                               convergence_steps=getattr(args, "convergence_steps", None)),
         consent=_consent(args), distributed=DistributedSettings(nproc=args.nproc or 0, launcher_args=args.launcher_arg),
         extra_transforms=[_parse_try(t) for t in args.try_],
+        script_path=args.script, script_args=list(getattr(args, "script_args", []) or []),
     )
 
 
@@ -346,7 +347,11 @@ def cmd_optimize(args) -> int:
     settings = _optimize_settings(args)
     progress = ProgressView(enabled=not args.quiet)
     try:
-        if settings.distributed.nproc > 1:
+        if settings.script_path:
+            from autoopt.pipelines.script_optimize import run_script_optimize
+
+            report = run_script_optimize(settings, _make_decider(args, _console()), progress)
+        elif settings.distributed.nproc > 1:
             from autoopt.pipelines.distributed import optimize_distributed
 
             report = optimize_distributed(settings, progress=progress)
@@ -400,10 +405,12 @@ def _print_optimize_summary(report: dict) -> None:
 def _print_final_line(out, report: dict) -> None:
     """The findings left out because they change training, then the final line, which leads
     with the speedup with training unchanged (final.fixed_batch_speedup)."""
-    from autoopt.output.data import manual_skip_lines
+    from autoopt.output.data import advice_lines, manual_skip_lines
 
     for line in manual_skip_lines(report):
         out.print(f"Not applied: {_name(line)}", markup=False)
+    for line in advice_lines(report):
+        out.print(f"Advice (not applied to a script): {_name(line)}", markup=False)
     f = report.get("final") or {}
     fs, lo, hi = f.get("fixed_batch_speedup"), f.get("fixed_batch_low"), f.get("fixed_batch_high")
     if fs is not None:
@@ -536,6 +543,8 @@ def _steps(text: str) -> int:
 def _add_optimize(sub) -> None:
     sp = sub.add_parser("optimize", help="profile, diagnose, apply verified transforms, report and patch")
     sp.add_argument("model", nargs="?", help="model file (default: the bundled example)")
+    sp.add_argument("--script", help="optimize an unmodified training script instead: autoopt optimize --script "
+                                     "train.py [flags] -- ARGS (each configuration runs the script in its own process)")
     sp.add_argument("--yes", "-y", action="store_true",
                     help="accept every finding that keeps training the same (safe and unsafe transforms); "
                          "a manual one that changes training (batch size, gradient accumulation) needs --accept")

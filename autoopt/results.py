@@ -377,6 +377,9 @@ class Report:
     patch_check: Optional[dict[str, Any]] = None
     # gradient health of the baseline's verification steps (autoopt.run.health; None: not measured)
     health: Optional[dict[str, Any]] = None
+    # `optimize --script`: the script, its arguments, how reproducible its losses were, the source
+    # lines the patch edits (None for a model file: then report.json has no "script" key)
+    script: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         d = self.distributed
@@ -408,6 +411,8 @@ class Report:
         out["health"] = self.health
         if self.interruption is not None:
             out["interruption"] = self.interruption
+        if self.script is not None:
+            out["script"] = self.script
         return out
 
 

@@ -169,6 +169,10 @@ class OptimizeSettings:
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     # transforms to measure whether or not a rule proposes them (--try): [["amp", {"dtype": "float16"}]]
     extra_transforms: list = field(default_factory=list)
+    # `optimize --script FILE -- ARGS`: an unmodified training script instead of a model file
+    script_path: Optional[str] = None
+    script_args: list = field(default_factory=list)
+    script_cwd: Optional[str] = None  # the directory the script runs in (default: autoopt's)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

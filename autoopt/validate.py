@@ -213,6 +213,25 @@ def check_port(port: Optional[int]) -> Optional[int]:
 
 
 # ---------------------------------------------------------------- the commands
+def _check_script_args(args) -> None:
+    """optimize: a model file or --script, not both; ARGS after -- only for a script."""
+    script = getattr(args, "script", None)
+    if script and getattr(args, "model", None):
+        raise UserError(f"autoopt optimize got both a model file ({args.model}) and --script {script}. Fix: pass one: "
+                        "a model file, or --script train.py -- ARGS for an unmodified training script.")
+    if not script and getattr(args, "script_args", None):
+        raise UserError(f"autoopt optimize got arguments after -- ({' '.join(args.script_args)}) but no --script: "
+                        "they are the training script's. Fix: autoopt optimize --script train.py -- "
+                        f"{' '.join(args.script_args)}.")
+    if script and getattr(args, "launcher_arg", None):
+        raise UserError(f"--launcher-arg with --script {script}: autoopt runs a script's ranks on this machine "
+                        "(torch.distributed.run --standalone --nproc-per-node N). Fix: drop --launcher-arg; --nproc N "
+                        "sets the number of processes.")
+    if script and getattr(args, "batch_size", None) is not None:
+        raise UserError(f"--batch-size does not apply to --script {script}: the script builds its own batches. Fix: "
+                        "pass the script's own batch-size argument after --, e.g. -- --batch-size 64.")
+
+
 def check_args(args) -> None:
     """Check (and make absolute) the flags of the parsed command line; UserError on bad input."""
     command = getattr(args, "command", None)
@@ -222,6 +241,7 @@ def check_args(args) -> None:
         _at_least("--steps", args.steps, 1, "the number of profiled steps")
         args.logdir = str(check_logdir(args.logdir or os.path.join("reports", "profiles"), bool(args.force)))
     elif command == "optimize":
+        _check_script_args(args)
         for text in args.try_:
             parse_try(text)
         check_codes("--accept", args.accept)

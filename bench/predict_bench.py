@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def default_models() -> list[Path]:
-    ex = sorted((ROOT / "examples").glob("*.py"))
+    # model files only: examples/train_script.py is a training script (autoopt optimize --script)
+    ex = sorted(p for p in (ROOT / "examples").glob("*.py") if "def build_model" in p.read_text(encoding="utf-8"))
     planted = sorted(p for p in (ROOT / "tests" / "planted").glob("*.py")
                      if not p.name.startswith(("control_", "record_", "_")))
     return ex + planted

@@ -406,7 +406,22 @@ def manual_skipped(report: dict) -> list[dict]:
     """The findings not applied because they change training and nobody named them: skipped,
     not accepted, safety `manual`."""
     return [v for v in variants(report) if v.get("status") == "skipped" and v.get("accepted") is False
-            and v.get("safety") == "manual"]
+            and v.get("safety") == "manual" and not str(v.get("reason") or "").startswith(ADVICE_PREFIX)]
+
+
+ADVICE_PREFIX = "advice only on a script: "
+
+
+def advice_lines(report: dict) -> list[str]:
+    """`optimize --script`: the findings hooks cannot apply to a script, one line each with the
+    reason ('AO402 (batch_size): autoopt does not change the batch a script builds ...')."""
+    out = []
+    for v in variants(report):
+        reason = str(v.get("reason") or "")
+        if v.get("status") == "skipped" and reason.startswith(ADVICE_PREFIX):
+            names = [str(as_dict(t).get("name", "?")) for t in as_list(v.get("transforms"))]
+            out.append(f"{v.get('name')} ({', '.join(names) or '?'}): {reason[len(ADVICE_PREFIX):]}")
+    return out
 
 
 def manual_skip_lines(report: dict) -> list[str]:
@@ -456,3 +471,45 @@ def health_layers(report: dict, limit: int = 5) -> tuple[list[dict], int]:
     by_norm = sorted(range(len(rows)), key=lambda i: num(rows[i].get("grad_norm")) or 0.0)
     keep = set(by_norm[:limit]) | set(by_norm[-limit:])
     return [r for i, r in enumerate(rows) if i in keep], len(rows) - len(keep)
+
+
+PATCH_NOTE_FILE = "A unified diff against the model file; applied, the file itself runs the final configuration."
+
+
+def patch_note(report: dict) -> str:
+    """What patch.diff is: a diff to the model file, or to the training script (and how it was checked)."""
+    script = report.get("script")
+    if not isinstance(script, dict):
+        return PATCH_NOTE_FILE
+    check = report.get("patch_check") or {}
+    text = ("A unified diff against the training script; applied, the script itself runs the final configuration "
+            "(`patch -p1 < patch.diff` beside it).")
+    if check.get("ok") and check.get("max_rel_error") is not None:
+        text += (f" Checked before writing: the patched script ran {len(check.get('losses') or [])} steps and its "
+                 f"losses matched the kept configuration's within {check['max_rel_error']:.1e} relative "
+                 f"(tolerance {check['tolerance']:.1e}).")
+    return text
+
+
+def script_text(report: dict) -> str:
+    """The script a --script run optimized: its arguments, how it was driven, whether its losses
+    repeat under a fixed seed; "" for a model file."""
+    s = report.get("script")
+    if not isinstance(s, dict):
+        return ""
+    args = " ".join(str(a) for a in s.get("args") or [])
+    text = f"The unmodified script {s.get('shown') or s.get('path')}" + (f" with arguments `{args}`" if args else "")
+    text += (", run in its own process per configuration (its __main__, its arguments, working directory "
+             f"{s.get('cwd')}), stopped after the optimizer steps autoopt needed")
+    if (s.get("nproc") or 1) > 1:
+        text += f"; {s['nproc']} ranks per configuration (torch.distributed.run), each step timed at the slowest rank"
+    if s.get("framework"):
+        text += f"; a {s['framework']} Trainer script, optimized through the Trainer's own arguments"
+    spread = s.get("seed_spread")
+    if s.get("reproducible") is True:
+        text += ". Under a fixed seed its losses repeat exactly, so each variant was checked at its own tolerance"
+    elif s.get("reproducible") is False and spread is not None:
+        text += (f". Under a fixed seed its losses do not repeat (data order, dropout or other unseeded randomness: "
+                 f"two baseline runs differ by {spread:.1e} relative), so each check's tolerance was widened to at "
+                 "least 3x that spread")
+    return text + "."

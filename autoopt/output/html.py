@@ -401,4 +401,4 @@ def render_html(report: dict) -> str:
         plots=plots(r), accuracy=accuracy(r), accuracy_note=D.ACCURACY_NOTE, convergence=convergence(r),
         convergence_note=D.CONVERGENCE_NOTE,
         batch_search=batch_search(r), top=top_tables(r), findings=findings(r), patch=patch(r),
-        no_patch=D.no_patch_text(r), artifacts=artifacts(r))
+        no_patch=D.no_patch_text(r), artifacts=artifacts(r), patch_note=D.patch_note(r), script=D.script_text(r))

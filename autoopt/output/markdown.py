@@ -35,7 +35,6 @@ from autoopt.safe import terminal_text
 
 BATCH_SEMANTICS = ("A different batch size changes training semantics: scale the learning rate and re-check "
                    "convergence.")
-PATCH_NOTE = "A unified diff against the model file; applied, the file itself runs the final configuration."
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -211,6 +210,12 @@ def convergence(r: dict) -> list[str]:
           md_text(x["reason"])] for x in rows])
 
 
+def script(r: dict) -> list[str]:
+    """The training script an `optimize --script` run drove, and how reproducible it was."""
+    text = D.script_text(r)
+    return ["## Script", "", md_text(text), ""] if text else []
+
+
 def distributed(r: dict) -> list[str]:
     """A distributed run's set-up, one row per rank, and the DDP snippet for a torchrun script."""
     if r.get("distributed") is not True:
@@ -349,7 +354,7 @@ def patch(r: dict) -> list[str]:
     """The unified diff against the model file, in a diff fence."""
     p = r.get("patch")
     if isinstance(p, str) and p.strip():
-        return ["## Patch", "", PATCH_NOTE, ""] + fence(p, "diff")
+        return ["## Patch", "", md_text(D.patch_note(r)), ""] + fence(p, "diff")
     return ["## Patch", "", md_text(D.no_patch_text(r)), ""]
 
 
@@ -364,8 +369,8 @@ def artifacts(r: dict) -> list[str]:
     return out
 
 
-SECTIONS = (header, result, notes, baseline, variants, final, accuracy, convergence, distributed, search, batch_search,
-            trace_analysis, health, findings, patch, artifacts)
+SECTIONS = (header, result, notes, script, baseline, variants, final, accuracy, convergence, distributed, search,
+            batch_search, trace_analysis, health, findings, patch, artifacts)
 
 
 def render_markdown(report: dict) -> str:

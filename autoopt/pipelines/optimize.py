@@ -97,6 +97,8 @@ def analyze_run(logdir: Optional[str]) -> Optional[dict[str, Any]]:
 class OptimizeRun:
     """One optimize run. `run()` writes the report directory and returns report.json's object."""
 
+    no_change = NO_CHANGE  # the final's note when nothing was kept
+
     def __init__(self, settings: OptimizeSettings, decide: Decide, progress: Progress = _noop):
         self.settings = settings
         self.decide = decide
@@ -190,7 +192,7 @@ class OptimizeRun:
     def _final(self, best: Point) -> None:
         base_m = self.base.measurement
         if not best.chosen:
-            self.final = set_fixed_batch(FinalResult([], [], 1.0, 1.0, 1.0, base_m, note=NO_CHANGE,
+            self.final = set_fixed_batch(FinalResult([], [], 1.0, 1.0, 1.0, base_m, note=self.no_change,
                                                      accuracy=self.evaluator.baseline_accuracy()),
                                          [], self.variants, self.base_cfg.batch_size)
             return

@@ -35,12 +35,20 @@ import gc
 import os
 import runpy
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 from autoopt.errors import UserError
-from autoopt.pipelines.script_sites import _LIB_MARKERS, _site_mode, _user_frame_site, trace_sites
+from autoopt.pipelines.script_sites import _site_mode, trace_sites
+from autoopt.scripting.facts import LIB_MARKERS as _LIB_MARKERS
+from autoopt.scripting.facts import autocast_on as _autocast_on
+from autoopt.scripting.facts import batch_facts as _batch_facts
+from autoopt.scripting.facts import env_facts as _env_facts
+from autoopt.scripting.facts import loader_facts as _loader_facts
+from autoopt.scripting.facts import model_facts, optimizer_facts
+from autoopt.scripting.facts import optimizer_impl_of as _optimizer_impl
+from autoopt.scripting.facts import user_frame_site as _user_frame_site
+from autoopt.scripting.target import check_script as _check_script
 
 DEFAULT_STEPS = 3
 WARMUP_STEPS = 1
@@ -178,100 +186,7 @@ class _Probe:
         return (info["batch"] or {}).get("batch_size") if info else None
 
 
-def _autocast_on() -> bool:
-    import torch
-
-    for dev in ("cuda", "cpu"):
-        try:
-            if torch.is_autocast_enabled(dev):
-                return True
-        except TypeError:  # older torch: no device argument
-            return bool(torch.is_autocast_enabled())
-    return False
-
-
-def _batch_facts(args) -> dict:
-    from autoopt.workload.contract import iter_tensors
-
-    ts = list(iter_tensors(args))
-    out: dict[str, Any] = {"batch_size": None, "input_is_4d": False, "channels_last_input": False}
-    for t in ts:
-        if t.dim() > 0 and out["batch_size"] is None:
-            out["batch_size"] = int(t.shape[0])
-        if t.dim() == 4 and t.is_floating_point():
-            out["input_is_4d"] = True
-            import torch
-
-            if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-                out["channels_last_input"] = True
-    out["device"] = ts[0].device.type if ts else None
-    return out
-
-
-def _optimizer_impl(opt) -> Optional[str]:
-    try:
-        from autoopt.workload.inspect import optimizer_impl
-
-        return optimizer_impl(opt)
-    except Exception:  # noqa: BLE001 - an optimizer autoopt cannot read: the fact stays unknown
-        return None
-
-
-def _env_facts() -> dict:
-    try:
-        from autoopt.env import env_facts
-
-        return env_facts()
-    except Exception:  # noqa: BLE001
-        return {}
-
-
-def _loader_facts(batch_size: Optional[int]) -> dict:
-    """Settings of the script's DataLoader, found among live objects at the first step."""
-    try:
-        from torch.utils.data import DataLoader
-    except ImportError:  # pragma: no cover
-        return {}
-    with warnings.catch_warnings():  # isinstance on every live object trips deprecation shims
-        warnings.simplefilter("ignore")
-        loaders = [o for o in gc.get_objects() if isinstance(o, DataLoader)]
-    if not loaders:
-        return {"workload.has_dataloader": False}
-    match = [ld for ld in loaders if batch_size is not None and ld.batch_size == batch_size]
-    ld = (match or loaders)[0]
-    return {
-        "workload.has_dataloader": True,
-        "workload.dataloader_workers": ld.num_workers,
-        "workload.pin_memory": bool(ld.pin_memory),
-        "workload.persistent_workers": bool(ld.persistent_workers),
-    }
-
-
 # ------------------------------------------------------------------------------- entry point
-def _check_script(script_path: str) -> Path:
-    p = Path(script_path).expanduser()
-    if not p.exists():
-        raise UserError(f"The script {script_path} does not exist. Fix: pass the path of your training script, e.g. "
-                        "autoopt profile --script train.py -- --epochs 1.")
-    if p.is_dir():
-        raise UserError(f"{script_path} is a directory, not a script. Fix: pass the training script inside it, e.g. "
-                        f"autoopt profile --script {Path(script_path) / 'train.py'}.")
-    try:
-        src = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"The script {script_path} cannot be read ({e.strerror}). Fix: check its permissions.",
-                        cause=e) from e
-    try:
-        compile(src, str(p), "exec")
-    except SyntaxError as e:
-        raise UserError(f"The script {script_path} is not valid Python: line {e.lineno}: {e.msg}. Fix: correct it "
-                        f"(python {script_path} fails the same way).", cause=e) from e
-    except ValueError as e:  # null bytes: not a Python source file
-        raise UserError(f"The script {script_path} is not a Python source file ({e}). Fix: pass the .py training "
-                        "script.", cause=e) from e
-    return p.resolve()
-
-
 def _script_error(exc: BaseException, path: Path, shown: str) -> UserError:
     import traceback
 
@@ -532,35 +447,13 @@ def _facts(result: dict, probe: _Probe) -> tuple[dict, bool]:
 
 def _optimizer_facts(probe: _Probe) -> dict[str, Any]:
     if probe.pacer is None:
-        return {"workload.mode": "infer"}
+        return optimizer_facts(None, None)
     o = probe.optimizers[probe.pacer]
-    out = {"workload.mode": "train", "workload.optimizer": o["type"]}
-    if o["impl"]:
-        out["workload.optimizer_impl"] = o["impl"]
-    return out
+    return optimizer_facts(o["type"], o["impl"])
 
 
 def _model_facts(model, info: dict) -> dict[str, Any]:
-    import torch
-
-    from autoopt.workload.inspect import model_facts
-
-    out: dict[str, Any] = {}
-    try:
-        out.update(model_facts(model))
-    except Exception:  # noqa: BLE001 - a model autoopt cannot inspect still gets its trace's findings
-        pass
-    b = info.get("batch") or {}
-    if b.get("batch_size") is not None:
-        out["workload.batch_size"] = b["batch_size"]
-    out["workload.input_is_4d"] = bool(b.get("input_is_4d"))
-    out["workload.autocast"] = bool(info.get("autocast"))
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    out["workload.channels_last"] = bool(b.get("channels_last_input")) or any(
-        m.weight.dim() == 4 and m.weight.is_contiguous(memory_format=torch.channels_last)
-        and not m.weight.is_contiguous() for m in convs)
-    out["workload.compiled"] = type(model).__name__ == "OptimizedModule"
-    return out
+    return model_facts(model, info.get("batch"), bool(info.get("autocast")))
 
 
 # rule family -> the source lines a finding of that family points at

@@ -13,22 +13,8 @@ import collections
 import sys
 from typing import Optional
 
-_LIB_MARKERS = ("/torch/", "site-packages", "dist-packages", "/lib/python", "<frozen", "<string>", "/autoopt/")
-
-
-def _user_frame_site(start_depth: int = 2) -> Optional[str]:
-    """'path:line (function)' of the innermost frame of the user's code on the live stack."""
-    try:
-        f = sys._getframe(start_depth)
-    except ValueError:
-        return None
-    while f is not None:
-        fn = f.f_code.co_filename.replace("\\", "/")
-        if not any(m in fn for m in _LIB_MARKERS) and not fn.startswith("<"):
-            return f"{fn}:{f.f_lineno} ({f.f_code.co_name})"
-        f = f.f_back
-    return None
-
+from autoopt.scripting.facts import LIB_MARKERS as _LIB_MARKERS  # noqa: F401 - shared with autoopt.pipelines.script
+from autoopt.scripting.facts import user_frame_site as _user_frame_site
 
 _SYNC_FUNCS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"})
 _DATA_DEP_FUNCS = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere"})
