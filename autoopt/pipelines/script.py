@@ -262,11 +262,14 @@ def _run_script(probe: _Probe, path: Path, shown: str, args: list[str]) -> int:
     """Run the script as __main__ under the probe's hooks and first profiler, then undo every
     change to the process; returns its exit status, raises its failure as a UserError."""
     import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
     from torch.profiler import profile
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     opt_hook = register_optimizer_step_post_hook(probe.optimizer_post)
+    # the source-line mode watches the script's own loop, never the inside of optimizer.step()
+    # (a TorchFunctionMode over its kernels costs time there; once, under it, SGD.step raised ReferenceError)
+    pre_hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: probe.stop_site_mode())
     probe.module_hooks = [torch.nn.modules.module.register_module_forward_pre_hook(probe.forward_pre)]
     try:
         probe.module_hooks.append(torch.nn.modules.module.register_module_forward_hook(probe.forward_post,
@@ -302,6 +305,7 @@ def _run_script(probe: _Probe, path: Path, shown: str, args: list[str]) -> int:
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         opt_hook.remove()
+        pre_hook.remove()
         _stop_probe(probe)
     if failure is not None:
         raise failure
