@@ -89,6 +89,20 @@ def test_job_failure_without_reports_shows_the_launcher_output():
     assert "unrecognized arguments: --bogus" in msg and "/x/err" in msg
 
 
+def test_job_failure_keeps_the_launcher_output_beside_the_traces(tmp_path):
+    """The job's own folder is temporary: the message must name a copy that outlives it."""
+    job, kept = tmp_path / "job", tmp_path / "run"
+    job.mkdir()
+    kept.mkdir()
+    err = job / "launcher.stderr"
+    err.write_text("rank 1: terminate called after throwing an instance of 'gloo::IoException'\n")
+    msg = D.job_failure([], -6, {"stderr": err.read_text(), "stderr_path": str(err)}, nproc=2, model="m.py",
+                        keep_dirs=[str(kept)]).message
+    err.unlink()  # the temporary folder goes
+    assert str(kept / "launcher.stderr") in msg
+    assert "gloo::IoException" in (kept / "launcher.stderr").read_text()
+
+
 # ---------------------------------------------------------------------------- rank balance
 def _analysis(busy_per_rank, wait_per_rank):
     traces, per_rank = [], []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -154,9 +155,27 @@ def root_cause(recs: list[dict]) -> Optional[dict]:
     return min(pool, key=lambda r: r["error"].get("time") or 0.0)
 
 
+def _keep_log(path: Optional[str], keep_dirs: Iterable[str]) -> Optional[str]:
+    """The launcher's stderr copied into the first kept directory that exists (its path), else
+    `path` itself."""
+    if not path or not Path(path).is_file():
+        return path
+    for d in keep_dirs:
+        if d and Path(d).is_dir():
+            kept = Path(d) / "launcher.stderr"
+            try:
+                shutil.copyfile(path, kept)
+            except OSError:
+                return path
+            return str(kept)
+    return path
+
+
 def job_failure(recs: list[dict], rc: int, logs: dict, *, nproc: int, model: str,
                 keep_dirs: Iterable[str]) -> UserError:
-    """The UserError for a failed job: the failing rank and its error, and what was kept."""
+    """The UserError for a failed job: the failing rank and its error, and what was kept (the
+    launcher's output too: copied beside the traces, since the job's own folder is temporary)."""
+    logs = dict(logs, stderr_path=_keep_log(logs.get("stderr_path"), keep_dirs))
     traces = sorted({t for r in recs for t in r.get("traces_on_disk") or []})
     for d in keep_dirs:
         if d and Path(d).is_dir():
