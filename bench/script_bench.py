@@ -34,8 +34,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from autoopt.run.measure import t975  # noqa: E402 - the same t-quantiles as the search's intervals
+
 DEFAULT_SCRIPT = ROOT / "examples" / "train_script.py"
-T975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def optimize(script: Path, args: list[str], out: Path, budget: int) -> dict:
@@ -81,7 +83,7 @@ def interval(ratios: list[float]) -> tuple[float, float, float]:
     mid = math.exp(statistics.fmean(logs))
     if len(logs) < 2:
         return mid, float("nan"), float("nan")
-    half = T975.get(len(logs) - 1, 2.0) * statistics.stdev(logs) / math.sqrt(len(logs))
+    half = t975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
     return mid, math.exp(statistics.fmean(logs) - half), math.exp(statistics.fmean(logs) + half)
 
 

@@ -103,49 +103,42 @@ def test_a_verified_transform_patches_the_script_which_then_runs(entry_name, nam
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.slow
-def test_hf_trainer_script_gets_its_training_arguments_patched(tmp_path, monkeypatch):
-    """Our HF Trainer script: bf16 goes into its TrainingArguments(...) call, checked by running it."""
-    d = FRAMEWORK_SCRIPTS / "hf_trainer"
-    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
-        monkeypatch.setenv(k, v)
-    args = ["--max-steps", "60", "--output-dir", str(tmp_path / "hf_out")]
+def _framework_patch(tmp_path, folder: str, args: list[str], kind: str, call: str):
+    """Our Trainer script in `folder`, driven with bf16 verified: the patch, checked by running
+    the patched script, then applied to a copy that runs plain."""
+    d = FRAMEWORK_SCRIPTS / folder
     run = ScriptOptimizeRun(_settings(["python", str(d / "train.py"), *args], tmp_path, tmp_path / "out"),
                             decide=lambda f, t: False)
     try:
         run._setup()
         run._baseline()
-        assert run.evaluator.framework == "transformers"
-        assert run.evaluator.sites["framework"]["call"] == "TrainingArguments"
+        assert run.evaluator.framework == kind
+        assert run.evaluator.sites["framework"]["call"] == call
         _verified_patch(run, "amp", {"dtype": "bfloat16"})
     finally:
         run.evaluator.close()
     assert run.patch_check["ok"], (run.patch_check, run.notes)
-    assert "bf16=True" in run.patch_text and "torch.autocast" not in run.patch_text
     done = _apply_and_run(d, "train.py", run.patch_text, args, tmp_path, {})
     assert done.returncode == 0, done.stderr[-3000:]
+    return run.patch_text
+
+
+@pytest.mark.slow
+def test_hf_trainer_script_gets_its_training_arguments_patched(tmp_path, monkeypatch):
+    """Our HF Trainer script: bf16 goes into its TrainingArguments(...) call, checked by running it."""
+    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    patch = _framework_patch(tmp_path, "hf_trainer", ["--max-steps", "60", "--output-dir", str(tmp_path / "hf_out")],
+                             "transformers", "TrainingArguments")
+    assert "bf16=True" in patch and "torch.autocast" not in patch
 
 
 @pytest.mark.slow
 def test_lightning_script_gets_its_trainer_precision_patched(tmp_path):
     """Our Lightning script: bf16 becomes the Trainer's precision="bf16-mixed" in its L.Trainer(...)
     call, checked by running the patched script."""
-    d = FRAMEWORK_SCRIPTS / "lightning"
-    args = ["--max-steps", "60"]
-    run = ScriptOptimizeRun(_settings(["python", str(d / "train.py"), *args], tmp_path, tmp_path / "out"),
-                            decide=lambda f, t: False)
-    try:
-        run._setup()
-        run._baseline()
-        assert run.evaluator.framework == "lightning"
-        assert run.evaluator.sites["framework"]["call"] == "Trainer"
-        _verified_patch(run, "amp", {"dtype": "bfloat16"})
-    finally:
-        run.evaluator.close()
-    assert run.patch_check["ok"], (run.patch_check, run.notes)
-    assert "precision='bf16-mixed'" in run.patch_text and "torch.autocast" not in run.patch_text
-    done = _apply_and_run(d, "train.py", run.patch_text, args, tmp_path, {})
-    assert done.returncode == 0, done.stderr[-3000:]
+    patch = _framework_patch(tmp_path, "lightning", ["--max-steps", "60"], "lightning", "Trainer")
+    assert "precision='bf16-mixed'" in patch and "torch.autocast" not in patch
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from autoopt.diagnosis.facts_builder import build_facts, diagnose
 from autoopt.errors import UserError
 from autoopt.output.data import ADVICE_PREFIX
 from autoopt.pipelines.candidates import CandidateBuilder, Decide, check_try_names
-from autoopt.pipelines.optimize import OptimizeRun, Progress, _noop, analyze_run
+from autoopt.pipelines.optimize import OptimizeRun, Progress, _noop, analyze_run, budget_line
 from autoopt.results import Variant
 from autoopt.search.trial import Candidate, Point
 from autoopt.settings import OptimizeSettings
@@ -143,7 +143,7 @@ class ScriptOptimizeRun(OptimizeRun):
                                          seed=s.seed, progress=self.progress,
                                          nproc=max(1, s.distributed.nproc or 1))
         self.base_cfg = ExecConfig(device=self.caps.device_type)
-        self.progress("budget", _budget_line(s.search.time_budget_s))
+        self.progress("budget", budget_line(s.search.time_budget_s))
 
     def _baseline(self) -> None:
         self.progress("baseline", f"baseline: running {self.target.shown} as written")
@@ -289,12 +289,6 @@ class ScriptOptimizeRun(OptimizeRun):
         finally:
             if self.evaluator is not None:
                 self.evaluator.close()
-
-
-def _budget_line(seconds: Optional[float]) -> str:
-    from autoopt.pipelines.optimize import budget_line
-
-    return budget_line(seconds)
 
 
 def run_script_optimize(settings: OptimizeSettings, decide: Decide, progress: Progress = _noop) -> dict:
