@@ -819,3 +819,34 @@ def test_batch_search_on_a_real_tiny_model():
     assert len(chosen) == 1 and chosen[0]["batch_size"] == res.batch_size
     assert round(res.measurement.throughput_per_s, 3) == max(r["throughput_per_s"] for r in res.table
                                                    if r["status"] in ("chosen", "ok"))
+
+
+def test_a_failed_trial_names_what_the_model_would_need_for_the_transform():
+    """channels_last on a model that flattens a convolution's output with .view() (opacus' MNIST
+    example does): torch's own error, the reason the variant is given, says what to change."""
+    from autoopt.results import Failure
+    from autoopt.search.strategies import strategy
+    from autoopt.search.trial import Outcome, Point
+    from autoopt.types import Status
+    from tests.test_budget import Clock, FakeEvaluator, _candidates, _m, _search
+
+    conv = torch.nn.Conv2d(1, 4, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 1, 8, 8).to(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError) as raised:
+        conv(x).view(-1, 4 * 6 * 6)
+    failure = Failure.of(raised.value)
+    channels_last = get_transform("channels_last")
+    assert ".view()" in channels_last.explain_failure(failure.message)
+    assert channels_last.explain_failure("CUDA out of memory") == ""
+    assert get_transform("amp").explain_failure(failure.message) == ""
+
+    class Failing(FakeEvaluator):
+        def trial(self, name, cfg, *, tolerance, anchor, verify=True, trace=True, deadline=None) -> Outcome:
+            return Outcome(failure=failure)
+
+    clock = Clock()
+    search = _search(Failing(clock, cost=1.0, ratios={}), clock, budget=None, noise_check=False)
+    search.run(strategy("greedy"), _candidates("channels_last"), Point(ExecConfig(), [], _m(10.0)))
+    (v,) = search.variants
+    assert v.status == Status.FAILED and v.reason.startswith("RuntimeError: view size is not compatible")
+    assert "torch.flatten(x, 1) at that line would let channels_last apply" in v.reason

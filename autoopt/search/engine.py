@@ -208,7 +208,7 @@ class Search:
 
     def _judge_variant(self, v: Variant, out: Outcome, anchor: Point, combo: list[Candidate]) -> Optional[Point]:
         if out.failure is not None:
-            v.reason = out.failure.summary
+            v.reason = out.failure.summary + "".join(c.transform.explain_failure(out.failure.message) for c in combo)
             return None
         if not out.verified:
             v.status, v.reason = Status.REJECTED, out.verification.reason

@@ -88,6 +88,11 @@ class Transform:
         """What a user must know about this transform when it is kept ("" when nothing)."""
         return ""
 
+    def explain_failure(self, message: str) -> str:
+        """What the model's code would need for this transform to apply, when `message` (a
+        failed trial's error) is one this transform is known to cause ("" otherwise)."""
+        return ""
+
     def describe(self, params: dict) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in sorted((params or {}).items()) if v is not None)
         return f"{self.name}({shown})" if shown else self.name

@@ -42,6 +42,15 @@ class ChannelsLast(Transform):
     def apply(self, cfg: ExecConfig, params: dict, workload: Optional[Workload] = None) -> ExecConfig:
         return cfg.with_(channels_last=True)
 
+    def explain_failure(self, message: str) -> str:
+        # A convolution's output keeps its input's NHWC strides, and Tensor.view needs strides
+        # compatible with the new shape: the common `x.view(-1, C * H * W)` before a Linear
+        # layer raises where x.reshape(...) or torch.flatten(x, 1) would copy.
+        if "view size is not compatible with input tensor's size and stride" in message:
+            return ("; channels_last leaves the activations in NHWC order, and the model flattens one with "
+                    ".view(): .reshape(...) or torch.flatten(x, 1) at that line would let channels_last apply")
+        return ""
+
     def patch(self, editor, params: dict, workload: Optional[Workload]) -> None:
         editor.ensure_import("torch")
         editor.wrap_return("build_model", "{}.to(memory_format=torch.channels_last)")
