@@ -221,7 +221,7 @@ def test_script_with_its_own_autocast_scaler_and_scheduler():
     assert p.applied == ["compile", "optimizer_impl"]
     ((name, reason),) = p.skipped
     assert name == "amp" and "already runs under the script's own autocast" in reason
-    assert f"(line {line(source, 'with torch.autocast(')})" in reason
+    assert f"` at line {line(source, 'with torch.autocast(')})" in reason
     body = statements(function(p.code, "train").body)
     at = body.index("model = build_model(1000, args.dim).to(device)")
     assert body[at + 1] == "model.compile()"
@@ -696,8 +696,11 @@ def test_autocast_through_a_context_variable_is_the_scripts_own():
     sites = loop_sites(source, forward="loss = model(x)", backward="loss.backward()", step="opt.step()",
                        optimizer="torch.optim.SGD(", optimizer_var="opt")
     p = patch_script(source, sites, {"amp": BF16_CPU})
-    assert p.skipped == [("amp", "the forward (line 11) already runs under the script's own autocast (line 10); "
-                                 "turn that one on instead")]
+    assert p.skipped == [("amp", "the forward (line 11) already runs under the script's own autocast context "
+                                 "(`with ctx` at line 10; it is assigned at line 6: `ctx = nullcontext() if dtype == "
+                                 "\"float32\" else torch.autocast(device_type=\"cp...`); autoopt does "
+                                 "not nest a second one: make that one torch.autocast(device_type=\"cpu\", "
+                                 "dtype=torch.bfloat16) in this run's case instead")]
     plain = source.replace("with ctx:", "with nullcontext():")
     assert patch_script(plain, sites, {"amp": BF16_CPU}).applied == ["amp"]
 
@@ -844,3 +847,30 @@ def test_model_found_through_the_parameters_the_optimizer_is_given():
     two = source.replace("params = [p for p in model.parameters() if p.requires_grad]",
                          "params = [*model.parameters(), *head.parameters()]")
     assert "no assignment to net precedes" in patch_script(two, sites, {"channels_last": True}).skipped[0][1]
+
+
+def test_a_script_with_its_own_compile_switch_is_told_so_beside_the_diff():
+    """nanoGPT's shape: `if compile: model = torch.compile(model)`, off in the run; the diff
+    compiles the model where it is bound, and a remark names the script's own switch."""
+    source = src('''
+        import torch
+
+        compile = False
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if compile:
+            model = torch.compile(model)
+        for x in [torch.randn(2, 4)]:
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+    ''')
+    sites = loop_sites(source, forward="loss = model(x)", backward="loss.backward()", step="opt.step()",
+                       optimizer="torch.optim.SGD(", optimizer_var="opt")
+    p = patch_script(source, sites, {"compile": {"mode": None, "backend": "inductor"}})
+    assert p.applied == ["compile"] and "model.compile()" in p.code
+    assert p.remarks == [("compile", "the script has its own `model = torch.compile(model)` at line 7 under `if "
+                                     "compile` (line 6), off in this run; the diff compiles the model where it is "
+                                     "built instead, and turning the script's own switch on would do the same")]
+    plain = source.replace("if compile:\n    model = torch.compile(model)\n", "")
+    assert patch_script(plain, sites, {"compile": {"mode": None, "backend": "inductor"}}).remarks == []

@@ -214,6 +214,7 @@ class Plan:
     wraps: list[tuple[cst.CSTNode, int, int, str]] = field(default_factory=list)
     top: list[str] = field(default_factory=list)
     needs_torch: bool = True
+    remark: str = ""  # what the user should know about this edit (the script's own switch for it)
 
 
 class Apply(cst.CSTTransformer):

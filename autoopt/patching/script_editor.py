@@ -100,11 +100,13 @@ _CONDITIONAL = (cst.If, cst.Try, cst.TryStar, cst.Match)
 @dataclass
 class ScriptPatch:
     """The patched script (`code`), the changes written (`applied`) and those not, each with
-    its reason (`skipped`)."""
+    its reason (`skipped`); `remarks`: what to know about a change written (e.g. the script's
+    own switch that would do the same)."""
 
     code: str
     applied: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    remarks: list[tuple[str, str]] = field(default_factory=list)
 
 
 class _Skip(Exception):
@@ -360,7 +362,20 @@ class _Patcher:
         if value.get("backend") not in (None, "inductor"):
             args.append(f"backend={self.lit(value['backend'])}")
         line = parse_stmt(f"{var}.compile({', '.join(args)})\n")
-        return Plan(after=[(st.block, st.index, [line])], needs_torch=False)
+        return Plan(after=[(st.block, st.index, [line])], needs_torch=False, remark=self._own_compile())
+
+    def _own_compile(self) -> str:
+        """The script's own torch.compile(...), which did not run (the run compiled the model
+        itself): most often behind a switch (nanoGPT's `if compile:`)."""
+        for c in self.calls:
+            if callee(c.node) == "torch.compile" and c.stmt is not None:
+                guard = next((st for st in list(c.stmt.chain())[1:] if isinstance(st.node, cst.If)), None)
+                cond = (f" under `{self._key(guard.node).rstrip(':')}` (line {guard.start}), off in this run"
+                        if guard is not None else ", which did not run in this run")
+                return (f"the script has its own `{self._key(c.stmt.node)}` at line {c.stmt.start}{cond}; the "
+                        f"diff compiles the model where it is built instead, and turning the script's own "
+                        f"switch on would do the same")
+        return ""
 
     def plan_optimizer_impl(self, impl: str) -> Plan:
         if impl not in ("fused", "foreach"):
@@ -499,9 +514,13 @@ class _Patcher:
         for st in fwd.chain():
             if st.scope is not fwd.scope:
                 break
-            if isinstance(st.node, cst.With) and self._autocast_with(st.node):
-                raise _Skip(f"the forward ({fwd.where()}) already runs under the script's own autocast "
-                            f"(line {st.start}); turn that one on instead")
+            own = isinstance(st.node, cst.With) and self._autocast_with(st.node)
+            if own:
+                made = "" if own is True else f"; it is assigned at line {own.start}: `{self._key(own.node)}`"
+                raise _Skip(f"the forward ({fwd.where()}) already runs under the script's own autocast context "
+                            f"(`{self._key(st.node).rstrip(':')}` at line {st.start}{made}); autoopt does not nest "
+                            f"a second one: make that one torch.autocast(device_type={self.lit(device)}, "
+                            f"dtype={dtype}) in this run's case instead")
         block, i, j = self._autocast_range(fwd, bwd)
         item = f"torch.autocast(device_type={self.lit(device)}, dtype={dtype})"
         plan = Plan(wraps=[(block, i, j, item)])
@@ -509,10 +528,10 @@ class _Patcher:
             self._plan_scaler(plan, device, bwd)
         return plan
 
-    def _autocast_with(self, node: cst.With) -> bool:
-        """`with torch.autocast(...)` / `with autocast(...)`, or `with ctx:` where the script
-        assigns ctx something that builds an autocast (`ctx = nullcontext() if ... else
-        torch.autocast(...)`)."""
+    def _autocast_with(self, node: cst.With) -> "bool | Stmt":
+        """True for `with torch.autocast(...)` / `with autocast(...)`; for `with ctx:` where the
+        script assigns ctx something that builds an autocast (`ctx = nullcontext() if ... else
+        torch.autocast(...)`), that assignment; False otherwise."""
         if is_autocast_with(node):
             return True
         names = {i.item.value for i in node.items if isinstance(i.item, cst.Name)}
@@ -520,7 +539,7 @@ class _Patcher:
             if isinstance(st.node, cst.SimpleStatementLine) and assigned(st.node)[0] & names and any(
                     isinstance(c.node.func, (cst.Name, cst.Attribute)) and last_part(callee(c.node)) == "autocast"
                     for c in self.calls if c.stmt is st):
-                return True
+                return st
         return False
 
     def _backward_call(self, bwd: Stmt) -> CallAt:
@@ -701,4 +720,5 @@ def patch_script(source: str, sites: dict, changes: dict, filename: str = "train
             skipped.append((key, f"autoopt does not know how to write {key} into a script"))
     order = {k: i for i, k in enumerate(CHANGE_ORDER)}
     skipped.sort(key=lambda kv: order.get(kv[0], len(order)))
-    return ScriptPatch(code, [k for k, _ in todo if k in plans], skipped)
+    remarks = [(k, plans[k].remark) for k, _ in todo if k in plans and plans[k].remark]
+    return ScriptPatch(code, [k for k, _ in todo if k in plans], skipped, remarks)

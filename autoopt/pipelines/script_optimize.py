@@ -191,6 +191,7 @@ class ScriptOptimizeRun(OptimizeRun):
         source = self.target.path.read_text(encoding="utf-8")
         res = patch_script(source, ev.sites, changes, self.given_path.name)
         self.notes += [f"patch: {n} could not be written into the script: {r}" for n, r in res.skipped]
+        self.notes += [f"patch: {n}: {r}" for n, r in res.remarks]
         if not res.applied:
             self.patch_check = {"checked": False, "ok": False, "reason": "no change could be written into the script"}
             return
