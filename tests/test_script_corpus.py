@@ -32,6 +32,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "data" / "scripts"
+# torchvision, installed apart by scripts/test.sh (see tests/data/scripts/_torchvision_cpu)
+TORCHVISION = ROOT / "tests" / ".deps" / "torchvision"
 
 # ---------------------------------------------------------------------------- data generators
 
@@ -75,6 +78,14 @@ def prepare_chars(work_dir: Path) -> None:
         pickle.dump({"vocab_size": len(chars), "stoi": stoi, "itos": dict(enumerate(chars))}, f)
 
 
+def prepare_sophia(work_dir: Path) -> None:
+    """The character data of prepare_chars, and the package's configurator.py in the working
+    directory: sophia-opt's train_adam.py runs `exec(open('configurator.py').read())` from the
+    directory it is started in (the repository's root, in its own README)."""
+    prepare_chars(work_dir)
+    shutil.copyfile(SCRIPTS / "sophia_gpt" / "configurator.py", work_dir / "configurator.py")
+
+
 def prepare_digits(work_dir: Path) -> None:
     """digits.pt: 16x16 images in [-1, 1] of 10 classes (a fixed random stroke pattern each,
     shifted by up to a pixel, with noise), 800 for training and 200 for testing."""
@@ -90,6 +101,33 @@ def prepare_digits(work_dir: Path) -> None:
         return images, labels
 
     torch.save({"train": split(800), "test": split(200)}, work_dir / "digits.pt")
+
+
+def prepare_mnist(work_dir: Path) -> None:
+    """mnist/MNIST/raw/: the four uncompressed IDX files torchvision's `datasets.MNIST` reads
+    (and, finding them, does not download), of generated 28x28 digits: 10 classes, a fixed
+    random blob pattern each, shifted by up to two pixels, with noise; 2048 for training and
+    512 for testing."""
+    g = torch.Generator().manual_seed(0)
+    prototypes = (torch.rand(10, 28, 28, generator=g) > 0.75).float() * 200
+
+    def split(n: int) -> tuple[bytes, bytes]:
+        labels = torch.randint(0, 10, (n,), generator=g)
+        shifts = torch.randint(-2, 3, (n, 2), generator=g)
+        images = torch.stack([torch.roll(prototypes[c], (int(dy), int(dx)), dims=(0, 1))
+                              for c, (dy, dx) in zip(labels.tolist(), shifts.tolist())])
+        images = (images + 40 * torch.randn(images.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+        # IDX: a big-endian magic (0, 0, 0x08 = unsigned byte, number of dimensions), the sizes
+        # as big-endian int32, then the data
+        head = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in images.shape)
+        return head + images.numpy().tobytes(), bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes(labels.tolist())
+
+    raw = work_dir / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", 2048), ("t10k", 512)):
+        images, labels = split(n)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(images)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
 
 
 def prepare_text(work_dir: Path) -> None:
@@ -200,6 +238,37 @@ CORPUS = [
         "prepare": prepare_names, "cwd": "work", "steps": 8 * 15,  # 480 training names, batches of 32
         "loss_re": r"Epoch \d+\. Accuracy: [\d.]+ \| Loss: (\d+\.\d+)", "slow": True, "outside": True,
     },
+    {   # opacus 1.6.0 examples/mnist.py: argparse, torchvision's datasets.MNIST (download=True,
+        # found on disk) with ToTensor/Normalize transforms, DataLoader with pin_memory, a small CNN
+        # (two Conv2d, max_pool2d, view, two Linear), SGD, tqdm, loss.item() every step and the
+        # epoch's mean loss printed, a test pass under no_grad, results torch.save'd to the cwd;
+        # --disable-dp trains without the PrivacyEngine. torchvision imports through the
+        # _torchvision_cpu shim (its sitecustomize.py says why)
+        "name": "opacus_mnist", "dir": SCRIPTS / "opacus_mnist", "script": "mnist.py",
+        "args": ["--data-root", "mnist", "--device", "cpu", "--disable-dp", "-b", "64", "--epochs", "10",
+                 "--test-batch-size", "256"],
+        "prepare": prepare_mnist, "cwd": "work", "steps": 10 * 32,  # 2048 training images, batches of 64
+        "loss_re": r"Train Epoch: \d+ \t Loss: (\d+\.\d+)", "slow": True, "outside": True,
+        "env": {"PYTHONPATH": os.pathsep.join([str(SCRIPTS / "_torchvision_cpu"), str(TORCHVISION)])},
+    },
+    {   # sophia-opt 0.2.2 examples/train_adam.py (a nanoGPT derivative): a module-level script whose
+        # globals are overridden by --key=value through configurator.py exec'd from the cwd; model.py
+        # and sophia.py beside it; uint16 memmap token files under data/<dataset>/; a GPT (causal
+        # self-attention, tied output layer) returning (logits, loss), built by a config dataclass;
+        # AdamW with decay / no-decay groups made by model.configure_optimizers; gradient
+        # accumulation (x8 outside DDP, the next batch fetched between forward and backward); a
+        # disabled torch.cuda.amp.GradScaler; clipping with .item() on the norm; the lr set by hand;
+        # an eval and a checkpoint at step 0; loss.item(), parameter and optimizer-state norms
+        # every log_interval
+        "name": "sophia_gpt", "dir": SCRIPTS / "sophia_gpt", "script": "train_adam.py",
+        "args": ["--device=cpu", "--compile=False", "--dtype=float32", "--dataset=chars", "--out_dir=out",
+                 "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4",
+                 "--gradient_accumulation_steps=1", "--max_iters=149", "--eval_interval=100000", "--eval_iters=2",
+                 "--warmup_iters=10", "--lr_decay_iters=150", "--learning_rate=1e-3", "--log_interval=10",
+                 "--always_save_checkpoint=False"],
+        "prepare": prepare_sophia, "cwd": "work", "steps": 150, "loss_re": r"iter \d+: loss (\d+\.\d+)",
+        "slow": True, "outside": True,
+    },
     {   # trl 1.16.0 trl/scripts/sft.py (`trl sft`): a Hugging Face Trainer script (SFTTrainer over
         # TrainingArguments parsed by TrlParser), a causal LM loaded by path, a local json data set
         # through datasets.load_dataset; the Trainer's own loop, AdamW, linear lr decay, log dicts
@@ -241,13 +310,23 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 _steps = [0]
 register_optimizer_step_post_hook(lambda opt, args, kwargs: _steps.__setitem__(0, _steps[0] + 1))
 atexit.register(lambda: open(os.environ["CORPUS_STEPS_FILE"], "w").write(str(_steps[0])))
+
+# then the next sitecustomize on the path (an entry's own, e.g. the torchvision shim), as if
+# this one were not there
+import importlib.machinery, importlib.util, sys
+_here = os.path.dirname(os.path.abspath(__file__))
+_next = importlib.machinery.PathFinder.find_spec(
+    "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here])
+if _next is not None:
+    _module = importlib.util.module_from_spec(_next)
+    _next.loader.exec_module(_module)
 """
 
 
 def _run(entry: dict, work_dir: Path, count_steps: bool = False) -> subprocess.CompletedProcess:
     argv, cwd = command(entry, work_dir)
-    env = run_env(entry, work_dir)
-    env.pop("PYTHONPATH", None)  # not the checkout's path: a user's run
+    # not the checkout's path (a user's run), only what the entry itself sets
+    env = run_env(entry, work_dir, {k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     # one thread: on this shared 2-core machine, two OpenMP threads spin while the other is
     # descheduled and a 4 s run takes 30 s
     env["OMP_NUM_THREADS"] = "1"
@@ -255,7 +334,7 @@ def _run(entry: dict, work_dir: Path, count_steps: bool = False) -> subprocess.C
         site = work_dir / "_step_counter"
         site.mkdir()
         (site / "sitecustomize.py").write_text(_STEP_COUNTER)
-        env["PYTHONPATH"] = str(site)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
         env["CORPUS_STEPS_FILE"] = str(site / "steps")
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
@@ -278,6 +357,20 @@ def test_script_runs_plain_and_learns(entry, tmp_path):
     losses = [float(m) for m in re.findall(entry["loss_re"], proc.stdout)]
     assert len(losses) >= 3, proc.stdout[-2000:]
     assert losses[-1] < 0.8 * losses[0], (entry["name"], losses)
+
+
+def test_torchvision_for_the_corpus_is_installed_apart():
+    """scripts/test.sh put torchvision into tests/.deps/torchvision, and not into the environment
+    (where, beside a CPU torch, it would break `import transformers`)."""
+    assert (TORCHVISION / "torchvision" / "__init__.py").is_file(), (
+        f"{TORCHVISION} holds no torchvision: run scripts/test.sh (the README's test command), which installs "
+        "it there for opacus' MNIST example")
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None and torch.version.cuda is None:
+        pytest.fail("torchvision is installed in this environment beside a CPU build of torch, where its C++ ops "
+                    "cannot load and `import transformers` fails: `pip uninstall torchvision`; the tests use "
+                    f"the copy in {TORCHVISION}")
 
 
 def test_corpus_scripts_are_ordinary_pytorch():
@@ -308,12 +401,17 @@ def test_outside_scripts_are_verbatim_with_their_licence():
     """Each outside script sits beside its package's LICENSE and an ATTRIBUTION.md whose recorded
     sha256 is the file's own: the copy is the published one, byte for byte."""
     outside = [entry for entry in CORPUS if entry["outside"]]
-    assert len(outside) >= 2
+    assert len(outside) >= 4
     for entry in outside:
         folder = entry["dir"]
-        assert "Apache License" in (folder / "LICENSE").read_text(), folder
+        licence = (folder / "LICENSE").read_text()
+        assert "Apache License" in licence or licence.startswith("MIT License"), folder
         attribution = (folder / "ATTRIBUTION.md").read_text()
         recorded = re.search(r"sha256 of the file `([0-9a-f]{64})`", attribution)
         assert recorded is not None, folder
         digest = hashlib.sha256((folder / entry["script"]).read_bytes()).hexdigest()
         assert digest == recorded.group(1), f"{folder / entry['script']} differs from the published copy"
+        # every other file beside it (modules it imports, the licence) is a recorded copy too
+        for path in folder.iterdir():
+            if path.name not in ("ATTRIBUTION.md", "__pycache__"):
+                assert hashlib.sha256(path.read_bytes()).hexdigest() in attribution, path

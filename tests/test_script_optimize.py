@@ -32,11 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORK_SCRIPTS = ROOT / "tests" / "data" / "scripts"
 BY_NAME = {e["name"]: e for e in CORPUS}
 
-# (corpus entry, transform, params, what the diff must contain)
+# (corpus entry, transform, params, what the diff must contain, what the notes must say or None)
 CASES = [
-    ("example_cnn", "amp", {"dtype": "bfloat16"}, "torch.autocast("),
-    ("opacus_char_lstm", "fused_optimizer", {"impl": "foreach"}, "foreach=True"),
-    ("lm_memmap", "threads", {"num_threads": 1}, "torch.set_num_threads(1)"),
+    ("example_cnn", "amp", {"dtype": "bfloat16"}, "torch.autocast(", None),
+    ("opacus_char_lstm", "fused_optimizer", {"impl": "foreach"}, "foreach=True", None),
+    ("lm_memmap", "threads", {"num_threads": 1}, "torch.set_num_threads(1)", None),
+    ("opacus_mnist", "amp", {"dtype": "bfloat16"}, "with torch.autocast(", None),
+    # a real Inductor compile in the child and in the patched script's check
+    ("sophia_gpt", "compile", {}, "+model.compile()\n",
+     "patch: compile: the script has its own `model = torch.compile(model) # requires PyTorch 2.0` at line 185 "
+     "under `if compile` (line 182), off in this run"),
 ]
 
 
@@ -81,8 +86,8 @@ def _apply_and_run(script_dir: Path, script_name: str, diff: str, argv_args: lis
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry_name,name,params,expect", CASES, ids=[c[0] for c in CASES])
-def test_a_verified_transform_patches_the_script_which_then_runs(entry_name, name, params, expect, tmp_path,
+@pytest.mark.parametrize("entry_name,name,params,expect,note", CASES, ids=[c[0] for c in CASES])
+def test_a_verified_transform_patches_the_script_which_then_runs(entry_name, name, params, expect, note, tmp_path,
                                                                   monkeypatch):
     entry = BY_NAME[entry_name]
     argv, cwd = _prepared(entry, tmp_path, monkeypatch)
@@ -99,6 +104,7 @@ def test_a_verified_transform_patches_the_script_which_then_runs(entry_name, nam
     assert check and check["ok"], (check, run.notes)
     assert check["losses"] == pytest.approx(check["expected"], rel=check["tolerance"] * 1.01)
     assert expect in run.patch_text and run.patch_text.startswith(f"--- a/{entry['script']}")
+    assert note is None or any(n.startswith(note) for n in run.notes), run.notes
     done = _apply_and_run(entry["dir"], entry["script"], run.patch_text, argv[2:], cwd, run_env(entry, cwd))
     assert done.returncode == 0, done.stderr[-3000:]
 
