@@ -186,6 +186,19 @@ def test_verification_widens_to_three_times_the_seed_spread(tmp_path):
 
 
 @pytest.mark.slow
+def test_every_process_gets_one_str_hash_seed(tmp_path, monkeypatch):
+    """A script whose class numbering follows set iteration order repeats its losses: every
+    configuration's process starts with the same PYTHONHASHSEED (a user's own is kept)."""
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    ev = _evaluator(tmp_path, "set_order.py", [])
+    try:
+        ev.baseline(ExecConfig())
+        assert ev.reproducible is True and ev.seed_spread is None
+    finally:
+        ev.close()
+
+
+@pytest.mark.slow
 def test_an_unreproducible_script_is_detected_and_said(tmp_path):
     ev = _evaluator(tmp_path, "clock_seeded.py", [])
     try:

@@ -507,9 +507,11 @@ def script_text(report: dict) -> str:
         text += f"; a {s['framework']} Trainer script, optimized through the Trainer's own arguments"
     spread = s.get("seed_spread")
     if s.get("reproducible") is True:
-        text += ". Under a fixed seed its losses repeat exactly, so each variant was checked at its own tolerance"
+        text += (". Under fixed seeds (torch, random, numpy and PYTHONHASHSEED) its losses repeat exactly, so each "
+                 "variant was checked at its own tolerance")
     elif s.get("reproducible") is False and spread is not None:
-        text += (f". Under a fixed seed its losses do not repeat (data order, dropout or other unseeded randomness: "
+        text += (f". Under fixed seeds (torch, random, numpy and PYTHONHASHSEED) its losses do not repeat (threads, "
+                 f"the clock or other randomness no seed reaches: "
                  f"two baseline runs differ by {spread:.1e} relative), so each check's tolerance was widened to at "
                  "least 3x that spread")
     return text + "."

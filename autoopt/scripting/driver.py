@@ -2,7 +2,8 @@
 `python -m autoopt.scripting.driver SPEC.json` (autoopt.scripting.protocol describes the spec
 and the messages).
 
-Before the script runs, the seeds are forced (random, numpy when installed, torch), the
+Before the script runs, the seeds are forced (random, numpy when installed, torch; the
+worker starts every configuration's process with one PYTHONHASHSEED), the
 configuration's process-wide settings are put in force (float32 matmul precision / TF32,
 cudnn.benchmark, intra-op threads: autoopt.run.apply) and hooks are installed; then the script
 runs as `__main__` (runpy) with its argv, its working directory and its directory first on

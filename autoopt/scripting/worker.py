@@ -141,6 +141,10 @@ class ScriptWorker:
         root = _autoopt_root()
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # one str/bytes hash order in every configuration's process (the driver seeds the rest): a
+        # script that numbers its classes by iterating a set of strings (opacus' char-LSTM example
+        # does) numbers them alike, or its losses differ between any two processes
+        env.setdefault("PYTHONHASHSEED", str(self.seed % 2**32))
         self._log = open(self.log_path, "wb")
         launcher = [sys.executable]
         if self.nproc > 1:  # torchrun's engine: every rank runs the driver, with RANK / WORLD_SIZE set
