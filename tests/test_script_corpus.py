@@ -262,9 +262,9 @@ CORPUS = [
         # every log_interval
         "name": "sophia_gpt", "dir": SCRIPTS / "sophia_gpt", "script": "train_adam.py",
         "args": ["--device=cpu", "--compile=False", "--dtype=float32", "--dataset=chars", "--out_dir=out",
-                 "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4",
+                 "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
                  "--gradient_accumulation_steps=1", "--max_iters=149", "--eval_interval=100000", "--eval_iters=2",
-                 "--warmup_iters=10", "--lr_decay_iters=150", "--learning_rate=1e-3", "--log_interval=10",
+                 "--warmup_iters=10", "--lr_decay_iters=150", "--learning_rate=2e-3", "--log_interval=10",
                  "--always_save_checkpoint=False"],
         "prepare": prepare_sophia, "cwd": "work", "steps": 150, "loss_re": r"iter \d+: loss (\d+\.\d+)",
         "slow": True, "outside": True,
