@@ -40,7 +40,7 @@ CASES = [
     ("opacus_mnist", "amp", {"dtype": "bfloat16"}, "with torch.autocast(", None),
     # aot_eager: the patch's placement and note, not Inductor (tests/test_script_driver.py has a real one)
     ("sophia_gpt", "compile", {"backend": "aot_eager"}, "+model.compile(backend='aot_eager')\n",
-     "patch: compile: the script has its own `model = torch.compile(model) # requires PyTorch 2.0` at line 185 "
+     "patch: compile: the script has its own `model = torch.compile(model)` at line 185 "
      "under `if compile` (line 182), off in this run"),
 ]
 

@@ -342,8 +342,11 @@ class _Patcher:
                         f"(`{self._key(st.node)}`); set the flag in the optimizer's own construction") from None
 
     def _key(self, node: cst.CSTNode) -> str:
-        text = self.module.code_for_node(node.with_changes(leading_lines=[]) if hasattr(node, "leading_lines")
-                                         else node).strip()
+        if hasattr(node, "leading_lines"):
+            node = node.with_changes(leading_lines=[])
+        if isinstance(node, cst.SimpleStatementLine):  # without its trailing comment
+            node = node.with_changes(trailing_whitespace=cst.TrailingWhitespace())
+        text = self.module.code_for_node(node).strip()
         first = text.splitlines()[0] if text else ""
         return first if len(first) <= 80 else first[:77] + "..."
 
