@@ -148,10 +148,11 @@ def test_lightning_script_gets_its_trainer_precision_patched(tmp_path):
 
 
 @pytest.mark.slow
-def test_outside_trl_script_parses_its_arguments_so_the_patch_says_which_flags(tmp_path, monkeypatch):
-    """trl's sft.py builds its TrainingArguments from the command line: the variant is still driven
-    and verified, and the patch, which cannot edit a call the script does not make, says which
-    flags to pass instead."""
+def test_outside_trl_script_gets_its_parsed_arguments_defaulted(tmp_path, monkeypatch):
+    """trl's sft.py builds its TrainingArguments from the command line (TrlParser): the variant is
+    driven and verified, and the patch sets the kept argument as the parser's default before
+    its parse call (the command line still rules), checked by running the patched script; the
+    diff applies to a copy that then runs plain with the same arguments."""
     entry = BY_NAME["trl_sft"]
     argv, cwd = _prepared(entry, tmp_path, monkeypatch)
     run = ScriptOptimizeRun(_settings(argv, cwd, tmp_path / "out"), decide=lambda f, t: False)
@@ -163,9 +164,10 @@ def test_outside_trl_script_parses_its_arguments_so_the_patch_says_which_flags(t
         run.evaluator.close()
     assert run.evaluator.framework == "transformers"  # SFTTrainer / SFTConfig are transformers' subclasses
     assert run.evaluator.sites["framework"]["direct"] is False
-    assert not run.patch_text and not run.patch_check["ok"]
-    text = " ".join(run.notes)
-    assert "--optim adamw_torch_fused" in text, run.notes
+    assert run.patch_check["ok"], (run.patch_check, run.notes)
+    assert "+    parser.set_defaults(optim='adamw_torch_fused')\n" in run.patch_text, run.patch_text
+    done = _apply_and_run(entry["dir"], entry["script"], run.patch_text, argv[2:], cwd, run_env(entry, cwd))
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.slow

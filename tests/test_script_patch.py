@@ -773,7 +773,10 @@ def test_a_model_rebound_in_an_optional_branch_gets_its_edits_after_the_branch()
         "train([torch.randn(2, 4)])"]
 
 
-def test_training_arguments_from_the_command_line_get_the_flags_in_the_reason():
+def test_training_arguments_from_the_command_line_become_the_parsers_defaults():
+    """HfArgumentParser / TrlParser scripts: `parser.set_defaults(...)` before the parse call, so
+    the command line still rules; a flag the script's own arguments set is a remark naming what
+    to pass; a line with no parse call keeps the reason with the flags."""
     source = src('''
         from transformers import HfArgumentParser, TrainingArguments
 
@@ -781,8 +784,22 @@ def test_training_arguments_from_the_command_line_get_the_flags_in_the_reason():
         (training_args,) = parser.parse_args_into_dataclasses()
     ''')
     sites = {"framework": {"kind": "transformers", "line": 4, "call": "TrainingArguments"}}
-    p = patch_script(source, sites, {"framework_kwargs": {"kwargs": {"bf16": "True", "optim": "'adamw_torch_fused'"}}})
-    assert p.code == source
+    kwargs = {"bf16": "True", "optim": "'adamw_torch_fused'"}
+    p = patch_script(source, sites, {"framework_kwargs": {"kwargs": kwargs, "argv": ["--output_dir", "out"]}})
+    assert p.applied == ["framework_kwargs"] and p.skipped == [] and p.remarks == []
+    assert statements(compiles(p.code).body)[-2:] == [
+        "parser.set_defaults(bf16=True, optim='adamw_torch_fused')",
+        "training_args, = parser.parse_args_into_dataclasses()"]
+
+    p = patch_script(source, sites, {"framework_kwargs": {"kwargs": kwargs, "argv": ["--bf16", "false"]}})
+    assert "parser.set_defaults(optim='adamw_torch_fused')" in p.code and "bf16=True" not in p.code
+    assert p.remarks == [("framework_kwargs", "the script parses its arguments from the command line, and yours "
+                                              "already set --bf16, which a default cannot change: pass --bf16 True "
+                                              "instead")]
+
+    p = patch_script(source, sites, {"framework_kwargs": {"kwargs": kwargs, "argv": ["--bf16=false", "--optim",
+                                                                                     "adamw_torch"]}})
+    assert p.code == source and p.applied == []
     assert p.skipped == [("framework_kwargs", "line 4 of train.py holds no TrainingArguments(...) call that autoopt "
                                               "can edit (it calls parser.parse_args_into_dataclasses(...)); if the "
                                               "script reads TrainingArguments from its command line, pass --bf16 True "

@@ -35,7 +35,10 @@ another file of the user's carries a "file" key and the edits that need it are s
   with `scaler`: `scaler = torch.amp.GradScaler(...)` after the optimizer (or before the
   training loop), `scaler.scale(loss).backward()`, `scaler.step(opt)` and `scaler.update()`.
 - framework_kwargs: the keyword arguments set in the `TrainingArguments(...)` / `Trainer(...)`
-  call (an existing keyword's value replaced).
+  call (an existing keyword's value replaced). Arguments the script parses from its command line
+  (HfArgumentParser / TrlParser: `parser.parse_args_*()` where the run saw them built) get
+  `parser.set_defaults(...)` before that call instead, so that the command line still rules;
+  one the script's own arguments (`argv` in the value) already set is a remark naming the flag.
 
 Arguments added to a one-line call that would outgrow the script's longest line go on a
 continuation line under the first argument; strings are written in the script's own quotes.
@@ -454,10 +457,38 @@ class _Patcher:
         try:
             call = self.call_at(int(s["line"]), lambda c: last_part(callee(c)) == name, f"{name}(...)")
         except _Skip as exc:
-            raise _Skip(exc.reason + _command_line_hint(s.get("kind"), kwargs)) from None
+            plan = self._parser_defaults(int(s["line"]), kwargs, list((value or {}).get("argv") or []))
+            if plan is None:
+                raise _Skip(exc.reason + _command_line_hint(s.get("kind"), kwargs)) from None
+            return plan
         self._no_splat(call, name)
         return Plan(calls=[(call.node, self.kwargs_edit(call, {k: str(v) for k, v in kwargs.items()}))],
                     needs_torch=False)
+
+    def _parser_defaults(self, line: int, kwargs: dict, argv: list[str]) -> Optional[Plan]:
+        """`parser.set_defaults(k=v, ...)` before the `parser.parse_args_*(...)` call at `line`
+        (HfArgumentParser's parse_args_into_dataclasses, TrlParser's parse_args_and_config):
+        the arguments become the script's defaults and its command line still rules. Keys its
+        command line (`argv`) sets are left to a remark. None: no such call there."""
+        calls = [c for c in self.calls if c.start <= line <= c.end and c.stmt is not None
+                 and isinstance(c.node.func, cst.Attribute) and isinstance(c.node.func.value, cst.Name)
+                 and c.node.func.attr.value.startswith("parse_args")]
+        if len(calls) != 1:
+            return None
+        given = [k for k in kwargs if any(a == f"--{k}" or a.startswith(f"--{k}=") for a in argv)]
+        free = {k: v for k, v in kwargs.items() if k not in given}
+        if not free:
+            return None
+        st = self.in_block(calls[0].stmt)
+        parser = calls[0].node.func.value.value
+        line_code = parse_stmt(f"{parser}.set_defaults({', '.join(f'{k}={v}' for k, v in free.items())})\n")
+        remark = ""
+        if given:
+            flags = _flags({k: kwargs[k] for k in given})
+            remark = (f"the script parses its arguments from the command line, and yours already set "
+                      f"{', '.join('--' + k for k in given)}, which a default cannot change: "
+                      + (f"pass {flags} instead" if flags else "set them there"))
+        return Plan(before=[(st.block, st.index, [line_code])], needs_torch=False, remark=remark)
 
     # settings: in place of the script's own, else after the imports
     def _setting(self, func: str, arg: str) -> Plan:
@@ -659,8 +690,12 @@ class _Patcher:
 def _command_line_hint(kind: Optional[str], kwargs: dict) -> str:
     """For TrainingArguments parsed from the command line (HfArgumentParser): the flags that
     set these arguments, when every value is a plain literal."""
-    if kind != "transformers":
-        return ""
+    flags = _flags(kwargs) if kind == "transformers" else ""
+    return f"; if the script reads TrainingArguments from its command line, pass {flags}" if flags else ""
+
+
+def _flags(kwargs: dict) -> str:
+    """`--key value ...` for keyword arguments whose values are plain literals ("" otherwise)."""
     flags = []
     for k, expr in kwargs.items():
         try:
@@ -670,7 +705,7 @@ def _command_line_hint(kind: Optional[str], kwargs: dict) -> str:
         if not isinstance(value, (bool, int, float, str)):
             return ""
         flags.append(f"--{k} {value}")
-    return f"; if the script reads TrainingArguments from its command line, pass {' '.join(flags)}"
+    return " ".join(flags)
 
 
 def _requested(changes: dict) -> list[tuple[str, object]]:

@@ -219,7 +219,8 @@ class ScriptOptimizeRun(OptimizeRun):
             key = _CHANGE_OF_FIELD.get(fld)
             if key is not None:
                 changes[key] = False if key == "channels_last" else None
-        changes["framework_kwargs"] = {"kwargs": knob_exprs(self.evaluator.framework, cfg, self.caps, site=site)}
+        changes["framework_kwargs"] = {"kwargs": knob_exprs(self.evaluator.framework, cfg, self.caps, site=site),
+                                       "argv": list(self.target.args)}
 
     def _check_patched(self, code: str, best: Point, expected: list[float]) -> dict[str, Any]:
         """Run the patched script (beside nothing else: the baseline configuration, no hooks
