@@ -203,6 +203,38 @@ def test_optimize_script_command_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_outside_cnn_script_through_the_command_line(tmp_path, monkeypatch):
+    """opacus' MNIST example, unmodified, through `autoopt optimize --script`: variants verified
+    and measured side by side with the baseline, channels_last failing with the reason in the
+    script's terms (it flattens a convolution's output with .view()), a report, and a patch
+    that applies and runs when something was kept."""
+    entry = BY_NAME["opacus_mnist"]
+    argv, cwd = _prepared(entry, tmp_path, monkeypatch)
+    args = list(argv[2:])
+    args[args.index("--epochs") + 1] = "40"  # long enough for every round of the search
+    out = tmp_path / "report"
+    env = run_env(entry, cwd)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env["PYTHONPATH"]])
+    cmd = [sys.executable, "-m", "autoopt", "optimize", "--script", argv[1], "--yes", "--json", "--quick",
+           "--time-budget", "60", "--try", "channels_last", "--out", str(out), "--", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(p.stdout)
+    tried = {v["name"]: v for v in r["variants"]}
+    side_by_side = [v for v in tried.values() if (v.get("verification") or {}).get("ok")
+                    and ((v.get("decision") or {}).get("rounds") or 0) >= 2]
+    assert side_by_side, [(v["name"], v["status"], v["reason"]) for v in tried.values()]
+    cl = [v for v in tried.values() if "channels_last" in [t["name"] for t in v.get("transforms") or []]]
+    assert cl and cl[0]["status"] == "failed", cl
+    assert "mnist.py:52" in cl[0]["reason"] and "torch.flatten(x, 1) at that line" in cl[0]["reason"]
+    assert "## Script" in (out / "report.md").read_text()
+    if r["patch"]:
+        assert r["patch_check"]["ok"], r["patch_check"]
+        done = _apply_and_run(entry["dir"], entry["script"], r["patch"], argv[2:], cwd, env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_torchrun_style_script_with_nproc(tmp_path):
     """A DDP script (it joins the process group itself) as two ranks per configuration: a variant
     verified on both and measured beside the baseline in rounds, each step the slower rank's."""
