@@ -40,12 +40,13 @@ class _DeclareOpsFirst(importlib.abc.MetaPathFinder):
 def _declare_if_unloadable(package_dir: Path) -> None:
     import torch
 
-    for lib in sorted(package_dir.glob("_C*.so")):
+    lib = next(iter(sorted(package_dir.glob("_C*.so"))), None)
+    if lib is not None:
         try:
             torch.ops.load_library(str(lib))
             return
         except OSError:
-            break
+            pass
     global _LIB
     _LIB = torch.library.Library("torchvision", "DEF")
     _LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
