@@ -242,3 +242,43 @@ def test_close_stops_every_child(tmp_path):
     assert len(procs) == 2
     ev.close()
     assert all(p.poll() is not None for p in procs)
+
+
+def test_user_files_are_told_by_directory_not_by_a_name_in_the_path(tmp_path):
+    """A project in a folder named autoopt (a clone of this repository is) or torch is the
+    user's code; autoopt's, torch's and the standard library's own files are not."""
+    import os
+
+    import torch
+
+    import autoopt
+    from autoopt.userfiles import is_user_file
+
+    mine = tmp_path / "autoopt" / "torch" / "train.py"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("")
+    assert is_user_file(str(mine))
+    assert not is_user_file(autoopt.__file__) and not is_user_file(torch.nn.modules.module.__file__)
+    assert not is_user_file(os.__file__) and not is_user_file("<frozen runpy>") and not is_user_file("")
+
+
+@pytest.mark.slow
+def test_a_script_in_a_folder_named_autoopt_has_its_sites(tmp_path):
+    """The sites the patch needs are found for a script whose path holds "/autoopt/" (they were
+    None in a clone of this repository at .../autoopt/, where every frame looked like autoopt's)."""
+    import shutil
+
+    folder = tmp_path / "autoopt"
+    folder.mkdir()
+    shutil.copyfile(DATA / "cnn.py", folder / "cnn.py")
+    ev = ScriptEvaluator(script_target(str(folder / "cnn.py"), ["--epochs", "200"], cwd=str(tmp_path)),
+                         detect_capabilities("cpu"), measure_settings=FAST,
+                         profile_settings=ProfileSettings(wait=0, warmup=1, active=1),
+                         search_settings=SearchSettings(rounds=2, max_rounds=2), tb_dir=None,
+                         log_dir=tmp_path / "logs", verify_steps=3, warmup_steps=1)
+    try:
+        ev.baseline(ExecConfig(device="cpu"))
+        assert ev.sites["forward"] and ev.sites["backward"] and ev.sites["step"], ev.sites
+        assert ev.sites["optimizer"]["var"] == "opt"
+    finally:
+        ev.close()

@@ -32,6 +32,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from autoopt.userfiles import is_user_file
+
 _STATE: dict[str, Any] = {"terminated": False}
 
 
@@ -76,11 +78,7 @@ def _where(exc: BaseException, model_path: Optional[str]) -> Optional[str]:
     mp = str(Path(model_path).resolve()) if model_path else None
     user = next((fr for fr in reversed(tb) if mp and os.path.abspath(fr.filename) == mp), None)
     if user is None:
-        for fr in reversed(tb):
-            f = fr.filename.replace("\\", "/")
-            if "/torch/" not in f and "/autoopt/" not in f and "site-packages" not in f and "<" not in f:
-                user = fr
-                break
+        user = next((fr for fr in reversed(tb) if is_user_file(fr.filename)), None)
     return f"{user.filename}:{user.lineno} (in {user.name})" if user is not None else None
 
 

@@ -40,7 +40,6 @@ from typing import Any, Optional
 
 from autoopt.errors import UserError
 from autoopt.pipelines.script_sites import _site_mode, trace_sites
-from autoopt.scripting.facts import LIB_MARKERS as _LIB_MARKERS
 from autoopt.scripting.facts import autocast_on as _autocast_on
 from autoopt.scripting.facts import batch_facts as _batch_facts
 from autoopt.scripting.facts import env_facts as _env_facts
@@ -49,6 +48,7 @@ from autoopt.scripting.facts import model_facts, optimizer_facts
 from autoopt.scripting.facts import optimizer_impl_of as _optimizer_impl
 from autoopt.scripting.facts import user_frame_site as _user_frame_site
 from autoopt.scripting.target import check_script as _check_script
+from autoopt.userfiles import is_user_file
 
 DEFAULT_STEPS = 3
 WARMUP_STEPS = 1
@@ -193,8 +193,7 @@ def _script_error(exc: BaseException, path: Path, shown: str) -> UserError:
     tb = traceback.extract_tb(exc.__traceback__)
     where = ""
     for fr in reversed(tb):
-        fn = fr.filename.replace("\\", "/")
-        if os.path.abspath(fr.filename) == str(path) or not any(m in fn for m in _LIB_MARKERS):
+        if os.path.abspath(fr.filename) == str(path) or is_user_file(fr.filename):
             where = f" at {fr.filename}:{fr.lineno} (in {fr.name})"
             break
     msg = " ".join(str(exc).split())[:500]

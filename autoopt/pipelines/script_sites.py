@@ -13,7 +13,6 @@ import collections
 import sys
 from typing import Optional
 
-from autoopt.scripting.facts import LIB_MARKERS as _LIB_MARKERS  # noqa: F401 - shared with autoopt.pipelines.script
 from autoopt.scripting.facts import user_frame_site as _user_frame_site
 
 _SYNC_FUNCS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"})

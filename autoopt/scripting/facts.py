@@ -13,13 +13,7 @@ import sys
 import warnings
 from typing import Any, Optional
 
-# path fragments of frames that are not the user's code (torch, installed packages, autoopt)
-LIB_MARKERS = ("/torch/", "site-packages", "dist-packages", "/lib/python", "<frozen", "<string>", "/autoopt/")
-
-
-def is_user_file(filename: str) -> bool:
-    fn = filename.replace("\\", "/")
-    return not any(m in fn for m in LIB_MARKERS) and not fn.startswith("<")
+from autoopt.userfiles import is_user_file
 
 
 def user_frame(start_depth: int = 2):

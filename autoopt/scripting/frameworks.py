@@ -59,11 +59,11 @@ import importlib.abc
 import inspect
 import json
 import sys
-import sysconfig
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from autoopt.types import Capabilities, ExecConfig
+from autoopt.userfiles import is_user_file
 
 TRANSFORMERS = "transformers"
 LIGHTNING = "lightning"
@@ -529,23 +529,6 @@ class _Tf32Held:
 
 
 # ---------------------------------------------------------------------------- call sites
-_LIB_DIRS = tuple(sorted({str(Path(p).resolve()) for p in (
-    sysconfig.get_paths().get("stdlib"), sysconfig.get_paths().get("platstdlib"),
-    sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib"),
-    str(Path(__file__).resolve().parent.parent),  # autoopt itself
-) if p}))
-
-
-def _is_user_file(filename: str) -> bool:
-    if not filename or filename.startswith("<"):
-        return False
-    try:
-        resolved = str(Path(filename).resolve())
-    except OSError:
-        return False
-    return not any(resolved == d or resolved.startswith(d.rstrip("/") + "/") for d in _LIB_DIRS)
-
-
 def _call_site(obj: Any) -> dict[str, Any]:
     """Where `obj` was constructed: the caller of its outermost constructor frame (an
     `__init__` / `__post_init__` whose receiver is `obj`) as {"file", "line", "function",
@@ -560,8 +543,8 @@ def _call_site(obj: Any) -> dict[str, Any]:
             outer = f
         f = f.f_back
     caller = outer.f_back if outer is not None else sys._getframe(1)
-    direct = caller is not None and _is_user_file(caller.f_code.co_filename)
-    while caller is not None and not _is_user_file(caller.f_code.co_filename):
+    direct = caller is not None and is_user_file(caller.f_code.co_filename)
+    while caller is not None and not is_user_file(caller.f_code.co_filename):
         caller = caller.f_back
     if caller is None:
         return {"file": None, "line": None, "function": None, "direct": False}

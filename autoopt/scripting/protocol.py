@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from autoopt.types import ExecConfig
+from autoopt.userfiles import is_user_file
 
 # error kinds
 SCRIPT = "script"  # the script's own code failed (or exited non-zero)
@@ -103,10 +104,6 @@ def _in(path: str, fr: traceback.FrameSummary) -> bool:
     return os.path.abspath(fr.filename) == path
 
 
-def _user_file(filename: str) -> bool:
-    f = filename.replace("\\", "/")
-    return ("/torch/" not in f and "/autoopt/" not in f and "site-packages" not in f and "dist-packages" not in f
-            and not f.startswith("<") and "/lib/python" not in f)
 
 
 def where(exc: BaseException, script: str) -> Optional[str]:
@@ -116,7 +113,7 @@ def where(exc: BaseException, script: str) -> Optional[str]:
     path = os.path.abspath(script)
     fr = next((f for f in reversed(tb) if _in(path, f)), None)
     if fr is None:
-        fr = next((f for f in reversed(tb) if _user_file(f.filename)), None)
+        fr = next((f for f in reversed(tb) if is_user_file(f.filename)), None)
     return f"{fr.filename}:{fr.lineno} (in {fr.name})" if fr is not None else None
 
 
