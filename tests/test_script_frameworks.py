@@ -119,10 +119,9 @@ def test_install_reads_the_framework_from_the_recorded_script_and_plain_scripts_
 
 
 def test_call_site_is_the_users_call_or_marked_indirect(tmp_path, monkeypatch):
-    lib = tmp_path / "lib"
+    lib = tmp_path / "site-packages"  # an installed package's folder: not the user's code
     lib.mkdir()
     (lib / "fakelib_builder.py").write_text("def build(cls):\n    return cls()\n")
-    monkeypatch.setattr(fw, "_LIB_DIRS", (*fw._LIB_DIRS, str(lib.resolve())))
     monkeypatch.syspath_prepend(str(lib))
     import fakelib_builder
 
